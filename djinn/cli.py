@@ -1,0 +1,182 @@
+"""The ``djinn`` command line. Start-up imports no torch: heavy modules load inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from djinn import __version__
+from djinn.kernel.errors import ConfigError, DjinnError, PluginError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail_cleanly(fn: F) -> F:
+    """Turn configuration and plugin errors into a message on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, PluginError) as exc:
+            click.echo(f"djinn: {exc}", err=True)
+            sys.exit(2)
+        except DjinnError as exc:
+            click.echo(f"djinn: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _selection_options(fn: F) -> F:
+    fn = click.option(
+        "--plugins", "plugin_names", envvar="DJINN_PLUGINS", default="",
+        help="Comma-separated plugin names to select (e.g. semantic,ringbuffer); no:NAME blocks one.",
+    )(fn)
+    fn = click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+        help="plugins.toml to read (default: $DJINN_CONFIG, then ./plugins.toml, then built-in defaults).",
+    )(fn)
+    return fn
+
+
+def _load(config_path: str | None, plugin_names: str, **changes: Any):
+    from djinn.kernel.config import load_config
+    from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
+
+    config = load_config(config_path)
+    if changes:
+        config = _with_changes(config, changes)
+    return config, get_plugin_manager(config, split_plugin_names(plugin_names))
+
+
+def _with_changes(config, changes: dict[str, Any]):
+    """Apply CLI options that override ``[server]`` and ``[model]`` keys."""
+    import attrs
+
+    server = {k: v for k, v in changes.items() if k in ("host", "port", "metrics_port") and v is not None}
+    model = {k: v for k, v in changes.items() if k in ("name", "dtype", "device") and v is not None}
+    return attrs.evolve(
+        config,
+        server=attrs.evolve(config.server, **server),
+        model=attrs.evolve(config.model, **model),
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="djinn")
+def main() -> None:
+    """Djinn: a tensor operating system for GPUs.
+
+    One server owns the GPU, the model weights and every session's KV cache; thin clients
+    connect, generate, pause at breakpoints and signal their phase so idle KV leaves the GPU.
+    """
+
+
+@main.command("plugins")
+@_selection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_fail_cleanly
+def plugins_command(config_path: str | None, plugin_names: str, as_json: bool) -> None:
+    """List every installed plugin: slot, origin, hooks, and whether it is selected."""
+    _config, plugins = _load(config_path, plugin_names)
+    rows = plugins.rows()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="djinn plugins")
+    for col in ("name", "slot", "origin", "hooks", "selected"):
+        table.add_column(col)
+    for r in rows:
+        hooks = ", ".join(h.removeprefix("djinn_") for h in r["hooks"])
+        state = "[red]broken: " + r["error"] + "[/red]" if r["error"] else ("yes" if r["selected"] else "")
+        table.add_row(r["name"], r["slot"], f"{r['origin']} {r['version']}", hooks, state)
+    Console().print(table)
+
+
+@main.command("config")
+@_selection_options
+@_fail_cleanly
+def config_command(config_path: str | None, plugin_names: str) -> None:
+    """Print the effective configuration (file, defaults and --plugins applied) as TOML."""
+    import attrs
+    import tomli_w
+
+    config, plugins = _load(config_path, plugin_names)
+    data = attrs.evolve(config, plugins=plugins.selection).to_dict()
+    for name, settings in plugins.settings.items():
+        data["settings"][name] = attrs.asdict(settings)
+    click.echo(f"# source: {config.source}")
+    click.echo(tomli_w.dumps(_toml_ready(data)))
+
+
+def _toml_ready(value: Any) -> Any:
+    """TOML has no null: drop None values (they mean "unset")."""
+    if isinstance(value, dict):
+        return {k: _toml_ready(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_toml_ready(v) for v in value]
+    return value
+
+
+@main.command("run")
+@_selection_options
+@click.option("--model", "model_name", default=None, help="A local model directory or random:NAME (e.g. random:tiny-llama).")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--host", default=None, help="Address to bind (non-loopback needs --token or $DJINN_TOKEN).")
+@click.option("--port", default=None, type=int)
+@click.option("--metrics-port", default=None, type=int, help="Prometheus /metrics port (0 disables).")
+@click.option("--token", envvar="DJINN_TOKEN", default=None, help="Shared secret clients must present.")
+@_fail_cleanly
+def run_command(config_path, plugin_names, model_name, dtype, device, host, port, metrics_port, token) -> None:
+    """Start the server with the selected plugins and serve until interrupted."""
+    config, plugins = _load(
+        config_path, plugin_names, name=model_name, dtype=dtype, device=device,
+        host=host, port=port, metrics_port=metrics_port,
+    )
+    from djinn.kernel.server import serve_forever
+
+    serve_forever(config, plugins, token=token, announce=click.echo)
+
+
+@main.command("demo")
+@_selection_options
+@click.option("--model", "model_name", default=None, help="Model to serve (default: the configured one).")
+@click.option("--agents", default=3, show_default=True, help="Client agents to run at once.")
+@click.option("--turns", default=3, show_default=True, help="generate -> tool call -> resume turns per agent.")
+@_fail_cleanly
+def demo_command(config_path, plugin_names, model_name, agents, turns) -> None:
+    """Start a server and a few agents over TCP loopback in one process; print what happened."""
+    config, plugins = _load(config_path, plugin_names, name=model_name, port=0, metrics_port=0)
+    from djinn.demo import run_demo
+
+    run_demo(config, plugins, agents=agents, turns=turns, echo=click.echo)
+
+
+@main.command("status")
+@click.option("--url", default="http://127.0.0.1:9095/metrics/vmu", show_default=True)
+@_fail_cleanly
+def status_command(url: str) -> None:
+    """Print a running server's memory and session view (its /metrics/vmu endpoint)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (an address the user chose)
+            data = json.loads(resp.read().decode())
+    except (urllib.error.URLError, OSError) as exc:
+        raise DjinnError(f"no server answered at {url}: {exc}") from None
+    click.echo(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

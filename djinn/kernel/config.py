@@ -1,0 +1,245 @@
+"""Configuration: ``plugins.toml`` parsed with tomllib into frozen attrs records, validated at load.
+
+Every error names the file, the table and the key, and the allowed keys or values.
+Lookup order for the file: ``--config PATH``, then ``$DJINN_CONFIG``, then ``./plugins.toml``,
+then the built-in defaults (which equal the repository's ``plugins.toml``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from djinn.kernel.errors import ConfigError
+
+CONFIG_ENV = "DJINN_CONFIG"
+DEFAULT_FILE = "plugins.toml"
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """Accept a string or a list of strings for a multi-choice slot."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen
+class PluginSelection:
+    """Which strategy fills each slot (the names are the plugins' entry-point names)."""
+
+    scheduler: str = "semantic"
+    tiers: tuple[str, ...] = attrs.field(default=("pinned_host",), converter=_names)
+    streamer: str = "resident"
+    transports: tuple[str, ...] = attrs.field(default=("tcp", "inproc"), converter=_names)
+    serializer: str = "arrow"
+    extensions: tuple[str, ...] = attrs.field(default=(), converter=_names)
+
+    def names(self) -> tuple[str, ...]:
+        """Every selected name, in slot order."""
+        return (
+            self.scheduler,
+            *self.tiers,
+            self.streamer,
+            *self.transports,
+            self.serializer,
+            *self.extensions,
+        )
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be > 0, not {value!r}")
+
+
+def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"must be >= 0, not {value!r}")
+
+
+@attrs.frozen
+class ServerSettings:
+    """Where the server listens and how much it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=7070, validator=_non_negative)
+    #: Prometheus ``/metrics`` and JSON ``/metrics/vmu``; 0 disables the endpoint
+    metrics_port: int = attrs.field(default=9095, validator=_non_negative)
+    max_frame_mb: int = attrs.field(default=1024, validator=_positive)
+    #: a paused forward pass abandoned this long is cleaned up and its memory returned
+    pause_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    #: how often the scheduler's ``on_tick`` runs (timed prefetch, idle fallback)
+    tick_s: float = attrs.field(default=0.05, validator=_positive)
+
+
+@attrs.frozen
+class ModelSettings:
+    """The model every session of this server shares."""
+
+    name: str = "random:tiny-llama"
+    dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(DTYPES))
+    device: str = attrs.field(default="auto", validator=attrs.validators.in_(DEVICES))
+    seed: int = 0
+
+
+@attrs.frozen
+class MemorySettings:
+    """Budgets that the kernel's accounting enforces."""
+
+    #: cap on GPU bytes the kernel may use (weights + KV + workspace); 0 means the device's free memory
+    gpu_memory_budget_gb: float = attrs.field(default=0.0, validator=_non_negative)
+    #: requests that may wait for memory at once; one more fails with AdmissionError
+    admission_queue: int = attrs.field(default=256, validator=_non_negative)
+    #: KV capacity grows in blocks of this many tokens
+    kv_block_tokens: int = attrs.field(default=256, validator=_positive)
+
+
+@attrs.frozen
+class DjinnConfig:
+    """The whole effective configuration."""
+
+    source: str = "<defaults>"
+    plugins: PluginSelection = PluginSelection()
+    server: ServerSettings = ServerSettings()
+    model: ModelSettings = ModelSettings()
+    memory: MemorySettings = MemorySettings()
+    #: raw ``[settings.NAME]`` tables, validated by the plugin manager against each plugin's class
+    settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as TOML-ready tables."""
+        out: dict[str, Any] = {}
+        for table in ("plugins", "server", "model", "memory"):
+            out[table] = {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in attrs.asdict(getattr(self, table)).items()}
+        out["settings"] = {k: dict(v) for k, v in self.settings.items()}
+        return out
+
+
+_TABLES: dict[str, type] = {
+    "plugins": PluginSelection,
+    "server": ServerSettings,
+    "model": ModelSettings,
+    "memory": MemorySettings,
+}
+
+T = TypeVar("T")
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether a TOML value fits a field's annotation (str, int, float, bool, tuple[str, ...], unions)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is tuple:
+        if isinstance(value, str):
+            return True  # a single name for a multi-choice slot
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def build_settings(cls: type[T], table: Mapping[str, Any], *, source: str, where: str) -> T:
+    """Build an attrs settings class from a TOML table, failing with file, table and key named.
+
+    Used for the kernel's own tables and for every plugin's ``[settings.NAME]`` table.
+    """
+    fields = {f.name: f for f in attrs.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields)) or "(none)"
+            raise ConfigError(f"{source}: unknown key {key!r} in [{where}]; allowed keys: {allowed}")
+        if not _type_ok(value, hints.get(key, Any)):
+            raise ConfigError(
+                f"{source}: [{where}] {key} = {value!r} has the wrong type; expected {_describe(hints[key])}"
+            )
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: bad value in [{where}]: {_explain(exc)}") from None
+
+
+def _describe(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _explain(exc: Exception) -> str:
+    # attrs' in_ validator raises ValueError(msg, attribute, options, value)
+    if len(exc.args) == 4 and isinstance(exc.args[1], attrs.Attribute):
+        _msg, attribute, options, value = exc.args
+        return f"{attribute.name} = {value!r}; allowed values: {', '.join(map(str, options))}"
+    if len(exc.args) >= 1:
+        return str(exc.args[0])
+    return str(exc)
+
+
+def _check_field_validators(cls: type, data: Mapping[str, Any], source: str, where: str) -> None:
+    """Run field validators one by one so a bad value is reported with its key."""
+    for f in attrs.fields(cls):
+        if f.name in data and f.validator is not None:
+            try:
+                f.validator(None, f, f.converter(data[f.name]) if f.converter else data[f.name])
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(
+                    f"{source}: bad value for {f.name!r} in [{where}]: {_explain(exc)}"
+                ) from None
+
+
+def parse_config(data: Mapping[str, Any], *, source: str) -> DjinnConfig:
+    """Validate a parsed TOML document into a ``DjinnConfig``."""
+    tables: dict[str, Any] = {}
+    for name, table in data.items():
+        if name == "settings":
+            continue
+        if name not in _TABLES:
+            allowed = ", ".join([*sorted(_TABLES), "settings"])
+            raise ConfigError(f"{source}: unknown table [{name}]; allowed tables: {allowed}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        _check_field_validators(_TABLES[name], table, source, name)
+        tables[name] = build_settings(_TABLES[name], table, source=source, where=name)
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise ConfigError(f"{source}: [settings] must hold one table per plugin, e.g. [settings.semantic]")
+    return DjinnConfig(source=source, settings=settings, **tables)
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path | None:
+    """The file to read: the given path, ``$DJINN_CONFIG``, ``./plugins.toml``, or None for defaults."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    local = Path.cwd() / DEFAULT_FILE
+    return local if local.is_file() else None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> DjinnConfig:
+    """Load and validate the configuration (see the module docstring for the lookup order)."""
+    resolved = resolve_config_path(path)
+    if resolved is None:
+        return DjinnConfig()
+    try:
+        data = tomllib.loads(resolved.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{resolved}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(resolved))

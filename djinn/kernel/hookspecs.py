@@ -1,0 +1,164 @@
+"""Every hook Djinn's kernel calls, grouped by family.
+
+Hooks are for registration and events: called per start-up, per request, per phase change or per
+step, never per chunk or per layer per token (a pluggy call costs microseconds). Hot-path work
+goes through the strategy objects of ``strategies.py`` that plugins register here.
+
+pluggy calls implementations last-registered-first; the kernel registers plugins in the order
+of their entry points' names, so no plugin may depend on another's implementation running first.
+Unless a hook says otherwise, it is called on the server's event-loop thread and its result is
+ignored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from djinn.kernel.config import DjinnConfig
+    from djinn.kernel.plugins import StrategyRegistry
+    from djinn.kernel.runtime import Kernel
+    from djinn.kernel.strategies import Phase, SessionInfo
+
+PROJECT = "djinn"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# =========================================================================== registration
+
+
+@hookspec
+def djinn_register_strategies(registry: StrategyRegistry) -> None:
+    """Register the strategies this plugin offers: ``registry.add(slot, name, factory, settings=...)``.
+
+    Called once per plugin manager, at discovery, for every installed plugin (selected or not),
+    so ``djinn plugins`` can list slots. ``factory(settings)`` builds the strategy later, only if
+    it is selected; ``settings`` is an attrs class whose fields are the plugin's keys in
+    ``plugins.toml`` (``[settings.NAME]``). A plugin that registers nothing is an extension.
+    """
+
+
+# =========================================================================== lifecycle
+
+
+@hookspec
+def djinn_configure(config: DjinnConfig) -> None:
+    """The configuration is loaded and validated and the selection is final.
+
+    Called once, before start-up, for selected plugins only. Raise ``ConfigError`` to refuse it.
+    """
+
+
+@hookspec
+def djinn_startup(kernel: Kernel) -> None:
+    """The kernel has built its strategies, allocated its tiers and loaded its models.
+
+    Called once, after ``djinn_configure``, on the thread that starts the kernel.
+    """
+
+
+@hookspec
+def djinn_shutdown(kernel: Kernel) -> None:
+    """The kernel is stopping; release what ``djinn_startup`` took. Called once, in reverse order."""
+
+
+# =========================================================================== sessions and phases
+
+
+@hookspec
+def djinn_session_created(session: SessionInfo) -> None:
+    """A client opened a session. Once per session."""
+
+
+@hookspec
+def djinn_session_closed(session: SessionInfo, reason: str) -> None:
+    """A session ended (``reason``: "closed", "disconnected", "error"); its memory is freed."""
+
+
+@hookspec
+def djinn_phase_changed(session: SessionInfo, old: Phase, new: Phase) -> None:
+    """A client signalled a phase (``IO_WAIT``, ``COMPUTE``); ``session.expected_resume_at`` holds
+    its hint. Called once per signal, after the scheduler has decided what to do with it."""
+
+
+# =========================================================================== eviction / prefetch
+
+
+@hookspec
+def djinn_session_evicted(session: SessionInfo, tier: str, nbytes: int, seconds: float) -> None:
+    """A session's KV has left the GPU for ``tier``; ``seconds`` is the copy's duration. Once
+    per eviction, when the copy has completed."""
+
+
+@hookspec
+def djinn_session_restored(
+    session: SessionInfo, tier: str, nbytes: int, seconds: float, on_critical_path: bool
+) -> None:
+    """A session's KV is back on the GPU. ``on_critical_path`` is True when a request had to
+    wait for this restore (a prefetch that finished in time is not on the critical path)."""
+
+
+@hookspec
+def djinn_admission_blocked(need_bytes: int, free_bytes: int, queued: int) -> None:
+    """A request did not fit and no eviction could make room; it waits in the admission queue
+    (``queued`` requests now) or, when the queue is full, fails with ``AdmissionError``."""
+
+
+# =========================================================================== weight streaming
+
+
+@hookspec
+def djinn_stream_plan(model: str, layers: int, layer_bytes: list[int], ring_bytes: int) -> None:
+    """A model's layers will be streamed through a ring of ``ring_bytes``. Once per model load."""
+
+
+@hookspec
+def djinn_stream_pass(model: str, bytes_streamed: int, seconds: float, stall_seconds: float) -> None:
+    """A streamed forward pass finished. Once per forward step (never per chunk or layer)."""
+
+
+# =========================================================================== breakpoints
+
+
+@hookspec
+def djinn_breakpoint_hit(session: SessionInfo, layer: int, step: int, phase: str) -> None:
+    """A forward pass paused at an armed layer (``phase``: "prefill" or "decode"). Called only
+    when a breakpoint is armed, once per hit, on the event-loop thread."""
+
+
+@hookspec
+def djinn_breakpoint_resumed(session: SessionInfo, layer: int, edited: bool, waited_s: float) -> None:
+    """A paused forward pass resumed, with or without an edit of the activation."""
+
+
+# =========================================================================== transports
+
+
+@hookspec
+def djinn_connection_opened(peer: str, transport: str) -> None:
+    """A client connected (after authentication). Once per connection."""
+
+
+@hookspec
+def djinn_connection_closed(peer: str, transport: str, reason: str) -> None:
+    """A connection ended; its sessions have been freed. Once per connection."""
+
+
+@hookspec
+def djinn_request_failed(op: str, session_id: int | None, error: BaseException) -> None:
+    """A request ended with an error reply. Once per failed request."""
+
+
+# =========================================================================== metrics
+
+
+@hookspec
+def djinn_metrics(kernel: Kernel) -> dict[str, Any] | None:
+    """Contribute figures to ``/metrics/vmu`` (merged under the plugin's name) when it is read.
+
+    Called per metrics read. Plugins that want Prometheus series register collectors with
+    ``prometheus_client`` on ``kernel.metrics_registry`` in ``djinn_startup`` instead.
+    """

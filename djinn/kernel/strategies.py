@@ -1,0 +1,284 @@
+"""Hot-path extension points: small abstract strategies that plugins register by name.
+
+Hooks (``hookspecs.py``) announce events and let plugins register; anything that runs per step,
+per copy, per frame or per layer is a method on one of these objects, called directly (a pluggy
+call costs microseconds). A plugin registers a factory for one slot through the
+``djinn_register_strategies`` hook; the kernel builds the selected one with the plugin's settings.
+
+Asynchronous work is split into ``start_*`` / ``wait_*`` pairs where a caller may overlap it.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+if TYPE_CHECKING:  # torch stays out of the CLI's start-up path
+    import torch
+
+
+@attrs.frozen
+class SlotSpec:
+    """One kind of strategy: how many may be selected at once and what they are for."""
+
+    name: str
+    multiple: bool
+    summary: str
+
+
+#: every slot the kernel knows; ``extension`` plugins implement hooks only, with no strategy
+SLOTS: dict[str, SlotSpec] = {
+    s.name: s
+    for s in (
+        SlotSpec("scheduler", False, "who runs, who is evicted, what is prefetched"),
+        SlotSpec("tier", True, "where evicted tensors live"),
+        SlotSpec("streamer", False, "how layer weights reach the GPU"),
+        SlotSpec("transport", True, "how frames travel (chosen by URL scheme)"),
+        SlotSpec("serializer", False, "how tensors become bytes (never pickle)"),
+        SlotSpec("extension", True, "hooks only: observers, metrics, policies"),
+    )
+}
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class Phase(enum.Enum):
+    """What a client says its session is doing."""
+
+    COMPUTE = "COMPUTE"
+    IO_WAIT = "IO_WAIT"
+
+
+class Residency(enum.Enum):
+    """Where a session's KV is, and whether it is moving."""
+
+    RESIDENT = "RESIDENT"
+    EVICTING = "EVICTING"
+    EVICTED = "EVICTED"
+    RESTORING = "RESTORING"
+
+
+@attrs.define
+class SessionInfo:
+    """What a scheduler sees of a session. The kernel owns it; schedulers only read it."""
+
+    id: int
+    created_at: float
+    phase: Phase = Phase.COMPUTE
+    residency: Residency = Residency.RESIDENT
+    kv_bytes: int = 0
+    last_used: float = 0.0
+    #: the client's hint with its last IO_WAIT: when it expects to need the session again
+    expected_resume_at: float | None = None
+    #: True while a request of this session is queued or running
+    busy: bool = False
+
+
+@attrs.frozen
+class Action:
+    """A scheduler's decision: move one session's KV, now or at a given time."""
+
+    kind: str  # "evict" | "restore"
+    session_id: int
+    at: float | None = None  # monotonic time; None means now
+
+    def __attrs_post_init__(self) -> None:
+        if self.kind not in ("evict", "restore"):
+            raise ValueError(f"Action.kind must be 'evict' or 'restore', not {self.kind!r}")
+
+
+class Scheduler(ABC):
+    """Policy over session residency. Called on the server's event-loop thread, never blocks."""
+
+    @abstractmethod
+    def on_phase(self, session: SessionInfo, now: float) -> Sequence[Action]:
+        """A session changed phase (``session.phase`` is the new one). Once per signal."""
+
+    @abstractmethod
+    def on_tick(self, sessions: Sequence[SessionInfo], now: float) -> Sequence[Action]:
+        """Periodic look at all sessions (every ``tick_s``): timed prefetch, idle fallback."""
+
+    @abstractmethod
+    def select_victims(
+        self, candidates: Sequence[SessionInfo], need_bytes: int, now: float
+    ) -> Sequence[SessionInfo]:
+        """Pick resident, not-busy sessions to evict so that ``need_bytes`` become free.
+
+        Called when an allocation does not fit. Returning fewer bytes than needed (or nothing)
+        means "do not evict for this": the request waits in the admission queue or fails.
+        """
+
+    def order(self, waiting: Sequence[SessionInfo]) -> Sequence[SessionInfo]:
+        """Order the sessions with requests waiting for the next executor step (default FIFO)."""
+        return waiting
+
+
+# --------------------------------------------------------------------------- memory tiers
+
+
+@attrs.frozen
+class TierBlock:
+    """A range inside a tier's arena."""
+
+    offset: int
+    nbytes: int
+
+
+@attrs.frozen
+class TierStats:
+    """A tier's occupancy, for accounting and metrics."""
+
+    capacity_bytes: int
+    used_bytes: int
+    largest_free_bytes: int
+    allocations: int
+    pinned: bool
+
+
+class Tier(ABC):
+    """A place outside GPU memory for evicted tensors: one arena allocated once at start."""
+
+    @abstractmethod
+    def start(self, use_cuda: bool) -> None:
+        """Allocate the arena (pinned when ``use_cuda``). Once, at kernel start-up."""
+
+    @abstractmethod
+    def allocate(self, nbytes: int) -> TierBlock:
+        """Reserve ``nbytes``; raise ``TierFullError`` when no free range is large enough."""
+
+    @abstractmethod
+    def free(self, block: TierBlock) -> None:
+        """Return a block; adjacent free ranges coalesce."""
+
+    @abstractmethod
+    def view(self, block: TierBlock) -> torch.Tensor:
+        """A 1-D uint8 tensor over the block's bytes (no copy)."""
+
+    @abstractmethod
+    def stats(self) -> TierStats:
+        """Current occupancy."""
+
+    def stop(self) -> None:
+        """Release the arena. Once, at shutdown."""
+
+
+# --------------------------------------------------------------------------- weight streaming
+
+
+class Streamer(ABC):
+    """Brings each decoder layer's weights onto the compute device before the layer runs.
+
+    The runner calls ``before_layer``/``after_layer`` for every layer of every forward pass:
+    plain method calls, no hooks. ``prepare`` runs once when the model is loaded.
+    """
+
+    @abstractmethod
+    def prepare(
+        self,
+        layers: Sequence[torch.nn.Module],
+        device: torch.device,
+        budget_bytes: int | None,
+    ) -> None:
+        """Take ownership of ``layers`` (on CPU) and place or stage them for ``device``.
+
+        Raise ``ModelError`` here (not at run time) when the layers cannot be served within
+        ``budget_bytes`` of device memory.
+        """
+
+    def begin_pass(self) -> None:
+        """A forward pass over all layers starts (prefetch the first layers)."""
+
+    def before_layer(self, index: int) -> None:
+        """Return once layer ``index`` may run on the compute stream."""
+
+    def after_layer(self, index: int) -> None:
+        """Layer ``index`` has been enqueued; its weights may be recycled once it finishes."""
+
+    def end_pass(self) -> None:
+        """The forward pass is over."""
+
+    def device_bytes(self) -> int:
+        """Device memory this streamer holds for weights (resident copies or its ring)."""
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        """Figures for metrics (bytes streamed, stalls, ...)."""
+        return {}
+
+
+# --------------------------------------------------------------------------- wire
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Connection(ABC):
+    """One bidirectional stream of whole frames. Used from one event loop."""
+
+    #: a printable name of the other end
+    peer: str = "?"
+
+    @abstractmethod
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        """Send one frame made of ``parts`` (concatenated on the wire, not in memory)."""
+
+    @abstractmethod
+    async def recv(self) -> memoryview:
+        """Receive one whole frame into a buffer of its own (no per-frame payload copies).
+
+        Raises ``ConnectionClosed`` when the peer goes away (also mid-frame) and
+        ``FrameTooLarge`` when the frame announces more than the connection's limit.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close; pending and later ``recv`` calls raise ``ConnectionClosed``."""
+
+
+class Listener(ABC):
+    """A bound address accepting connections."""
+
+    #: the bound address as a URL (with the real port when port 0 was asked for)
+    url: str = ""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop accepting; connections already open stay open."""
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class Transport(ABC):
+    """Moves frames for one URL scheme (``tcp``, ``inproc``, ``ucx``, ...)."""
+
+    scheme: ClassVar[str]
+
+    @abstractmethod
+    async def listen(
+        self, url: str, handler: ConnectionHandler, *, max_frame_bytes: int
+    ) -> Listener:
+        """Bind ``url``; run ``handler(conn)`` as a task for every accepted connection."""
+
+    @abstractmethod
+    async def connect(self, url: str, *, max_frame_bytes: int) -> Connection:
+        """Open a connection to a listener at ``url``."""
+
+
+class Serializer(ABC):
+    """Turns tensors into bytes and back. Never pickle; never trust what arrives."""
+
+    @abstractmethod
+    def encode(self, tensors: Sequence[torch.Tensor]) -> list[Buffer]:
+        """Encode tensors (any dtype the wire supports, any shape) as buffers to send."""
+
+    @abstractmethod
+    def decode(self, payload: memoryview) -> list[torch.Tensor]:
+        """Decode tensors as read-only, zero-copy views of ``payload`` where possible.
+
+        Raise ``FrameError`` for anything malformed; clone a tensor before writing to it.
+        """
