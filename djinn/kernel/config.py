@@ -169,6 +169,13 @@ def build_settings(cls: type[T], table: Mapping[str, Any], *, source: str, where
             raise ConfigError(
                 f"{source}: [{where}] {key} = {value!r} has the wrong type; expected {_describe(hints[key])}"
             )
+    for key, value in table.items():  # validators one by one, so a bad value is named with its key
+        f = fields[key]
+        if f.validator is not None:
+            try:
+                f.validator(None, f, f.converter(value) if f.converter else value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}: bad value for {key!r} in [{where}]: {_explain(exc)}") from None
     try:
         return cls(**table)
     except (TypeError, ValueError) as exc:
@@ -189,18 +196,6 @@ def _explain(exc: Exception) -> str:
     return str(exc)
 
 
-def _check_field_validators(cls: type, data: Mapping[str, Any], source: str, where: str) -> None:
-    """Run field validators one by one so a bad value is reported with its key."""
-    for f in attrs.fields(cls):
-        if f.name in data and f.validator is not None:
-            try:
-                f.validator(None, f, f.converter(data[f.name]) if f.converter else data[f.name])
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(
-                    f"{source}: bad value for {f.name!r} in [{where}]: {_explain(exc)}"
-                ) from None
-
-
 def parse_config(data: Mapping[str, Any], *, source: str) -> DjinnConfig:
     """Validate a parsed TOML document into a ``DjinnConfig``."""
     tables: dict[str, Any] = {}
@@ -212,7 +207,6 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> DjinnConfig:
             raise ConfigError(f"{source}: unknown table [{name}]; allowed tables: {allowed}")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        _check_field_validators(_TABLES[name], table, source, name)
         tables[name] = build_settings(_TABLES[name], table, source=source, where=name)
     settings = data.get("settings", {})
     if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):

@@ -1,0 +1,599 @@
+"""The kernel: lifecycle, sessions with server-resident KV, eviction and restore, admission, generation.
+
+Threads: everything here runs on the server's event-loop thread except model work, which runs
+on one executor thread (``self.executor``) so the loop never blocks on the device. KV moves are
+issued from the loop on a dedicated copy stream and awaited on a small waiter pool, so neither
+the loop nor the model thread waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from djinn.kernel.config import DjinnConfig
+from djinn.kernel.errors import AdmissionError, DjinnError, SessionError, TierFullError
+from djinn.kernel.memory import MemoryAccounting
+from djinn.kernel.plugins import DjinnPlugins
+from djinn.kernel.strategies import Action, Phase, Residency, SessionInfo, TierBlock
+
+if TYPE_CHECKING:
+    import torch
+
+    from djinn.kernel.runner import ForwardCursor, KVSlab
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+#: ``on_break(session, cursor, layer, step, phase)``: awaited at every armed layer
+BreakHandler = Callable[["Session", "ForwardCursor", int, int, str], Awaitable[None]]
+
+
+@attrs.frozen
+class SamplingParams:
+    """How a generate request picks tokens: greedy when ``temperature`` is 0."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.max_new_tokens <= 1 << 16:
+            raise SessionError(f"max_new_tokens must be in [0, 65536], not {self.max_new_tokens}")
+        if self.temperature < 0 or self.top_k < 0:
+            raise SessionError("temperature and top_k must be >= 0")
+
+
+@attrs.define
+class GenerateResult:
+    """What a generate request returns, with where its time went."""
+
+    tokens: list[int]
+    queue_s: float = 0.0
+    restore_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    first_token_s: float = 0.0
+
+
+@attrs.define(eq=False)
+class Session:
+    """A session's server-side state. ``info`` is what schedulers and hooks see."""
+
+    info: SessionInfo
+    kv: KVSlab
+    owner: object = None
+    lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    #: the in-flight eviction or restore, awaited by a request that needs the KV
+    moving: asyncio.Task | None = None
+    tier: str | None = None
+    block: TierBlock | None = None
+    kv_meta: tuple[Any, Any] | None = None  # (shape, dtype) while evicted
+    closed: bool = False
+
+
+class Kernel:
+    """One server's mechanism: strategies, model, sessions, memory. No policy lives here."""
+
+    def __init__(self, config: DjinnConfig, plugins: DjinnPlugins) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count(1)
+        self._timed: list[tuple[float, int, Action]] = []
+        self._timed_seq = itertools.count()
+        self._memory_freed: asyncio.Condition | None = None
+        self._waiting = 0
+        self._tick_task: asyncio.Task | None = None
+        self.started = False
+        self.counters: dict[str, float] = dict.fromkeys(
+            ("evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds",
+             "evict_failures", "admission_waits", "admission_refusals", "requests", "tokens"), 0
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Configure plugins, build strategies, allocate tiers, load the model; then ``djinn_startup``."""
+        import torch
+
+        from djinn.kernel.models import load_model, weight_bytes
+        from djinn.kernel.runner import ModelRunner
+
+        self.plugins.notify("djinn_configure", config=self.config)
+        want = self.config.model.device
+        self.use_cuda = torch.cuda.is_available() and want in ("auto", "cuda")
+        if want == "cuda" and not self.use_cuda:
+            raise DjinnError("[model] device = 'cuda' but no CUDA device is available")
+        self.device = torch.device("cuda" if self.use_cuda else "cpu")
+        self.scheduler = self.plugins.build_slot("scheduler")[0]
+        self.streamer = self.plugins.build_slot("streamer")[0]
+        self.serializer = self.plugins.build_slot("serializer")[0]
+        self.tiers = dict(zip(self.plugins.selection.tiers, self.plugins.build_slot("tier")))
+        self.transports = {t.scheme: t for t in self.plugins.build_slot("transport")}
+        self.memory = MemoryAccounting(self._budget_bytes(torch))
+        for tier in self.tiers.values():
+            tier.start(self.use_cuda)
+        self.model = load_model(
+            self.config.model.name, dtype=self.config.model.dtype, device="cpu" if self.use_cuda else self.device.type,
+            seed=self.config.model.seed,
+        ) if not self.use_cuda else self._load_for_cuda(load_model)
+        self.runner = ModelRunner(
+            self.model, streamer=self.streamer, device=self.device, budget_bytes=self._weights_budget()
+        )
+        weights = self.runner.device_weight_bytes()
+        if not self.memory.try_reserve("weights", weights):
+            raise AdmissionError(
+                f"the model's resident weights ({weights / GiB:.2f} GiB) exceed the GPU budget "
+                f"({self.memory.budget_bytes / GiB:.2f} GiB); select --plugins ringbuffer to stream them"
+            )
+        self.total_weight_bytes = weight_bytes(self.model.model)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-model")
+        self.waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-wait")
+        if self.use_cuda:
+            self.copy_stream = torch.cuda.Stream()
+        self.started = True
+        self.plugins.notify("djinn_startup", kernel=self)
+
+    def _load_for_cuda(self, load_model):
+        # A streamed model is built on the host (the streamer places it); a resident one directly on the GPU.
+        place_on_gpu = self.plugins.selection.streamer == "resident"
+        return load_model(
+            self.config.model.name, dtype=self.config.model.dtype,
+            device="cuda" if place_on_gpu else "cpu", seed=self.config.model.seed,
+        )
+
+    def _budget_bytes(self, torch) -> int:
+        cap = int(self.config.memory.gpu_memory_budget_gb * GiB)
+        if self.use_cuda:
+            free, _total = torch.cuda.mem_get_info()
+            return min(cap, free) if cap else int(free * 0.9)
+        if cap:
+            return cap
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+    def _weights_budget(self) -> int | None:
+        cap = self.config.memory.gpu_memory_budget_gb
+        return int(cap * GiB) if cap else (self.memory.budget_bytes if self.use_cuda else None)
+
+    def stop(self) -> None:
+        """``djinn_shutdown``, then free sessions and release tiers and threads."""
+        if not self.started:
+            return
+        self.started = False
+        try:
+            self.plugins.notify("djinn_shutdown", kernel=self)
+        finally:
+            for session in list(self.sessions.values()):
+                self._free_session_memory(session)
+            self.sessions.clear()
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.waiters.shutdown(wait=True, cancel_futures=True)
+            for tier in self.tiers.values():
+                tier.stop()
+
+    async def run_background(self) -> None:
+        """Start the scheduler's tick loop on the running event loop."""
+        self._memory_freed = asyncio.Condition()
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="djinn-scheduler-tick")
+
+    async def stop_background(self) -> None:
+        """Stop the tick loop."""
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            await asyncio.gather(self._tick_task, return_exceptions=True)
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, owner: object = None) -> Session:
+        """Create a session with an empty KV; ``djinn_session_created``."""
+        now = time.monotonic()
+        info = SessionInfo(id=next(self._ids), created_at=now, last_used=now)
+        session = Session(info=info, kv=self.runner.new_kv(), owner=owner)
+        self.sessions[info.id] = session
+        self.plugins.notify("djinn_session_created", session=info)
+        return session
+
+    def get(self, session_id: int, owner: object = None) -> Session:
+        """The open session with this id (owned by ``owner`` when given)."""
+        session = self.sessions.get(session_id)
+        if session is None or (owner is not None and session.owner is not owner):
+            raise SessionError(f"no open session {session_id}")
+        return session
+
+    async def close_session(self, session: Session, reason: str = "closed") -> None:
+        """Free the session's KV wherever it is; ``djinn_session_closed``."""
+        if session.closed:
+            return
+        session.closed = True
+        if session.moving is not None:
+            await asyncio.gather(session.moving, return_exceptions=True)
+        self.sessions.pop(session.info.id, None)
+        self._free_session_memory(session)
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_closed", session=session.info, reason=reason)
+
+    def _free_session_memory(self, session: Session) -> None:
+        if session.info.residency is Residency.RESIDENT and session.kv.tensor is not None:
+            self.memory.release("kv", session.kv.nbytes)
+        elif session.block is not None:
+            self.tiers[session.tier].free(session.block)
+            self.memory.tier_add(session.tier, -session.block.nbytes)
+            session.block = None
+        session.kv.tensor = None
+        session.info.kv_bytes = 0
+
+    # ------------------------------------------------------------------ phases
+
+    async def signal_phase(self, session: Session, phase: Phase, expected_s: float | None) -> None:
+        """Record a client's phase and hand it to the scheduler; act on its decisions at once."""
+        old = session.info.phase
+        now = time.monotonic()
+        session.info.phase = phase
+        session.info.expected_resume_at = now + expected_s if expected_s is not None else None
+        for action in self.scheduler.on_phase(session.info, now):
+            self._schedule(action, now)
+        self.plugins.notify("djinn_phase_changed", session=session.info, old=old, new=phase)
+
+    def _schedule(self, action: Action, now: float) -> None:
+        if action.at is not None and action.at > now:
+            heapq.heappush(self._timed, (action.at, next(self._timed_seq), action))
+            return
+        session = self.sessions.get(action.session_id)
+        if session is None or session.closed:
+            return
+        if action.kind == "evict":
+            self._start_move(session, self._evict(session))
+        else:
+            self._start_move(session, self._restore(session, critical=False))
+
+    def _start_move(self, session: Session, coro: Awaitable[bool]) -> None:
+        if session.moving is not None and not session.moving.done():
+            coro.close()  # one move at a time; the scheduler will ask again if it still wants it
+            return
+        session.moving = asyncio.create_task(coro)
+
+    async def _tick_loop(self) -> None:
+        period = self.config.server.tick_s
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            try:
+                while self._timed and self._timed[0][0] <= now:
+                    _at, _seq, action = heapq.heappop(self._timed)
+                    self._schedule(attrs.evolve(action, at=None), now)
+                infos = [s.info for s in self.sessions.values() if not s.closed]
+                for action in self.scheduler.on_tick(infos, now):
+                    self._schedule(action, now)
+            except Exception:
+                log.exception("scheduler tick failed; continuing")
+
+    # ------------------------------------------------------------------ eviction and restore
+
+    def _tier_for(self, nbytes: int) -> tuple[str, TierBlock] | None:
+        for name, tier in self.tiers.items():
+            try:
+                return name, tier.allocate(nbytes)
+            except TierFullError:
+                continue
+        return None
+
+    async def _wait_copy(self, event: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.waiters, event.synchronize)
+
+    async def _evict(self, session: Session) -> bool:
+        """Move a resident, idle session's KV to a tier. False when it cannot (busy, tier full)."""
+        info, kv = session.info, session.kv
+        if info.residency is not Residency.RESIDENT or info.busy or kv.tensor is None or session.closed:
+            return False
+        nbytes = kv.nbytes
+        placed = self._tier_for(nbytes)
+        if placed is None:
+            self.counters["evict_failures"] += 1
+            log.warning("no tier can hold session %d's %d KV bytes; it stays resident", info.id, nbytes)
+            return False
+        tier_name, block = placed
+        info.residency = Residency.EVICTING
+        started = time.perf_counter()
+        src = kv.tensor
+        host = self.tiers[tier_name].view(block)[:nbytes]
+        try:
+            await self._copy(host, src, after_compute=True)
+        except BaseException:
+            self.tiers[tier_name].free(block)
+            info.residency = Residency.RESIDENT
+            raise
+        seconds = time.perf_counter() - started
+        session.kv_meta = (tuple(src.shape), src.dtype)
+        session.tier, session.block = tier_name, block
+        kv.tensor = None
+        del src
+        self.memory.release("kv", nbytes)
+        self.memory.tier_add(tier_name, nbytes)
+        info.residency = Residency.EVICTED
+        self.counters["evictions"] += 1
+        self.counters["evict_seconds"] += seconds
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_evicted", session=info, tier=tier_name, nbytes=nbytes, seconds=seconds)
+        return True
+
+    async def _copy(self, dst: torch.Tensor, src: torch.Tensor, *, after_compute: bool) -> None:
+        """Copy ``src``'s bytes into ``dst`` (same size) on the copy stream, off the compute stream.
+
+        ``after_compute``: the copy first waits for work already queued on the compute stream
+        (an eviction must not read KV that a queued step is still writing); a restore does not,
+        so a prefetch never waits behind another session's decode step.
+        """
+        import torch
+
+        dst_bytes, src_bytes = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
+        if not self.use_cuda:
+            dst_bytes.copy_(src_bytes)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if after_compute:
+                self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
+            dst_bytes.copy_(src_bytes, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        await self._wait_copy(done)
+
+    async def _restore(self, session: Session, critical: bool) -> bool:
+        """Bring an evicted session's KV back to the device (making room first)."""
+        import torch
+
+        info = session.info
+        if info.residency is not Residency.EVICTED or session.closed:
+            return False
+        shape, dtype = session.kv_meta
+        nbytes = session.block.nbytes
+        info.residency = Residency.RESTORING
+        started = time.perf_counter()
+        try:
+            await self._reserve_kv(nbytes, requester=session)
+        except BaseException:
+            info.residency = Residency.EVICTED
+            raise
+        dst = self._alloc_for_copy(shape, dtype)
+        host = self.tiers[session.tier].view(session.block)[:nbytes]
+        await self._copy(dst, host, after_compute=False)
+        if self.use_cuda:
+            # later frees of this KV must wait for the compute stream's use of it
+            dst.record_stream(torch.cuda.default_stream(self.device))
+        seconds = time.perf_counter() - started
+        session.kv.tensor = dst
+        tier_name, block = session.tier, session.block
+        self.tiers[tier_name].free(block)
+        self.memory.tier_add(tier_name, -nbytes)
+        session.block = session.tier = session.kv_meta = None
+        info.residency = Residency.RESIDENT
+        self.counters["restores"] += 1
+        self.counters["restore_seconds"] += seconds
+        if critical:
+            self.counters["restores_on_critical_path"] += 1
+        self.plugins.notify(
+            "djinn_session_restored", session=info, tier=tier_name, nbytes=nbytes, seconds=seconds,
+            on_critical_path=critical,
+        )
+        return True
+
+    def _alloc_for_copy(self, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
+        """Allocate on the copy stream, so the allocator never hands it memory the compute stream still uses."""
+        import torch
+
+        if not self.use_cuda:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        with torch.cuda.stream(self.copy_stream):
+            return torch.empty(shape, dtype=dtype, device=self.device)
+
+    async def ensure_resident(self, session: Session) -> float:
+        """Wait for the session's own move, restore it if needed; the seconds spent waiting."""
+        started = time.perf_counter()
+        while True:
+            if session.moving is not None and not session.moving.done():
+                await asyncio.gather(session.moving, return_exceptions=True)
+                continue
+            if session.info.residency is Residency.EVICTED:
+                session.moving = asyncio.create_task(self._restore(session, critical=True))
+                continue
+            if session.moving is not None and session.moving.done() and not session.moving.cancelled():
+                exc = session.moving.exception()
+                session.moving = None
+                if exc is not None and session.info.residency is not Residency.RESIDENT:
+                    raise exc
+            if session.info.residency is Residency.RESIDENT:
+                return time.perf_counter() - started
+
+    # ------------------------------------------------------------------ admission
+
+    async def _notify_freed(self) -> None:
+        if self._memory_freed is not None:
+            async with self._memory_freed:
+                self._memory_freed.notify_all()
+
+    async def _reserve_kv(self, nbytes: int, requester: Session) -> None:
+        """Reserve device bytes for KV: evict what the scheduler picks, else wait in a bounded queue."""
+        if nbytes <= 0:
+            return
+        if nbytes > self.memory.budget_bytes - self.memory.device_bytes("weights"):
+            self.counters["admission_refusals"] += 1
+            raise AdmissionError(f"a request needs {nbytes} KV bytes, more than the whole KV budget")
+        queued = False
+        try:
+            while not self.memory.try_reserve("kv", nbytes):
+                need = nbytes - self.memory.free_bytes()
+                now = time.monotonic()
+                candidates = [
+                    s.info for s in self.sessions.values()
+                    if s is not requester and not s.closed and not s.info.busy
+                    and s.info.residency is Residency.RESIDENT and s.kv.tensor is not None
+                ]
+                victims = self.scheduler.select_victims(candidates, need, now)
+                if victims:
+                    moved = await asyncio.gather(*(self._evict_now(v.id) for v in victims))
+                    if any(moved):
+                        continue
+                if not queued:
+                    if self._waiting >= self.config.memory.admission_queue:
+                        self.counters["admission_refusals"] += 1
+                        raise AdmissionError(
+                            f"out of memory for KV ({nbytes} bytes needed, {self.memory.free_bytes()} free) "
+                            f"and the admission queue is full ({self._waiting} waiting)"
+                        )
+                    queued = True
+                    self._waiting += 1
+                    self.counters["admission_waits"] += 1
+                    self.plugins.notify(
+                        "djinn_admission_blocked", need_bytes=nbytes,
+                        free_bytes=self.memory.free_bytes(), queued=self._waiting,
+                    )
+                async with self._memory_freed:
+                    try:
+                        await asyncio.wait_for(self._memory_freed.wait(), timeout=self.config.server.tick_s * 4)
+                    except TimeoutError:
+                        pass
+        finally:
+            if queued:
+                self._waiting -= 1
+
+    async def _evict_now(self, session_id: int) -> bool:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.moving is not None and not session.moving.done():
+            await asyncio.gather(session.moving, return_exceptions=True)
+        session.moving = asyncio.create_task(self._evict(session))
+        return await session.moving
+
+    async def _grow_kv(self, session: Session, tokens: int) -> None:
+        """Make the session's KV hold ``tokens`` tokens, reserving the extra bytes first."""
+        kv = session.kv
+        extra = self.runner.kv_growth_bytes(kv, tokens)
+        if extra:
+            await self._reserve_kv(extra, requester=session)
+            try:
+                await self.run_model(kv.ensure_capacity, tokens)
+            except BaseException:
+                self.memory.release("kv", extra)
+                raise
+        session.info.kv_bytes = kv.nbytes
+
+    # ------------------------------------------------------------------ generation
+
+    async def run_model(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run model work on the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def generate(
+        self,
+        session: Session,
+        input_ids: Sequence[int],
+        params: SamplingParams,
+        breakpoints: Sequence[int] = (),
+        on_break: BreakHandler | None = None,
+    ) -> GenerateResult:
+        """Append ``input_ids`` to the session's context and generate up to ``max_new_tokens``."""
+        if not input_ids:
+            raise SessionError("generate needs at least one input token")
+        vocab = self.runner.vocab_size
+        if min(input_ids) < 0 or max(input_ids) >= vocab:
+            raise SessionError(f"token ids must be in [0, {vocab})")
+        layers = sorted(set(breakpoints))
+        if layers and (layers[0] < 0 or layers[-1] >= self.runner.num_layers):
+            raise SessionError(f"breakpoint layers must be in [0, {self.runner.num_layers})")
+        arrived = time.perf_counter()
+        async with session.lock:
+            if session.closed:
+                raise SessionError(f"session {session.info.id} is closed")
+            session.info.busy = True
+            self.counters["requests"] += 1
+            try:
+                restore_s = await self.ensure_resident(session)
+                await self._grow_kv(session, session.kv.length + len(input_ids) + params.max_new_tokens)
+                result = GenerateResult(tokens=[], restore_s=restore_s)
+                result.queue_s = time.perf_counter() - arrived - restore_s
+                if layers:
+                    await self._generate_with_breaks(session, input_ids, params, layers, on_break, result)
+                else:
+                    await self.run_model(self._generate_plain, session.kv, list(input_ids), params, result)
+                self.counters["tokens"] += len(result.tokens)
+                return result
+            finally:
+                session.info.busy = False
+                session.info.last_used = time.monotonic()
+
+    def _generate_plain(self, kv: KVSlab, input_ids: list[int], params: SamplingParams, result: GenerateResult) -> None:
+        """Prefill then decode on the model thread, with no breakpoint armed (no per-layer work)."""
+        picker = self.runner.token_picker(params.temperature, params.top_k, params.seed)
+        started = time.perf_counter()
+        ids = input_ids
+        for step in range(params.max_new_tokens):
+            cursor = self.runner.begin(kv, self.runner.ids_tensor(ids))
+            cursor.run()
+            token = picker(cursor.finish())
+            result.tokens.append(token)
+            ids = [token]
+            if step == 0:
+                result.first_token_s = result.prefill_s = time.perf_counter() - started
+        result.decode_s = time.perf_counter() - started - result.prefill_s
+
+    async def _generate_with_breaks(
+        self, session: Session, input_ids: Sequence[int], params: SamplingParams,
+        layers: list[int], on_break: BreakHandler | None, result: GenerateResult,
+    ) -> None:
+        """Generate step by step, pausing after each armed layer; the model thread is free while paused."""
+        picker = self.runner.token_picker(params.temperature, params.top_k, params.seed)
+        ids = list(input_ids)
+        started = time.perf_counter()
+        for step in range(params.max_new_tokens):
+            cursor = await self.run_model(self.runner.begin, session.kv, self.runner.ids_tensor(ids))
+            phase = "prefill" if step == 0 else "decode"
+            for layer in layers:
+                await self.run_model(cursor.run, layer + 1)
+                if on_break is not None:
+                    self.plugins.notify("djinn_breakpoint_hit", session=session.info, layer=layer, step=step, phase=phase)
+                    await on_break(session, cursor, layer, step, phase)
+            await self.run_model(cursor.run)
+            token = picker(await self.run_model(cursor.finish))
+            result.tokens.append(token)
+            ids = [token]
+            if step == 0:
+                result.first_token_s = result.prefill_s = time.perf_counter() - started
+        result.decode_s = time.perf_counter() - started - result.prefill_s
+
+    # ------------------------------------------------------------------ metrics
+
+    def vmu(self) -> dict[str, Any]:
+        """Memory and session view for ``/metrics/vmu`` and ``djinn status``."""
+        phases: dict[str, int] = {}
+        residency: dict[str, int] = {}
+        for s in list(self.sessions.values()):
+            phases[s.info.phase.value] = phases.get(s.info.phase.value, 0) + 1
+            residency[s.info.residency.value] = residency.get(s.info.residency.value, 0) + 1
+        tiers = {name: attrs.asdict(t.stats()) for name, t in self.tiers.items()}
+        extra = {}
+        for contribution in self.plugins.notify("djinn_metrics", kernel=self):
+            if contribution:
+                extra.update(contribution)
+        return {
+            "model": self.config.model.name,
+            "device": str(self.device),
+            "memory": self.memory.snapshot(),
+            "tiers": tiers,
+            "sessions": {"total": len(self.sessions), "by_phase": phases, "by_residency": residency},
+            "admission_queue": self._waiting,
+            "counters": dict(self.counters),
+            "streamer": self.streamer.stats(),
+            "plugins": extra,
+        }

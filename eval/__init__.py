@@ -1,0 +1,1 @@
+"""Benchmarks and experiments; each writes JSON under eval/results/."""

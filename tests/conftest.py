@@ -1,0 +1,31 @@
+"""Shared fixtures: a fresh plugin manager per test, never a global one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from djinn.kernel.config import DjinnConfig, PluginSelection
+from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
+
+
+def selection_from_env() -> list[str]:
+    """The plugin selection a tox environment passes through ``DJINN_PLUGINS``."""
+    return split_plugin_names(os.environ.get("DJINN_PLUGINS"))
+
+
+@pytest.fixture
+def make_plugins():
+    """Build a fresh plugin manager from a config and overrides (plus local plugin objects)."""
+
+    def make(config: DjinnConfig | None = None, overrides=(), **kwargs):
+        return get_plugin_manager(config or DjinnConfig(), list(overrides), **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def plain_config() -> DjinnConfig:
+    """Defaults with the environment's selection applied on top by the caller."""
+    return DjinnConfig(plugins=PluginSelection())

@@ -1,0 +1,355 @@
+"""The ``resident`` and ``ringbuffer`` streamers, driven layer by layer as the model runner does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from djinn.kernel.config import parse_config
+from djinn.kernel.errors import ConfigError, ModelError
+from djinn.kernel.plugins import StrategyRegistry
+from djinn.plugins.streamers import resident, ringbuffer
+from djinn.plugins.streamers.resident import ResidentSettings, ResidentStreamer, module_nbytes
+from djinn.plugins.streamers.ringbuffer import ALIGN, RingbufferSettings, RingbufferStreamer
+
+MIB = 1 << 20
+CPU = torch.device("cpu")
+
+
+def mib(nbytes: float) -> float:
+    """``nbytes`` as the ``ring_mb`` that yields exactly that many bytes."""
+    return (nbytes + 0.5) / MIB
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+class LlamaStack:
+    """Decoder layers of a tiny Llama, with the model's rotary embedding to drive them."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        self.layers = list(model.model.layers)
+        self.rotary = model.model.rotary_emb
+
+    def forward_kwargs(self, hidden: torch.Tensor) -> dict:
+        positions = torch.arange(hidden.shape[1])[None]  # [1, T]
+        return {
+            "attention_mask": None,
+            "position_ids": positions,
+            "position_embeddings": self.rotary(hidden, positions),  # cos, sin: [1, T, D]
+        }
+
+
+def pair_of_stacks() -> tuple[LlamaStack, LlamaStack]:
+    """Two stacks with identical weights: one for the streamer under test, one for resident."""
+    model = tiny_llama()
+    return LlamaStack(model), LlamaStack(copy.deepcopy(model))
+
+
+def run_layers(streamer, layers, hidden, kwargs, indices, *, begin=True, end=True, inside=None):
+    """Run ``layers[i]`` for ``i`` in ``indices`` between the streamer's calls, as the runner does."""
+    with torch.inference_mode():
+        if begin:
+            streamer.begin_pass()
+        for i in indices:
+            streamer.before_layer(i)
+            if inside is not None:
+                inside(i)
+            hidden = layers[i](hidden, **kwargs)
+            streamer.after_layer(i)
+        if end:
+            streamer.end_pass()
+    return hidden
+
+
+def full_pass(streamer, stack: LlamaStack, hidden: torch.Tensor, inside=None) -> torch.Tensor:
+    kwargs = stack.forward_kwargs(hidden)
+    return run_layers(streamer, stack.layers, hidden, kwargs, range(len(stack.layers)), inside=inside)
+
+
+def prepared(stack: LlamaStack, budget: int | None = None, **settings) -> RingbufferStreamer:
+    streamer = RingbufferStreamer(RingbufferSettings(**settings))
+    streamer.prepare(stack.layers, CPU, budget)
+    return streamer
+
+
+def prepared_resident(stack: LlamaStack) -> ResidentStreamer:
+    streamer = ResidentStreamer(ResidentSettings())
+    streamer.prepare(stack.layers, CPU, None)
+    return streamer
+
+
+LAYER_BYTES = module_nbytes(tiny_llama().model.layers[0])
+
+
+def inputs(count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(99)
+    return [torch.randn(1, 3 + 2 * k, 64, generator=generator) for k in range(count)]  # [B, T, H]
+
+
+# --------------------------------------------------------------------------- ringbuffer == resident
+
+
+@pytest.mark.parametrize(
+    "ring_layers, prefetch, reuse",
+    [(1, 2, True), (2.5, 2, True), (3.5, 1, True), (3.5, 2, False), (2, 0, True), (3, 8, False)],
+)
+def test_streamed_through_a_small_ring_matches_resident_bitwise(ring_layers, prefetch, reuse):
+    mine, reference = pair_of_stacks()
+    streamer = prepared(
+        mine, ring_mb=mib(ring_layers * LAYER_BYTES), chunk_mb=mib(10_000),
+        prefetch_layers=prefetch, reuse=reuse,
+    )
+    baseline = prepared_resident(reference)
+    assert LAYER_BYTES <= streamer.device_bytes() < 4 * LAYER_BYTES
+    streamed = 0
+    for hidden in inputs(3):
+        out = full_pass(streamer, mine, hidden)
+        expected = full_pass(baseline, reference, hidden)
+        assert torch.equal(out, expected)
+        assert [p.layer for p in streamer.placements] == [0, 1, 2, 3]
+        streamed += sum(p.nbytes for p in streamer.placements if p.copied)
+    stats = streamer.stats()
+    assert stats["passes"] == 3
+    assert stats["bytes_streamed"] == streamed > 0
+    assert stats["bytes_streamed"] + stats["bytes_reused"] == 3 * 4 * LAYER_BYTES
+    assert stats["copy_seconds"] > 0 and stats["stall_seconds"] == stats["copy_seconds"]
+
+
+def test_reuse_skips_only_layers_still_in_their_place():
+    mine, reference = pair_of_stacks()
+    # places: 0 at 0, 1 at 1x, 2 at 2x, 3 back at 0 (overwriting layer 0's place)
+    streamer = prepared(mine, ring_mb=mib(3.5 * LAYER_BYTES))
+    baseline = prepared_resident(reference)
+    copied_per_pass = []
+    for hidden in inputs(3):
+        assert torch.equal(full_pass(streamer, mine, hidden), full_pass(baseline, reference, hidden))
+        copied_per_pass.append([p.copied for p in streamer.placements])
+    assert copied_per_pass[0] == [True] * 4
+    assert copied_per_pass[1] == copied_per_pass[2] == [True, False, False, True]
+    assert streamer.stats()["bytes_reused"] == 4 * LAYER_BYTES
+
+
+def test_parameters_live_in_the_arena_and_visit_the_ring_only_during_their_layer():
+    mine, _ = pair_of_stacks()
+    streamer = prepared(mine, ring_mb=mib(2.5 * LAYER_BYTES), chunk_mb=mib(4096))
+    ring, arena = streamer.ring, streamer.arena
+    ring_ptr, arena_ptr = ring.data_ptr(), arena.data_ptr()
+
+    def within(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
+        start = tensor.data_ptr() - flat.data_ptr()
+        return 0 <= start and start + tensor.numel() * tensor.element_size() <= flat.numel()
+
+    def tensors(layer: nn.Module) -> list[torch.Tensor]:
+        return [*layer.parameters(), *layer.buffers()]
+
+    # packed once: host memory holds the weights only in the arena
+    assert all(within(t, arena) for layer in mine.layers for t in tensors(layer))
+    assert arena.numel() == 4 * LAYER_BYTES
+
+    seen = []
+
+    def inside(i: int) -> None:
+        assert all(within(t, ring) for t in tensors(mine.layers[i]))
+        others = [t for j, layer in enumerate(mine.layers) if j != i for t in tensors(layer)]
+        assert all(within(t, arena) for t in others)
+        seen.append(i)
+
+    for hidden in inputs(3):
+        full_pass(streamer, mine, hidden, inside=inside)
+        assert streamer.ring is ring and streamer.arena is arena
+        assert (ring.data_ptr(), arena.data_ptr()) == (ring_ptr, arena_ptr)
+        assert all(within(t, arena) for layer in mine.layers for t in tensors(layer))
+    assert seen == [0, 1, 2, 3] * 3
+
+
+class Block(nn.Module):
+    """A residual MLP block whose size depends on ``width``."""
+
+    def __init__(self, width: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden, width)
+        self.down = nn.Linear(width, hidden)
+        self.register_buffer("scale", torch.rand(hidden))
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x))) * self.scale
+
+
+def test_layers_of_unequal_size_never_cross_the_end_of_the_ring():
+    torch.manual_seed(3)
+    widths = [8, 96, 24, 160, 40, 8, 120, 64]
+    mine = [Block(w) for w in widths]
+    reference = copy.deepcopy(mine)
+    largest = max(module_nbytes(block) for block in mine)
+    streamer = RingbufferStreamer(RingbufferSettings(ring_mb=mib(1.7 * largest), chunk_mb=mib(1024)))
+    streamer.prepare(mine, CPU, None)
+    baseline = ResidentStreamer()
+    baseline.prepare(reference, CPU, None)
+    ring_bytes = streamer.device_bytes()
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        hidden = torch.randn(4, 16, generator=generator)  # [B, H]
+        out = run_layers(streamer, mine, hidden, {}, range(len(mine)))
+        assert torch.equal(out, run_layers(baseline, reference, hidden, {}, range(len(mine))))
+        placements = streamer.placements
+        assert all(p.offset % ALIGN == 0 and p.offset + p.nbytes <= ring_bytes for p in placements)
+        end = 0
+        for p in placements:
+            fits_in_tail = end + -(-p.nbytes // ALIGN) * ALIGN <= ring_bytes
+            assert p.offset == (end if fits_in_tail else 0)
+            end = p.offset + -(-p.nbytes // ALIGN) * ALIGN
+        assert any(p.offset == 0 for p in placements[1:]), "no layer had to start over at 0"
+
+
+def test_a_pass_cut_short_or_interleaved_with_another_stays_exact():
+    mine, reference = pair_of_stacks()
+    streamer = prepared(mine, ring_mb=mib(2 * LAYER_BYTES), prefetch_layers=2)
+    baseline = prepared_resident(reference)
+    first, second = inputs(2)
+    kw_first, kw_second = mine.forward_kwargs(first), mine.forward_kwargs(second)
+
+    def both(indices, hidden_pair, kwargs, **flags):
+        return tuple(
+            run_layers(s, stack.layers, h, kwargs, indices, **flags)
+            for s, stack, h in zip((streamer, baseline), (mine, reference), hidden_pair)
+        )
+
+    # a paused pass: layers 0-1 of the first input, no end_pass
+    paused = both([0, 1], (first, first), kw_first, end=False)
+    # another whole pass runs meanwhile
+    other = both(range(4), (second, second), kw_second)
+    assert torch.equal(*other)
+    # the paused pass resumes at layer 2 without a new begin_pass
+    resumed = both([2, 3], paused, kw_first, begin=False)
+    assert torch.equal(*resumed)
+    assert [p.layer for p in streamer.placements] == [2, 3], "restaged from layer 0"
+    # a pass abandoned after one layer, then a full one
+    both([0], (second, second), kw_second, end=False)
+    assert torch.equal(*both(range(4), (first, first), kw_first))
+
+
+# --------------------------------------------------------------------------- refusals at prepare
+
+
+def test_a_layer_larger_than_the_ring_is_refused_at_prepare():
+    mine, _ = pair_of_stacks()
+    before = [p.data_ptr() for p in mine.layers[0].parameters()]
+    ring = int(0.6 * LAYER_BYTES) // ALIGN * ALIGN
+    streamer = RingbufferStreamer(RingbufferSettings(ring_mb=mib(ring)))
+    with pytest.raises(ModelError) as refused:
+        streamer.prepare(mine.layers, CPU, None)
+    message = str(refused.value)
+    assert "LlamaDecoderLayer" in message and str(LAYER_BYTES) in message and str(ring) in message
+    assert [p.data_ptr() for p in mine.layers[0].parameters()] == before, "layers were touched"
+    assert streamer.device_bytes() == 0
+
+
+def test_the_ring_comes_from_the_budget_unless_set():
+    mine, _ = pair_of_stacks()
+    budget = int(2.5 * LAYER_BYTES)
+    assert prepared(mine, budget).device_bytes() == budget // ALIGN * ALIGN
+
+    mine, _ = pair_of_stacks()
+    whole = prepared(mine, None)
+    assert whole.device_bytes() == 4 * LAYER_BYTES
+    for hidden in inputs(2):
+        full_pass(whole, mine, hidden)
+    assert whole.stats()["bytes_streamed"] == 4 * LAYER_BYTES  # later passes reuse everything
+
+    mine, _ = pair_of_stacks()
+    with pytest.raises(ModelError, match="budget"):
+        prepared(mine, budget, ring_mb=mib(3 * LAYER_BYTES))
+
+
+def test_layers_sharing_a_tensor_are_refused():
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight
+    with pytest.raises(ModelError, match="shared by layers 0 and 1"):
+        RingbufferStreamer().prepare([first, second], CPU, None)
+
+
+def test_resident_moves_layers_and_reports_their_bytes():
+    stack, _ = pair_of_stacks()
+    streamer = ResidentStreamer()
+    streamer.prepare(stack.layers, CPU, 4 * LAYER_BYTES)
+    assert streamer.device_bytes() == 4 * LAYER_BYTES == streamer.stats()["device_bytes"]
+    full_pass(streamer, stack, inputs(1)[0])
+
+
+def test_resident_over_budget_is_refused_naming_the_ringbuffer():
+    stack, _ = pair_of_stacks()
+    budget = 3 * LAYER_BYTES
+    with pytest.raises(ModelError) as refused:
+        ResidentStreamer().prepare(stack.layers, CPU, budget)
+    message = str(refused.value)
+    assert str(4 * LAYER_BYTES) in message and str(budget) in message
+    assert "--plugins ringbuffer" in message
+
+
+# --------------------------------------------------------------------------- settings and plugins
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"chunk_mb": 0}, ValueError),
+        ({"chunk_mb": -64}, ValueError),
+        ({"chunk_mb": float("inf")}, ValueError),
+        ({"chunk_mb": "64"}, TypeError),
+        ({"ring_mb": 0}, ValueError),
+        ({"ring_mb": float("nan")}, ValueError),
+        ({"ring_mb": True}, TypeError),
+        ({"prefetch_layers": -1}, ValueError),
+        ({"prefetch_layers": 1.5}, TypeError),
+        ({"prefetch_layers": True}, TypeError),
+        ({"reuse": 1}, TypeError),
+    ],
+)
+def test_ringbuffer_settings_reject_bad_values(kwargs, error):
+    with pytest.raises(error):
+        RingbufferSettings(**kwargs)
+
+
+def test_ringbuffer_settings_defaults():
+    settings = RingbufferSettings()
+    assert (settings.chunk_mb, settings.ring_mb, settings.prefetch_layers, settings.reuse) == (
+        64.0, None, 2, True,
+    )
+    assert RingbufferStreamer(settings).chunk_bytes == 64 * MIB
+
+
+def test_both_streamers_register_themselves():
+    registry = StrategyRegistry()
+    resident.djinn_register_strategies(registry)
+    ringbuffer.djinn_register_strategies(registry)
+    assert registry.specs["resident"].slot == registry.specs["ringbuffer"].slot == "streamer"
+    assert isinstance(registry.specs["ringbuffer"].factory(RingbufferSettings()), RingbufferStreamer)
+    assert isinstance(registry.specs["resident"].factory(ResidentSettings()), ResidentStreamer)
+
+
+def test_ringbuffer_is_built_from_its_settings_table(make_plugins):
+    config = parse_config(
+        {"settings": {"ringbuffer": {"chunk_mb": 8, "prefetch_layers": 1}}}, source="plugins.toml"
+    )
+    streamer = make_plugins(config, ["ringbuffer"]).build("ringbuffer")
+    assert isinstance(streamer, RingbufferStreamer)
+    assert streamer.chunk_bytes == 8 * MIB and streamer.settings.prefetch_layers == 1
+    bad = parse_config({"settings": {"ringbuffer": {"ring_mb": -1}}}, source="plugins.toml")
+    with pytest.raises(ConfigError, match="ring_mb"):
+        make_plugins(bad, ["ringbuffer"])
