@@ -117,7 +117,8 @@ def djinn_stream_plan(model: str, layers: int, layer_bytes: list[int], ring_byte
 
 @hookspec
 def djinn_stream_pass(model: str, bytes_streamed: int, seconds: float, stall_seconds: float) -> None:
-    """A streamed forward pass finished. Once per forward step (never per chunk or layer)."""
+    """A generate request on a streamed model finished: the weight bytes streamed for it, its
+    model time and the time compute waited for copies. Once per request (never per chunk or layer)."""
 
 
 # =========================================================================== breakpoints

@@ -139,6 +139,13 @@ class Kernel:
                 f"({self.memory.budget_bytes / GiB:.2f} GiB); select --plugins ringbuffer to stream them"
             )
         self.total_weight_bytes = weight_bytes(self.model.model)
+        self.streams = "ring_bytes" in self.streamer.stats()
+        if self.streams:
+            self.plugins.notify(
+                "djinn_stream_plan", model=self.config.model.name, layers=self.runner.num_layers,
+                layer_bytes=[weight_bytes(layer) for layer in self.runner.layers],
+                ring_bytes=int(self.streamer.stats()["ring_bytes"]),
+            )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-model")
         self.waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-wait")
         if self.use_cuda:
@@ -523,11 +530,20 @@ class Kernel:
                 await self._grow_kv(session, session.kv.length + len(input_ids) + params.max_new_tokens)
                 result = GenerateResult(tokens=[], restore_s=restore_s)
                 result.queue_s = time.perf_counter() - arrived - restore_s
+                streamed_before = self.streamer.stats() if self.streams else None
                 if layers:
                     await self._generate_with_breaks(session, input_ids, params, layers, on_break, result)
                 else:
                     await self.run_model(self._generate_plain, session.kv, list(input_ids), params, result)
                 self.counters["tokens"] += len(result.tokens)
+                if streamed_before is not None:
+                    after = self.streamer.stats()
+                    self.plugins.notify(
+                        "djinn_stream_pass", model=self.config.model.name,
+                        bytes_streamed=int(after["bytes_streamed"] - streamed_before["bytes_streamed"]),
+                        seconds=result.prefill_s + result.decode_s,
+                        stall_seconds=float(after["stall_seconds"] - streamed_before["stall_seconds"]),
+                    )
                 return result
             finally:
                 session.info.busy = False

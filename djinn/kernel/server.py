@@ -133,13 +133,18 @@ class Server:
     async def _authenticate(self, client: ClientState) -> None:
         buf = await client.conn.recv()
         frame = decode_frame(buf, self.kernel.serializer, self.limits)
-        if frame.op is not Op.HELLO:
-            raise AuthError("the first frame must be HELLO")
         given = frame.meta.get("token") or ""
-        if self.token is not None and not (
+        if frame.op is not Op.HELLO:
+            refusal = AuthError("the first frame must be HELLO")
+        elif self.token is not None and not (
             isinstance(given, str) and hmac.compare_digest(given.encode(), self.token.encode())
         ):
-            raise AuthError("wrong or missing token")
+            refusal = AuthError("wrong or missing token")
+        else:
+            refusal = None
+        if refusal is not None:
+            await self._send_error(client, frame.request_id, 0, refusal)
+            raise refusal
         await self._send(client, Frame(Op.WELCOME, request_id=frame.request_id, meta=self.welcome()))
 
     def welcome(self) -> dict[str, Any]:
@@ -162,7 +167,9 @@ class Server:
         try:
             try:
                 await self._authenticate(client)
-            except (DjinnError, FrameError) as exc:
+            except AuthError:
+                return
+            except DjinnError as exc:
                 await self._send_error(client, 0, 0, exc)
                 return
             self.clients.add(client)

@@ -1,0 +1,227 @@
+"""The kernel through a real server: hook order over one lifecycle, scheduler behaviour, admission."""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+import pytest
+
+from djinn.client import connect
+from djinn.kernel.errors import AdmissionError, PluginError
+from djinn.kernel.hookspecs import hookimpl
+from djinn.kernel.plugins import get_plugin_manager
+from djinn.kernel.server import BackgroundServer
+from djinn.kernel.strategies import Residency
+from tests.serving import serving_config
+
+
+class Recorder:
+    """An extension plugin recording every event hook it sees, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def djinn_configure(self, config):
+        self.calls.append("djinn_configure")
+
+    @hookimpl
+    def djinn_startup(self, kernel):
+        self.calls.append("djinn_startup")
+
+    @hookimpl
+    def djinn_shutdown(self, kernel):
+        self.calls.append("djinn_shutdown")
+
+    @hookimpl
+    def djinn_connection_opened(self, peer, transport):
+        self.calls.append("djinn_connection_opened")
+
+    @hookimpl
+    def djinn_connection_closed(self, peer, transport, reason):
+        self.calls.append("djinn_connection_closed")
+
+    @hookimpl
+    def djinn_session_created(self, session):
+        self.calls.append("djinn_session_created")
+
+    @hookimpl
+    def djinn_session_closed(self, session, reason):
+        self.calls.append("djinn_session_closed")
+
+    @hookimpl
+    def djinn_phase_changed(self, session, old, new):
+        self.calls.append(f"djinn_phase_changed:{new.value}")
+
+    @hookimpl
+    def djinn_session_evicted(self, session, tier, nbytes, seconds):
+        self.calls.append("djinn_session_evicted")
+
+    @hookimpl
+    def djinn_session_restored(self, session, tier, nbytes, seconds, on_critical_path):
+        self.calls.append("djinn_session_restored")
+
+    @hookimpl
+    def djinn_admission_blocked(self, need_bytes, free_bytes, queued):
+        self.calls.append("djinn_admission_blocked")
+
+    @hookimpl
+    def djinn_request_failed(self, op, session_id, error):
+        self.calls.append(f"djinn_request_failed:{op}")
+
+    @hookimpl
+    def djinn_metrics(self, kernel):
+        self.calls.append("djinn_metrics")
+        return {"recorder": {"calls": len(self.calls)}}
+
+    @hookimpl
+    def djinn_stream_plan(self, model, layers, layer_bytes, ring_bytes):
+        self.calls.append("djinn_stream_plan")
+
+    @hookimpl
+    def djinn_stream_pass(self, model, bytes_streamed, seconds, stall_seconds):
+        self.calls.append("djinn_stream_pass")
+
+
+def serve_with(config, names, **plugins_by_name):
+    plugins = get_plugin_manager(config, names + list(plugins_by_name), extra_plugins=plugins_by_name)
+    return BackgroundServer(config, plugins).start()
+
+
+def wait_for(predicate, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_hook_order_through_one_lifecycle():
+    recorder = Recorder()
+    server = serve_with(serving_config(), ["semantic", "tcp"], recorder=recorder)
+    kernel = server.kernel
+    with connect(server.url("tcp")) as client:
+        session = client.model().session()
+        session.generate([1, 2, 3], max_new_tokens=2)
+        session.signal_phase("IO_WAIT")
+        assert wait_for(lambda: "djinn_session_evicted" in recorder.calls)
+        session.signal_phase("COMPUTE")
+        assert wait_for(lambda: "djinn_session_restored" in recorder.calls)
+        assert client.status()["plugins"]["recorder"]["calls"] > 0
+        session.close()
+    assert wait_for(lambda: "djinn_connection_closed" in recorder.calls)
+    server.stop()
+    assert kernel.started is False
+    assert recorder.calls == [
+        "djinn_configure", "djinn_startup", "djinn_connection_opened", "djinn_session_created",
+        "djinn_session_evicted", "djinn_phase_changed:IO_WAIT",
+        "djinn_session_restored", "djinn_phase_changed:COMPUTE",
+        "djinn_metrics", "djinn_session_closed", "djinn_connection_closed", "djinn_shutdown",
+    ] or recorder.calls == [
+        # the eviction copy may finish after the phase hook when it runs on a copy stream
+        "djinn_configure", "djinn_startup", "djinn_connection_opened", "djinn_session_created",
+        "djinn_phase_changed:IO_WAIT", "djinn_session_evicted",
+        "djinn_phase_changed:COMPUTE", "djinn_session_restored",
+        "djinn_metrics", "djinn_session_closed", "djinn_connection_closed", "djinn_shutdown",
+    ], recorder.calls
+
+
+def test_streamed_model_announces_its_plan_and_each_request():
+    recorder = Recorder()
+    config = serving_config(settings={"ringbuffer": {"ring_mb": 0.5, "chunk_mb": 0.0625}})
+    server = serve_with(config, ["ringbuffer", "tcp"], recorder=recorder)
+    try:
+        with connect(server.url("tcp")) as client, client.model().session() as session:
+            session.generate([1, 2, 3], max_new_tokens=3)
+        assert recorder.calls.count("djinn_stream_plan") == 1
+        assert recorder.calls.count("djinn_stream_pass") == 1
+    finally:
+        server.stop()
+
+
+def _resident_count(server):
+    return server.call(lambda: sum(
+        s.info.residency is Residency.RESIDENT for s in server.kernel.sessions.values()))
+
+
+def _kv_budget_for(sessions: int, tokens: int) -> float:
+    from djinn.kernel.models import load_model, weight_bytes
+    from djinn.kernel.runner import ModelRunner
+
+    runner = ModelRunner(load_model("random:tiny-llama"))
+    return (runner.device_weight_bytes() + sessions * runner.kv_bytes(tokens)) / 2**30
+
+
+@pytest.mark.parametrize("scheduler", ["lru", "semantic", "static"])
+def test_memory_pressure(scheduler):
+    """Room for two sessions' KV: lru and semantic evict to admit a third; static makes it wait."""
+    config = serving_config(budget_gb=_kv_budget_for(2, 256))
+    config = attrs.evolve(config, memory=attrs.evolve(config.memory, admission_queue=0))
+    server = serve_with(config, [scheduler, "tcp"])
+    try:
+        with connect(server.url("tcp")) as client:
+            sessions = [client.model().session() for _ in range(3)]
+            for s in sessions[:2]:
+                s.generate([1, 2, 3], max_new_tokens=2)
+                s.signal_phase("IO_WAIT", expected_s=30)
+            if scheduler == "semantic":
+                assert wait_for(lambda: _resident_count(server) == 1)  # only the new, empty one
+            else:
+                time.sleep(0.1)
+                assert _resident_count(server) == 3  # nothing moves without pressure
+            if scheduler == "static":
+                with pytest.raises(AdmissionError):
+                    sessions[2].generate([4, 5, 6], max_new_tokens=2)
+            else:
+                assert len(sessions[2].generate([4, 5, 6], max_new_tokens=2).tokens) == 2
+            used = server.call(lambda: server.kernel.memory.snapshot())
+            assert used["device_used_bytes"] <= used["budget_bytes"]
+            evictions = server.call(lambda: server.kernel.counters["evictions"])
+            assert (evictions == 0) == (scheduler == "static")
+    finally:
+        server.stop()
+
+
+def test_a_plugin_that_raises_fails_only_its_request():
+    class Faulty:
+        @hookimpl
+        def djinn_session_created(self, session):
+            raise RuntimeError("kaboom")
+
+    recorder = Recorder()
+    server = serve_with(serving_config(), ["tcp"], faulty=Faulty(), recorder=recorder)
+    try:
+        with connect(server.url("tcp")) as client:
+            with pytest.raises(PluginError, match="faulty .*kaboom"):
+                client.model().session()
+            assert "djinn_request_failed:OPEN_SESSION" in recorder.calls
+            assert client.status()["sessions"]["total"] >= 0  # still serving
+    finally:
+        server.stop()
+
+
+def test_non_loopback_bind_requires_a_token():
+    from djinn.kernel.errors import ConfigError
+
+    config = serving_config(host="0.0.0.0")
+    with pytest.raises(ConfigError, match="requires a token"):
+        serve_with(config, ["tcp"])
+
+
+def test_token_is_checked_before_any_model_work():
+    from djinn.kernel.errors import AuthError
+
+    config = serving_config()
+    plugins = get_plugin_manager(config, ["tcp"])
+    server = BackgroundServer(config, plugins, token="s3cret").start()
+    try:
+        with pytest.raises(AuthError):
+            connect(server.url("tcp"), token="wrong")
+        with pytest.raises(AuthError):
+            connect(server.url("tcp"))
+        with connect(server.url("tcp"), token="s3cret") as client:
+            assert client.info["num_layers"] == 4
+    finally:
+        server.stop()
