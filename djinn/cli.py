@@ -84,10 +84,21 @@ def main() -> None:
 @_fail_cleanly
 def plugins_command(config_path: str | None, plugin_names: str, as_json: bool) -> None:
     """List every installed plugin: slot, origin, hooks, and whether it is selected."""
-    _config, plugins = _load(config_path, plugin_names)
+    from djinn.kernel.config import load_config
+    from djinn.kernel.plugins import DjinnPlugins, split_plugin_names
+
+    plugins = DjinnPlugins(load_config(config_path))
+    plugins.discover()
+    try:
+        plugins.select(split_plugin_names(plugin_names))
+        problem = None
+    except (ConfigError, PluginError) as exc:  # still list what is installed, then fail
+        problem = exc
     rows = plugins.rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        if problem is not None:
+            raise problem
         return
     from rich.console import Console
     from rich.table import Table
@@ -100,6 +111,8 @@ def plugins_command(config_path: str | None, plugin_names: str, as_json: bool) -
         state = "[red]broken: " + r["error"] + "[/red]" if r["error"] else ("yes" if r["selected"] else "")
         table.add_row(r["name"], r["slot"], f"{r['origin']} {r['version']}", hooks, state)
     Console().print(table)
+    if problem is not None:
+        raise problem
 
 
 @main.command("config")

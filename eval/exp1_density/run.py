@@ -1,0 +1,508 @@
+"""Experiment 1, agent density: how many tool-calling agents one GPU serves within a latency limit.
+
+    python -m eval.exp1_density.run --config eval/exp1_density/configs/hero.toml \
+        --schedulers static,lru,semantic --agents 8,16,32 --out eval/results/exp1_<tag>.json
+
+For each scheduler and each agent count N (ascending), one server (kernel + TCP listener on a
+background thread, the model loaded afresh) serves N agents in this process. Agents arrive by a
+Poisson process and each runs K iterations: [COMPUTE ->] append a tool result (T random tokens;
+the first iteration sends the C-token prompt instead) -> generate G tokens -> IO_WAIT with
+``expected_s`` = the drawn think time -> sleep U(a, b) s. An iteration slower than
+``request_timeout_s`` or one that errors is a failure (the agent then disconnects). The sweep of
+a scheduler stops at the first N with a failure or a P99 iteration latency above the limit.
+
+Per iteration: latency (COMPUTE signal sent -> reply with the last token), wake latency
+(COMPUTE -> first token), the server's queue and restore time. Wake latency is the latency less
+the server's decode time after the first token: what remains is the client-observed queueing
+and transport, the server's queue and restore wait, KV growth and the prefill that yields the
+first token (``first_token_s``). Every 0.5 s the kernel's memory accounting (device and host
+tier bytes), the CUDA allocator's bytes and the process RSS are sampled. Writes JSON (hardware,
+versions, configuration, raw samples, a summary per point) and three plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from djinn import __version__
+from djinn.kernel.config import DjinnConfig, MemorySettings, ModelSettings, PluginSelection, ServerSettings, build_settings
+from djinn.kernel.errors import ConfigError, DjinnError
+from djinn.kernel.plugins import get_plugin_manager
+from djinn.kernel.server import BackgroundServer
+from eval.bench_transport import hardware
+
+SCHEDULERS = ("static", "lru", "semantic")
+GiB = 1 << 30
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
+
+
+def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _agent_counts(_inst: Any, attribute: attrs.Attribute, value: Sequence[int]) -> None:
+    if not value or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value):
+        raise ValueError(f"{attribute.name} must be a non-empty list of integers > 0, not {value!r}")
+
+
+@attrs.frozen
+class ModelSpec:
+    """``[model]``: the served model."""
+
+    name: str = "random:tiny-llama"
+    dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(("float32", "bfloat16", "float16")))
+
+
+@attrs.frozen
+class MemorySpec:
+    """``[memory]``: the GPU budget (0 = the device's free memory) and the pinned host tier's size."""
+
+    gpu_memory_budget_gb: float = attrs.field(default=0.0, validator=_non_negative)
+    pinned_host_capacity_gb: float = attrs.field(default=4.0, validator=_positive)
+
+
+@attrs.frozen
+class WorkloadSpec:
+    """``[workload]``: what every agent does (C, G, T, K and the think time U(a, b))."""
+
+    context_tokens: int = attrs.field(default=64, validator=_positive)  # C
+    generate_tokens: int = attrs.field(default=8, validator=_positive)  # G
+    tool_tokens: int = attrs.field(default=16, validator=_positive)  # T
+    iterations: int = attrs.field(default=2, validator=_positive)  # K
+    think_min_s: float = attrs.field(default=0.05, validator=_non_negative)
+    think_max_s: float = attrs.field(default=0.2, validator=_non_negative)
+    #: agents arriving per second (Poisson)
+    arrival_rate: float = attrs.field(default=20.0, validator=_positive)
+    #: an iteration slower than this is a failure
+    request_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    seed: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.think_max_s < self.think_min_s:
+            raise ValueError(f"think_max_s ({self.think_max_s}) < think_min_s ({self.think_min_s})")
+
+
+@attrs.frozen
+class SweepSpec:
+    """``[sweep]``: what is swept and when a point fails."""
+
+    schedulers: tuple[str, ...] = attrs.field(
+        default=SCHEDULERS, converter=tuple, validator=attrs.validators.deep_iterable(attrs.validators.in_(SCHEDULERS))
+    )
+    #: agent counts N (a Sequence annotation: the kernel's TOML type check knows only string lists)
+    agents: Sequence[int] = attrs.field(default=(8,), converter=tuple, validator=_agent_counts)
+    p99_limit_s: float = attrs.field(default=2.0, validator=_positive)
+    sample_every_s: float = attrs.field(default=0.5, validator=_positive)
+
+
+_TABLES = {"model": ModelSpec, "memory": MemorySpec, "workload": WorkloadSpec, "sweep": SweepSpec}
+
+
+@attrs.frozen
+class ExperimentConfig:
+    """The whole experiment configuration."""
+
+    source: str = "<defaults>"
+    model: ModelSpec = ModelSpec()
+    memory: MemorySpec = MemorySpec()
+    workload: WorkloadSpec = WorkloadSpec()
+    sweep: SweepSpec = SweepSpec()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as JSON-ready tables."""
+        return {"source": self.source, **{name: attrs.asdict(getattr(self, name)) for name in _TABLES}}
+
+
+def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
+    """Read and validate a TOML experiment file; errors name the file, table and key."""
+    source = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    tables: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in _TABLES or not isinstance(table, dict):
+            raise ConfigError(f"{source}: unknown table [{name}]; allowed tables: {', '.join(_TABLES)}")
+        tables[name] = build_settings(_TABLES[name], table, source=source, where=name)
+    return ExperimentConfig(source=source, **tables)
+
+
+def djinn_config(experiment: ExperimentConfig, scheduler: str) -> DjinnConfig:
+    """The server configuration of one point: TCP only, ephemeral port, no metrics endpoint."""
+    return DjinnConfig(
+        source=experiment.source,
+        plugins=PluginSelection(scheduler=scheduler, tiers=("pinned_host",), streamer="resident", transports=("tcp",)),
+        server=ServerSettings(port=0, metrics_port=0),
+        model=ModelSettings(name=experiment.model.name, dtype=experiment.model.dtype),
+        memory=MemorySettings(gpu_memory_budget_gb=experiment.memory.gpu_memory_budget_gb),
+        settings={"pinned_host": {"capacity_gb": experiment.memory.pinned_host_capacity_gb}},
+    )
+
+
+# --------------------------------------------------------------------------- one point
+
+
+@attrs.define
+class IterationSample:
+    """One agent iteration as the client saw it, with the server's timings."""
+
+    agent: int
+    iteration: int
+    ok: bool
+    latency_s: float
+    wake_s: float = math.nan
+    queue_s: float = math.nan
+    restore_s: float = math.nan
+    first_token_s: float = math.nan
+    decode_s: float = math.nan
+    error: str | None = None
+
+
+@attrs.define
+class PointResult:
+    """Everything measured at one (scheduler, N)."""
+
+    scheduler: str
+    agents: int
+    samples: list[IterationSample]
+    memory: list[dict[str, float]]
+    counters: dict[str, float]
+    duration_s: float
+
+    def summary(self, p99_limit_s: float, iterations: int) -> dict[str, Any]:
+        """P50/P99 latency, P99 wake, failures and the server's counters."""
+        done = [s for s in self.samples if s.ok]
+        failures = sum(not s.ok for s in self.samples) + (self.agents * iterations - len(self.samples))
+        latency = [s.latency_s for s in done]
+        wake = [s.wake_s for s in done]
+        p99 = percentile(latency, 99)
+        return {
+            "scheduler": self.scheduler, "agents": self.agents, "iterations": len(done), "failures": failures,
+            "p50_latency_s": percentile(latency, 50), "p99_latency_s": p99,
+            "p50_wake_s": percentile(wake, 50), "p99_wake_s": percentile(wake, 99),
+            "mean_restore_s": statistics.fmean(s.restore_s for s in done) if done else math.nan,
+            "peak_device_bytes": max((m["device_used_bytes"] for m in self.memory), default=0),
+            "peak_tier_bytes": max((m["tier_bytes"] for m in self.memory), default=0),
+            "meets_limit": failures == 0 and bool(done) and p99 <= p99_limit_s,
+            "duration_s": self.duration_s,
+            **{k: self.counters.get(k, 0) for k in (
+                "evictions", "restores", "restores_on_critical_path", "evict_failures",
+                "admission_waits", "admission_refusals")},
+        }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (linear interpolation); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
+    import torch
+
+    memory = vmu["memory"]
+    return {
+        "t_s": time.perf_counter() - started,
+        "device_used_bytes": memory["device_used_bytes"],
+        "kv_bytes": memory["device"].get("kv", 0),
+        "tier_bytes": sum(memory["tiers"].values()),
+        "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0,
+        "rss_bytes": _rss_bytes(),
+    }
+
+
+async def _agent(
+    url: str, index: int, delay_s: float, workload: WorkloadSpec, vocab: int,
+    samples: list[IterationSample], on_iteration: Callable[[], None],
+) -> None:
+    from djinn.client import connect_async
+
+    rng = random.Random(workload.seed * 1_000_003 + index)
+    await asyncio.sleep(delay_s)
+    client = await connect_async(url)
+    try:
+        session = await (await client.model()).session()
+        ids = [rng.randrange(vocab) for _ in range(workload.context_tokens)]
+        for iteration in range(workload.iterations):
+            started = time.perf_counter()
+            try:
+                if iteration:
+                    await session.signal_phase("COMPUTE")
+                out = await asyncio.wait_for(
+                    session.generate(ids, workload.generate_tokens), workload.request_timeout_s
+                )
+            except (TimeoutError, DjinnError) as exc:
+                samples.append(IterationSample(index, iteration, False, time.perf_counter() - started,
+                                               error=f"{type(exc).__name__}: {exc}"))
+                on_iteration()
+                return  # the connection closes below, which frees the session on the server
+            latency = time.perf_counter() - started
+            t = out.timings
+            samples.append(IterationSample(
+                index, iteration, True, latency,
+                wake_s=latency - t["decode_s"], queue_s=t["queue_s"], restore_s=t["restore_s"],
+                first_token_s=t["first_token_s"], decode_s=t["decode_s"],
+            ))
+            on_iteration()
+            if iteration + 1 < workload.iterations:
+                think = rng.uniform(workload.think_min_s, workload.think_max_s)
+                await session.signal_phase("IO_WAIT", expected_s=think)
+                await asyncio.sleep(think)  # the tool call
+                ids = [rng.randrange(vocab) for _ in range(workload.tool_tokens)]
+    finally:
+        await client.close()
+
+
+async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
+                 on_iteration: Callable[[], None]) -> tuple[list[IterationSample], list[dict[str, float]]]:
+    workload = experiment.workload
+    url = server.url("tcp")
+    vocab = server.kernel.runner.vocab_size
+    await _warm_up(url, workload, vocab)
+    rng = random.Random(workload.seed)
+    delays, at = [], 0.0
+    for _ in range(agents):
+        delays.append(at)
+        at += rng.expovariate(workload.arrival_rate)
+    samples: list[IterationSample] = []
+    memory: list[dict[str, float]] = []
+    started = time.perf_counter()
+
+    async def sample_memory() -> None:
+        while True:
+            memory.append(_memory_sample(await asyncio.to_thread(server.call, server.kernel.vmu), started))
+            await asyncio.sleep(experiment.sweep.sample_every_s)
+
+    sampler = asyncio.create_task(sample_memory())
+    try:
+        await asyncio.gather(*(
+            _agent(url, i, delay, workload, vocab, samples, on_iteration) for i, delay in enumerate(delays)
+        ))
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    memory.append(_memory_sample(await asyncio.to_thread(server.call, server.kernel.vmu), started))
+    return samples, memory
+
+
+async def _warm_up(url: str, workload: WorkloadSpec, vocab: int) -> None:
+    """One generate of the workload's shape, so first-call costs stay out of the samples."""
+    from djinn.client import connect_async
+
+    async with await connect_async(url) as client:
+        session = await (await client.model()).session()
+        await session.generate(list(range(min(workload.context_tokens, vocab))), workload.generate_tokens)
+        await session.close()
+
+
+def run_point(experiment: ExperimentConfig, scheduler: str, agents: int,
+              on_iteration: Callable[[], None] = lambda: None) -> PointResult:
+    """Serve the model with ``scheduler`` and run ``agents`` agents through their iterations."""
+    config = djinn_config(experiment, scheduler)
+    plugins = get_plugin_manager(config)
+    with BackgroundServer(config, plugins) as server:
+        started = time.perf_counter()
+        samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration))
+        duration = time.perf_counter() - started
+        counters = server.call(server.kernel.vmu)["counters"]
+    return PointResult(scheduler, agents, sorted(samples, key=lambda s: (s.agent, s.iteration)),
+                       memory, dict(counters), duration)
+
+
+# --------------------------------------------------------------------------- sweep and report
+
+
+def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts: Sequence[int],
+          on_iteration: Callable[[], None] = lambda: None,
+          on_point: Callable[[dict[str, Any]], None] = lambda _s: None) -> dict[str, Any]:
+    """Every scheduler over ascending N until a point fails; the JSON-ready report."""
+    limit, iterations = experiment.sweep.p99_limit_s, experiment.workload.iterations
+    points, max_agents = [], {}
+    for scheduler in schedulers:
+        max_agents[scheduler] = 0
+        for n in sorted(agent_counts):
+            result = run_point(experiment, scheduler, n, on_iteration)
+            summary = result.summary(limit, iterations)
+            on_point(summary)
+            points.append({"summary": summary, "samples": [attrs.asdict(s) for s in result.samples],
+                           "memory": result.memory, "counters": result.counters})
+            if not summary["meets_limit"]:
+                break
+            max_agents[scheduler] = n
+    return {
+        "experiment": "exp1_density",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hardware": hardware(),
+        "versions": versions(),
+        "config": experiment.to_dict(),
+        "schedulers": list(schedulers),
+        "agent_counts": sorted(agent_counts),
+        "points": points,
+        "summary": {"points": [p["summary"] for p in points], "max_agents_within_limit": max_agents},
+    }
+
+
+def versions() -> dict[str, Any]:
+    """Python, torch, transformers and djinn versions, and the CUDA runtime when present."""
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "djinn": __version__, "cuda": torch.version.cuda}
+
+
+def plot(report: dict[str, Any], stem: Path) -> list[Path]:
+    """Latency CDF at the largest N every scheduler reached, memory over time, the N sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report["points"]
+    by_scheduler: dict[str, dict[int, dict[str, Any]]] = {}
+    for p in points:
+        by_scheduler.setdefault(p["summary"]["scheduler"], {})[p["summary"]["agents"]] = p
+    common = set.intersection(*(set(v) for v in by_scheduler.values())) if by_scheduler else set()
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if common:
+        n = max(common)
+        for scheduler, runs in by_scheduler.items():
+            latency = sorted(s["latency_s"] for s in runs[n]["samples"] if s["ok"])
+            ax.step(latency, [(i + 1) / len(latency) for i in range(len(latency))], where="post", label=scheduler)
+        ax.set_title(f"iteration latency, N = {n}")
+    ax.axvline(report["config"]["sweep"]["p99_limit_s"], color="grey", linestyle=":")
+    ax.set(xlabel="latency (s)", ylabel="CDF")
+    ax.legend()
+    written.append(_save(fig, stem, "cdf"))
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for scheduler, runs in by_scheduler.items():
+        memory = runs[max(runs)]["memory"]
+        t = [m["t_s"] for m in memory]
+        top.plot(t, [m["device_used_bytes"] / GiB for m in memory], label=f"{scheduler} N={max(runs)}")
+        bottom.plot(t, [m["tier_bytes"] / GiB for m in memory], label=scheduler)
+    top.set(ylabel="GPU bytes in use (GiB)")
+    bottom.set(xlabel="time (s)", ylabel="pinned host KV (GiB)")
+    top.legend()
+    written.append(_save(fig, stem, "memory"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scheduler, runs in by_scheduler.items():
+        ns = sorted(runs)
+        ax.plot(ns, [runs[n]["summary"]["p99_latency_s"] for n in ns], marker="o", label=scheduler)
+    ax.axhline(report["config"]["sweep"]["p99_limit_s"], color="grey", linestyle=":")
+    ax.set(xlabel="agents N", ylabel="P99 iteration latency (s)", xscale="log", title="agent density sweep")
+    ax.legend()
+    written.append(_save(fig, stem, "sweep"))
+    return written
+
+
+def _save(fig: Any, stem: Path, name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = stem.with_name(f"{stem.name}_{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN becomes null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def run(experiment: ExperimentConfig, out: Path, *, schedulers: Sequence[str] | None = None,
+        agent_counts: Sequence[int] | None = None, plots: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Sweep, write the JSON report to ``out`` (and the plots beside it), return the report."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    schedulers = tuple(schedulers or experiment.sweep.schedulers)
+    agent_counts = tuple(agent_counts or experiment.sweep.agents)
+    console = Console(quiet=not progress)
+    total = len(schedulers) * sum(agent_counts) * experiment.workload.iterations
+    with Progress(console=console, disable=not progress) as bar:
+        task = bar.add_task("iterations", total=total)
+
+        def on_point(s: dict[str, Any]) -> None:
+            bar.print(f"{s['scheduler']:>8} N={s['agents']:<4} p50 {s['p50_latency_s']:.3f} s  "
+                      f"p99 {s['p99_latency_s']:.3f} s  wake p99 {s['p99_wake_s']:.3f} s  failures {s['failures']}  "
+                      f"evictions {int(s['evictions'])}  restores {int(s['restores'])} "
+                      f"(critical {int(s['restores_on_critical_path'])})")
+
+        report = _json_safe(sweep(experiment, schedulers, agent_counts, lambda: bar.advance(task), on_point))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    if plots:
+        report["plots"] = [str(p) for p in plot(report, out.with_suffix(""))]
+        out.write_text(json.dumps(report, indent=1))
+    console.print(f"max N within the limit: {report['summary']['max_agents_within_limit']}; wrote {out}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="experiment TOML (configs/smoke.toml, hero.toml)")
+    parser.add_argument("--schedulers", help="comma-separated subset of static,lru,semantic (default: the config's)")
+    parser.add_argument("--agents", help="comma-separated agent counts N (default: the config's)")
+    parser.add_argument("--out", type=Path, default=Path("eval/results/exp1_density.json"), help="JSON report path")
+    parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
+    args = parser.parse_args(argv)
+    experiment = load_experiment(args.config)
+    schedulers = [s.strip() for s in args.schedulers.split(",")] if args.schedulers else None
+    for name in schedulers or ():
+        if name not in SCHEDULERS:
+            parser.error(f"unknown scheduler {name!r}; one of {', '.join(SCHEDULERS)}")
+    agents = [int(n) for n in args.agents.split(",")] if args.agents else None
+    run(experiment, args.out, schedulers=schedulers, agent_counts=agents, plots=not args.no_plots)
+
+
+if __name__ == "__main__":
+    main()

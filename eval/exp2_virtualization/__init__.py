@@ -1,0 +1,1 @@
+"""Experiment 2: serving a model larger than device memory by streaming its weights."""
