@@ -76,6 +76,14 @@ class Recorder:
         return {"recorder": {"calls": len(self.calls)}}
 
     @hookimpl
+    def djinn_breakpoint_hit(self, session, layer, step, phase):
+        self.calls.append(f"djinn_breakpoint_hit:{layer}:{phase}")
+
+    @hookimpl
+    def djinn_breakpoint_resumed(self, session, layer, edited, waited_s):
+        self.calls.append(f"djinn_breakpoint_resumed:{layer}:{edited}")
+
+    @hookimpl
     def djinn_stream_plan(self, model, layers, layer_bytes, ring_bytes):
         self.calls.append("djinn_stream_plan")
 
@@ -223,5 +231,22 @@ def test_token_is_checked_before_any_model_work():
             connect(server.url("tcp"))
         with connect(server.url("tcp"), token="s3cret") as client:
             assert client.info["num_layers"] == 4
+    finally:
+        server.stop()
+
+
+def test_breakpoint_hooks_announce_hits_and_resumes():
+    recorder = Recorder()
+    server = serve_with(serving_config(), ["tcp"], recorder=recorder)
+    try:
+        with connect(server.url("tcp")) as client, client.model().session() as session:
+            for hit in session.trace([1, 2, 3], max_new_tokens=2, breakpoints=[1]):
+                if hit.step == 1:
+                    hit.scale(1.0)
+        bp = [c for c in recorder.calls if c.startswith("djinn_breakpoint")]
+        assert bp == [
+            "djinn_breakpoint_hit:1:prefill", "djinn_breakpoint_resumed:1:False",
+            "djinn_breakpoint_hit:1:decode", "djinn_breakpoint_resumed:1:True",
+        ]
     finally:
         server.stop()

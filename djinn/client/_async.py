@@ -263,7 +263,11 @@ class AsyncTrace:
         if self._queue is None:
             await self._start()
         if self._last is not None and not self._last.resumed:
-            await self._last.resume()
+            try:
+                await self._last.resume()
+            except BreakpointError:
+                # the pause already ended on the server (abandoned); the request's own error follows
+                self._last.resumed = True
         item = await self._queue.get()
         if isinstance(item, Frame):
             self._last = AsyncBreakpoint(self.session, item.meta)

@@ -370,7 +370,7 @@ class Server:
         hidden = pause.cursor.hidden
         if edit == "scale":
             factor = _number(frame.meta, "factor", None)
-            await run(hidden.mul_, float(factor))
+            await run(_edit_in_place, hidden.mul_, float(factor))
         elif edit in ("set", "add"):
             if len(frame.tensors) != 1:
                 raise BreakpointError(f"{edit} needs one tensor")
@@ -381,7 +381,7 @@ class Server:
             if not value.dtype.is_floating_point:
                 raise BreakpointError(f"{edit}: dtype {value.dtype} is not a floating-point type")
             moved = value.to(device=hidden.device, dtype=hidden.dtype)
-            await run(hidden.copy_ if edit == "set" else hidden.add_, moved)
+            await run(_edit_in_place, hidden.copy_ if edit == "set" else hidden.add_, moved)
         else:
             raise BreakpointError(f"edit op={edit!r}; one of: set, scale, add")
         pause.edited = True
@@ -395,6 +395,14 @@ def _stats(hidden: Any) -> dict[str, Any]:
         "mean": h.mean().item(), "std": h.std().item() if h.numel() > 1 else 0.0,
         "min": h.min().item(), "max": h.max().item(), "norm": h.norm().item(),
     }
+
+
+def _edit_in_place(method: Callable[[Any], Any], value: Any) -> None:
+    import torch
+
+    # the activation is an inference tensor: in-place writes are allowed only in inference mode
+    with torch.inference_mode():
+        method(value)
 
 
 def _to_host(hidden: Any) -> Any:

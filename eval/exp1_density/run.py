@@ -342,8 +342,21 @@ def run_point(experiment: ExperimentConfig, scheduler: str, agents: int,
         samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration))
         duration = time.perf_counter() - started
         counters = server.call(server.kernel.vmu)["counters"]
+    del server, plugins
+    _release_device()
     return PointResult(scheduler, agents, sorted(samples, key=lambda s: (s.agent, s.iteration)),
                        memory, dict(counters), duration)
+
+
+def _release_device() -> None:
+    """Free the stopped server's model now: the next point sizes its GPU budget from free memory."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- sweep and report

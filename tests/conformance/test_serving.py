@@ -22,8 +22,8 @@ from tests.serving import TRANSPORT, start_server, serving_config
 PROMPTS = [[5, 17, 300, 42, 9], [101, 7, 7, 250, 3, 88, 19, 64]]
 
 
-def local_tokens(spec: str, prompt: list[int], n: int) -> list[int]:
-    runner = ModelRunner(load_model(spec))
+def local_tokens(spec: str, prompt: list[int], n: int, device: str = "cpu") -> list[int]:
+    runner = ModelRunner(load_model(spec, device=device))
     return greedy_generate(runner, runner.new_kv(), runner.ids_tensor(prompt), n)
 
 
@@ -43,14 +43,14 @@ def test_greedy_generate_matches_local_generation(server):
     with connect(server.url(TRANSPORT)) as client:
         session = client.model().session()
         for prompt in PROMPTS:
-            assert session.generate(prompt, max_new_tokens=12).tokens == local_tokens(spec, prompt, 12)
+            assert session.generate(prompt, max_new_tokens=12).tokens == local_tokens(spec, prompt, 12, server.kernel.device.type)
             session.close()
             session = client.model().session()
 
 
 def test_context_stays_on_the_server_between_requests(server):
     spec = server.config.model.name
-    runner = ModelRunner(load_model(spec))
+    runner = ModelRunner(load_model(spec, device=server.kernel.device.type))
     kv = runner.new_kv()
     first = greedy_generate(runner, kv, runner.ids_tensor(PROMPTS[0]), 4)
     second = greedy_generate(runner, kv, runner.ids_tensor([first[-1], 11, 12]), 4)
@@ -61,7 +61,7 @@ def test_context_stays_on_the_server_between_requests(server):
 
 def test_evict_and_restore_keep_outputs_identical(server):
     spec = server.config.model.name
-    runner = ModelRunner(load_model(spec))
+    runner = ModelRunner(load_model(spec, device=server.kernel.device.type))
     kv = runner.new_kv()
     expected = [greedy_generate(runner, kv, runner.ids_tensor(PROMPTS[1]), 3)]
     for _ in range(3):
@@ -157,8 +157,8 @@ def test_status_reports_memory_and_sessions(server):
 def test_generate_on_a_model_saved_to_a_directory(tmp_path):
     loaded = load_model("random:tiny-llama", seed=3)
     loaded.model.save_pretrained(tmp_path / "model")
-    expected = local_tokens(str(tmp_path / "model"), PROMPTS[0], 8)
     srv = start_server(serving_config(str(tmp_path / "model")))
+    expected = local_tokens(str(tmp_path / "model"), PROMPTS[0], 8, srv.kernel.device.type)
     try:
         with connect(srv.url(TRANSPORT)) as client, client.model().session() as session:
             assert session.generate(PROMPTS[0], max_new_tokens=8).tokens == expected

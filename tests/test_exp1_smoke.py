@@ -1,0 +1,60 @@
+"""The agent-density runner (eval/exp1_density) end to end on the smoke configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import pytest
+
+from djinn.kernel.errors import ConfigError
+from eval.exp1_density.run import load_experiment, percentile, run
+
+SMOKE = Path(__file__).resolve().parents[1] / "eval" / "exp1_density" / "configs" / "smoke.toml"
+
+
+def test_exp1_smoke(tmp_path: Path) -> None:
+    smoke = load_experiment(SMOKE)
+    # generous limits: on a loaded 2-core machine a tiny-model iteration can take seconds, and
+    # this test checks the report, not the latency
+    experiment = attrs.evolve(
+        smoke, workload=attrs.evolve(smoke.workload, request_timeout_s=120.0),
+        sweep=attrs.evolve(smoke.sweep, p99_limit_s=120.0),
+    )
+    out = tmp_path / "exp1.json"
+    run(experiment, out, schedulers=("semantic", "static"), agent_counts=(4,), progress=False)
+
+    report = json.loads(out.read_text())
+    for key in ("hardware", "versions", "config", "points", "summary", "plots"):
+        assert key in report
+    assert report["config"]["workload"]["iterations"] == 2
+    by_scheduler = {p["summary"]["scheduler"]: p for p in report["points"]}
+    assert set(by_scheduler) == {"semantic", "static"}
+    for point in by_scheduler.values():
+        summary = point["summary"]
+        assert summary["agents"] == 4 and summary["failures"] == 0
+        assert summary["iterations"] == 4 * 2 == len(point["samples"])
+        assert 0 < summary["p50_latency_s"] <= summary["p99_latency_s"]
+        assert 0 < summary["p99_wake_s"] <= summary["p99_latency_s"]
+        assert all(s["ok"] and s["wake_s"] <= s["latency_s"] for s in point["samples"])
+        assert point["memory"] and {"t_s", "device_used_bytes", "tier_bytes", "rss_bytes"} <= set(point["memory"][0])
+    assert by_scheduler["semantic"]["counters"]["evictions"] > 0
+    assert by_scheduler["static"]["counters"]["evictions"] == 0
+    assert report["summary"]["max_agents_within_limit"] == {"semantic": 4, "static": 4}
+    assert all(Path(p).is_file() for p in report["plots"])
+
+
+def test_exp1_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[workload]\ncontext_tokens = 0\n")
+    with pytest.raises(ConfigError, match="context_tokens"):
+        load_experiment(bad)
+    bad.write_text('[sweep]\nschedulers = ["fifo"]\n')
+    with pytest.raises(ConfigError, match="schedulers"):
+        load_experiment(bad)
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([5.0], 99) == 5.0
