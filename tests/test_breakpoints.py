@@ -33,8 +33,9 @@ WAIT_LIMIT_S = 20.0
 
 
 def local_tokens(spec: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens from an in-process runner: the reference for the server's output."""
-    runner = ModelRunner(load_model(spec))
+    """Greedy tokens from an in-process runner on the device the server picks (``auto``)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runner = ModelRunner(load_model(spec, device=device))
     return greedy_generate(runner, runner.new_kv(), runner.ids_tensor(prompt), n)
 
 
