@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def installed():
 
 
 def test_djinn_plugins_lists_it_with_its_origin(installed):
-    out = subprocess.run([*DJINN, "plugins", "--json"], check=True, capture_output=True, text=True).stdout
+    env = {k: v for k, v in os.environ.items() if k != "DJINN_PLUGINS"}  # the default selection
+    out = subprocess.run([*DJINN, "plugins", "--json"], check=True, capture_output=True, text=True, env=env).stdout
     rows = {r["name"]: r for r in json.loads(out)}
     assert rows["fifo"]["origin"] == "djinn-fifo-scheduler"
     assert rows["fifo"]["slot"] == "scheduler"
