@@ -125,10 +125,12 @@ class Kernel:
         self.memory = MemoryAccounting(self._budget_bytes(torch))
         for tier in self.tiers.values():
             tier.start(self.use_cuda)
+        # A resident model is built directly on the GPU; any other streamer places it from the host.
+        on_gpu = self.use_cuda and self.plugins.selection.streamer == "resident"
         self.model = load_model(
-            self.config.model.name, dtype=self.config.model.dtype, device="cpu" if self.use_cuda else self.device.type,
-            seed=self.config.model.seed,
-        ) if not self.use_cuda else self._load_for_cuda(load_model)
+            self.config.model.name, dtype=self.config.model.dtype,
+            device="cuda" if on_gpu else "cpu", seed=self.config.model.seed,
+        )
         self.runner = ModelRunner(
             self.model, streamer=self.streamer, device=self.device, budget_bytes=self._weights_budget()
         )
@@ -152,14 +154,6 @@ class Kernel:
             self.copy_stream = torch.cuda.Stream()
         self.started = True
         self.plugins.notify("djinn_startup", kernel=self)
-
-    def _load_for_cuda(self, load_model):
-        # A streamed model is built on the host (the streamer places it); a resident one directly on the GPU.
-        place_on_gpu = self.plugins.selection.streamer == "resident"
-        return load_model(
-            self.config.model.name, dtype=self.config.model.dtype,
-            device="cuda" if place_on_gpu else "cpu", seed=self.config.model.seed,
-        )
 
     def _budget_bytes(self, torch) -> int:
         cap = int(self.config.memory.gpu_memory_budget_gb * GiB)
