@@ -165,7 +165,7 @@ def _kv_budget_for(sessions: int, tokens: int) -> float:
 @pytest.mark.parametrize("scheduler", ["lru", "semantic", "static"])
 def test_memory_pressure(scheduler):
     """Room for two sessions' KV: lru and semantic evict to admit a third; static makes it wait."""
-    config = serving_config(budget_gb=_kv_budget_for(2, 256))
+    config = serving_config(budget_gb=_kv_budget_for(2, 5))  # 3 prompt + 2 new tokens each
     config = attrs.evolve(config, memory=attrs.evolve(config.memory, admission_queue=0))
     server = serve_with(config, [scheduler, "tcp"])
     try:

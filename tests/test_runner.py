@@ -1,4 +1,4 @@
-"""The layer-by-layer runner: token-exact against ``generate``, chunking, breakpoints, the KV slab."""
+"""The layer-by-layer runner: token-exact against ``generate``, chunking, breakpoints, paged KV."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ def _reference(loaded: LoadedModel, ids: torch.Tensor, new_tokens: int = 16) -> 
         pad_token_id=0,
     )
     return out[0, ids.shape[1] :].tolist()
+
+
+def _stored(kv) -> torch.Tensor:
+    """The session's KV in host layout ``[L, 2, capacity, H_kv, D]`` (what eviction writes)."""
+    host = torch.empty(kv.host_shape(), dtype=kv.pool.dtype)
+    kv.copy_out(host)
+    return host
 
 
 def _tiny_qwen2(attn_implementation: str = "sdpa") -> LoadedModel:
@@ -105,7 +112,7 @@ def test_a_prompt_in_two_chunks_equals_one_prefill(models, spec: str, split: int
     assert chunked.length == whole.length == 24
     torch.testing.assert_close(logits, expected)
     assert logits.argmax() == expected.argmax()
-    torch.testing.assert_close(chunked.tensor[:, :, :, :24], whole.tensor[:, :, :, :24])
+    torch.testing.assert_close(_stored(chunked)[:, :, :24], _stored(whole)[:, :, :24])
 
 
 @pytest.mark.parametrize("spec", TINY)
@@ -130,7 +137,7 @@ def test_stopping_at_a_layer_then_continuing_is_bitwise_equal(models, spec: str)
         cursor.run(until=1)
         paused.append(cursor.finish())
     assert all(torch.equal(a, b) for a, b in zip(straight, paused))
-    assert torch.equal(kv_straight.tensor[:, :, :, :10], kv_paused.tensor[:, :, :, :10])
+    assert torch.equal(_stored(kv_straight)[:, :, :10], _stored(kv_paused)[:, :, :10])
 
 
 def test_editing_the_hidden_state_changes_the_logits(models) -> None:
@@ -174,45 +181,53 @@ def test_bad_breakpoint_requests_are_refused(models) -> None:
 
 
 def test_kv_capacity_grows_in_blocks_and_keeps_results(models) -> None:
-    runner = ModelRunner(models["random:tiny-mistral"])
+    loaded = models["random:tiny-mistral"]
+    roomy_runner, small_runner = ModelRunner(loaded), ModelRunner(loaded, block_tokens=4)
     ids = _prompt(10)
-    roomy = runner.new_kv(capacity_tokens=64)
-    small = runner.new_kv(block_tokens=4)
-    assert small.capacity == 0 and roomy.capacity == 256
-    expected = greedy_generate(runner, roomy, ids, 12)
-    assert greedy_generate(runner, small, ids, 12) == expected
+    roomy = roomy_runner.new_kv(capacity_tokens=64)
+    small = small_runner.new_kv()
+    assert small.capacity == 0 and roomy.capacity == 64
+    expected = greedy_generate(roomy_runner, roomy, ids, 12)
+    assert greedy_generate(small_runner, small, ids, 12) == expected
     assert small.length == roomy.length == 21
     assert small.capacity == 24  # 21 tokens in blocks of 4
-    assert small.tensor.is_contiguous()
-    assert small.nbytes == runner.kv_bytes(21, block_tokens=4)
-    assert torch.equal(small.tensor[:, :, :, :21], roomy.tensor[:, :, :, :21])
+    assert small.nbytes == small_runner.kv_bytes(21) == 24 * small_runner.kv_bytes_per_token
+    assert torch.equal(_stored(small)[:, :, :21], _stored(roomy)[:, :, :21])
 
 
-def test_kv_bytes_and_slab_layout(models) -> None:
+def test_kv_bytes_and_pool_layout(models) -> None:
     loaded = models["random:tiny-gpt2"]
     runner = ModelRunner(loaded)
     kv = runner.new_kv(capacity_tokens=300)
-    assert kv.tensor.shape == (4, 2, 4, 512, 16)  # [L, 2, H_kv, capacity, D]
-    assert kv.tensor.is_contiguous() and kv.length == 0
-    assert not kv.tensor.is_inference()  # tiers may copy into it outside inference mode
-    assert kv.nbytes == runner.kv_bytes(300) == 512 * kv_bytes_per_token(loaded.config, loaded.dtype)
+    pool = runner.pool
+    assert pool.tensor.shape[:2] == (4, 2) and pool.tensor.shape[3:] == (4, 16)  # [L, 2, slots, H_kv, D]
+    assert not pool.tensor.is_inference()  # tiers may copy into it outside inference mode
+    assert kv.length == 0 and kv.capacity == 320 and len(kv.blocks) == 5
+    assert 0 not in kv.blocks  # the scratch block is never handed out
+    assert kv.nbytes == runner.kv_bytes(300) == 320 * kv_bytes_per_token(loaded.config, loaded.dtype)
     assert runner.kv_bytes(0) == 0
-    assert runner.kv_growth_bytes(kv, 512) == 0
-    assert runner.kv_growth_bytes(kv, 513) == 256 * runner.kv_bytes_per_token
-    kv.ensure_capacity(513)
-    assert kv.capacity == 768 and not kv.tensor.is_inference()
+    assert runner.kv_growth_bytes(kv, 320) == 0
+    assert runner.kv_growth_bytes(kv, 321) == 64 * runner.kv_bytes_per_token
+    kv.ensure_capacity(321)
+    assert kv.capacity == 384
+    assert list(kv.slot_runs()) == [(64, 0, 384)]  # lowest blocks first: one contiguous run
+    used = pool.used_blocks
+    kv.release()
+    assert pool.used_blocks == used - 6 and not kv.resident
 
 
-def test_an_evicted_slab_has_no_tensor(models) -> None:
+def test_an_evicted_session_holds_no_blocks(models) -> None:
     runner = ModelRunner(models["random:tiny-llama"])
     kv = runner.new_kv(capacity_tokens=8)
     runner.begin(kv, _prompt(5)).finish()
-    saved, kv.tensor = kv.tensor, None
-    assert kv.nbytes == 0 and kv.capacity == 0 and kv.length == 5
+    host = _stored(kv)
+    kv.release(keep_capacity=True)
+    assert kv.capacity == 64 and kv.length == 5 and kv.blocks == []
     with pytest.raises(RuntimeError, match="evicted"):
         kv.ensure_capacity(10)
-    kv.tensor = saved
-    assert kv.capacity == 256
+    kv.adopt(runner.pool.allocate(1))
+    kv.copy_in(host)
+    assert torch.equal(_stored(kv), host)
 
 
 def test_runner_facts(models) -> None:
@@ -224,23 +239,29 @@ def test_runner_facts(models) -> None:
     assert runner.device_weight_bytes() == sum(p.numel() * 4 for p in loaded.model.parameters())
 
 
-def test_copying_the_slab_out_and_back_between_decode_steps_is_exact(models) -> None:
+def test_moving_the_kv_out_and_back_between_decode_steps_is_exact(models) -> None:
     runner = ModelRunner(models["random:tiny-gpt2"])
     ids = _prompt(9)
     kv_kept, kv_moved = runner.new_kv(), runner.new_kv()
     token = torch.tensor([[runner.begin(kv_kept, ids).finish().argmax().item()]])
     runner.begin(kv_moved, ids).finish()
-    assert kv_moved.tensor.is_contiguous()
 
-    saved = kv_moved.tensor.clone()  # what eviction does: one copy of one tensor
-    kv_moved.tensor = torch.full_like(saved, float("nan"))
-    kv_moved.tensor = saved.clone()
+    def move(kv) -> None:
+        """What eviction and restore do: out to host, blocks freed and poisoned, back into new blocks."""
+        host = _stored(kv)
+        old = kv.release(keep_capacity=True)
+        runner.pool.tensor[:, :, old[0] * 64 : (old[-1] + 1) * 64] = float("nan")
+        runner.new_kv(64)  # someone else takes the freed block
+        kv.adopt(runner.pool.allocate(len(old)))
+        kv.copy_in(host)
+
+    move(kv_moved)
     assert torch.equal(runner.begin(kv_kept, token).finish(), runner.begin(kv_moved, token).finish())
 
     # also while a pass is paused at a breakpoint
     cursor_kept, cursor_moved = runner.begin(kv_kept, token), runner.begin(kv_moved, token)
     cursor_moved.run(until=2)
-    kv_moved.tensor = kv_moved.tensor.clone()
+    move(kv_moved)
     assert torch.equal(cursor_kept.finish(), cursor_moved.finish())
 
 

@@ -78,6 +78,12 @@ class ServerSettings:
     pause_timeout_s: float = attrs.field(default=300.0, validator=_positive)
     #: how often the scheduler's ``on_tick`` runs (timed prefetch, idle fallback)
     tick_s: float = attrs.field(default=0.05, validator=_positive)
+    #: prompt tokens prefilled per engine step, so a long prompt does not stall the decoders
+    prefill_chunk_tokens: int = attrs.field(default=512, validator=_positive)
+    #: sessions decoded together in one step at most
+    max_batch: int = attrs.field(default=256, validator=_positive)
+    #: capture decode steps as CUDA graphs (one per padded batch size and KV span)
+    cuda_graphs: bool = True
 
 
 @attrs.frozen
@@ -98,8 +104,10 @@ class MemorySettings:
     gpu_memory_budget_gb: float = attrs.field(default=0.0, validator=_non_negative)
     #: requests that may wait for memory at once; one more fails with AdmissionError
     admission_queue: int = attrs.field(default=256, validator=_non_negative)
-    #: KV capacity grows in blocks of this many tokens
-    kv_block_tokens: int = attrs.field(default=256, validator=_positive)
+    #: KV is allocated in blocks of this many tokens
+    kv_block_tokens: int = attrs.field(default=64, validator=_positive)
+    #: GPU memory kept out of the KV pool for activations and captured graphs (CUDA only)
+    workspace_gb: float = attrs.field(default=1.5, validator=_non_negative)
 
 
 @attrs.frozen
@@ -135,16 +143,17 @@ T = TypeVar("T")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
-    """Whether a TOML value fits a field's annotation (str, int, float, bool, tuple[str, ...], unions)."""
+    """Whether a TOML value fits a field's annotation (str, int, float, bool, tuple[T, ...], unions)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
     if origin is tuple:
-        if isinstance(value, str):
+        item = typing.get_args(annotation)[0] if typing.get_args(annotation) else Any
+        if item is str and isinstance(value, str):
             return True  # a single name for a multi-choice slot
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:

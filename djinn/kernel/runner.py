@@ -1,14 +1,19 @@
-"""The layer-by-layer model runner over server-owned KV.
+"""The layer-by-layer model runner over server-owned, paged KV.
 
-A session's KV lives in one ``KVSlab``: a single contiguous tensor, so eviction is one copy.
-``ModelRunner.begin`` embeds a chunk of tokens and returns a ``ForwardCursor``; ``run(until=k)``
-runs decoder layers up to ``k`` and stops there (a breakpoint: ``.hidden`` may be read or edited),
-``finish()`` runs the rest, the final norm and the head, and commits the chunk to the KV.
+Every session's KV lives in blocks of one ``KVPool`` (see ``kvpool``). ``ModelRunner.begin``
+embeds a chunk of one session's tokens and returns a ``ForwardCursor``; ``run(until=k)`` runs
+decoder layers up to ``k`` and stops there (a breakpoint: ``.hidden`` may be read or edited),
+``finish()`` runs the rest, the final norm and the head, and commits the chunk to the KV. Prompts,
+prompt chunks and breakpoint passes go this way.
 
-The runner calls the model's own modules (embedding, decoder layers, norm, head); attention is the
-model's, fed through ``_SlabCache``, the small object the layers call ``update`` on. Per layer it
-does nothing but call the layer, plus the streamer's ``before_layer``/``after_layer`` when one is
-given.
+``ModelRunner.decode`` runs one decode step for many sessions at once: every row's new key is
+written to its slot and all rows attend, in one attention call per layer, over the pool's slots
+with a mask that keeps each row to its own session (``batched_decode_attention``, registered
+with transformers' attention registry). On CUDA the step is captured as a CUDA graph per padded
+batch size and slot span, and replayed.
+
+The runner calls the model's own modules (embedding, decoder layers, norm, head). Per layer it
+does nothing but call the layer, plus the streamer's ``before_layer``/``after_layer``.
 """
 
 from __future__ import annotations
@@ -18,85 +23,160 @@ from typing import Any
 
 import attrs
 import torch
+from transformers import AttentionInterface
 
 from djinn.kernel.errors import BreakpointError, ModelError
+from djinn.kernel.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
 from djinn.kernel.models import LoadedModel, kv_geometry
 from djinn.kernel.strategies import Streamer
 
 #: families whose layout the runner knows; anything else is refused at construction
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
-DEFAULT_BLOCK_TOKENS = 256
+DEFAULT_BLOCK_TOKENS = 64
+#: graphs kept at once; the least recently used is dropped beyond this
+MAX_GRAPHS = 48
 
 
 def _round_up(tokens: int, block: int) -> int:
     return -(-tokens // block) * block
 
 
-@attrs.define(eq=False)
-class KVSlab:
-    """One session's K and V for every layer: ``tensor`` is ``[L, 2, H_kv, capacity, D]`` (batch 1).
+class _PoolCache:
+    """What the decoder layers see as ``past_key_values`` in a one-session pass.
 
-    ``length`` tokens are stored; capacity grows in blocks of ``block_tokens`` by allocate + copy.
-    ``tensor`` may be replaced by an equal copy (eviction swaps in a host copy and back, or sets
-    it to None while the KV lives in a tier); nothing else here refers to device memory.
+    Layers call ``update(key, value, layer_idx, ...)`` with ``[1, H_kv, T, D]`` states: they are
+    written to the session's slots for ``[start, start + T)`` and the layer attends over a gather
+    of its slots ``[0, start + T)``. The pool's tensor is looked up on every call, so a paused pass
+    sees the KV wherever it is.
     """
 
-    tensor: torch.Tensor | None
-    length: int = 0
-    block_tokens: int = DEFAULT_BLOCK_TOKENS
-
-    @property
-    def capacity(self) -> int:
-        """Tokens the slab can hold without growing (0 while it has no tensor)."""
-        return 0 if self.tensor is None else self.tensor.shape[3]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the slab's tensor (its whole capacity, not only the stored tokens)."""
-        return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()
-
-    def ensure_capacity(self, tokens: int) -> None:
-        """Grow the slab, where it lies, so it holds at least ``tokens`` tokens."""
-        old = self.tensor
-        if old is None:
-            raise RuntimeError("the KV slab has no tensor (it is evicted); restore it first")
-        if tokens <= old.shape[3]:
-            return
-        shape = list(old.shape)
-        shape[3] = _round_up(tokens, self.block_tokens)
-        # a normal tensor, not an inference tensor, so tiers may copy into it outside inference mode
-        with torch.inference_mode(False):
-            new = torch.empty(shape, dtype=old.dtype, device=old.device)
-        new[:, :, :, : self.length].copy_(old[:, :, :, : self.length])
-        self.tensor = new
-
-
-class _SlabCache:
-    """What the decoder layers see as ``past_key_values``: writes the chunk's K/V into the slab.
-
-    Layers call ``update(key, value, layer_idx, ...)`` with ``[1, H_kv, T, D]`` states and attend
-    over what it returns: views of the slab's ``[0, start + T)``. The slab's tensor is looked up on
-    every call, so it may be swapped while a forward pass is paused.
-    """
-
-    def __init__(self, kv: KVSlab, start: int) -> None:
+    def __init__(self, kv: SessionKV, start: int, end: int) -> None:
         self.kv = kv
         self.start = start
+        self.end = end
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``[1, H_kv, T, D]`` keys and values at ``[start, start + T)``; return ``[0, start + T)``."""
-        end = self.start + key_states.shape[2]
-        layer = self.kv.tensor[layer_idx]  # [2, H_kv, capacity, D]
-        layer[0, :, self.start : end].copy_(key_states[0])
-        layer[1, :, self.start : end].copy_(value_states[0])
-        return layer[0, :, :end].unsqueeze(0), layer[1, :, :end].unsqueeze(0)
+        """Store ``[1, H_kv, T, D]`` keys and values; return the session's ``[1, H_kv, start + T, D]``."""
+        slots = self.kv.slots(0, self.end)  # looked up per layer: the session may have moved
+        new = slots[self.start :]
+        layer = self.kv.pool.tensor[layer_idx]  # [2, slots, H_kv, D]
+        layer[0].index_copy_(0, new, key_states[0].transpose(0, 1))
+        layer[1].index_copy_(0, new, value_states[0].transpose(0, 1))
+        keys = layer[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        values = layer[1].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored before this chunk."""
         return self.start
+
+
+class _BatchCache:
+    """``past_key_values`` of a batched decode step: one new token per row.
+
+    ``update`` writes row ``b``'s key and value to slot ``write[b]`` and returns the pool's first
+    ``slots`` slots of the layer as ``[1, H_kv, slots, D]`` views: every row attends over the same
+    keys, and the mask keeps each row to its own session's.
+    """
+
+    def __init__(self, pool: KVPool, write: torch.Tensor, slots: int) -> None:
+        self.pool = pool
+        self.write = write
+        self.slots = slots
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``[B, H_kv, 1, D]`` keys and values; return views ``[1, H_kv, slots, D]`` of the pool."""
+        layer = self.pool.tensor[layer_idx]  # [2, slots, H_kv, D]
+        layer[0].index_copy_(0, self.write, key_states[:, :, 0])
+        layer[1].index_copy_(0, self.write, value_states[:, :, 0])
+        return (
+            layer[0, : self.slots].transpose(0, 1).unsqueeze(0),
+            layer[1, : self.slots].transpose(0, 1).unsqueeze(0),
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Not meaningful for a batch of sessions; the layers given here do not ask."""
+        return 0
+
+
+def batched_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of ``B`` one-token queries ``[B, H, 1, D]`` over shared pool keys ``[1, H_kv, S, D]``.
+
+    The queries of a key head's group and of every row become one query block ``[1, H_kv, g*B, D]``,
+    so each key is read once for the whole batch, and grouped-query models need no key copies.
+    ``attention_mask`` is ``[1, 1, g*B, S]`` boolean, rows ordered (group member, batch row).
+    Registered with transformers' attention registry; returns ``[B, 1, H, D]`` as its functions do.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    grouped = query[:, :, 0].reshape(batch, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * batch, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, scale=scaling
+    )  # [1, H_kv, g*B, D]
+    out = out.reshape(kv_heads, group, batch, dim).permute(2, 0, 1, 3).reshape(batch, 1, heads, dim)
+    return out, None
+
+
+BATCHED_ATTENTION = "djinn_batched_decode"
+AttentionInterface.register(BATCHED_ATTENTION, batched_decode_attention)
+
+#: batch sizes a decode step is padded to (one captured graph per size and slot span)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def batch_bucket(size: int) -> int:
+    """The padded batch size of a step with ``size`` rows."""
+    return next((b for b in BATCH_BUCKETS if b >= size), _round_up(size, 128))
+
+
+def slot_bucket(slots: int) -> int:
+    """The padded slot span of a step that attends over ``slots`` pool slots.
+
+    Fine steps where a padded slot costs most relative to the span, coarser ones further up:
+    every slot is read by every layer, so the padding is kept within a few percent.
+    """
+    step = 256 if slots <= 4096 else 1024 if slots <= 32768 else 4096
+    return _round_up(max(slots, 1), step)
+
+
+@attrs.define(eq=False)
+class _StepInputs:
+    """A decode step's inputs and output at fixed addresses (what a captured graph reads and writes)."""
+
+    ids: torch.Tensor  # [B] next token of each row
+    positions: torch.Tensor  # [B] its position in the row's session
+    write: torch.Tensor  # [B] the slot it is stored at
+    row_of_slot: torch.Tensor  # [S] which row owns each slot (-1: none)
+    slot_position: torch.Tensor  # [S] each owned slot's position in its session
+    pad: torch.Tensor  # [B] padding rows (they attend to the scratch slot only)
+    logits: torch.Tensor | None = None  # [B, vocab] float32, written by the step
+    graph: Any = None
+
+    @classmethod
+    def empty(cls, batch: int, slots: int, device: torch.device) -> _StepInputs:
+        """Inputs for ``batch`` rows over ``slots`` slots, all rows padding."""
+        long = dict(dtype=torch.long, device=device)
+        return cls(
+            ids=torch.zeros(batch, **long), positions=torch.zeros(batch, **long),
+            write=torch.full((batch,), SCRATCH_BLOCK, **long),
+            row_of_slot=torch.full((slots,), -1, **long), slot_position=torch.zeros(slots, **long),
+            pad=torch.ones(batch, dtype=torch.bool, device=device),
+        )
 
 
 def _attention_mask(
@@ -144,12 +224,13 @@ def _layer_windows(config: Any, family: str) -> list[int | None]:
 
 
 class ModelRunner:
-    """Runs one session's forward pass at a time, layer by layer, over its ``KVSlab``.
+    """Runs forward passes layer by layer over sessions' KV in one ``KVPool`` (``self.pool``).
 
     ``device`` is where the pass computes (default: the loaded model's device); the embeddings,
     final norm and head are moved there. The decoder layers are moved there too, unless a
     ``streamer`` is given: the runner then hands them to ``streamer.prepare(layers, device,
     budget_bytes)`` once, here, and calls its per-pass and per-layer methods on every pass.
+    ``cuda_graphs``: capture decode steps on CUDA (never with a streamer that moves weights).
     """
 
     def __init__(
@@ -159,6 +240,8 @@ class ModelRunner:
         streamer: Streamer | None = None,
         device: str | torch.device | None = None,
         budget_bytes: int | None = None,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        cuda_graphs: bool = True,
     ) -> None:
         family = loaded.family
         if family not in SUPPORTED_FAMILIES:
@@ -205,7 +288,17 @@ class ModelRunner:
         self.dtype = self._embed.weight.dtype
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
         self._additive_mask = self.dtype if attention == "eager" else None
+        self._attention = attention
         self._windows = _layer_windows(config, family)
+        self.pool = KVPool(
+            self.num_layers, self.kv_heads, self.head_dim,
+            dtype=self.dtype, device=self.device, block_tokens=block_tokens,
+        )
+        moves_weights = streamer is not None and streamer.streams_weights
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
+        self._graphs: dict[tuple[int, int], _StepInputs] = {}
+        self._graph_generation = self.pool.generation
+        self._graph_pool: Any = None
 
         for module in outside_layers:
             module.to(self.device)
@@ -223,20 +316,19 @@ class ModelRunner:
         layers = self._layers_bytes if self.streamer is None else self.streamer.device_bytes()
         return self._outside_layers_bytes + layers
 
-    def kv_bytes(self, tokens: int, *, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> int:
-        """Bytes of a slab that holds ``tokens`` tokens (capacity rounded up to whole blocks)."""
-        return _round_up(tokens, block_tokens) * self.kv_bytes_per_token
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of KV a session holding ``tokens`` tokens takes (whole blocks)."""
+        return _round_up(tokens, self.pool.block_tokens) * self.kv_bytes_per_token
 
-    def kv_growth_bytes(self, kv: KVSlab, tokens: int) -> int:
-        """Bytes ``kv.ensure_capacity(tokens)`` would add (0 when the slab is large enough)."""
-        return max(0, self.kv_bytes(tokens, block_tokens=kv.block_tokens) - kv.nbytes)
+    def kv_growth_bytes(self, kv: SessionKV, tokens: int) -> int:
+        """Bytes ``kv.ensure_capacity(tokens)`` would add (0 when it holds enough)."""
+        return max(0, self.kv_bytes(tokens) - kv.nbytes)
 
-    def new_kv(self, capacity_tokens: int = 0, *, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> KVSlab:
-        """An empty slab on the runner's device, with room for ``capacity_tokens`` (block-rounded)."""
-        shape = (self.num_layers, 2, self.kv_heads, _round_up(capacity_tokens, block_tokens), self.head_dim)
-        with torch.inference_mode(False):
-            tensor = torch.empty(shape, dtype=self.dtype, device=self.device)
-        return KVSlab(tensor=tensor, block_tokens=block_tokens)
+    def new_kv(self, capacity_tokens: int = 0) -> SessionKV:
+        """An empty session KV in the runner's pool, with blocks for ``capacity_tokens``."""
+        kv = SessionKV(self.pool)
+        kv.ensure_capacity(capacity_tokens)
+        return kv
 
     def ids_tensor(self, ids: Sequence[int]) -> torch.Tensor:
         """Token ids as the ``[1, T]`` tensor ``begin`` takes, on the runner's device."""
@@ -271,7 +363,7 @@ class ModelRunner:
         return pick
 
     @torch.inference_mode()
-    def begin(self, kv: KVSlab, input_ids: torch.Tensor) -> ForwardCursor:
+    def begin(self, kv: SessionKV, input_ids: torch.Tensor) -> ForwardCursor:
         """Start a forward pass of ``input_ids`` ``[1, T]`` appended after ``kv.length`` tokens.
 
         A fresh prompt, a chunk appended to a context, or a one-token decode step alike. Nothing
@@ -289,7 +381,7 @@ class ModelRunner:
         kv.ensure_capacity(end)
         ids = input_ids.to(self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
-        cache = _SlabCache(kv, start)
+        cache = _PoolCache(kv, start, end)
         hidden = self._embed(ids)  # [1, T, hidden]
         by_window: dict[int | None, dict[str, Any]] = {}
         for window in set(self._windows):
@@ -312,6 +404,136 @@ class ModelRunner:
         last = hidden[:, -1:]  # [1, 1, hidden]
         return self._head(self._norm(last))[0, -1].float()  # [vocab]
 
+    @torch.inference_mode()
+    def decode(self, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> torch.Tensor:
+        """One decode step for many sessions: feed ``tokens[b]`` after ``kvs[b]``'s context.
+
+        Returns float32 logits ``[B, vocab]`` and commits one token to each session. The sessions
+        must be distinct, resident and hold room for the new token.
+        """
+        if len(kvs) != len(tokens) or not kvs:
+            raise ValueError(f"decode needs one token per session, got {len(kvs)} and {len(tokens)}")
+        if len({id(kv) for kv in kvs}) != len(kvs):
+            raise ValueError("a session may appear only once in a decode step")
+        if self.max_positions is not None:
+            longest = max(kv.length for kv in kvs) + 1
+            if longest > self.max_positions:
+                raise ModelError(f"a context of {longest} tokens exceeds the model's {self.max_positions} positions")
+        for kv in kvs:
+            kv.ensure_capacity(kv.length + 1)
+        rows = len(kvs)
+        span = min(slot_bucket(self.pool.high_water_slots()), self.pool.tensor.shape[2])
+        if self.cuda_graphs:
+            inputs = self._graph_inputs(batch_bucket(rows), span)
+        else:
+            inputs = _StepInputs.empty(rows, span, self.device)
+        self._fill_inputs(inputs, kvs, tokens)
+        if inputs.graph is not None:
+            inputs.graph.replay()
+            logits = inputs.logits
+        else:
+            logits = self._decode_forward(inputs)
+        for kv in kvs:
+            kv.length += 1
+        return logits[:rows]
+
+    def _fill_inputs(self, inputs: _StepInputs, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> None:
+        """Write the step's rows into ``inputs`` (on the device, a few small copies)."""
+        rows, device = len(kvs), self.device
+        lengths = [kv.length for kv in kvs]
+        host = torch.tensor([list(tokens), lengths], dtype=torch.long)  # [2, B]
+        host_rows = host.to(device, non_blocking=True)
+        inputs.ids[:rows].copy_(host_rows[0])
+        inputs.positions[:rows].copy_(host_rows[1])
+        inputs.pad[:rows].fill_(False)
+        inputs.pad[rows:].fill_(True)
+        inputs.ids[rows:].zero_()
+        inputs.positions[rows:].zero_()
+        owned = [kv.slots(0, n + 1) for kv, n in zip(kvs, lengths)]  # [n + 1] each
+        inputs.write[:rows].copy_(torch.stack([slots[-1] for slots in owned]))
+        inputs.write[rows:].fill_(SCRATCH_BLOCK * self.pool.block_tokens)
+        slots = torch.cat(owned)
+        counts = torch.tensor([n + 1 for n in lengths])
+        starts = torch.cumsum(counts, 0) - counts
+        row_ids = torch.repeat_interleave(torch.arange(rows), counts)
+        in_row = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
+        inputs.row_of_slot.fill_(-1)
+        inputs.row_of_slot.index_copy_(0, slots, row_ids.to(device, non_blocking=True))
+        inputs.slot_position.index_copy_(0, slots, in_row.to(device, non_blocking=True))
+
+    def _graph_inputs(self, batch: int, span: int) -> _StepInputs:
+        """The captured step for this batch size and slot span (captured on first use)."""
+        if self._graph_generation != self.pool.generation:
+            self._graphs.clear()  # the pool moved: graphs hold its old address
+            self._graph_generation = self.pool.generation
+        key = (batch, span)
+        inputs = self._graphs.pop(key, None)
+        if inputs is None:
+            if len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            inputs = self._capture(batch, span)
+        self._graphs[key] = inputs  # most recently used last
+        return inputs
+
+    def _capture(self, batch: int, span: int) -> _StepInputs:
+        inputs = _StepInputs.empty(batch, span, self.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._decode_forward(inputs)  # warm-up: lazy initialisation must not be captured
+        torch.cuda.current_stream().wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            inputs.logits = self._decode_forward(inputs)
+        inputs.graph = graph
+        return inputs
+
+    def _decode_forward(self, inputs: _StepInputs) -> torch.Tensor:
+        """The decode step itself, eager (or being captured): float32 logits ``[B, vocab]``."""
+        batch, span = inputs.ids.shape[0], inputs.row_of_slot.shape[0]
+        positions = inputs.positions[:, None]  # [B, 1]
+        slot_position = inputs.slot_position[None, :]  # [1, S]
+        own = inputs.row_of_slot[None, :] == torch.arange(batch, device=self.device)[:, None]
+        own &= slot_position <= positions  # [B, S]
+        scratch = torch.arange(span, device=self.device)[None, :] == SCRATCH_BLOCK * self.pool.block_tokens
+        own |= inputs.pad[:, None] & scratch
+        group = self.config.num_attention_heads // self.kv_heads if not self._gpt2 else 1
+        cache = _BatchCache(self.pool, inputs.write, span)
+        hidden = self._embed(inputs.ids[:, None])  # [B, 1, hidden]
+        by_window: dict[int | None, dict[str, Any]] = {}
+        for window in set(self._windows):
+            allowed = own if window is None else own & (positions - slot_position < window)
+            mask = allowed.repeat(group, 1)[None, None]  # [1, 1, g*B, S]
+            by_window[window] = dict(
+                attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+        if self._gpt2:
+            hidden = self._dropout(hidden + self._embed_positions(positions))
+        else:
+            rope = self._rotary(hidden, positions)
+            for kwargs in by_window.values():
+                kwargs["position_embeddings"] = rope
+        layer_kwargs = [by_window[window] for window in self._windows]
+        streamer = self.streamer
+        config = self.config
+        config._attn_implementation = BATCHED_ATTENTION
+        try:
+            if streamer is not None:
+                streamer.begin_pass()
+            for i, layer in enumerate(self.layers):
+                if streamer is not None:
+                    streamer.before_layer(i)
+                hidden = layer(hidden, **layer_kwargs[i])
+                if streamer is not None:
+                    streamer.after_layer(i)
+            if streamer is not None:
+                streamer.end_pass()
+        finally:
+            config._attn_implementation = self._attention
+        return self._head(self._norm(hidden))[:, -1].float()  # [B, vocab]
+
 
 class ForwardCursor:
     """One forward pass in progress: ``layer`` is the next layer to run, ``hidden`` the residual
@@ -325,7 +547,7 @@ class ForwardCursor:
     def __init__(
         self,
         runner: ModelRunner,
-        kv: KVSlab,
+        kv: SessionKV,
         hidden: torch.Tensor,
         positions: torch.Tensor,
         layer_kwargs: list[dict[str, Any]],
@@ -403,7 +625,7 @@ class ForwardCursor:
 
 def _generate(
     runner: ModelRunner,
-    kv: KVSlab,
+    kv: SessionKV,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     pick: Callable[[torch.Tensor], int],
@@ -420,7 +642,7 @@ def _generate(
 
 
 def greedy_generate(
-    runner: ModelRunner, kv: KVSlab, input_ids: torch.Tensor, max_new_tokens: int
+    runner: ModelRunner, kv: SessionKV, input_ids: torch.Tensor, max_new_tokens: int
 ) -> list[int]:
     """Prefill ``input_ids`` ``[1, T]`` after ``kv``'s context and decode greedily.
 
@@ -431,7 +653,7 @@ def greedy_generate(
 
 def sample_generate(
     runner: ModelRunner,
-    kv: KVSlab,
+    kv: SessionKV,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,

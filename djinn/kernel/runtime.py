@@ -1,9 +1,12 @@
 """The kernel: lifecycle, sessions with server-resident KV, eviction and restore, admission, generation.
 
 Threads: everything here runs on the server's event-loop thread except model work, which runs
-on one executor thread (``self.executor``) so the loop never blocks on the device. KV moves are
-issued from the loop on a dedicated copy stream and awaited on a small waiter pool, so neither
-the loop nor the model thread waits for them.
+on one executor thread (``self.executor``) so the loop never blocks on the device. Generation
+goes through one ``BatchEngine``: a driver task runs its steps on the model thread while any
+request is in it, so every generating session shares each decode step. KV moves are issued from
+the loop on a dedicated copy stream and awaited on a small waiter pool, so neither the loop nor
+the model thread waits for them. On CUDA the KV pool is sized once at start and never moves; on
+CPU it grows, so there everything that touches it runs on the model thread.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from djinn.kernel.strategies import Action, Phase, Residency, SessionInfo, TierB
 if TYPE_CHECKING:
     import torch
 
-    from djinn.kernel.runner import ForwardCursor, KVSlab
+    from djinn.kernel.engine import BatchEngine, EngineRequest
+    from djinn.kernel.kvpool import SessionKV
+    from djinn.kernel.runner import ForwardCursor
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +77,16 @@ class Session:
     """A session's server-side state. ``info`` is what schedulers and hooks see."""
 
     info: SessionInfo
-    kv: KVSlab
+    kv: SessionKV
     owner: object = None
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
     #: the in-flight eviction or restore, awaited by a request that needs the KV
     moving: asyncio.Task | None = None
     tier: str | None = None
     block: TierBlock | None = None
-    kv_meta: tuple[Any, Any] | None = None  # (shape, dtype) while evicted
     closed: bool = False
+    #: the generate request this session has in the batch engine, if any
+    inflight: EngineRequest | None = None
 
 
 class Kernel:
@@ -96,6 +102,8 @@ class Kernel:
         self._memory_freed: asyncio.Condition | None = None
         self._waiting = 0
         self._tick_task: asyncio.Task | None = None
+        self._engine_task: asyncio.Task | None = None
+        self._engine_done: dict[int, asyncio.Future] = {}
         self.started = False
         self.counters: dict[str, float] = dict.fromkeys(
             ("evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds",
@@ -108,6 +116,7 @@ class Kernel:
         """Configure plugins, build strategies, allocate tiers, load the model; then ``djinn_startup``."""
         import torch
 
+        from djinn.kernel.engine import BatchEngine
         from djinn.kernel.models import load_model, weight_bytes
         from djinn.kernel.runner import ModelRunner
 
@@ -125,14 +134,15 @@ class Kernel:
         self.memory = MemoryAccounting(self._budget_bytes(torch))
         for tier in self.tiers.values():
             tier.start(self.use_cuda)
-        # A resident model is built directly on the GPU; any other streamer places it from the host.
-        on_gpu = self.use_cuda and self.plugins.selection.streamer == "resident"
+        # weights that stay put are built directly on the GPU; a streamer that moves them takes them from the host
+        on_gpu = self.use_cuda and not self.streamer.streams_weights
         self.model = load_model(
             self.config.model.name, dtype=self.config.model.dtype,
             device="cuda" if on_gpu else "cpu", seed=self.config.model.seed,
         )
         self.runner = ModelRunner(
-            self.model, streamer=self.streamer, device=self.device, budget_bytes=self._weights_budget()
+            self.model, streamer=self.streamer, device=self.device, budget_bytes=self._weights_budget(),
+            block_tokens=self.config.memory.kv_block_tokens, cuda_graphs=self.config.server.cuda_graphs,
         )
         weights = self.runner.device_weight_bytes()
         if not self.memory.try_reserve("weights", weights):
@@ -140,6 +150,12 @@ class Kernel:
                 f"the model's resident weights ({weights / GiB:.2f} GiB) exceed the GPU budget "
                 f"({self.memory.budget_bytes / GiB:.2f} GiB); select --plugins ringbuffer to stream them"
             )
+        if self.use_cuda:
+            self._size_kv_pool()
+        self.engine = BatchEngine(
+            self.runner, prefill_chunk_tokens=self.config.server.prefill_chunk_tokens,
+            max_batch=self.config.server.max_batch,
+        )
         self.total_weight_bytes = weight_bytes(self.model.model)
         self.streams = "ring_bytes" in self.streamer.stats()
         if self.streams:
@@ -154,6 +170,22 @@ class Kernel:
             self.copy_stream = torch.cuda.Stream()
         self.started = True
         self.plugins.notify("djinn_startup", kernel=self)
+
+    def _size_kv_pool(self) -> None:
+        """Allocate the whole KV pool once: the budget left after weights and the workspace."""
+        workspace = int(self.config.memory.workspace_gb * GiB)
+        if not self.memory.try_reserve("workspace", workspace):
+            raise AdmissionError(
+                f"the weights and the {self.config.memory.workspace_gb} GiB workspace exceed the GPU "
+                f"budget ({self.memory.budget_bytes / GiB:.2f} GiB)"
+            )
+        pool = self.runner.pool
+        pool.grow(1 + self.memory.free_bytes() // pool.block_bytes)
+        pool.fixed = True
+
+    async def _on_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` where it may touch the KV pool: here on CUDA, on the model thread on CPU."""
+        return fn(*args) if self.use_cuda else await self.run_model(fn, *args)
 
     def _budget_bytes(self, torch) -> int:
         cap = int(self.config.memory.gpu_memory_budget_gb * GiB)
@@ -218,21 +250,27 @@ class Kernel:
         if session.closed:
             return
         session.closed = True
+        if session.inflight is not None:
+            # the engine must let go of the blocks before they are freed
+            session.inflight.cancelled = True
+            await _settled(self._engine_done.get(id(session.inflight)))
         if session.moving is not None:
             await asyncio.gather(session.moving, return_exceptions=True)
         self.sessions.pop(session.info.id, None)
-        self._free_session_memory(session)
+        await self._on_pool(self._free_session_memory, session)
         await self._notify_freed()
         self.plugins.notify("djinn_session_closed", session=session.info, reason=reason)
 
     def _free_session_memory(self, session: Session) -> None:
-        if session.info.residency is Residency.RESIDENT and session.kv.tensor is not None:
-            self.memory.release("kv", session.kv.nbytes)
+        kv = session.kv
+        if kv.resident:
+            self.memory.release("kv", kv.nbytes)
+            kv.release()
         elif session.block is not None:
             self.tiers[session.tier].free(session.block)
             self.memory.tier_add(session.tier, -session.block.nbytes)
             session.block = None
-        session.kv.tensor = None
+        kv.evicted_capacity = 0
         session.info.kv_bytes = 0
 
     # ------------------------------------------------------------------ phases
@@ -296,7 +334,7 @@ class Kernel:
     async def _evict(self, session: Session) -> bool:
         """Move a resident, idle session's KV to a tier. False when it cannot (busy, tier full)."""
         info, kv = session.info, session.kv
-        if info.residency is not Residency.RESIDENT or info.busy or kv.tensor is None or session.closed:
+        if info.residency is not Residency.RESIDENT or info.busy or not kv.blocks or session.closed:
             return False
         nbytes = kv.nbytes
         placed = self._tier_for(nbytes)
@@ -307,19 +345,16 @@ class Kernel:
         tier_name, block = placed
         info.residency = Residency.EVICTING
         started = time.perf_counter()
-        src = kv.tensor
-        host = self.tiers[tier_name].view(block)[:nbytes]
+        host = self._host_kv(tier_name, block, kv)
         try:
-            await self._copy(host, src, after_compute=True)
+            await self._copy(kv.copy_out, host, after_compute=True)
         except BaseException:
             self.tiers[tier_name].free(block)
             info.residency = Residency.RESIDENT
             raise
         seconds = time.perf_counter() - started
-        session.kv_meta = (tuple(src.shape), src.dtype)
         session.tier, session.block = tier_name, block
-        kv.tensor = None
-        del src
+        await self._on_pool(lambda: kv.release(keep_capacity=True))
         self.memory.release("kv", nbytes)
         self.memory.tier_add(tier_name, nbytes)
         info.residency = Residency.EVICTED
@@ -329,8 +364,14 @@ class Kernel:
         self.plugins.notify("djinn_session_evicted", session=info, tier=tier_name, nbytes=nbytes, seconds=seconds)
         return True
 
-    async def _copy(self, dst: torch.Tensor, src: torch.Tensor, *, after_compute: bool) -> None:
-        """Copy ``src``'s bytes into ``dst`` (same size) on the copy stream, off the compute stream.
+    def _host_kv(self, tier_name: str, block: TierBlock, kv: SessionKV) -> torch.Tensor:
+        """The tier block's bytes as the session's KV in host layout ``[L, 2, capacity, H_kv, D]``."""
+        raw = self.tiers[tier_name].view(block)[: kv.nbytes]
+        return raw.view(self.runner.dtype).view(kv.host_shape())
+
+    async def _copy(self, move: Callable[..., None], host: torch.Tensor, *, after_compute: bool) -> None:
+        """Run ``move(host, non_blocking=...)`` (a session's ``copy_out`` or ``copy_in``) on the copy
+        stream, off the compute stream, and wait for it without blocking the loop.
 
         ``after_compute``: the copy first waits for work already queued on the compute stream
         (an eviction must not read KV that a queued step is still writing); a restore does not,
@@ -338,26 +379,22 @@ class Kernel:
         """
         import torch
 
-        dst_bytes, src_bytes = dst.reshape(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8)
         if not self.use_cuda:
-            dst_bytes.copy_(src_bytes)
+            await self.run_model(move, host)
             return
         with torch.cuda.stream(self.copy_stream):
             if after_compute:
                 self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
-            dst_bytes.copy_(src_bytes, non_blocking=True)
+            move(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         await self._wait_copy(done)
 
     async def _restore(self, session: Session, critical: bool) -> bool:
         """Bring an evicted session's KV back to the device (making room first)."""
-        import torch
-
-        info = session.info
+        info, kv = session.info, session.kv
         if info.residency is not Residency.EVICTED or session.closed:
             return False
-        shape, dtype = session.kv_meta
         nbytes = session.block.nbytes
         info.residency = Residency.RESTORING
         started = time.perf_counter()
@@ -366,18 +403,22 @@ class Kernel:
         except BaseException:
             info.residency = Residency.EVICTED
             raise
-        dst = self._alloc_for_copy(shape, dtype)
-        host = self.tiers[session.tier].view(session.block)[:nbytes]
-        await self._copy(dst, host, after_compute=False)
-        if self.use_cuda:
-            # later frees of this KV must wait for the compute stream's use of it
-            dst.record_stream(torch.cuda.default_stream(self.device))
+        host = self._host_kv(session.tier, session.block, kv)
+        try:
+            blocks = await self._on_pool(self.runner.pool.allocate, kv.blocks_for(kv.capacity))
+            kv.adopt(blocks)
+            await self._copy(kv.copy_in, host, after_compute=False)
+        except BaseException:
+            if kv.resident:
+                await self._on_pool(lambda: kv.release(keep_capacity=True))
+            self.memory.release("kv", nbytes)
+            info.residency = Residency.EVICTED
+            raise
         seconds = time.perf_counter() - started
-        session.kv.tensor = dst
         tier_name, block = session.tier, session.block
         self.tiers[tier_name].free(block)
         self.memory.tier_add(tier_name, -nbytes)
-        session.block = session.tier = session.kv_meta = None
+        session.block = session.tier = None
         info.residency = Residency.RESIDENT
         self.counters["restores"] += 1
         self.counters["restore_seconds"] += seconds
@@ -388,15 +429,6 @@ class Kernel:
             on_critical_path=critical,
         )
         return True
-
-    def _alloc_for_copy(self, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
-        """Allocate on the copy stream, so the allocator never hands it memory the compute stream still uses."""
-        import torch
-
-        if not self.use_cuda:
-            return torch.empty(shape, dtype=dtype, device=self.device)
-        with torch.cuda.stream(self.copy_stream):
-            return torch.empty(shape, dtype=dtype, device=self.device)
 
     async def ensure_resident(self, session: Session) -> float:
         """Wait for the session's own move, restore it if needed; the seconds spent waiting."""
@@ -438,7 +470,7 @@ class Kernel:
                 candidates = [
                     s.info for s in self.sessions.values()
                     if s is not requester and not s.closed and not s.info.busy
-                    and s.info.residency is Residency.RESIDENT and s.kv.tensor is not None
+                    and s.info.residency is Residency.RESIDENT and s.kv.blocks
                 ]
                 victims = self.scheduler.select_victims(candidates, need, now)
                 if victims:
@@ -484,7 +516,7 @@ class Kernel:
         if extra:
             await self._reserve_kv(extra, requester=session)
             try:
-                await self.run_model(kv.ensure_capacity, tokens)
+                await self._on_pool(kv.ensure_capacity, tokens)
             except BaseException:
                 self.memory.release("kv", extra)
                 raise
@@ -527,8 +559,8 @@ class Kernel:
                 streamed_before = self.streamer.stats() if self.streams else None
                 if layers:
                     await self._generate_with_breaks(session, input_ids, params, layers, on_break, result)
-                else:
-                    await self.run_model(self._generate_plain, session.kv, list(input_ids), params, result)
+                elif params.max_new_tokens:
+                    await self._generate_batched(session, list(input_ids), params, result)
                 self.counters["tokens"] += len(result.tokens)
                 if streamed_before is not None:
                     after = self.streamer.stats()
@@ -543,20 +575,52 @@ class Kernel:
                 session.info.busy = False
                 session.info.last_used = time.monotonic()
 
-    def _generate_plain(self, kv: KVSlab, input_ids: list[int], params: SamplingParams, result: GenerateResult) -> None:
-        """Prefill then decode on the model thread, with no breakpoint armed (no per-layer work)."""
-        picker = self.runner.token_picker(params.temperature, params.top_k, params.seed)
-        started = time.perf_counter()
-        ids = input_ids
-        for step in range(params.max_new_tokens):
-            cursor = self.runner.begin(kv, self.runner.ids_tensor(ids))
-            cursor.run()
-            token = picker(cursor.finish())
-            result.tokens.append(token)
-            ids = [token]
-            if step == 0:
-                result.first_token_s = result.prefill_s = time.perf_counter() - started
-        result.decode_s = time.perf_counter() - started - result.prefill_s
+    async def _generate_batched(
+        self, session: Session, input_ids: list[int], params: SamplingParams, result: GenerateResult
+    ) -> None:
+        """Generate through the batch engine: this session shares every step with the others."""
+        from djinn.kernel.engine import EngineRequest
+
+        picker = None
+        if params.temperature > 0:
+            picker = self.runner.token_picker(params.temperature, params.top_k, params.seed)
+        request = EngineRequest(session.kv, input_ids, params.max_new_tokens, picker=picker)
+        done = asyncio.get_running_loop().create_future()
+        self._engine_done[id(request)] = done
+        session.inflight = request
+        self.engine.submit(request)
+        if self._engine_task is None or self._engine_task.done():
+            self._engine_task = asyncio.create_task(self._drive_engine(), name="djinn-engine")
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            request.cancelled = True
+            await _settled(done)  # the engine lets go of the KV before the caller may free it
+            raise
+        finally:
+            session.inflight = None
+            self._engine_done.pop(id(request), None)
+        if request.error is not None:
+            raise request.error
+        if request.cancelled:
+            raise SessionError(f"session {session.info.id} was closed while generating")
+        result.tokens = request.tokens
+        result.queue_s += request.started_at - request.submitted_at
+        result.first_token_s = result.prefill_s = request.first_token_at - request.started_at
+        result.decode_s = request.finished_at - request.first_token_at
+
+    async def _drive_engine(self) -> None:
+        """Run engine steps on the model thread while it has work; wake each finished request."""
+        while self.engine.has_work():
+            try:
+                ended = await self.run_model(self.engine.step)
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
+                log.exception("a batch engine step failed")
+                ended = self.engine.fail_all(exc)
+            for request in ended:
+                done = self._engine_done.get(id(request))
+                if done is not None and not done.done():
+                    done.set_result(None)
 
     async def _generate_with_breaks(
         self, session: Session, input_ids: Sequence[int], params: SamplingParams,
@@ -605,5 +669,25 @@ class Kernel:
             "admission_queue": self._waiting,
             "counters": dict(self.counters),
             "streamer": self.streamer.stats(),
+            "engine": {
+                "steps": self.engine.steps,
+                "mean_batch": self.engine.batch_rows / max(1, self.engine.steps),
+                "kv_pool_blocks": self.runner.pool.num_blocks,
+                "kv_pool_blocks_used": self.runner.pool.used_blocks,
+            },
             "plugins": extra,
         }
+
+
+async def _settled(future: asyncio.Future | None) -> None:
+    """Wait until ``future`` is done, through any number of cancellations of the waiter."""
+    if future is None:
+        return
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError

@@ -177,6 +177,11 @@ class Streamer(ABC):
     plain method calls, no hooks. ``prepare`` runs once when the model is loaded.
     """
 
+    #: True when weights move while passes run (a ring on the device): the kernel then loads the
+    #: model on the host, and the runner replays no captured CUDA graphs (they would freeze the
+    #: weights' addresses at capture time)
+    streams_weights: bool = False
+
     @abstractmethod
     def prepare(
         self,

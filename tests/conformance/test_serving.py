@@ -164,3 +164,25 @@ def test_generate_on_a_model_saved_to_a_directory(tmp_path):
             assert session.generate(PROMPTS[0], max_new_tokens=8).tokens == expected
     finally:
         srv.stop()
+
+
+def test_concurrent_sessions_share_decode_steps_and_stay_token_exact(server):
+    spec = server.config.model.name
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(3 + 5 * i)] for i in range(6)]
+    expected = [local_tokens(spec, p, 16, server.kernel.device.type) for p in prompts]
+    steps_before = server.call(lambda: server.kernel.engine.steps)
+    rows_before = server.call(lambda: server.kernel.engine.batch_rows)
+
+    async def run_all(url: str) -> list[list[int]]:
+        from djinn.client import connect_async
+
+        async with await connect_async(url) as client:
+            model = await client.model()
+            sessions = [await model.session() for _ in prompts]
+            results = await asyncio.gather(*(s.generate(p, max_new_tokens=16) for s, p in zip(sessions, prompts)))
+            return [r.tokens for r in results]
+
+    assert asyncio.run(run_all(server.url(TRANSPORT))) == expected
+    steps = server.call(lambda: server.kernel.engine.steps) - steps_before
+    rows = server.call(lambda: server.kernel.engine.batch_rows) - rows_before
+    assert rows / steps > 1.5  # decode steps were shared, not taken one session at a time

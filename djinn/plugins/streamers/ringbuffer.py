@@ -188,6 +188,8 @@ class _Clock:
 class RingbufferStreamer(Streamer):
     """Streams layer weights from a host arena through one device ring, ahead of compute."""
 
+    streams_weights = True
+
     def __init__(self, settings: RingbufferSettings | None = None) -> None:
         self.settings = settings or RingbufferSettings()
         self.chunk_bytes = max(ALIGN, int(self.settings.chunk_mb * MIB) // ALIGN * ALIGN)

@@ -1,0 +1,177 @@
+"""Continuous batching: one engine step serves every session that is generating.
+
+A step prefills up to ``prefill_chunk_tokens`` prompt tokens (a long prompt is cut into chunks
+over several steps, so it never stalls the decoders for long), then runs one batched decode step
+(``ModelRunner.decode``) for every request past its prompt. Requests join the moment they are
+submitted and leave the moment they have their tokens, so the batch changes from step to step.
+
+Threads: ``submit`` and ``cancel`` may be called from any thread; ``step`` runs on the model
+thread, one at a time. What a step finished is returned to the caller.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import attrs
+import torch
+
+from djinn.kernel.kvpool import SessionKV
+from djinn.kernel.runner import ModelRunner
+
+#: picks a token from float32 logits ``[vocab]``; None: greedy (batched argmax)
+Picker = Callable[[torch.Tensor], int] | None
+
+
+@attrs.define(eq=False)
+class EngineRequest:
+    """One generate request: feed ``prompt`` after the session's context, then pick ``max_new_tokens``."""
+
+    kv: SessionKV
+    prompt: list[int]
+    max_new_tokens: int
+    picker: Picker = None
+    tokens: list[int] = attrs.Factory(list)
+    prefilled: int = 0
+    submitted_at: float = attrs.Factory(time.perf_counter)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    error: BaseException | None = None
+    #: set from any thread; the next step drops the request without touching its KV again
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        """All tokens are picked (or the request failed or was dropped)."""
+        return self.finished_at is not None
+
+
+class BatchEngine:
+    """Schedules prefill chunks and batched decode steps over the submitted requests."""
+
+    def __init__(self, runner: ModelRunner, *, prefill_chunk_tokens: int = 512, max_batch: int = 256) -> None:
+        if prefill_chunk_tokens <= 0 or max_batch <= 0:
+            raise ValueError("prefill_chunk_tokens and max_batch must be > 0")
+        self.runner = runner
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_batch = max_batch
+        self._incoming: queue.SimpleQueue[EngineRequest] = queue.SimpleQueue()
+        self._prefilling: deque[EngineRequest] = deque()
+        self._decoding: list[EngineRequest] = []
+        self.steps = 0
+        self.batch_rows = 0  # decode rows over all steps (rows / steps: the mean batch)
+
+    def submit(self, request: EngineRequest) -> None:
+        """Queue a request; it joins at the next step."""
+        self._incoming.put(request)
+
+    def has_work(self) -> bool:
+        """Whether a step would do anything."""
+        return bool(self._prefilling or self._decoding or not self._incoming.empty())
+
+    def step(self) -> list[EngineRequest]:
+        """Run one step; return the requests that finished, failed or were dropped in it."""
+        while not self._incoming.empty():
+            self._prefilling.append(self._incoming.get())
+        ended: list[EngineRequest] = []
+        self._drop_cancelled(ended)
+        self._prefill(ended)
+        self._decode(ended)
+        self.steps += 1
+        return ended
+
+    def fail_all(self, error: BaseException) -> list[EngineRequest]:
+        """End every request with ``error`` (after a step failed in a way no request explains)."""
+        ended: list[EngineRequest] = []
+        while not self._incoming.empty():
+            self._prefilling.append(self._incoming.get())
+        for request in [*self._prefilling, *self._decoding]:
+            request.error = error
+            self._end(request, ended)
+        self._prefilling.clear()
+        self._decoding.clear()
+        return ended
+
+    def _drop_cancelled(self, ended: list[EngineRequest]) -> None:
+        for group in (self._prefilling, self._decoding):
+            for request in [r for r in group if r.cancelled]:
+                group.remove(request)
+                self._end(request, ended)
+
+    def _end(self, request: EngineRequest, ended: list[EngineRequest]) -> None:
+        request.finished_at = time.perf_counter()
+        ended.append(request)
+
+    def _prefill(self, ended: list[EngineRequest]) -> None:
+        budget = self.prefill_chunk_tokens
+        runner = self.runner
+        while budget > 0 and self._prefilling:
+            request = self._prefilling[0]
+            if request.started_at is None:
+                request.started_at = time.perf_counter()
+            chunk = request.prompt[request.prefilled : request.prefilled + budget]
+            try:
+                logits = runner.begin(request.kv, runner.ids_tensor(chunk)).finish()
+            except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
+                request.error = exc
+                self._prefilling.popleft()
+                self._end(request, ended)
+                continue
+            request.prefilled += len(chunk)
+            budget -= len(chunk)
+            if request.prefilled < len(request.prompt):
+                continue
+            self._prefilling.popleft()
+            self._pick(request, logits)
+            request.first_token_at = time.perf_counter()
+            if len(request.tokens) >= request.max_new_tokens:
+                self._end(request, ended)
+            else:
+                self._decoding.append(request)
+
+    def _pick(self, request: EngineRequest, logits: torch.Tensor) -> None:
+        picker = request.picker
+        request.tokens.append(int(logits.argmax()) if picker is None else picker(logits))
+
+    def _decode(self, ended: list[EngineRequest]) -> None:
+        batch = self._decoding[: self.max_batch]
+        if not batch:
+            return
+        try:
+            logits = self.runner.decode([r.kv for r in batch], [r.tokens[-1] for r in batch])
+        except Exception as exc:  # noqa: BLE001 - every row of the failed step fails
+            for request in batch:
+                request.error = exc
+                self._decoding.remove(request)
+                self._end(request, ended)
+            return
+        self.batch_rows += len(batch)
+        greedy = [i for i, r in enumerate(batch) if r.picker is None]
+        if greedy:
+            picked = logits[greedy].argmax(-1).tolist()
+            for i, token in zip(greedy, picked):
+                batch[i].tokens.append(token)
+        for i, request in enumerate(batch):
+            if request.picker is not None:
+                self._pick(request, logits[i])
+            if len(request.tokens) >= request.max_new_tokens:
+                self._decoding.remove(request)
+                self._end(request, ended)
+        if len(self._decoding) > self.max_batch:
+            # rows past max_batch waited this step: they go first next step
+            served = {id(r) for r in batch}
+            self._decoding = [r for r in self._decoding if id(r) not in served] + [
+                r for r in self._decoding if id(r) in served
+            ]
+
+
+def run_to_completion(engine: BatchEngine, requests: Sequence[EngineRequest]) -> None:
+    """Submit ``requests`` and step until they are all done (for scripts and tests)."""
+    for request in requests:
+        engine.submit(request)
+    while not all(r.done for r in requests):
+        engine.step()

@@ -1,0 +1,232 @@
+"""Paged KV: one pool tensor per server, sessions own lists of fixed-size blocks in it.
+
+Layout: ``pool.tensor`` is ``[L, 2, slots, H_kv, D]``, layer-major, where ``slots = blocks *
+block_tokens`` and a session's token ``t`` lives at slot ``blocks[t // block_tokens] *
+block_tokens + t % block_tokens``. Layer-major because a batched decode step attends over
+``tensor[layer, k]`` as one ``[slots, H_kv, D]`` view (no gather of anyone's KV), and because a
+session's run of consecutive blocks is, per layer and K/V, one contiguous range: eviction is
+``2 * L`` large copies per run, not one per token or per block. Blocks are handed out
+lowest-first, so the slots in use stay a compact prefix of the pool and runs stay long.
+
+Block 0 is never handed out: it is the scratch slot that padding rows of a batch write to.
+
+Thread-safety: allocation and free take a lock; ``grow`` replaces the tensor and must run where
+no forward pass is using it (the kernel's model thread). A pool marked ``fixed`` never grows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Iterator
+
+import attrs
+import torch
+
+from djinn.kernel.errors import AdmissionError
+
+SCRATCH_BLOCK = 0
+
+
+class KVPool:
+    """Fixed-size blocks of KV for every layer, in one tensor on one device."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_tokens: int,
+    ) -> None:
+        if block_tokens <= 0:
+            raise ValueError(f"block_tokens must be > 0, not {block_tokens}")
+        self.block_tokens = block_tokens
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * dtype.itemsize
+        self.block_bytes = self.bytes_per_token * block_tokens
+        #: bumped whenever ``tensor`` is replaced, so captured graphs know they are stale
+        self.generation = 0
+        self.fixed = False
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._in_use: set[int] = set()
+        self.tensor = self._empty(1)
+
+    def _empty(self, blocks: int) -> torch.Tensor:
+        shape = (self.num_layers, 2, blocks * self.block_tokens, self.kv_heads, self.head_dim)
+        # a normal tensor, not an inference tensor, so copies into it work outside inference mode
+        with torch.inference_mode(False):
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the pool, the scratch block included."""
+        return self.tensor.shape[2] // self.block_tokens
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks that ``allocate`` can hand out without growing."""
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        """Blocks held by sessions."""
+        return len(self._in_use)
+
+    def high_water_slots(self) -> int:
+        """One past the last slot of the highest block in use (the scratch block at least)."""
+        with self._lock:
+            return (max(self._in_use, default=SCRATCH_BLOCK) + 1) * self.block_tokens
+
+    def grow(self, blocks: int) -> None:
+        """Make the pool hold at least ``blocks`` blocks, keeping every block's contents."""
+        old = self.tensor
+        if blocks <= self.num_blocks:
+            return
+        if self.fixed:
+            raise AdmissionError(
+                f"the KV pool is fixed at {self.num_blocks} blocks and cannot grow to {blocks}"
+            )
+        new = self._empty(blocks)
+        new[:, :, : old.shape[2]].copy_(old)
+        with self._lock:
+            for block in range(self.num_blocks, blocks):
+                heapq.heappush(self._free, block)
+            self.tensor = new
+            self.generation += 1
+
+    def allocate(self, count: int) -> list[int]:
+        """``count`` blocks, lowest ids first; grows a pool that is not ``fixed`` when short."""
+        if count <= 0:
+            return []
+        if len(self._free) < count:
+            self.grow(max(2 * self.num_blocks, self.num_blocks + count - len(self._free)))
+        with self._lock:
+            if len(self._free) < count:
+                raise AdmissionError(
+                    f"the KV pool has {len(self._free)} free blocks, {count} were asked for"
+                )
+            blocks = [heapq.heappop(self._free) for _ in range(count)]
+            self._in_use.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Return blocks to the pool; a block not in use is a ValueError."""
+        with self._lock:
+            unknown = [b for b in blocks if b not in self._in_use]
+            if unknown:
+                raise ValueError(f"blocks {unknown[:8]} are not in use")
+            for block in blocks:
+                self._in_use.discard(block)
+                heapq.heappush(self._free, block)
+
+
+def block_runs(blocks: list[int]) -> Iterator[tuple[int, int, int]]:
+    """``(first_block, index_in_list, count)`` for each run of consecutive block ids."""
+    start = 0
+    for i in range(1, len(blocks) + 1):
+        if i == len(blocks) or blocks[i] != blocks[i - 1] + 1:
+            yield blocks[start], start, i - start
+            start = i
+
+
+@attrs.define(eq=False)
+class SessionKV:
+    """One session's KV: its blocks in a ``KVPool`` and how many tokens are stored.
+
+    While the session is evicted ``resident`` is False and it holds no blocks; ``capacity``
+    still says how many tokens its host copy holds.
+    """
+
+    pool: KVPool
+    blocks: list[int] = attrs.Factory(list)
+    length: int = 0
+    resident: bool = True
+    evicted_capacity: int = 0
+    _slots: torch.Tensor | None = None  # device slot index of every token in capacity
+
+    @property
+    def block_tokens(self) -> int:
+        """Tokens per block."""
+        return self.pool.block_tokens
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the session can hold without allocating."""
+        return len(self.blocks) * self.pool.block_tokens if self.resident else self.evicted_capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV the session holds: its whole capacity, not only the stored tokens."""
+        return self.capacity * self.pool.bytes_per_token
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks needed to hold ``tokens`` tokens."""
+        return -(-tokens // self.pool.block_tokens)
+
+    def ensure_capacity(self, tokens: int) -> None:
+        """Allocate blocks so the session holds at least ``tokens`` tokens."""
+        if not self.resident:
+            raise RuntimeError("the session's KV is evicted; restore it first")
+        more = self.blocks_for(tokens) - len(self.blocks)
+        if more > 0:
+            self.blocks.extend(self.pool.allocate(more))
+            self._slots = None
+
+    def adopt(self, blocks: list[int]) -> None:
+        """Take ``blocks`` as the session's (a restore); it becomes resident."""
+        self.blocks, self.resident, self.evicted_capacity, self._slots = blocks, True, 0, None
+
+    def release(self, *, keep_capacity: bool = False) -> list[int]:
+        """Give the blocks back to the pool; the session is no longer resident. Returns them."""
+        blocks, capacity = self.blocks, self.capacity
+        self.pool.free(blocks)
+        self.blocks, self.resident, self._slots = [], False, None
+        self.evicted_capacity = capacity if keep_capacity else 0
+        return blocks
+
+    def slots(self, start: int, end: int) -> torch.Tensor:
+        """Pool slot indices ``[end - start]`` (int64, on the pool's device) of tokens ``[start, end)``."""
+        if end > self.capacity:
+            raise RuntimeError(f"tokens up to {end} asked for, the session holds {self.capacity}")
+        if self._slots is None:
+            bt = self.pool.block_tokens
+            blocks = torch.tensor(self.blocks, dtype=torch.long)
+            cpu = (blocks[:, None] * bt + torch.arange(bt)).reshape(-1)
+            self._slots = cpu.to(self.pool.device)
+        return self._slots[start:end]
+
+    def slot_runs(self) -> Iterator[tuple[int, int, int]]:
+        """``(first_slot, first_token, tokens)`` for each contiguous range of the session's slots."""
+        bt = self.pool.block_tokens
+        for first, index, count in block_runs(self.blocks):
+            yield first * bt, index * bt, count * bt
+
+    def copy_out(self, host: torch.Tensor, *, non_blocking: bool = False) -> None:
+        """Copy the KV into ``host`` ``[L, 2, capacity, H_kv, D]``: 2 * L copies per run of blocks."""
+        self._copy(host, to_host=True, non_blocking=non_blocking)
+
+    def copy_in(self, host: torch.Tensor, *, non_blocking: bool = False) -> None:
+        """Copy ``host`` ``[L, 2, capacity, H_kv, D]`` into the session's blocks."""
+        self._copy(host, to_host=False, non_blocking=non_blocking)
+
+    def _copy(self, host: torch.Tensor, *, to_host: bool, non_blocking: bool) -> None:
+        pool = self.pool.tensor
+        for slot, token, count in self.slot_runs():
+            for layer in range(pool.shape[0]):
+                for kv in (0, 1):
+                    device_part = pool[layer, kv, slot : slot + count]
+                    host_part = host[layer, kv, token : token + count]
+                    if to_host:
+                        host_part.copy_(device_part, non_blocking=non_blocking)
+                    else:
+                        device_part.copy_(host_part, non_blocking=non_blocking)
+
+    def host_shape(self) -> tuple[int, ...]:
+        """The shape of the session's KV in a tier: ``[L, 2, capacity, H_kv, D]``."""
+        p = self.pool
+        return (p.num_layers, 2, self.capacity, p.kv_heads, p.head_dim)

@@ -1,0 +1,174 @@
+"""Continuous batching: batched decoding equals one-session decoding, however sessions come and go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
+from djinn.kernel.models import LoadedModel, load_model
+from djinn.kernel.runner import ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
+
+TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
+#: lengths on both sides of tiny-mistral's 16-token window and of a 64-token block
+PROMPT_LENGTHS = [3, 9, 15, 30, 70]
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, LoadedModel]:
+    loaded = {spec: load_model(spec) for spec in TINY}
+    config = Qwen2Config(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=512, use_sliding_window=True, sliding_window=8,
+        max_window_layers=2, initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    loaded["tiny-qwen2"] = LoadedModel(
+        name="tiny-qwen2", model=model, config=model.config, family="qwen2",
+        dtype=torch.float32, device=torch.device("cpu"),
+    )
+    return loaded
+
+
+def _prompts(count: int = len(PROMPT_LENGTHS), seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [PROMPT_LENGTHS[i % len(PROMPT_LENGTHS)] for i in range(count)]
+    return [torch.randint(0, 512, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _alone(runner: ModelRunner, prompt: list[int], new_tokens: int) -> list[int]:
+    return greedy_generate(runner, runner.new_kv(), runner.ids_tensor(prompt), new_tokens)
+
+
+@pytest.mark.parametrize("spec", [*TINY, "tiny-qwen2"])
+def test_batched_greedy_tokens_equal_single_session_tokens(models, spec: str) -> None:
+    runner = ModelRunner(models[spec])
+    prompts = _prompts()
+    expected = [_alone(runner, p, 20) for p in prompts]
+    engine = BatchEngine(runner)
+    requests = [EngineRequest(runner.new_kv(), p, 20) for p in prompts]
+    run_to_completion(engine, requests)
+    assert [r.tokens for r in requests] == expected
+    assert all(r.error is None for r in requests)
+    assert engine.batch_rows / engine.steps > 3  # they really decoded together
+
+
+def test_sessions_joining_and_leaving_mid_generation_keep_their_outputs(models) -> None:
+    runner = ModelRunner(models["random:tiny-mistral"])
+    prompts = _prompts(8, seed=1)
+    lengths = [5, 25, 12, 1, 30, 8, 17, 22]
+    expected = [_alone(runner, p, n) for p, n in zip(prompts, lengths)]
+    engine = BatchEngine(runner, prefill_chunk_tokens=16)
+    requests = [EngineRequest(runner.new_kv(), p, n) for p, n in zip(prompts, lengths)]
+    for request in requests:  # one joins every other step, while earlier ones are leaving
+        engine.submit(request)
+        engine.step()
+        engine.step()
+    while not all(r.done for r in requests):
+        engine.step()
+    assert [r.tokens for r in requests] == expected
+
+
+def test_a_second_turn_continues_the_same_kv(models) -> None:
+    runner = ModelRunner(models["random:tiny-llama"])
+    first, second = _prompts(2, seed=2)
+    kv = runner.new_kv()
+    turn1 = greedy_generate(runner, kv, runner.ids_tensor(first), 6)
+    turn2 = greedy_generate(runner, kv, runner.ids_tensor([turn1[-1], *second]), 6)
+
+    engine = BatchEngine(runner)
+    batched_kv, other = runner.new_kv(), runner.new_kv()
+    a = EngineRequest(batched_kv, first, 6)
+    noise = EngineRequest(other, second, 30)
+    run_to_completion(engine, [a, noise])
+    b = EngineRequest(batched_kv, [a.tokens[-1], *second], 6)
+    run_to_completion(engine, [b, EngineRequest(other, [noise.tokens[-1]], 10)])
+    assert (a.tokens, b.tokens) == (turn1, turn2)
+    assert batched_kv.length == kv.length
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 4096])
+def test_prefill_chunking_does_not_change_outputs(models, chunk: int) -> None:
+    runner = ModelRunner(models["random:tiny-gpt2"])
+    prompts = _prompts(seed=3)
+    expected = [_alone(runner, p, 8) for p in prompts]
+    requests = [EngineRequest(runner.new_kv(), p, 8) for p in prompts]
+    run_to_completion(BatchEngine(runner, prefill_chunk_tokens=chunk), requests)
+    assert [r.tokens for r in requests] == expected
+
+
+def test_more_sessions_than_max_batch_all_finish_exactly(models) -> None:
+    runner = ModelRunner(models["random:tiny-llama"])
+    prompts = _prompts(7, seed=4)
+    expected = [_alone(runner, p, 9) for p in prompts]
+    engine = BatchEngine(runner, max_batch=3)
+    requests = [EngineRequest(runner.new_kv(), p, 9) for p in prompts]
+    run_to_completion(engine, requests)
+    assert [r.tokens for r in requests] == expected
+    assert engine.batch_rows / engine.steps <= 3
+
+
+def test_sampled_rows_follow_their_own_seeds(models) -> None:
+    runner = ModelRunner(models["random:tiny-llama"])
+    prompts = _prompts(3, seed=5)
+    expected = [
+        sample_generate(runner, runner.new_kv(), runner.ids_tensor(p), 10, temperature=0.8, top_k=20, seed=i)
+        for i, p in enumerate(prompts)
+    ]
+    requests = [
+        EngineRequest(runner.new_kv(), p, 10, picker=runner.token_picker(0.8, 20, i))
+        for i, p in enumerate(prompts)
+    ]
+    greedy = EngineRequest(runner.new_kv(), prompts[0], 10)
+    run_to_completion(BatchEngine(runner), [*requests, greedy])
+    assert [r.tokens for r in requests] == expected
+    assert greedy.tokens == _alone(runner, prompts[0], 10)
+
+
+def test_a_cancelled_request_leaves_without_touching_its_kv_again(models) -> None:
+    runner = ModelRunner(models["random:tiny-llama"])
+    prompts = _prompts(2, seed=6)
+    engine = BatchEngine(runner)
+    keep = EngineRequest(runner.new_kv(), prompts[0], 12)
+    drop = EngineRequest(runner.new_kv(), prompts[1], 12)
+    for request in (keep, drop):
+        engine.submit(request)
+    engine.step()
+    engine.step()
+    drop.cancelled = True
+    length = drop.kv.length
+    ended = engine.step()
+    assert drop in ended and drop.done and drop.kv.length == length
+    drop.kv.release()  # what closing the session does; the engine must not use the blocks again
+    while not keep.done:
+        engine.step()
+    assert keep.tokens == _alone(runner, prompts[0], 12)
+
+
+def test_a_failing_request_fails_alone(models) -> None:
+    runner = ModelRunner(models["random:tiny-gpt2"])  # 1024 positions
+    engine = BatchEngine(runner)
+    good = EngineRequest(runner.new_kv(), [1, 2, 3], 5)
+    too_long = EngineRequest(runner.new_kv(), [1] * 1100, 5)
+    run_to_completion(engine, [too_long, good])
+    assert too_long.error is not None and "positions" in str(too_long.error)
+    assert good.error is None and good.tokens == _alone(runner, [1, 2, 3], 5)
+
+
+def test_decode_refuses_a_session_twice_and_mismatched_rows(models) -> None:
+    runner = ModelRunner(models["random:tiny-llama"])
+    kv = runner.new_kv()
+    runner.begin(kv, runner.ids_tensor([1, 2])).finish()
+    with pytest.raises(ValueError, match="once"):
+        runner.decode([kv, kv], [3, 4])
+    with pytest.raises(ValueError, match="one token per session"):
+        runner.decode([kv], [3, 4])
+
+
+def test_buckets_pad_little() -> None:
+    assert [batch_bucket(n) for n in (1, 3, 9, 33, 128, 129, 600)] == [1, 4, 12, 48, 128, 192, 640]
+    for slots in (1, 100, 1100, 5000, 40000, 130000):
+        padded = slot_bucket(slots)
+        assert slots <= padded < slots + max(256, 0.05 * slots)
