@@ -84,6 +84,8 @@ class ServerSettings:
     max_batch: int = attrs.field(default=256, validator=_positive)
     #: capture decode steps as CUDA graphs (one per padded batch size and KV span)
     cuda_graphs: bool = True
+    #: larger decode steps run eagerly (their launch overhead is small beside their work)
+    graph_max_batch: int = attrs.field(default=512, validator=_positive)
 
 
 @attrs.frozen

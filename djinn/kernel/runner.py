@@ -36,6 +36,9 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_BLOCK_TOKENS = 64
 #: graphs kept at once; the least recently used is dropped beyond this
 MAX_GRAPHS = 48
+#: a step shape is captured the time it is used again: a one-off shape (a batch growing while
+#: sessions join) runs eagerly rather than paying for a capture it never replays
+CAPTURE_AFTER_USES = 2
 
 
 def _round_up(tokens: int, block: int) -> int:
@@ -230,7 +233,8 @@ class ModelRunner:
     final norm and head are moved there. The decoder layers are moved there too, unless a
     ``streamer`` is given: the runner then hands them to ``streamer.prepare(layers, device,
     budget_bytes)`` once, here, and calls its per-pass and per-layer methods on every pass.
-    ``cuda_graphs``: capture decode steps on CUDA (never with a streamer that moves weights).
+    ``cuda_graphs``: capture decode steps on CUDA (never with a streamer that moves weights), for
+    padded batches of at most ``graph_max_batch`` rows; larger steps are long enough to run eagerly.
     """
 
     def __init__(
@@ -242,6 +246,7 @@ class ModelRunner:
         budget_bytes: int | None = None,
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         cuda_graphs: bool = True,
+        graph_max_batch: int = 512,
     ) -> None:
         family = loaded.family
         if family not in SUPPORTED_FAMILIES:
@@ -296,7 +301,10 @@ class ModelRunner:
         )
         moves_weights = streamer is not None and streamer.streams_weights
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
+        self.graph_max_batch = graph_max_batch
         self._graphs: dict[tuple[int, int], _StepInputs] = {}
+        self._uses: dict[tuple[int, int], int] = {}
+        self.captures = 0
         self._graph_generation = self.pool.generation
         self._graph_pool: Any = None
 
@@ -423,9 +431,8 @@ class ModelRunner:
             kv.ensure_capacity(kv.length + 1)
         rows = len(kvs)
         span = min(slot_bucket(self.pool.high_water_slots()), self.pool.tensor.shape[2])
-        if self.cuda_graphs:
-            inputs = self._graph_inputs(batch_bucket(rows), span)
-        else:
+        inputs = self._graph_inputs(batch_bucket(rows), span) if self.cuda_graphs else None
+        if inputs is None:
             inputs = _StepInputs.empty(rows, span, self.device)
         self._fill_inputs(inputs, kvs, tokens)
         if inputs.graph is not None:
@@ -461,17 +468,23 @@ class ModelRunner:
         inputs.row_of_slot.index_copy_(0, slots, row_ids.to(device, non_blocking=True))
         inputs.slot_position.index_copy_(0, slots, in_row.to(device, non_blocking=True))
 
-    def _graph_inputs(self, batch: int, span: int) -> _StepInputs:
-        """The captured step for this batch size and slot span (captured on first use)."""
+    def _graph_inputs(self, batch: int, span: int) -> _StepInputs | None:
+        """The captured step for this padded batch size and slot span; None: run this one eagerly."""
+        if batch > self.graph_max_batch:
+            return None
         if self._graph_generation != self.pool.generation:
             self._graphs.clear()  # the pool moved: graphs hold its old address
             self._graph_generation = self.pool.generation
         key = (batch, span)
         inputs = self._graphs.pop(key, None)
         if inputs is None:
+            self._uses[key] = uses = self._uses.get(key, 0) + 1
+            if uses < CAPTURE_AFTER_USES:
+                return None
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             inputs = self._capture(batch, span)
+            self.captures += 1
         self._graphs[key] = inputs  # most recently used last
         return inputs
 

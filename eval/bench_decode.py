@@ -1,0 +1,303 @@
+"""The batched, graph-captured decode engine, beside one-at-a-time decoding and transformers.
+
+    python -m eval.bench_decode --model random:llama-7b --out eval/results/decode_<tag>.json
+    python -m eval.bench_decode --device cpu --model random:gpt2 --context 128 --new-tokens 16 \
+        --sessions 16 --batches 1,4,16 --chunks 512 --agreement 4 --no-anchors --out ...
+
+(a) one session's decode step at a 1024-token context (graph-captured and eager), against the
+    weight-read floor measured in the same run (weight bytes / the device's read bandwidth);
+(b) ``--sessions`` sessions x (``--context``-token prompt + ``--new-tokens`` tokens) end to end
+    through the ``BatchEngine`` (chunked prefill joined with batched decode), per prefill chunk,
+    and the same sessions served one at a time (what an engine without batching does);
+(c) decode tokens/s at each ``--batches`` size with ``--context``-token contexts (a size whose KV
+    does not fit is measured at the longest context that does, and says so);
+(d) bf16 agreement: greedy tokens of sessions decoded together vs each decoded alone;
+and the anchors re-measured here: transformers ``generate`` (eager, dynamic cache) per token, and
+``generate_batch`` (its continuous batching) on (b). Random weights of the named shape stand in
+for a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import transformers
+
+from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
+from djinn.kernel.models import load_model, weight_bytes
+from djinn.kernel.runner import ModelRunner, greedy_generate
+from eval.bench_transport import hardware
+
+GiB = 1 << 30
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    _sync()
+    started = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - started
+
+
+def read_bandwidth(nbytes: int = 4 * GiB, repeats: int = 10) -> list[float]:
+    """Device read bandwidth (bytes/s) of a sum over ``nbytes`` of bf16."""
+    data = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    data.sum()
+    samples = [nbytes / _timed(lambda: data.sum()) for _ in range(repeats)]
+    del data
+    return samples
+
+
+def _prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+
+
+def prefilled(runner: ModelRunner, prompts: list[list[int]]) -> tuple[list, list[int]]:
+    """Sessions holding ``prompts`` and the first token each would decode next."""
+    kvs, tokens = [], []
+    for prompt in prompts:
+        kv = runner.new_kv()
+        tokens.append(int(runner.begin(kv, runner.ids_tensor(prompt)).finish().argmax()))
+        kvs.append(kv)
+    return kvs, tokens
+
+
+def step_times(runner: ModelRunner, kvs: list, tokens: list[int], steps: int) -> list[float]:
+    """Seconds of each of ``steps`` batched decode steps (each ends with the tokens on the host)."""
+    out = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        tokens = runner.decode(kvs, tokens).argmax(-1).tolist()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def release(kvs: list) -> None:
+    for kv in kvs:
+        kv.release()
+
+
+def finish(engine: BatchEngine, requests: list[EngineRequest]) -> None:
+    """Run ``requests`` to the end; a request that failed fails the benchmark."""
+    run_to_completion(engine, requests)
+    failed = [r.error for r in requests if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed; the first: {failed[0]!r}") from failed[0]
+
+
+def _modes(runner: ModelRunner) -> tuple[str, ...]:
+    return ("graph", "eager") if runner.device.type == "cuda" else ("eager",)
+
+
+def bench_single(runner: ModelRunner, context: int, steps: int) -> dict[str, Any]:
+    """(a): batch-1 decode steps, captured and eager."""
+    out: dict[str, Any] = {}
+    captured = runner.cuda_graphs
+    for mode in _modes(runner):
+        runner.cuda_graphs = mode == "graph"
+        kvs, tokens = prefilled(runner, _prompts(1, context, runner.vocab_size, seed=1))
+        step_times(runner, kvs, tokens, 5)  # warm-up and capture
+        out[f"{mode}_step_s"] = step_times(runner, kvs, tokens, steps)
+        release(kvs)
+    runner.cuda_graphs = captured
+    return out
+
+
+def bench_end_to_end(runner: ModelRunner, sessions: int, context: int, new_tokens: int, chunk: int) -> dict[str, Any]:
+    """(b): every session's prompt then its tokens, all through one engine; wall seconds."""
+    prompts = _prompts(sessions, context, runner.vocab_size, seed=2)
+    warm = [EngineRequest(runner.new_kv(), p[:64], 4) for p in prompts[:4]]
+    finish(BatchEngine(runner, prefill_chunk_tokens=chunk), warm)
+    release([r.kv for r in warm])
+    engine = BatchEngine(runner, prefill_chunk_tokens=chunk)
+    requests = [EngineRequest(runner.new_kv(context + new_tokens), p, new_tokens) for p in prompts]
+    captures = runner.captures
+    seconds = _timed(lambda: finish(engine, requests))
+    release([r.kv for r in requests])
+    return {
+        "prefill_chunk_tokens": chunk, "seconds": seconds, "steps": engine.steps,
+        "sessions": sessions, "context": context, "new_tokens": new_tokens,
+        "mean_decode_batch": engine.batch_rows / max(1, engine.steps),
+        "graphs_captured_during_run": runner.captures - captures,
+        "tokens_per_s": sessions * new_tokens / seconds,
+        "first_token_s": [r.first_token_at - r.submitted_at for r in requests],
+    }
+
+
+def bench_one_at_a_time(runner: ModelRunner, sessions: int, context: int, new_tokens: int) -> dict[str, Any]:
+    """(b) without batching: each session's prompt and tokens alone, one after another."""
+    prompts = _prompts(sessions, context, runner.vocab_size, seed=2)
+
+    def serve_all() -> None:
+        for prompt in prompts:
+            kv = runner.new_kv(context + new_tokens)
+            finish(BatchEngine(runner), [EngineRequest(kv, prompt, new_tokens)])
+            kv.release()
+
+    seconds = _timed(serve_all)
+    return {"seconds": seconds, "tokens_per_s": sessions * new_tokens / seconds}
+
+
+def bench_throughput(runner: ModelRunner, batch: int, context: int, steps: int, free_bytes: int) -> dict[str, Any]:
+    """(c): tokens/s of batched decode steps with ``context``-token contexts (shortened to fit)."""
+    per_token = runner.kv_bytes_per_token
+    fits = free_bytes // (batch * per_token) - steps - 2 * runner.pool.block_tokens - 16
+    used_context = int(min(context, fits))
+    kvs, tokens = prefilled(runner, _prompts(batch, used_context, runner.vocab_size, seed=3))
+    out: dict[str, Any] = {"batch": batch, "context": used_context, "shortened_to_fit": used_context < context}
+    captured = runner.cuda_graphs
+    for mode in _modes(runner):
+        runner.cuda_graphs = mode == "graph"
+        step_times(runner, kvs, tokens, 3)
+        samples = step_times(runner, kvs, tokens, steps)
+        out[f"{mode}_step_s"] = samples
+        out[f"{mode}_tokens_per_s"] = batch / statistics.median(samples)
+    runner.cuda_graphs = captured
+    release(kvs)
+    return out
+
+
+def bench_agreement(runner: ModelRunner, sessions: int, context: int, new_tokens: int) -> dict[str, Any]:
+    """(d): do sessions decoded together pick the tokens they pick alone (bf16)?"""
+    prompts = _prompts(sessions, context, runner.vocab_size, seed=4)
+    alone = []
+    for prompt in prompts:
+        kv = runner.new_kv()
+        alone.append(greedy_generate(runner, kv, runner.ids_tensor(prompt), new_tokens))
+        kv.release()
+    requests = [EngineRequest(runner.new_kv(), p, new_tokens) for p in prompts]
+    finish(BatchEngine(runner), requests)
+    release([r.kv for r in requests])
+    together = [r.tokens for r in requests]
+    first_divergence = [
+        next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(alone, together)
+    ]
+    return {
+        "sequences_identical": sum(x == y for x, y in zip(alone, together)),
+        "sequences": sessions, "first_divergence_step": first_divergence,
+        "tokens_identical": sum(a == b for x, y in zip(alone, together) for a, b in zip(x, y)),
+        "tokens": sessions * new_tokens,
+    }
+
+
+def bench_transformers(model: torch.nn.Module, context: int, new_tokens: int, sessions: int) -> dict[str, Any]:
+    """The anchors: ``generate`` (eager, dynamic cache) per token; ``generate_batch`` on (b)."""
+    vocab = model.config.vocab_size
+    ids = torch.tensor(_prompts(1, context, vocab, seed=5), device="cuda")
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    model.generate(ids, max_new_tokens=2, **kwargs)
+    one = _timed(lambda: model.generate(ids, max_new_tokens=1, **kwargs))
+    full = _timed(lambda: model.generate(ids, max_new_tokens=new_tokens, **kwargs))
+    out: dict[str, Any] = {"generate_eager_s_per_token": (full - one) / (new_tokens - 1),
+                           "generate_eager_total_s": full}
+    try:
+        config = transformers.GenerationConfig(
+            max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )
+        prompts = _prompts(sessions, context, vocab, seed=2)
+        out["generate_batch_s"] = _timed(lambda: model.generate_batch(prompts, generation_config=config))
+    except Exception as exc:  # noqa: BLE001 - an anchor that cannot run is reported, not fatal
+        out["generate_batch_error"] = f"{type(exc).__name__}: {exc}"[:500]
+    return out
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+@click.command()
+@click.option("--model", "model_name", default="random:llama-7b")
+@click.option("--context", default=1024, help="prompt / context tokens")
+@click.option("--new-tokens", default=50)
+@click.option("--sessions", default=32, help="sessions in the end-to-end run (b)")
+@click.option("--batches", default="8,32,64,96,128", help="batch sizes for (c)")
+@click.option("--steps", default=30, help="timed decode steps per point")
+@click.option("--chunks", default="512,2048", help="prefill chunk sizes tried in (b)")
+@click.option("--agreement", default=8, help="sessions in the bf16 agreement check (d)")
+@click.option("--anchors/--no-anchors", default=True, help="re-measure the transformers anchors")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda")
+@click.option("--cpu-pool-gb", default=4.0, help="KV pool size on CPU (on CUDA: free memory less 3 GiB)")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def main(model_name: str, context: int, new_tokens: int, sessions: int, batches: str, steps: int,
+         chunks: str, agreement: int, anchors: bool, device: str, cpu_pool_gb: float, out: Path) -> None:
+    """Run (a)-(d) and the anchors; write one JSON result file and print a table."""
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise click.ClickException("no CUDA device; pass --device cpu for a CPU run")
+    started = time.perf_counter()
+    loaded = load_model(model_name, dtype="bfloat16" if cuda else "float32", device=device, seed=0)
+    weights = weight_bytes(loaded.model)
+    bandwidth = read_bandwidth() if cuda else None
+    report: dict[str, Any] = {
+        "benchmark": "decode",
+        "command": "python -m eval.bench_decode " + " ".join(sys.argv[1:]),
+        "note": f"random weights of the named shape; {loaded.dtype}; on {device}; one process, "
+                "no server (the engine itself)",
+        "hardware": hardware(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "config": dict(model=model_name, context=context, new_tokens=new_tokens, sessions=sessions,
+                       batches=batches, steps=steps, chunks=chunks),
+        "weight_bytes": weights,
+        "read_bandwidth_bytes_per_s": bandwidth,
+    }
+    floor_s = weights / statistics.median(bandwidth) if bandwidth else None
+    if anchors and cuda:
+        report["transformers"] = bench_transformers(loaded.model, context, new_tokens, sessions)
+        torch.cuda.empty_cache()
+    runner = ModelRunner(loaded, device=device)
+    free = torch.cuda.mem_get_info()[0] - 3 * GiB if cuda else int(cpu_pool_gb * GiB)
+    pool_blocks = free // runner.pool.block_bytes
+    runner.pool.grow(pool_blocks)
+    runner.pool.fixed = True
+    kv_bytes = pool_blocks * runner.pool.block_bytes
+    report["kv_pool_bytes"] = kv_bytes
+    report["single"] = bench_single(runner, context, steps)
+    report["end_to_end"] = [
+        bench_end_to_end(runner, sessions, context, new_tokens, int(c)) for c in chunks.split(",")
+    ]
+    report["one_at_a_time"] = bench_one_at_a_time(runner, sessions, context, new_tokens)
+    report["throughput"] = [
+        bench_throughput(runner, int(b), context, steps, kv_bytes) for b in batches.split(",")
+    ]
+    report["agreement"] = bench_agreement(runner, agreement, context, new_tokens)
+    best_b = min(report["end_to_end"], key=lambda r: r["seconds"])
+    report["summary"] = {
+        "weight_read_floor_ms": floor_s * 1e3 if floor_s else None,
+        "a_batch1_step_graph_ms": _median_ms(report["single"]["graph_step_s"]) if cuda else None,
+        "a_batch1_step_eager_ms": _median_ms(report["single"]["eager_step_s"]),
+        "a_goal_ms": 1.5 * floor_s * 1e3 if floor_s else None,
+        "b_end_to_end_s": {r["prefill_chunk_tokens"]: r["seconds"] for r in report["end_to_end"]},
+        "b_best_s": best_b["seconds"],
+        "b_one_at_a_time_s": report["one_at_a_time"]["seconds"],
+        "c_tokens_per_s": {
+            f"{r['batch']}@{r['context']}": {m: r[f"{m}_tokens_per_s"] for m in _modes(runner)}
+            for r in report["throughput"]
+        },
+        "d_sequences_identical": f"{report['agreement']['sequences_identical']}/{agreement}",
+        "d_tokens_identical": f"{report['agreement']['tokens_identical']}/{report['agreement']['tokens']}",
+        "anchors": report.get("transformers"),
+        "run_seconds": time.perf_counter() - started,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    click.echo(json.dumps(report["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
