@@ -64,3 +64,39 @@ def test_exp2_random_model_has_the_named_shape():
     with torch.inference_mode():
         logits = built.model(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    from click.testing import CliRunner
+
+    from eval import bench_decode
+
+    out = tmp_path / "decode.json"
+    result = CliRunner().invoke(bench_decode.main, [
+        "--device", "cpu", "--model", "random:tiny-llama", "--context", "24", "--new-tokens", "4",
+        "--sessions", "3", "--batches", "1,3", "--steps", "2", "--chunks", "8,64", "--agreement", "3",
+        "--no-anchors", "--cpu-pool-gb", "0.05", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert {"hardware", "versions", "config", "single", "end_to_end", "one_at_a_time", "throughput"} <= set(report)
+    assert [r["prefill_chunk_tokens"] for r in report["end_to_end"]] == [8, 64]
+    assert report["end_to_end"][1]["mean_decode_batch"] > 1  # all three prompts fit one chunk: they decode together
+    assert [(r["batch"], r["context"]) for r in report["throughput"]] == [(1, 24), (3, 24)]
+    assert report["summary"]["d_sequences_identical"] == "3/3"  # float32 on CPU: batched == alone
+
+
+def test_signal_benchmark_smoke(tmp_path):
+    from click.testing import CliRunner
+
+    from eval import bench_signal
+
+    out = tmp_path / "signal.json"
+    result = CliRunner().invoke(bench_signal.main, ["--rounds", "3", "--context", "16", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for key in ("io_wait_call", "io_wait_handled", "evicted", "compute_call", "compute_handled", "restored"):
+        assert len(report["raw_s"][key]) == 3
+    # the signal is handled before the move it starts finishes
+    for handled, moved in (("io_wait_handled", "evicted"), ("compute_handled", "restored")):
+        assert all(h <= m for h, m in zip(report["raw_s"][handled], report["raw_s"][moved]))
