@@ -192,6 +192,64 @@ def test_memory_pressure(scheduler):
         server.stop()
 
 
+def _local_turns(turns: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of consecutive turns of one never-evicted session, each turn fed the last token."""
+    from djinn.kernel.models import load_model
+    from djinn.kernel.runner import ModelRunner, greedy_generate
+
+    runner = ModelRunner(load_model("random:tiny-llama"))
+    kv, out, last = runner.new_kv(), [], []
+    for turn in turns:
+        out.append(greedy_generate(runner, kv, runner.ids_tensor(last + turn), new_tokens))
+        last = out[-1][-1:]
+    return out
+
+
+def test_recompute_drops_under_pressure_and_prefills_again_token_exact():
+    """Room for two sessions' KV: recompute frees the least recently used one without a tier copy;
+    that session's next turn prefills its tokens again and picks the never-dropped session's tokens."""
+    config = serving_config(budget_gb=_kv_budget_for(2, 64))
+    server = serve_with(config, ["recompute", "tcp"])
+    turns = [[11, 12, 13, 14, 15], [21, 22], [31, 32, 33]]
+    expected = _local_turns(turns, 8)
+    try:
+        with connect(server.url("tcp")) as client:
+            model = client.model()
+            first, second, third = (model.session() for _ in range(3))
+            got = [first.generate(turns[0], max_new_tokens=8).tokens]
+            second.generate([1, 2, 3], max_new_tokens=8)
+            third.generate([4, 5, 6], max_new_tokens=8)  # needs room: first (least recent) is dropped
+            counters = server.call(lambda: dict(server.kernel.counters))
+            assert counters["drops"] >= 1 and counters["evictions"] == 0
+            assert server.call(lambda: server.kernel.get(first.id).dropped)
+            assert server.call(lambda: server.kernel.memory.tier_bytes("pinned_host")) == 0
+            got.append(first.generate([got[-1][-1], *turns[1]], max_new_tokens=8).tokens)
+            got.append(first.generate([got[-1][-1], *turns[2]], max_new_tokens=8).tokens)
+            assert got == expected
+            assert server.call(lambda: server.kernel.counters["recomputes"]) >= 1
+            snapshot = server.call(lambda: server.kernel.memory.snapshot())
+            assert snapshot["device_used_bytes"] <= snapshot["budget_bytes"]
+    finally:
+        server.stop()
+
+
+def test_recompute_never_drops_a_session_that_ran_a_breakpoint():
+    config = serving_config(budget_gb=_kv_budget_for(1, 64))
+    config = attrs.evolve(config, memory=attrs.evolve(config.memory, admission_queue=0))
+    server = serve_with(config, ["recompute", "tcp"])
+    try:
+        with connect(server.url("tcp")) as client:
+            model = client.model()
+            traced, other = model.session(), model.session()
+            for _hit in traced.trace([1, 2, 3], max_new_tokens=2, breakpoints=[1]):
+                pass  # each hit resumes unmodified when the loop moves on
+            with pytest.raises(AdmissionError):
+                other.generate([4, 5, 6], max_new_tokens=2)
+            assert server.call(lambda: server.kernel.counters["drops"]) == 0
+    finally:
+        server.stop()
+
+
 def test_a_plugin_that_raises_fails_only_its_request():
     class Faulty:
         @hookimpl

@@ -28,7 +28,8 @@ Picker = Callable[[torch.Tensor], int] | None
 
 @attrs.define(eq=False)
 class EngineRequest:
-    """One generate request: feed ``prompt`` after the session's context, then pick ``max_new_tokens``."""
+    """One generate request: feed ``prompt`` after the session's context, then pick ``max_new_tokens``
+    (none: the request only prefills)."""
 
     kv: SessionKV
     prompt: list[int]
@@ -126,6 +127,9 @@ class BatchEngine:
             if request.prefilled < len(request.prompt):
                 continue
             self._prefilling.popleft()
+            if request.max_new_tokens == 0:  # prefill only (a session's KV being recomputed)
+                self._end(request, ended)
+                continue
             self._pick(request, logits)
             request.first_token_at = time.perf_counter()
             if len(request.tokens) >= request.max_new_tokens:

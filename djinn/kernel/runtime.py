@@ -87,6 +87,13 @@ class Session:
     closed: bool = False
     #: the generate request this session has in the batch engine, if any
     inflight: EngineRequest | None = None
+    #: the tokens whose KV the session holds, in order (what a recompute prefills again)
+    history: list[int] = attrs.Factory(list)
+    #: False once a breakpoint pass ran: its KV may come from edited activations, which the
+    #: tokens alone cannot reproduce, so it is never dropped
+    recomputable: bool = True
+    #: the KV was dropped (not moved to a tier): restoring it means prefilling ``history`` again
+    dropped: bool = False
 
 
 class Kernel:
@@ -107,7 +114,8 @@ class Kernel:
         self.started = False
         self.counters: dict[str, float] = dict.fromkeys(
             ("evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds",
-             "evict_failures", "admission_waits", "admission_refusals", "requests", "tokens"), 0
+             "evict_failures", "admission_waits", "admission_refusals", "requests", "tokens",
+             "drops", "recomputes", "recompute_seconds"), 0
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -294,7 +302,7 @@ class Kernel:
         if session is None or session.closed:
             return
         if action.kind == "evict":
-            self._start_move(session, self._evict(session))
+            self._start_move(session, self._drop(session) if self.scheduler.drops_kv else self._evict(session))
         else:
             self._start_move(session, self._restore(session, critical=False))
 
@@ -439,7 +447,8 @@ class Kernel:
                 await asyncio.gather(session.moving, return_exceptions=True)
                 continue
             if session.info.residency is Residency.EVICTED:
-                session.moving = asyncio.create_task(self._restore(session, critical=True))
+                restore = self._recompute(session) if session.dropped else self._restore(session, critical=True)
+                session.moving = asyncio.create_task(restore)
                 continue
             if session.moving is not None and session.moving.done() and not session.moving.cancelled():
                 exc = session.moving.exception()
@@ -472,6 +481,7 @@ class Kernel:
                     s.info for s in self.sessions.values()
                     if s is not requester and not s.closed and not s.info.busy
                     and s.info.residency is Residency.RESIDENT and s.kv.blocks
+                    and (s.recomputable or not self.scheduler.drops_kv)
                 ]
                 victims = self.scheduler.select_victims(candidates, need, now)
                 if victims:
@@ -507,8 +517,66 @@ class Kernel:
             return False
         if session.moving is not None and not session.moving.done():
             await asyncio.gather(session.moving, return_exceptions=True)
-        session.moving = asyncio.create_task(self._evict(session))
+        move = self._drop(session) if self.scheduler.drops_kv else self._evict(session)
+        session.moving = asyncio.create_task(move)
         return await session.moving
+
+    async def _drop(self, session: Session) -> bool:
+        """Free a resident, idle session's KV without saving it; its tokens are prefilled again later."""
+        info, kv = session.info, session.kv
+        if (info.residency is not Residency.RESIDENT or info.busy or not kv.blocks or session.closed
+                or not session.recomputable):
+            return False
+        nbytes = kv.nbytes
+        await self._on_pool(kv.release)
+        kv.length = 0
+        self.memory.release("kv", nbytes)
+        session.dropped = True
+        info.residency = Residency.EVICTED
+        info.kv_bytes = 0
+        self.counters["drops"] += 1
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_evicted", session=info, tier="dropped", nbytes=nbytes, seconds=0.0)
+        return True
+
+    async def _recompute(self, session: Session) -> bool:
+        """Bring a dropped session's KV back by prefilling its tokens again (on the critical path)."""
+        from djinn.kernel.engine import EngineRequest
+
+        info, kv = session.info, session.kv
+        if info.residency is not Residency.EVICTED or session.closed:
+            return False
+        info.residency = Residency.RESTORING
+        started = time.perf_counter()
+        nbytes = self.runner.kv_bytes(len(session.history))
+        try:
+            await self._reserve_kv(nbytes, requester=session)
+        except BaseException:
+            info.residency = Residency.EVICTED
+            raise
+        try:
+            kv.adopt([])
+            await self._on_pool(kv.ensure_capacity, len(session.history))
+            if session.history:
+                await self._run_request(session, EngineRequest(kv, list(session.history), 0))
+        except BaseException:
+            await self._on_pool(kv.release)
+            kv.length = 0
+            self.memory.release("kv", nbytes)
+            info.residency = Residency.EVICTED
+            raise
+        seconds = time.perf_counter() - started
+        session.dropped = False
+        info.residency = Residency.RESIDENT
+        info.kv_bytes = kv.nbytes
+        self.counters["recomputes"] += 1
+        self.counters["restores_on_critical_path"] += 1
+        self.counters["recompute_seconds"] += seconds
+        self.plugins.notify(
+            "djinn_session_restored", session=info, tier="dropped", nbytes=nbytes, seconds=seconds,
+            on_critical_path=True,
+        )
+        return True
 
     async def _grow_kv(self, session: Session, tokens: int) -> None:
         """Make the session's KV hold ``tokens`` tokens, reserving the extra bytes first."""
@@ -558,10 +626,17 @@ class Kernel:
                 result = GenerateResult(tokens=[], restore_s=restore_s)
                 result.queue_s = time.perf_counter() - arrived - restore_s
                 streamed_before = self.streamer.stats() if self.streams else None
-                if layers:
-                    await self._generate_with_breaks(session, input_ids, params, layers, on_break, result)
-                elif params.max_new_tokens:
-                    await self._generate_batched(session, list(input_ids), params, result)
+                length_before = session.kv.length
+                try:
+                    if layers:
+                        session.recomputable = False
+                        await self._generate_with_breaks(session, input_ids, params, layers, on_break, result)
+                    elif params.max_new_tokens:
+                        await self._generate_batched(session, list(input_ids), params, result)
+                finally:
+                    # whatever reached the KV, also after a failure: the prompt, then every token but the last
+                    fed = [*input_ids, *result.tokens]
+                    session.history.extend(fed[: max(0, session.kv.length - length_before)])
                 self.counters["tokens"] += len(result.tokens)
                 if streamed_before is not None:
                     after = self.streamer.stats()
@@ -586,6 +661,15 @@ class Kernel:
         if params.temperature > 0:
             picker = self.runner.token_picker(params.temperature, params.top_k, params.seed)
         request = EngineRequest(session.kv, input_ids, params.max_new_tokens, picker=picker)
+        result.tokens = request.tokens  # filled as the engine picks them
+        await self._run_request(session, request)
+        result.queue_s += request.started_at - request.submitted_at
+        result.first_token_s = result.prefill_s = request.first_token_at - request.started_at
+        result.decode_s = request.finished_at - request.first_token_at
+
+    async def _run_request(self, session: Session, request: EngineRequest) -> None:
+        """Submit ``request`` to the batch engine and wait for it; a cancelled caller waits until the
+        engine has let go of the session's KV, so the KV may be freed right after."""
         done = asyncio.get_running_loop().create_future()
         self._engine_done[id(request)] = done
         session.inflight = request
@@ -596,7 +680,7 @@ class Kernel:
             await asyncio.shield(done)
         except asyncio.CancelledError:
             request.cancelled = True
-            await _settled(done)  # the engine lets go of the KV before the caller may free it
+            await _settled(done)
             raise
         finally:
             session.inflight = None
@@ -605,10 +689,6 @@ class Kernel:
             raise request.error
         if request.cancelled:
             raise SessionError(f"session {session.info.id} was closed while generating")
-        result.tokens = request.tokens
-        result.queue_s += request.started_at - request.submitted_at
-        result.first_token_s = result.prefill_s = request.first_token_at - request.started_at
-        result.decode_s = request.finished_at - request.first_token_at
 
     async def _drive_engine(self) -> None:
         """Run engine steps on the model thread while it has work; wake each finished request."""

@@ -95,6 +95,10 @@ class Action:
 class Scheduler(ABC):
     """Policy over session residency. Called on the server's event-loop thread, never blocks."""
 
+    #: True: a victim's KV is dropped, not moved to a tier, and the kernel prefills the session's
+    #: tokens again when it is next needed (recomputation instead of a copy)
+    drops_kv: bool = False
+
     @abstractmethod
     def on_phase(self, session: SessionInfo, now: float) -> Sequence[Action]:
         """A session changed phase (``session.phase`` is the new one). Once per signal."""
