@@ -23,14 +23,14 @@ def test_exp1_smoke(tmp_path: Path) -> None:
         sweep=attrs.evolve(smoke.sweep, p99_limit_s=120.0),
     )
     out = tmp_path / "exp1.json"
-    run(experiment, out, schedulers=("semantic", "static"), agent_counts=(4,), progress=False)
+    run(experiment, out, schedulers=("semantic", "static", "recompute"), agent_counts=(4,), progress=False)
 
     report = json.loads(out.read_text())
     for key in ("hardware", "versions", "config", "points", "summary", "plots"):
         assert key in report
     assert report["config"]["workload"]["iterations"] == 2
     by_scheduler = {p["summary"]["scheduler"]: p for p in report["points"]}
-    assert set(by_scheduler) == {"semantic", "static"}
+    assert set(by_scheduler) == {"semantic", "static", "recompute"}
     for point in by_scheduler.values():
         summary = point["summary"]
         assert summary["agents"] == 4 and summary["failures"] == 0
@@ -41,7 +41,11 @@ def test_exp1_smoke(tmp_path: Path) -> None:
         assert point["memory"] and {"t_s", "device_used_bytes", "tier_bytes", "rss_bytes"} <= set(point["memory"][0])
     assert by_scheduler["semantic"]["counters"]["evictions"] > 0
     assert by_scheduler["static"]["counters"]["evictions"] == 0
-    assert report["summary"]["max_agents_within_limit"] == {"semantic": 4, "static": 4}
+    # 4 agents, room for 2 sessions' KV: recompute drops some and prefills them again
+    assert by_scheduler["recompute"]["counters"]["drops"] > 0
+    assert by_scheduler["recompute"]["counters"]["recomputes"] > 0
+    assert by_scheduler["recompute"]["counters"]["evictions"] == 0
+    assert report["summary"]["max_agents_within_limit"] == {"semantic": 4, "static": 4, "recompute": 4}
     assert all(Path(p).is_file() for p in report["plots"])
 
 

@@ -45,7 +45,7 @@ from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
 from eval.bench_transport import hardware
 
-SCHEDULERS = ("static", "lru", "semantic")
+SCHEDULERS = ("static", "lru", "recompute", "semantic")
 GiB = 1 << 30
 
 
