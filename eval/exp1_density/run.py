@@ -210,9 +210,12 @@ class PointResult:
             "peak_tier_bytes": max((m["tier_bytes"] for m in self.memory), default=0),
             "meets_limit": failures == 0 and bool(done) and p99 <= p99_limit_s,
             "duration_s": self.duration_s,
+            # decode throughput the run got, beside what the workload asked of it
+            "tokens_per_s": self.counters.get("tokens", 0) / self.duration_s if self.duration_s else math.nan,
             **{k: self.counters.get(k, 0) for k in (
                 "evictions", "restores", "restores_on_critical_path", "evict_failures",
-                "admission_waits", "admission_refusals")},
+                "admission_waits", "admission_refusals", "drops", "recomputes",
+                "engine_steps", "engine_mean_batch")},
         }
 
 
@@ -341,7 +344,9 @@ def run_point(experiment: ExperimentConfig, scheduler: str, agents: int,
         started = time.perf_counter()
         samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration))
         duration = time.perf_counter() - started
-        counters = server.call(server.kernel.vmu)["counters"]
+        vmu = server.call(server.kernel.vmu)
+        counters = {**vmu["counters"], "engine_steps": vmu["engine"]["steps"],
+                    "engine_mean_batch": vmu["engine"]["mean_batch"]}
     del server, plugins
     _release_device()
     return PointResult(scheduler, agents, sorted(samples, key=lambda s: (s.agent, s.iteration)),
