@@ -172,3 +172,20 @@ def test_buckets_pad_little() -> None:
     for slots in (1, 100, 1100, 5000, 40000, 130000):
         padded = slot_bucket(slots)
         assert slots <= padded < slots + max(256, 0.05 * slots)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_captured_decode_steps_equal_eager_steps_on_cuda() -> None:
+    loaded = load_model("random:tiny-llama", device="cuda")
+    captured = ModelRunner(loaded, device="cuda")
+    eager = ModelRunner(loaded, device="cuda", cuda_graphs=False)
+    prompts = _prompts(6, seed=7)
+    results = []
+    for runner in (captured, eager):
+        requests = [EngineRequest(runner.new_kv(), p, 24) for p in prompts]
+        run_to_completion(BatchEngine(runner), requests)
+        assert all(r.error is None for r in requests)
+        results.append([r.tokens for r in requests])
+    assert captured.captures > 0 and eager.captures == 0
+    assert results[0] == results[1]
+    assert results[0] == [_alone(eager, p, 24) for p in prompts]
