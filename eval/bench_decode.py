@@ -227,7 +227,7 @@ def _median_ms(samples: list[float]) -> float:
 @click.option("--sessions", default=32, help="sessions in the end-to-end run (b)")
 @click.option("--batches", default="8,32,64,96,128", help="batch sizes for (c)")
 @click.option("--steps", default=30, help="timed decode steps per point")
-@click.option("--chunks", default="512,2048", help="prefill chunk sizes tried in (b)")
+@click.option("--chunks", default="512,2048,4096", help="prefill chunk sizes tried in (b)")
 @click.option("--agreement", default=8, help="sessions in the bf16 agreement check (d)")
 @click.option("--anchors/--no-anchors", default=True, help="re-measure the transformers anchors")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda")

@@ -78,8 +78,9 @@ class ServerSettings:
     pause_timeout_s: float = attrs.field(default=300.0, validator=_positive)
     #: how often the scheduler's ``on_tick`` runs (timed prefetch, idle fallback)
     tick_s: float = attrs.field(default=0.05, validator=_positive)
-    #: prompt tokens prefilled per engine step, so a long prompt does not stall the decoders
-    prefill_chunk_tokens: int = attrs.field(default=512, validator=_positive)
+    #: prompt tokens prefilled per engine step, so a long prompt does not stall the decoders for
+    #: long; larger chunks read the weights fewer times per prompt
+    prefill_chunk_tokens: int = attrs.field(default=2048, validator=_positive)
     #: sessions decoded together in one step at most
     max_batch: int = attrs.field(default=256, validator=_positive)
     #: capture decode steps as CUDA graphs (one per padded batch size and KV span)

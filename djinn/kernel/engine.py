@@ -54,7 +54,7 @@ class EngineRequest:
 class BatchEngine:
     """Schedules prefill chunks and batched decode steps over the submitted requests."""
 
-    def __init__(self, runner: ModelRunner, *, prefill_chunk_tokens: int = 512, max_batch: int = 256) -> None:
+    def __init__(self, runner: ModelRunner, *, prefill_chunk_tokens: int = 2048, max_batch: int = 256) -> None:
         if prefill_chunk_tokens <= 0 or max_batch <= 0:
             raise ValueError("prefill_chunk_tokens and max_batch must be > 0")
         self.runner = runner
