@@ -509,6 +509,14 @@ class _VmuCollector:
         yield GaugeMetricFamily("djinn_admission_queue", "Requests waiting for memory", value=vmu["admission_queue"])
         for name, value in vmu["counters"].items():
             yield CounterMetricFamily(f"djinn_{name}", f"Total {name.replace('_', ' ')}", value=value)
+        engine = vmu["engine"]
+        yield CounterMetricFamily("djinn_engine_steps", "Batch engine steps", value=engine["steps"])
+        yield GaugeMetricFamily("djinn_engine_mean_batch", "Mean decode rows per engine step",
+                                value=engine["mean_batch"])
+        pool = GaugeMetricFamily("djinn_kv_pool_blocks", "KV pool blocks", labels=["state"])
+        pool.add_metric(["used"], engine["kv_pool_blocks_used"])
+        pool.add_metric(["total"], engine["kv_pool_blocks"])
+        yield pool
 
 
 # ---------------------------------------------------------------------- running
