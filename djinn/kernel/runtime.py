@@ -244,7 +244,11 @@ class Kernel:
         info = SessionInfo(id=next(self._ids), created_at=now, last_used=now)
         session = Session(info=info, kv=self.runner.new_kv(), owner=owner)
         self.sessions[info.id] = session
-        self.plugins.notify("djinn_session_created", session=info)
+        try:
+            self.plugins.notify("djinn_session_created", session=info)
+        except BaseException:
+            del self.sessions[info.id]  # the request fails: nobody would ever close this session
+            raise
         return session
 
     def get(self, session_id: int, owner: object = None) -> Session:
@@ -264,7 +268,7 @@ class Kernel:
             session.inflight.cancelled = True
             await _settled(self._engine_done.get(id(session.inflight)))
         if session.moving is not None:
-            await asyncio.gather(session.moving, return_exceptions=True)
+            await asyncio.wait({session.moving})
         self.sessions.pop(session.info.id, None)
         await self._on_pool(self._free_session_memory, session)
         await self._notify_freed()
@@ -442,13 +446,21 @@ class Kernel:
     async def ensure_resident(self, session: Session) -> float:
         """Wait for the session's own move, restore it if needed; the seconds spent waiting."""
         started = time.perf_counter()
+        attempt: asyncio.Task | None = None
         while True:
             if session.moving is not None and not session.moving.done():
-                await asyncio.gather(session.moving, return_exceptions=True)
+                # wait, never cancel: a move cut short between its pool and memory steps would leak
+                await asyncio.wait({session.moving})
                 continue
+            if attempt is not None and session.info.residency is not Residency.RESIDENT:
+                # this request's own restore failed (no room, say): fail the request, never retry in a loop
+                session.moving = None
+                if attempt.cancelled() or attempt.exception() is None:
+                    raise SessionError(f"session {session.info.id} could not be restored")
+                raise attempt.exception()
             if session.info.residency is Residency.EVICTED:
                 restore = self._recompute(session) if session.dropped else self._restore(session, critical=True)
-                session.moving = asyncio.create_task(restore)
+                session.moving = attempt = asyncio.create_task(restore)
                 continue
             if session.moving is not None and session.moving.done() and not session.moving.cancelled():
                 exc = session.moving.exception()
@@ -516,7 +528,7 @@ class Kernel:
         if session is None:
             return False
         if session.moving is not None and not session.moving.done():
-            await asyncio.gather(session.moving, return_exceptions=True)
+            await asyncio.wait({session.moving})
         move = self._drop(session) if self.scheduler.drops_kv else self._evict(session)
         session.moving = asyncio.create_task(move)
         return await session.moving
@@ -584,11 +596,15 @@ class Kernel:
         extra = self.runner.kv_growth_bytes(kv, tokens)
         if extra:
             await self._reserve_kv(extra, requester=session)
+            # the blocks are allocated on the model thread even if this request is cancelled
+            # meanwhile: the reservation is returned only when the allocation itself failed
+            grown = asyncio.ensure_future(self._on_pool(kv.ensure_capacity, tokens))
             try:
-                await self._on_pool(kv.ensure_capacity, tokens)
-            except BaseException:
-                self.memory.release("kv", extra)
-                raise
+                await _settled(grown)
+            finally:
+                if grown.done() and (grown.cancelled() or grown.exception() is not None):
+                    self.memory.release("kv", extra)
+            grown.result()
         session.info.kv_bytes = kv.nbytes
 
     # ------------------------------------------------------------------ generation

@@ -33,6 +33,7 @@ from djinn.kernel.errors import (
     ConnectionClosed,
     DjinnError,
     FrameError,
+    PluginError,
     SessionError,
 )
 from djinn.kernel.plugins import DjinnPlugins
@@ -220,10 +221,19 @@ class Server:
         await asyncio.gather(*client.tasks, return_exceptions=True)
         for session_id in list(client.sessions):
             session = self.kernel.sessions.get(session_id)
-            if session is not None:
+            if session is None:
+                continue
+            try:  # a failure here (a plugin's hook) must not keep the client's other sessions
                 await self.kernel.close_session(session, reason="disconnected")
+            except Exception:
+                log.exception("closing session %d of %s failed", session_id, client.conn.peer)
         client.sessions.clear()
-        self.kernel.plugins.notify("djinn_connection_closed", peer=client.conn.peer, transport=client.transport, reason=reason)
+        try:
+            self.kernel.plugins.notify(
+                "djinn_connection_closed", peer=client.conn.peer, transport=client.transport, reason=reason
+            )
+        except DjinnError:
+            log.exception("a plugin failed in djinn_connection_closed")
 
     # ------------------------------------------------------------------ requests
 
@@ -237,7 +247,9 @@ class Server:
         except ConnectionClosed:
             pass
         except Exception as exc:
-            if not isinstance(exc, DjinnError):
+            if isinstance(exc, PluginError):
+                log.error("request %s failed: %s", frame.op.name, exc)
+            elif not isinstance(exc, DjinnError):
                 log.exception("request %s failed", frame.op.name)
             try:
                 self.kernel.plugins.notify("djinn_request_failed", op=frame.op.name, session_id=frame.session_id, error=exc)

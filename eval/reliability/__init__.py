@@ -1,0 +1,1 @@
+"""Reliability and security runs: fuzzing, disconnect storms, exhaustion, soak."""
