@@ -157,6 +157,36 @@ def test_a_failing_request_fails_alone(models) -> None:
     assert good.error is None and good.tokens == _alone(runner, [1, 2, 3], 5)
 
 
+def test_a_picker_that_raises_fails_only_its_request(models) -> None:
+    """A sampling failure (here NaN probabilities from a vanishing temperature) ends that request
+    with its error, in prefill or in decode; the step goes on for every other request."""
+    runner = ModelRunner(models["random:tiny-llama"])
+    prompts = _prompts(3, seed=7)
+    calls = 0
+
+    def fails_on_fourth(logits: torch.Tensor) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise RuntimeError("sampling failed")
+        return int(logits.argmax())
+
+    at_prefill = EngineRequest(runner.new_kv(), prompts[0], 8, picker=runner.token_picker(1e-300, 0, 0))
+    at_decode = EngineRequest(runner.new_kv(), prompts[1], 8, picker=fails_on_fourth)
+    greedy = EngineRequest(runner.new_kv(), prompts[2], 8)
+    requests = [at_prefill, at_decode, greedy]
+    engine = BatchEngine(runner)
+    for request in requests:
+        engine.submit(request)
+    ended: list[EngineRequest] = []
+    while engine.has_work():
+        ended += engine.step()  # no step raises
+    assert sorted(map(id, ended)) == sorted(map(id, requests))  # each ended exactly once
+    assert at_prefill.done and at_prefill.tokens == [] and "nan" in str(at_prefill.error)
+    assert at_decode.done and len(at_decode.tokens) == 3 and "sampling failed" in str(at_decode.error)
+    assert greedy.error is None and greedy.tokens == _alone(runner, prompts[2], 8)
+
+
 def test_decode_refuses_a_session_twice_and_mismatched_rows(models) -> None:
     runner = ModelRunner(models["random:tiny-llama"])
     kv = runner.new_kv()

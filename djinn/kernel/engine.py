@@ -130,16 +130,25 @@ class BatchEngine:
             if request.max_new_tokens == 0:  # prefill only (a session's KV being recomputed)
                 self._end(request, ended)
                 continue
-            self._pick(request, logits)
+            if not self._pick(request, logits, ended):
+                continue
             request.first_token_at = time.perf_counter()
             if len(request.tokens) >= request.max_new_tokens:
                 self._end(request, ended)
             else:
                 self._decoding.append(request)
 
-    def _pick(self, request: EngineRequest, logits: torch.Tensor) -> None:
+    def _pick(self, request: EngineRequest, logits: torch.Tensor, ended: list[EngineRequest]) -> bool:
+        """Append the request's next token; if its picker raises, end it with that error (False)."""
         picker = request.picker
-        request.tokens.append(int(logits.argmax()) if picker is None else picker(logits))
+        try:
+            token = int(logits.argmax()) if picker is None else picker(logits)
+        except Exception as exc:  # noqa: BLE001 - e.g. NaN logits: this request fails, not the batch
+            request.error = exc
+            self._end(request, ended)
+            return False
+        request.tokens.append(token)
+        return True
 
     def _decode(self, ended: list[EngineRequest]) -> None:
         batch = self._decoding[: self.max_batch]
@@ -160,9 +169,9 @@ class BatchEngine:
             for i, token in zip(greedy, picked):
                 batch[i].tokens.append(token)
         for i, request in enumerate(batch):
-            if request.picker is not None:
-                self._pick(request, logits[i])
-            if len(request.tokens) >= request.max_new_tokens:
+            if request.picker is not None and not self._pick(request, logits[i], ended):
+                self._decoding.remove(request)
+            elif len(request.tokens) >= request.max_new_tokens:
                 self._decoding.remove(request)
                 self._end(request, ended)
         if len(self._decoding) > self.max_batch:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from djinn.client import connect
-from djinn.kernel.errors import SessionError
+from djinn.kernel.errors import DjinnError, SessionError
 from djinn.kernel.models import load_model
 from djinn.kernel.runner import ModelRunner, greedy_generate
 from djinn.kernel.strategies import Residency
@@ -186,3 +186,30 @@ def test_concurrent_sessions_share_decode_steps_and_stay_token_exact(server):
     steps = server.call(lambda: server.kernel.engine.steps) - steps_before
     rows = server.call(lambda: server.kernel.engine.batch_rows) - rows_before
     assert rows / steps > 1.5  # decode steps were shared, not taken one session at a time
+
+
+def test_a_request_whose_sampling_fails_fails_alone(server):
+    """A temperature so small that the probabilities overflow to NaN: that request gets an error
+    reply, a session decoding in the same batch gets its exact tokens, and both are freed after."""
+    from djinn.client import connect_async
+
+    spec = server.config.model.name
+    expected = local_tokens(spec, PROMPTS[1], 200, server.kernel.device.type)
+    before = kv_bytes(server)
+
+    async def run(url: str) -> list[int]:
+        async with await connect_async(url) as a, await connect_async(url) as b:
+            innocent = await (await a.model()).session()
+            faulty = await (await b.model()).session()
+            decoding = asyncio.create_task(innocent.generate(PROMPTS[1], max_new_tokens=200))
+            await asyncio.sleep(0.05)  # the innocent session is decoding when the faulty one joins
+            with pytest.raises(DjinnError, match="nan"):
+                await asyncio.wait_for(faulty.generate(PROMPTS[0], max_new_tokens=8, temperature=1e-300), 30)
+            assert len((await faulty.generate([4, 5], max_new_tokens=2)).tokens) == 2  # still usable
+            return (await asyncio.wait_for(decoding, 30)).tokens
+
+    assert asyncio.run(run(server.url(TRANSPORT))) == expected
+    deadline = time.monotonic() + 5
+    while kv_bytes(server) != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert kv_bytes(server) == before
