@@ -131,7 +131,8 @@ class Server:
     async def _send(self, client: ClientState, frame: Frame) -> None:
         await client.conn.send(encode_frame(frame, self.kernel.serializer))
 
-    async def _authenticate(self, client: ClientState) -> None:
+    async def _authenticate(self, client: ClientState) -> int:
+        """Read the HELLO and check its token; its request id. Refusals are answered here."""
         buf = await client.conn.recv()
         frame = decode_frame(buf, self.kernel.serializer, self.limits)
         given = frame.meta.get("token") or ""
@@ -146,7 +147,7 @@ class Server:
         if refusal is not None:
             await self._send_error(client, frame.request_id, 0, refusal)
             raise refusal
-        await self._send(client, Frame(Op.WELCOME, request_id=frame.request_id, meta=self.welcome()))
+        return frame.request_id
 
     def welcome(self) -> dict[str, Any]:
         """What a client learns on connecting: the model and the server."""
@@ -167,14 +168,20 @@ class Server:
         reason = "closed"
         try:
             try:
-                await self._authenticate(client)
+                hello_id = await self._authenticate(client)
             except AuthError:
                 return
             except DjinnError as exc:
                 await self._send_error(client, 0, 0, exc)
                 return
+            try:
+                self.kernel.plugins.notify("djinn_connection_opened", peer=conn.peer, transport=transport)
+            except PluginError as exc:  # the HELLO fails, naming the plugin; everyone else is served on
+                log.error("connection from %s refused: %s", conn.peer, exc)
+                await self._send_error(client, hello_id, 0, exc)
+                return
             self.clients.add(client)
-            self.kernel.plugins.notify("djinn_connection_opened", peer=conn.peer, transport=transport)
+            await self._send(client, Frame(Op.WELCOME, request_id=hello_id, meta=self.welcome()))
             while True:
                 buf = await conn.recv()
                 try:
@@ -281,8 +288,9 @@ class Server:
             session = self._session(client, frame)
             phase = _enum(Phase, meta.get("phase"))
             expected = meta.get("expected_s")
-            if expected is not None and (not isinstance(expected, (int, float)) or expected < 0):
+            if expected is not None and _number(meta, "expected_s", None) < 0:
                 raise SessionError("expected_s must be a number >= 0")
+            expected = None if expected is None else float(expected)
             await self.kernel.signal_phase(session, phase, expected)
             return Frame(Op.OK) if meta.get("reply", True) else None
         if op is Op.GENERATE:
@@ -308,14 +316,19 @@ class Server:
             input_ids = tokenizer(meta["text"])["input_ids"]
         else:
             raise SessionError("generate needs input ids (a tensor) or text")
+        seed = None if meta.get("seed") is None else _int(meta, "seed", 0)
+        if seed is not None and not -(1 << 63) <= seed < 1 << 64:
+            raise SessionError("seed must be in [-2**63, 2**64)")
         params = SamplingParams(
             max_new_tokens=_int(meta, "max_new_tokens", 16),
-            temperature=float(_number(meta, "temperature", 0.0)),
+            temperature=_number(meta, "temperature", 0.0),
             top_k=_int(meta, "top_k", 0),
-            seed=meta.get("seed") if isinstance(meta.get("seed"), int) else None,
+            seed=seed,
         )
         breakpoints = meta.get("breakpoints") or []
-        if not isinstance(breakpoints, list) or not all(isinstance(b, int) for b in breakpoints):
+        if not isinstance(breakpoints, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in breakpoints
+        ):
             raise SessionError("breakpoints must be a list of layer indices")
 
         async def on_break(sess: Session, cursor: Any, layer: int, step: int, phase: str) -> None:
@@ -382,7 +395,7 @@ class Server:
         hidden = pause.cursor.hidden
         if edit == "scale":
             factor = _number(frame.meta, "factor", None)
-            await run(_edit_in_place, hidden.mul_, float(factor))
+            await run(_edit_in_place, hidden.mul_, factor)
         elif edit in ("set", "add"):
             if len(frame.tensors) != 1:
                 raise BreakpointError(f"{edit} needs one tensor")
@@ -428,11 +441,14 @@ def _enum(cls: Any, value: Any) -> Any:
         raise SessionError(f"{value!r} is not one of {', '.join(m.value for m in cls)}") from None
 
 
-def _number(meta: dict[str, Any], key: str, default: Any) -> Any:
+def _number(meta: dict[str, Any], key: str, default: Any) -> float:
     value = meta.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise SessionError(f"{key} must be a number")
-    return value
+    try:
+        return float(value)  # JSON integers have no bound; floats do
+    except OverflowError:
+        raise SessionError(f"{key} is out of range") from None
 
 
 def _int(meta: dict[str, Any], key: str, default: int) -> int:

@@ -1,0 +1,142 @@
+"""Request arguments at the edges of their types, and a plugin installed from a distribution that
+fails in a connection or metrics hook: each gets a named error reply, never an ``internal`` one,
+and the server serves on."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+
+import pytest
+import torch
+
+from djinn.client import connect
+from djinn.kernel.errors import PluginError, SessionError
+from djinn.kernel.hookspecs import hookimpl
+from djinn.kernel.plugins import get_plugin_manager
+from djinn.kernel.server import BackgroundServer
+from djinn.kernel.wire import Op
+from tests.serving import serving_config
+from tests.test_plugins import FakeEntryPoint
+
+PROMPT = [5, 17, 300, 42, 9]
+HUGE = 10**400  # a JSON integer no float can hold
+
+
+@pytest.fixture(scope="module")
+def server():
+    config = serving_config()
+    srv = BackgroundServer(config, get_plugin_manager(config, ["semantic", "tcp"])).start()
+    yield srv
+    srv.stop()
+
+
+def _request(client, op: Op, session_id: int, meta: dict, tensors=()):
+    return client._loop.run(client._async.request(op, session_id=session_id, meta=meta, tensors=tensors))
+
+
+@pytest.mark.parametrize("meta", [
+    {"seed": 1 << 64}, {"seed": -(1 << 63) - 1}, {"seed": "7"}, {"seed": True}, {"seed": 1.5},
+    {"temperature": HUGE}, {"temperature": True}, {"breakpoints": [True]}, {"breakpoints": [False, 1]},
+], ids=["seed-2**64", "seed-below-int64", "seed-text", "seed-bool", "seed-float", "temperature-huge",
+        "temperature-bool", "breakpoint-bool", "breakpoints-with-a-bool"])
+def test_generate_arguments_out_of_range_are_session_errors(server, meta, caplog):
+    with connect(server.url("tcp")) as client, client.model().session() as session:
+        with caplog.at_level(logging.ERROR, logger="djinn"), pytest.raises(SessionError):
+            _request(client, Op.GENERATE, session.id, {"max_new_tokens": 2, "temperature": 1.0, **meta},
+                     (torch.tensor(PROMPT),))
+        assert caplog.records == []  # refused as a bad request, not failed inside the server
+        assert len(session.generate(PROMPT, max_new_tokens=2).tokens) == 2
+
+
+def test_seeds_at_both_ends_of_the_range_sample_reproducibly(server):
+    with connect(server.url("tcp")) as client:
+        for seed in ((1 << 64) - 1, -(1 << 63)):
+            runs = []
+            for _ in range(2):
+                with client.model().session() as session:
+                    runs.append(session.generate(PROMPT, max_new_tokens=6, temperature=1.0, seed=seed).tokens)
+            assert runs[0] == runs[1] and len(runs[0]) == 6
+
+
+@pytest.mark.parametrize("expected_s", [HUGE, True, "soon", -1], ids=["huge", "bool", "text", "negative"])
+def test_phase_arguments_out_of_range_are_session_errors(server, expected_s, caplog):
+    with connect(server.url("tcp")) as client, client.model().session() as session:
+        with caplog.at_level(logging.ERROR, logger="djinn"), pytest.raises(SessionError, match="expected_s"):
+            _request(client, Op.SIGNAL_PHASE, session.id, {"phase": "IO_WAIT", "expected_s": expected_s})
+        assert caplog.records == []
+        session.signal_phase("IO_WAIT", expected_s=1e300)  # large but finite is a valid promise
+        session.signal_phase("COMPUTE")
+
+
+def test_an_edit_factor_out_of_range_is_a_session_error(server, caplog):
+    with connect(server.url("tcp")) as client, client.model().session() as session:
+        hits = 0
+        with caplog.at_level(logging.ERROR, logger="djinn"):
+            for hit in session.trace(PROMPT, max_new_tokens=1, breakpoints=[1]):
+                with pytest.raises(SessionError, match="factor"):
+                    _request(client, Op.EDIT, session.id, {"op": "scale", "factor": HUGE})
+                hit.scale(1.0)
+                hits += 1
+        assert hits == 1 and caplog.records == []
+
+
+class _Faulty:
+    """Raises in the connection and metrics hooks while ``armed`` is set."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+
+    def _raise(self) -> None:
+        if self.armed.is_set():
+            raise RuntimeError("kaboom")
+
+    @hookimpl
+    def djinn_connection_opened(self, peer, transport):
+        self._raise()
+
+    @hookimpl
+    def djinn_metrics(self, kernel):
+        self._raise()
+
+
+@pytest.fixture
+def faulty_server():
+    """A server with ``faulty`` installed as the distribution faulty-pkg 0.3 and selected."""
+    faulty = _Faulty()
+    entry_points = [*importlib.metadata.entry_points(group="djinn.plugins"),
+                    FakeEntryPoint("faulty", lambda: faulty, dist="faulty-pkg", version="0.3")]
+    config = serving_config()
+    plugins = get_plugin_manager(config, ["semantic", "tcp", "faulty"], entry_points=entry_points)
+    srv = BackgroundServer(config, plugins).start()
+    yield srv, faulty
+    srv.stop()
+
+
+def test_a_plugin_failing_as_a_client_connects_fails_its_hello_by_name(faulty_server, caplog):
+    srv, faulty = faulty_server
+    with connect(srv.url("tcp")) as bystander, bystander.model().session() as session:
+        expected = session.generate(PROMPT, max_new_tokens=3).tokens
+        faulty.armed.set()
+        with caplog.at_level(logging.ERROR, logger="djinn"), pytest.raises(PluginError) as refused:
+            connect(srv.url("tcp"))
+        faulty.armed.clear()
+        assert "faulty (faulty-pkg 0.3)" in str(refused.value) and "kaboom" in str(refused.value)
+        assert any("faulty (faulty-pkg 0.3)" in r.getMessage() for r in caplog.records), caplog.text
+        assert srv.call(lambda: len(srv.kernel.sessions)) == 1  # the bystander's, nothing of the refused one
+        assert session.generate([expected[-1]], max_new_tokens=1).tokens  # the bystander is served on
+    with connect(srv.url("tcp")) as client, client.model().session() as session:
+        assert session.generate(PROMPT, max_new_tokens=3).tokens == expected
+
+
+def test_a_plugin_failing_in_metrics_fails_the_status_request_by_name(faulty_server, caplog):
+    srv, faulty = faulty_server
+    with connect(srv.url("tcp")) as client:
+        faulty.armed.set()
+        with caplog.at_level(logging.ERROR, logger="djinn"), pytest.raises(PluginError) as failed:
+            client.status()
+        faulty.armed.clear()
+        assert "faulty (faulty-pkg 0.3)" in str(failed.value) and "djinn_metrics" in str(failed.value)
+        assert any("faulty (faulty-pkg 0.3)" in r.getMessage() for r in caplog.records), caplog.text
+        assert client.status()["sessions"]["total"] == 0
