@@ -4,8 +4,11 @@ and the server serves on."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
+import socket
+import threading
 import time
 
 import pytest
@@ -17,11 +20,14 @@ from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
 from djinn.kernel.strategies import Residency
-from djinn.kernel.wire import Op
+from djinn.kernel.wire import Frame, Op, decode_frame, encode_frame
+from djinn.plugins.serializers.arrow import ArrowSerializer, ArrowSettings
+from djinn.plugins.transports._framing import split_url
 from tests.serving import serving_config
 from tests.test_plugins import FakeEntryPoint
 
 PROMPT = [5, 17, 300, 42, 9]
+SERIALIZER = ArrowSerializer(ArrowSettings())
 HUGE = 10**400  # a JSON integer no float can hold
 
 
@@ -170,3 +176,47 @@ def test_a_plugin_failing_as_a_session_is_restored_fails_that_request_by_name(fa
         faulty.armed = set()
         assert failure is not None and "faulty (faulty-pkg 0.3)" in str(failure)
         assert any("faulty (faulty-pkg 0.3)" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def _serving_requests() -> int:
+    return sum(1 for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "Server._serve_request")
+
+
+def test_a_client_that_never_reads_its_replies_holds_a_bounded_number_of_requests():
+    """Requests past ``max_requests_per_connection`` wait unread in the socket (back-pressure)
+    instead of piling up as tasks and replies on the server; each is still answered in the end."""
+    config = serving_config(max_requests_per_connection=8, settings={"tcp": {"send_buffer_bytes": 4096}})
+    srv = BackgroundServer(config, get_plugin_manager(config, ["semantic", "tcp"])).start()
+    try:
+        host, port = split_url(srv.url("tcp"), "tcp")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, port))
+        reader = sock.makefile("rb")
+
+        def prefixed(frame: Frame) -> bytes:
+            body = b"".join(encode_frame(frame, SERIALIZER))
+            return len(body).to_bytes(8, "little") + body
+
+        def recv() -> Frame:
+            size = int.from_bytes(reader.read(8), "little")
+            return decode_frame(memoryview(reader.read(size)), SERIALIZER)
+
+        sock.sendall(prefixed(Frame(Op.HELLO, meta={"token": ""})))
+        assert recv().op is Op.WELCOME
+        count = 2000
+        sender = threading.Thread(target=sock.sendall, args=(prefixed(Frame(Op.STATUS)) * count,), daemon=True)
+        sender.start()
+        time.sleep(0.5)  # the replies fill the (small) socket buffers; the client reads none of them
+        peak = 0
+        for _ in range(20):
+            peak = max(peak, srv.call(_serving_requests))
+            time.sleep(0.02)
+        assert 1 <= peak <= 8
+        with connect(srv.url("tcp")) as other, other.model().session() as session:
+            assert len(session.generate(PROMPT, max_new_tokens=2).tokens) == 2  # others are served
+        assert all(recv().op is Op.RESULT for _ in range(count))  # and every request is answered
+        sender.join(timeout=30)
+        sock.close()
+    finally:
+        srv.stop()

@@ -182,7 +182,10 @@ class Server:
                 return
             self.clients.add(client)
             await self._send(client, Frame(Op.WELCOME, request_id=hello_id, meta=self.welcome()))
+            in_flight = self.kernel.config.server.max_requests_per_connection
             while True:
+                while len(client.tasks) >= in_flight:  # back-pressure: its frames wait in the socket
+                    await asyncio.wait(set(client.tasks), return_when=asyncio.FIRST_COMPLETED)
                 buf = await conn.recv()
                 try:
                     frame = decode_frame(buf, self.kernel.serializer, self.limits)
