@@ -220,3 +220,17 @@ def test_a_client_that_never_reads_its_replies_holds_a_bounded_number_of_request
         sock.close()
     finally:
         srv.stop()
+
+
+def test_closing_a_session_paused_at_a_breakpoint_ends_its_pass_with_a_session_error(server, caplog):
+    with connect(server.url("tcp")) as client:
+        session = client.model().session()
+        kv_before = server.call(lambda: server.kernel.memory.device_bytes("kv"))
+        with caplog.at_level(logging.ERROR, logger="djinn"), pytest.raises(SessionError, match="closed while paused"):
+            for _hit in session.trace(PROMPT, max_new_tokens=3, breakpoints=[1]):
+                session.close()
+        assert caplog.records == []  # an answer, not a failure inside the server
+        assert server.call(lambda: session.id not in server.kernel.sessions)
+        assert server.call(lambda: server.kernel.memory.device_bytes("kv")) <= kv_before
+        with client.model().session() as other:
+            assert len(other.generate(PROMPT, max_new_tokens=2).tokens) == 2

@@ -285,6 +285,11 @@ class Server:
         if op is Op.CLOSE_SESSION:
             session = self._session(client, frame)
             client.sessions.discard(session.info.id)
+            pause = client.pauses.get(session.info.id)
+            if pause is not None and not pause.resumed.done():  # its pass ends here, never on freed KV
+                pause.resumed.set_exception(
+                    SessionError(f"session {session.info.id} was closed while paused at a breakpoint")
+                )
             await self.kernel.close_session(session)
             return Frame(Op.OK)
         if op is Op.SIGNAL_PHASE:
