@@ -234,3 +234,26 @@ def test_closing_a_session_paused_at_a_breakpoint_ends_its_pass_with_a_session_e
         assert server.call(lambda: server.kernel.memory.device_bytes("kv")) <= kv_before
         with client.model().session() as other:
             assert len(other.generate(PROMPT, max_new_tokens=2).tokens) == 2
+
+
+def test_a_connection_that_never_says_hello_is_closed_after_hello_timeout_s():
+    config = serving_config(hello_timeout_s=0.3)
+    srv = BackgroundServer(config, get_plugin_manager(config, ["semantic", "tcp"])).start()
+    try:
+        hello = b"".join(encode_frame(Frame(Op.HELLO, meta={"token": ""}), SERIALIZER))
+        for sent in (b"", len(hello).to_bytes(8, "little") + hello[:20]):  # silent, and a HELLO cut short
+            with socket.create_connection(split_url(srv.url("tcp"), "tcp"), timeout=10) as sock:
+                started = time.monotonic()
+                sock.sendall(sent)
+                received = b""
+                while chunk := sock.recv(4096):  # until the server closes the connection
+                    received += chunk
+                assert time.monotonic() - started < 5
+            if received:  # the silent one is told why
+                reply = decode_frame(memoryview(received[8:]), SERIALIZER)
+                assert reply.meta["code"] == "auth" and "no HELLO" in reply.meta["message"]
+        with connect(srv.url("tcp")) as client, client.model().session() as session:
+            time.sleep(0.5)  # longer than hello_timeout_s: an authenticated connection is not timed out
+            assert len(session.generate(PROMPT, max_new_tokens=2).tokens) == 2
+    finally:
+        srv.stop()

@@ -76,6 +76,8 @@ class ServerSettings:
     max_frame_mb: int = attrs.field(default=1024, validator=_positive)
     #: a paused forward pass abandoned this long is cleaned up and its memory returned
     pause_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    #: a connection that has not sent its HELLO this long after connecting is closed
+    hello_timeout_s: float = attrs.field(default=10.0, validator=_positive)
     #: requests of one connection served at once; the server reads no further frame from it
     #: until one ends, so a client that never reads its replies holds no more than this
     max_requests_per_connection: int = attrs.field(default=256, validator=_positive)

@@ -133,7 +133,13 @@ class Server:
 
     async def _authenticate(self, client: ClientState) -> int:
         """Read the HELLO and check its token; its request id. Refusals are answered here."""
-        buf = await client.conn.recv()
+        timeout = self.kernel.config.server.hello_timeout_s
+        try:
+            buf = await asyncio.wait_for(client.conn.recv(), timeout)
+        except TimeoutError:
+            refusal = AuthError(f"no HELLO within {timeout:g} s of connecting")
+            await self._send_error(client, 0, 0, refusal)
+            raise refusal from None
         frame = decode_frame(buf, self.kernel.serializer, self.limits)
         given = frame.meta.get("token") or ""
         if frame.op is not Op.HELLO:
