@@ -11,7 +11,6 @@ import threading
 import time
 
 import attrs
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,6 +36,7 @@ from eval.reliability.run import (
     frame_bytes,
     fuzz_server,
     kv_budget_gb,
+    kv_sizes,
     leaks,
     malformed_frame,
     no_unpickling,
@@ -47,6 +47,7 @@ from eval.reliability.run import (
     unpickling_code_paths,
 )
 from eval.reliability.run import main as reliability_main
+from tests.test_kernel import wait_for
 
 NO_LEAKS = {"kv_bytes": 0, "tier_bytes": 0, "tier_used_bytes": 0, "tier_allocations": 0,
             "pool_used_blocks": 0, "sessions": 0, "admission_waiting": 0, "leaked_bytes": 0}
@@ -57,15 +58,6 @@ def server():
     srv = start_server(server_config(), ["semantic", "tcp"])
     yield srv
     srv.stop()
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 # =========================================================================== fuzzing
@@ -166,7 +158,7 @@ def test_pickle_payloads_are_real_exploits_and_never_unpickled(server, tmp_path)
 
 
 def test_a_disconnect_storm_leaks_nothing(server):
-    report = disconnect_storm(server, 90, concurrency=8, seed=3)
+    report = disconnect_storm(server, 150, concurrency=16, seed=0)
     assert report["client_errors"] == {}
     assert report["leaks"] == NO_LEAKS
     assert report["served_after"]
@@ -176,18 +168,11 @@ def test_a_disconnect_storm_leaks_nothing(server):
 # =========================================================================== exhaustion
 
 
-def _kv_bytes(server) -> int:
-    return server.kernel.runner.kv_bytes(64)
-
-
 def test_a_full_host_tier_is_a_clear_error_never_a_crash():
     """GPU room for one session, host tier room for one session: the third session is refused
     with an AdmissionError (its victim cannot move), the others keep working."""
-    config = server_config(budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), admission_queue=0)
-    probe = start_server(config, ["semantic", "tcp"])
-    tier_gb = _kv_bytes(probe) * 1.5 / 2**30
-    probe.stop()
-    srv = start_server(server_config(budget_gb=config.memory.gpu_memory_budget_gb, tier_gb=tier_gb,
+    weights, kv = kv_sizes("random:tiny-llama", 64)
+    srv = start_server(server_config(budget_gb=(weights + kv) / 2**30, tier_gb=kv * 1.5 / 2**30,
                                      admission_queue=0), ["semantic", "tcp"])
     try:
         with connect(srv.url("tcp")) as client:

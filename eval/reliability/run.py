@@ -90,13 +90,19 @@ def start_server(config: DjinnConfig, names: list[str], **extra_plugins: Any) ->
     return BackgroundServer(config, plugins).start()
 
 
-def kv_budget_gb(model: str, sessions: int, tokens: int) -> float:
-    """A GPU budget holding the model's weights and ``sessions`` sessions of ``tokens`` tokens of KV."""
+def kv_sizes(model: str, tokens: int) -> tuple[int, int]:
+    """``(weight bytes, KV bytes of one session of tokens)`` for ``model`` as a server holds them."""
     from djinn.kernel.models import load_model
     from djinn.kernel.runner import ModelRunner
 
     runner = ModelRunner(load_model(model))
-    return (runner.device_weight_bytes() + sessions * runner.kv_bytes(tokens)) / 2**30
+    return runner.device_weight_bytes(), runner.kv_bytes(tokens)
+
+
+def kv_budget_gb(model: str, sessions: int, tokens: int) -> float:
+    """A GPU budget holding the model's weights and ``sessions`` sessions of ``tokens`` tokens of KV."""
+    weights, kv = kv_sizes(model, tokens)
+    return (weights + sessions * kv) / 2**30
 
 
 def books(server: BackgroundServer) -> dict[str, int]:
