@@ -257,3 +257,19 @@ def test_a_connection_that_never_says_hello_is_closed_after_hello_timeout_s():
             assert len(session.generate(PROMPT, max_new_tokens=2).tokens) == 2
     finally:
         srv.stop()
+
+
+def test_before_its_hello_a_client_cannot_make_the_server_hold_a_large_frame(server):
+    hello = b"".join(encode_frame(Frame(Op.HELLO, meta={"token": ""}), SERIALIZER))
+    with socket.create_connection(split_url(server.url("tcp"), "tcp"), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall((100 << 20).to_bytes(8, "little") + hello)  # announces 100 MB, sends a HELLO's worth
+        received = b""
+        while chunk := sock.recv(4096):  # closed at once, without waiting for the 100 MB
+            received += chunk
+        assert time.monotonic() - started < 5
+    assert received == b""  # the stream is out of step: no reply can follow, only the close
+    with connect(server.url("tcp")) as client:  # once authenticated, large frames are accepted
+        big = torch.zeros(1 << 18)  # 1 MiB, far above the limit before the HELLO
+        reply = client._loop.run(client._async.request(Op.PING, tensors=(big,)))
+        assert reply.op is Op.OK

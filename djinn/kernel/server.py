@@ -39,7 +39,16 @@ from djinn.kernel.errors import (
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.kernel.runtime import Kernel, SamplingParams, Session
 from djinn.kernel.strategies import Connection, Phase
-from djinn.kernel.wire import Frame, Op, WireLimits, decode_frame, encode_frame, error_frame, peek_header
+from djinn.kernel.wire import (
+    HEADER_SIZE,
+    Frame,
+    Op,
+    WireLimits,
+    decode_frame,
+    encode_frame,
+    error_frame,
+    peek_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +143,8 @@ class Server:
     async def _authenticate(self, client: ClientState) -> int:
         """Read the HELLO and check its token; its request id. Refusals are answered here."""
         timeout = self.kernel.config.server.hello_timeout_s
+        # nobody may make the server hold a large frame before it has shown the token
+        client.conn.max_frame_bytes = HEADER_SIZE + self.limits.max_meta_bytes
         try:
             buf = await asyncio.wait_for(client.conn.recv(), timeout)
         except TimeoutError:
@@ -153,6 +164,7 @@ class Server:
         if refusal is not None:
             await self._send_error(client, frame.request_id, 0, refusal)
             raise refusal
+        client.conn.max_frame_bytes = self.max_frame_bytes
         return frame.request_id
 
     def welcome(self) -> dict[str, Any]:

@@ -230,6 +230,9 @@ class Connection(ABC):
 
     #: a printable name of the other end
     peer: str = "?"
+    #: the largest frame ``recv`` accepts; whoever owns the connection may lower or raise it
+    #: (the server keeps it small until the client has authenticated)
+    max_frame_bytes: int = 1 << 62
 
     @abstractmethod
     async def send(self, parts: Sequence[Buffer]) -> None:

@@ -81,7 +81,7 @@ class InprocConnection(Connection):
         """An end owned by ``loop``; ``pair`` joins two ends."""
         self.peer = peer
         self._loop = loop
-        self._max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max_frame_bytes
         self._other: InprocConnection | None = None
         self._frames: deque[memoryview | FrameTooLarge] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -106,7 +106,7 @@ class InprocConnection(Connection):
         item: memoryview | FrameTooLarge
         try:
             # checked here, before the copy, so an oversized frame costs nothing
-            check_frame_length(total, other._max_frame_bytes)
+            check_frame_length(total, other.max_frame_bytes)
         except FrameTooLarge as too_large:
             item = too_large
         else:

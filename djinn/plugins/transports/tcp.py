@@ -76,7 +76,7 @@ class TcpConnection(Connection):
         sock.setblocking(False)
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max_frame_bytes
         self._coalesce_bytes = coalesce_bytes
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
@@ -137,7 +137,7 @@ class TcpConnection(Connection):
             try:
                 await self._fill(self._prefix, "length prefix")
                 (nbytes,) = LENGTH_PREFIX.unpack(self._prefix)
-                check_frame_length(nbytes, self._max_frame_bytes)
+                check_frame_length(nbytes, self.max_frame_bytes)
                 frame = new_frame_buffer(nbytes)
                 await self._fill(frame, "payload")
                 return frame

@@ -132,7 +132,7 @@ class UcxConnection(Connection):
         self.peer = peer
         self._endpoint = endpoint
         self._ucx_error = ucxx.exceptions.UCXError
-        self._max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max_frame_bytes
         self._coalesce_bytes = coalesce_bytes
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
@@ -171,7 +171,7 @@ class UcxConnection(Connection):
                 await self._endpoint.recv(self._header)
                 started = True
                 total, count = int(self._header[0]), int(self._header[1])
-                check_frame_length(total, self._max_frame_bytes)
+                check_frame_length(total, self.max_frame_bytes)
                 lengths = self._header[2 : 2 + count].tolist() if count <= MAX_SEGMENTS else None
                 if lengths is None or sum(lengths) != total:
                     raise FrameError(f"{self.peer} sent a malformed frame header")
