@@ -20,21 +20,18 @@ from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
 from djinn.kernel.strategies import Residency
-from djinn.kernel.wire import Frame, Op, decode_frame, encode_frame
-from djinn.plugins.serializers.arrow import ArrowSerializer, ArrowSettings
-from djinn.plugins.transports._framing import split_url
+from djinn.kernel.wire import Frame, Op
+from djinn.plugins.transports._framing import LENGTH_PREFIX
+from eval.reliability.run import PROMPT, RawClient, frame_bytes, start_server
 from tests.serving import serving_config
 from tests.test_plugins import FakeEntryPoint
 
-PROMPT = [5, 17, 300, 42, 9]
-SERIALIZER = ArrowSerializer(ArrowSettings())
 HUGE = 10**400  # a JSON integer no float can hold
 
 
 @pytest.fixture(scope="module")
 def server():
-    config = serving_config()
-    srv = BackgroundServer(config, get_plugin_manager(config, ["semantic", "tcp"])).start()
+    srv = start_server(serving_config(), ["semantic", "tcp"])
     yield srv
     srv.stop()
 
@@ -185,27 +182,15 @@ def _serving_requests() -> int:
 def test_a_client_that_never_reads_its_replies_holds_a_bounded_number_of_requests():
     """Requests past ``max_requests_per_connection`` wait unread in the socket (back-pressure)
     instead of piling up as tasks and replies on the server; each is still answered in the end."""
-    config = serving_config(max_requests_per_connection=8, settings={"tcp": {"send_buffer_bytes": 4096}})
-    srv = BackgroundServer(config, get_plugin_manager(config, ["semantic", "tcp"])).start()
+    srv = start_server(serving_config(max_requests_per_connection=8, settings={"tcp": {"send_buffer_bytes": 4096}}),
+                       ["semantic", "tcp"])
     try:
-        host, port = split_url(srv.url("tcp"), "tcp")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((host, port))
-        reader = sock.makefile("rb")
-
-        def prefixed(frame: Frame) -> bytes:
-            body = b"".join(encode_frame(frame, SERIALIZER))
-            return len(body).to_bytes(8, "little") + body
-
-        def recv() -> Frame:
-            size = int.from_bytes(reader.read(8), "little")
-            return decode_frame(memoryview(reader.read(size)), SERIALIZER)
-
-        sock.sendall(prefixed(Frame(Op.HELLO, meta={"token": ""})))
-        assert recv().op is Op.WELCOME
+        client = RawClient(srv.url("tcp"), timeout=30)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         count = 2000
-        sender = threading.Thread(target=sock.sendall, args=(prefixed(Frame(Op.STATUS)) * count,), daemon=True)
+        status = frame_bytes(Frame(Op.STATUS))
+        sender = threading.Thread(target=client.sock.sendall,
+                                  args=((LENGTH_PREFIX.pack(len(status)) + status) * count,), daemon=True)
         sender.start()
         time.sleep(0.5)  # the replies fill the (small) socket buffers; the client reads none of them
         peak = 0
@@ -215,9 +200,9 @@ def test_a_client_that_never_reads_its_replies_holds_a_bounded_number_of_request
         assert 1 <= peak <= 8
         with connect(srv.url("tcp")) as other, other.model().session() as session:
             assert len(session.generate(PROMPT, max_new_tokens=2).tokens) == 2  # others are served
-        assert all(recv().op is Op.RESULT for _ in range(count))  # and every request is answered
+        assert all(client.recv().op is Op.RESULT for _ in range(count))  # and every request is answered
         sender.join(timeout=30)
-        sock.close()
+        client.close()
     finally:
         srv.stop()
 
@@ -237,21 +222,20 @@ def test_closing_a_session_paused_at_a_breakpoint_ends_its_pass_with_a_session_e
 
 
 def test_a_connection_that_never_says_hello_is_closed_after_hello_timeout_s():
-    config = serving_config(hello_timeout_s=0.3)
-    srv = BackgroundServer(config, get_plugin_manager(config, ["semantic", "tcp"])).start()
+    srv = start_server(serving_config(hello_timeout_s=0.3), ["semantic", "tcp"])
     try:
-        hello = b"".join(encode_frame(Frame(Op.HELLO, meta={"token": ""}), SERIALIZER))
-        for sent in (b"", len(hello).to_bytes(8, "little") + hello[:20]):  # silent, and a HELLO cut short
-            with socket.create_connection(split_url(srv.url("tcp"), "tcp"), timeout=10) as sock:
-                started = time.monotonic()
-                sock.sendall(sent)
-                received = b""
-                while chunk := sock.recv(4096):  # until the server closes the connection
-                    received += chunk
-                assert time.monotonic() - started < 5
-            if received:  # the silent one is told why
-                reply = decode_frame(memoryview(received[8:]), SERIALIZER)
+        hello = frame_bytes(Frame(Op.HELLO, meta={"token": ""}))
+        for cut in (None, 20):  # silent, and a HELLO cut short
+            client = RawClient(srv.url("tcp"), hello=False, timeout=10)
+            started = time.monotonic()
+            if cut is not None:
+                client.send_bytes(hello[:cut], announced=len(hello))
+            reply = client.recv()
+            if reply is not None:  # the silent one is told why
                 assert reply.meta["code"] == "auth" and "no HELLO" in reply.meta["message"]
+                assert client.recv() is None
+            assert time.monotonic() - started < 5  # closed, long before the socket's own timeout
+            client.close()
         with connect(srv.url("tcp")) as client, client.model().session() as session:
             time.sleep(0.5)  # longer than hello_timeout_s: an authenticated connection is not timed out
             assert len(session.generate(PROMPT, max_new_tokens=2).tokens) == 2
@@ -260,15 +244,12 @@ def test_a_connection_that_never_says_hello_is_closed_after_hello_timeout_s():
 
 
 def test_before_its_hello_a_client_cannot_make_the_server_hold_a_large_frame(server):
-    hello = b"".join(encode_frame(Frame(Op.HELLO, meta={"token": ""}), SERIALIZER))
-    with socket.create_connection(split_url(server.url("tcp"), "tcp"), timeout=10) as sock:
-        started = time.monotonic()
-        sock.sendall((100 << 20).to_bytes(8, "little") + hello)  # announces 100 MB, sends a HELLO's worth
-        received = b""
-        while chunk := sock.recv(4096):  # closed at once, without waiting for the 100 MB
-            received += chunk
-        assert time.monotonic() - started < 5
-    assert received == b""  # the stream is out of step: no reply can follow, only the close
+    client = RawClient(server.url("tcp"), hello=False, timeout=10)
+    started = time.monotonic()
+    client.send_bytes(frame_bytes(Frame(Op.HELLO, meta={"token": ""})), announced=100 << 20)
+    assert client.recv() is None  # closed at once, without waiting for the 100 MB announced
+    assert time.monotonic() - started < 5
+    client.close()
     with connect(server.url("tcp")) as client:  # once authenticated, large frames are accepted
         big = torch.zeros(1 << 18)  # 1 MiB, far above the limit before the HELLO
         reply = client._loop.run(client._async.request(Op.PING, tensors=(big,)))
