@@ -187,6 +187,17 @@ def test_a_picker_that_raises_fails_only_its_request(models) -> None:
     assert greedy.error is None and greedy.tokens == _alone(runner, prompts[2], 8)
 
 
+def test_a_request_reaching_the_models_positions_fails_alone_in_decode(models) -> None:
+    runner = ModelRunner(models["random:tiny-gpt2"])  # 1024 positions
+    prompts = _prompts(2, seed=8)
+    long_prompt = (prompts[0] * 400)[:1020]
+    too_long = EngineRequest(runner.new_kv(), long_prompt, 10)  # passes 1024 after 4 new tokens
+    good = EngineRequest(runner.new_kv(), prompts[1], 12)
+    run_to_completion(BatchEngine(runner), [too_long, good])
+    assert "positions" in str(too_long.error) and len(too_long.tokens) == 1024 - 1020 + 1
+    assert good.error is None and good.tokens == _alone(runner, prompts[1], 12)
+
+
 def test_decode_refuses_a_session_twice_and_mismatched_rows(models) -> None:
     runner = ModelRunner(models["random:tiny-llama"])
     kv = runner.new_kv()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import attrs
 import torch
 
+from djinn.kernel.errors import ModelError
 from djinn.kernel.kvpool import SessionKV
 from djinn.kernel.runner import ModelRunner
 
@@ -151,6 +152,7 @@ class BatchEngine:
         return True
 
     def _decode(self, ended: list[EngineRequest]) -> None:
+        self._end_past_positions(ended)
         batch = self._decoding[: self.max_batch]
         if not batch:
             return
@@ -180,6 +182,20 @@ class BatchEngine:
             self._decoding = [r for r in self._decoding if id(r) not in served] + [
                 r for r in self._decoding if id(r) in served
             ]
+
+
+    def _end_past_positions(self, ended: list[EngineRequest]) -> None:
+        """End the requests whose next token would pass the model's positions: alone, before the
+        step, rather than failing every row of it."""
+        limit = self.runner.max_positions
+        if limit is None:
+            return
+        for request in [r for r in self._decoding if r.kv.length + 1 > limit]:
+            request.error = ModelError(
+                f"a context of {request.kv.length + 1} tokens exceeds the model's {limit} positions"
+            )
+            self._decoding.remove(request)
+            self._end(request, ended)
 
 
 def run_to_completion(engine: BatchEngine, requests: Sequence[EngineRequest]) -> None:

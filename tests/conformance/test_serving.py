@@ -213,3 +213,27 @@ def test_a_request_whose_sampling_fails_fails_alone(server):
     while kv_bytes(server) != before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert kv_bytes(server) == before
+
+
+def test_a_session_running_out_of_positions_fails_alone(server):
+    """A context that reaches the model's position limit mid-decode ends that request with an error;
+    a session decoding in the same batch gets its exact tokens."""
+    from djinn.client import connect_async
+
+    limit = server.kernel.runner.max_positions
+    if limit is None:
+        pytest.skip(f"{server.config.model.name} has no position limit")
+    spec = server.config.model.name
+    expected = local_tokens(spec, PROMPTS[1], 200, server.kernel.device.type)
+
+    async def run(url: str) -> list[int]:
+        async with await connect_async(url) as a, await connect_async(url) as b:
+            innocent = await (await a.model()).session()
+            long = await (await b.model()).session()
+            decoding = asyncio.create_task(innocent.generate(PROMPTS[1], max_new_tokens=200))
+            await asyncio.sleep(0.05)  # the innocent session is decoding when the long one joins
+            with pytest.raises(DjinnError, match="positions"):
+                await asyncio.wait_for(long.generate([7] * (limit - 4), max_new_tokens=100), 30)
+            return (await asyncio.wait_for(decoding, 30)).tokens
+
+    assert asyncio.run(run(server.url(TRANSPORT))) == expected
