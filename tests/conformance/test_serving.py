@@ -188,27 +188,39 @@ def test_concurrent_sessions_share_decode_steps_and_stay_token_exact(server):
     assert rows / steps > 1.5  # decode steps were shared, not taken one session at a time
 
 
-def test_a_request_whose_sampling_fails_fails_alone(server):
-    """A temperature so small that the probabilities overflow to NaN: that request gets an error
-    reply, a session decoding in the same batch gets its exact tokens, and both are freed after."""
+def _fails_alone(server, failing_request, match: str, then=None) -> None:
+    """``failing_request(session)`` joins while another connection's session decodes 200 tokens: it
+    must fail with an error matching ``match`` (then ``then(session)`` runs), and the decoding
+    session must still get its exact tokens."""
     from djinn.client import connect_async
 
-    spec = server.config.model.name
-    expected = local_tokens(spec, PROMPTS[1], 200, server.kernel.device.type)
-    before = kv_bytes(server)
+    expected = local_tokens(server.config.model.name, PROMPTS[1], 200, server.kernel.device.type)
 
     async def run(url: str) -> list[int]:
         async with await connect_async(url) as a, await connect_async(url) as b:
             innocent = await (await a.model()).session()
-            faulty = await (await b.model()).session()
+            failing = await (await b.model()).session()
             decoding = asyncio.create_task(innocent.generate(PROMPTS[1], max_new_tokens=200))
-            await asyncio.sleep(0.05)  # the innocent session is decoding when the faulty one joins
-            with pytest.raises(DjinnError, match="nan"):
-                await asyncio.wait_for(faulty.generate(PROMPTS[0], max_new_tokens=8, temperature=1e-300), 30)
-            assert len((await faulty.generate([4, 5], max_new_tokens=2)).tokens) == 2  # still usable
+            await asyncio.sleep(0.05)  # the innocent session is decoding when the failing one joins
+            with pytest.raises(DjinnError, match=match):
+                await asyncio.wait_for(failing_request(failing), 30)
+            if then is not None:
+                await then(failing)
             return (await asyncio.wait_for(decoding, 30)).tokens
 
     assert asyncio.run(run(server.url(TRANSPORT))) == expected
+
+
+def test_a_request_whose_sampling_fails_fails_alone(server):
+    """A temperature so small that the probabilities overflow to NaN: that request gets an error
+    reply, the session stays usable, and both sessions are freed after."""
+    before = kv_bytes(server)
+
+    async def still_usable(session) -> None:
+        assert len((await session.generate([4, 5], max_new_tokens=2)).tokens) == 2
+
+    _fails_alone(server, lambda s: s.generate(PROMPTS[0], max_new_tokens=8, temperature=1e-300), "nan",
+                 then=still_usable)
     deadline = time.monotonic() + 5
     while kv_bytes(server) != before and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -216,24 +228,8 @@ def test_a_request_whose_sampling_fails_fails_alone(server):
 
 
 def test_a_session_running_out_of_positions_fails_alone(server):
-    """A context that reaches the model's position limit mid-decode ends that request with an error;
-    a session decoding in the same batch gets its exact tokens."""
-    from djinn.client import connect_async
-
+    """A context that reaches the model's position limit mid-decode ends that request alone."""
     limit = server.kernel.runner.max_positions
     if limit is None:
         pytest.skip(f"{server.config.model.name} has no position limit")
-    spec = server.config.model.name
-    expected = local_tokens(spec, PROMPTS[1], 200, server.kernel.device.type)
-
-    async def run(url: str) -> list[int]:
-        async with await connect_async(url) as a, await connect_async(url) as b:
-            innocent = await (await a.model()).session()
-            long = await (await b.model()).session()
-            decoding = asyncio.create_task(innocent.generate(PROMPTS[1], max_new_tokens=200))
-            await asyncio.sleep(0.05)  # the innocent session is decoding when the long one joins
-            with pytest.raises(DjinnError, match="positions"):
-                await asyncio.wait_for(long.generate([7] * (limit - 4), max_new_tokens=100), 30)
-            return (await asyncio.wait_for(decoding, 30)).tokens
-
-    assert asyncio.run(run(server.url(TRANSPORT))) == expected
+    _fails_alone(server, lambda s: s.generate([7] * (limit - 4), max_new_tokens=100), "positions")
