@@ -4,6 +4,7 @@ at full size."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import pickle
@@ -21,7 +22,8 @@ from djinn.kernel.errors import AdmissionError, AuthError, ConfigError, FrameErr
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer, is_loopback
-from djinn.kernel.strategies import Residency
+from djinn.kernel.runtime import SamplingParams
+from djinn.kernel.strategies import Phase, Residency
 from djinn.kernel.wire import Frame, Op, decode_frame, raise_for_error
 from eval.reliability.run import (
     _CONNECTION_KINDS,
@@ -35,6 +37,7 @@ from eval.reliability.run import (
     disconnect_storm,
     frame_bytes,
     fuzz_server,
+    idle_books,
     kv_budget_gb,
     kv_sizes,
     leaks,
@@ -163,6 +166,41 @@ def test_a_disconnect_storm_leaks_nothing(server):
     assert report["leaks"] == NO_LEAKS
     assert report["served_after"]
     assert report["evictions"] > 0
+
+
+async def _cancel_mid_pool_work(kernel, while_: str) -> None:
+    """A generate cancelled while the model thread frees its session's blocks (an eviction it
+    waits for) or allocates new ones (its KV growing), then the session closed."""
+    session = kernel.open_session()
+    await kernel.generate(session, PROMPT, SamplingParams(max_new_tokens=2))
+    pool = kernel.runner.pool
+    name = "free" if while_ == "evicting" else "allocate"
+    real = getattr(pool, name)
+
+    def slow(*args):
+        time.sleep(0.3)
+        return real(*args)
+
+    setattr(pool, name, slow)
+    try:
+        if while_ == "evicting":
+            await kernel.signal_phase(session, Phase.IO_WAIT, None)
+            await asyncio.sleep(0.05)
+        ids = [7] if while_ == "evicting" else list(range(1, 101))  # 100 tokens need a second block
+        request = asyncio.create_task(kernel.generate(session, ids, SamplingParams(max_new_tokens=2)))
+        await asyncio.sleep(0.1)
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        await kernel.close_session(session)
+    finally:
+        setattr(pool, name, real)
+
+
+@pytest.mark.parametrize("while_", ["evicting", "growing"])
+def test_a_request_cancelled_during_pool_work_leaks_nothing(server, while_):
+    baseline = idle_books(server)
+    asyncio.run_coroutine_threadsafe(_cancel_mid_pool_work(server.kernel, while_), server._loop).result(30)
+    assert leaks(server, baseline, timeout=5) == NO_LEAKS
 
 
 # =========================================================================== exhaustion
