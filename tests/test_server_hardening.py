@@ -150,10 +150,6 @@ def test_a_plugin_failing_in_metrics_fails_the_status_request_by_name(faulty_ser
         assert client.status()["sessions"]["total"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Kernel.ensure_resident (runtime.py) drops the exception of a restore task that finished with the "
-    "session RESIDENT: a djinn_session_restored hook that raises during a restore on the critical path "
-    "fails nothing and is logged nowhere"))
 def test_a_plugin_failing_as_a_session_is_restored_fails_that_request_by_name(faulty_server, caplog):
     srv, faulty = faulty_server
     with connect(srv.url("tcp")) as client, client.model().session() as session:

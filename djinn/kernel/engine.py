@@ -183,7 +183,6 @@ class BatchEngine:
                 r for r in self._decoding if id(r) in served
             ]
 
-
     def _end_past_positions(self, ended: list[EngineRequest]) -> None:
         """End the requests whose next token would pass the model's positions: alone, before the
         step, rather than failing every row of it."""

@@ -315,6 +315,7 @@ class Kernel:
             coro.close()  # one move at a time; the scheduler will ask again if it still wants it
             return
         session.moving = asyncio.create_task(coro)
+        session.moving.add_done_callback(_log_failed_move)
 
     async def _tick_loop(self) -> None:
         period = self.config.server.tick_s
@@ -464,8 +465,11 @@ class Kernel:
                 continue
             if session.moving is not None and session.moving.done() and not session.moving.cancelled():
                 exc = session.moving.exception()
+                own = session.moving is attempt
                 session.moving = None
-                if exc is not None and session.info.residency is not Residency.RESIDENT:
+                # this request's own restore failing fails it even when the KV arrived (a hook
+                # raised after the copy); another move's error only when the KV is not back
+                if exc is not None and (own or session.info.residency is not Residency.RESIDENT):
                     raise exc
             if session.info.residency is Residency.RESIDENT:
                 return time.perf_counter() - started
@@ -788,3 +792,9 @@ async def _settled(future: asyncio.Future | None) -> None:
             cancelled = True
     if cancelled:
         raise asyncio.CancelledError
+
+
+def _log_failed_move(task: asyncio.Task) -> None:
+    """A move the scheduler started fails no request: its error is logged here."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a scheduled KV move failed: %s", task.exception())
