@@ -20,7 +20,6 @@ for a real checkpoint.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.models import load_model, weight_bytes
 from djinn.kernel.runner import ModelRunner, greedy_generate
 from eval.bench_transport import hardware
+from eval.report import library_versions
 
 GiB = 1 << 30
 
@@ -57,9 +57,7 @@ def read_bandwidth(nbytes: int = 4 * GiB, repeats: int = 10) -> list[float]:
     """Device read bandwidth (bytes/s) of a sum over ``nbytes`` of bf16."""
     data = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     data.sum()
-    samples = [nbytes / _timed(lambda: data.sum()) for _ in range(repeats)]
-    del data
-    return samples
+    return [nbytes / _timed(data.sum) for _ in range(repeats)]
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -249,8 +247,7 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         "note": f"random weights of the named shape; {loaded.dtype}; on {device}; one process, "
                 "no server (the engine itself)",
         "hardware": hardware(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": library_versions(),
         "config": dict(model=model_name, context=context, new_tokens=new_tokens, sessions=sessions,
                        batches=batches, steps=steps, chunks=chunks),
         "weight_bytes": weights,

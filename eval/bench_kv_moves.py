@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import attrs
 import torch
-import transformers
 
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.runtime import Kernel
 from eval.bench_transport import hardware
+from eval.report import library_versions
 
 
 def raw_copy_ms(nbytes: int, repeats: int) -> dict[str, list[float]]:
@@ -128,8 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m eval.bench_kv_moves " + " ".join(argv or __import__("sys").argv[1:]),
         "note": "random weights of the named shape; moves through the kernel's evict/restore",
         "hardware": hardware(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": library_versions(),
         "config": vars(args) | {"out": str(args.out)},
         "raw": result | raw,
         "summary": summary,

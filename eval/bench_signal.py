@@ -17,7 +17,6 @@ One server in this process (semantic scheduler, pinned_host tier, tcp), one clie
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import threading
@@ -27,8 +26,6 @@ from typing import Any
 
 import attrs
 import click
-import torch
-import transformers
 
 from djinn.client import connect
 from djinn.kernel.config import DjinnConfig
@@ -36,6 +33,7 @@ from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
 from eval.bench_transport import hardware
+from eval.report import library_versions
 
 
 class SignalClock:
@@ -126,8 +124,7 @@ def main(model_name: str, dtype: str, context: int, rounds: int, tier_gb: float,
         "note": f"random weights of the named shape; one server and client in one process over tcp "
                 f"loopback; device {server.kernel.device}",
         "hardware": hardware(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": library_versions(),
         "config": dict(model=model_name, dtype=dtype, context=context, rounds=rounds, kv_bytes=kv_bytes),
         "raw_s": samples,
         "summary_ms": {key: _ms(values) for key, values in samples.items()},

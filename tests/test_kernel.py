@@ -155,7 +155,7 @@ def _resident_count(server):
 
 
 def _kv_budget_for(sessions: int, tokens: int) -> float:
-    from djinn.kernel.models import load_model, weight_bytes
+    from djinn.kernel.models import load_model
     from djinn.kernel.runner import ModelRunner
 
     runner = ModelRunner(load_model("random:tiny-llama"))

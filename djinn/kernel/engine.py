@@ -186,15 +186,13 @@ class BatchEngine:
     def _end_past_positions(self, ended: list[EngineRequest]) -> None:
         """End the requests whose next token would pass the model's positions: alone, before the
         step, rather than failing every row of it."""
-        limit = self.runner.max_positions
-        if limit is None:
-            return
-        for request in [r for r in self._decoding if r.kv.length + 1 > limit]:
-            request.error = ModelError(
-                f"a context of {request.kv.length + 1} tokens exceeds the model's {limit} positions"
-            )
-            self._decoding.remove(request)
-            self._end(request, ended)
+        for request in list(self._decoding):
+            try:
+                self.runner.check_positions(request.kv.length + 1)
+            except ModelError as exc:
+                request.error = exc
+                self._decoding.remove(request)
+                self._end(request, ended)
 
 
 def run_to_completion(engine: BatchEngine, requests: Sequence[EngineRequest]) -> None:

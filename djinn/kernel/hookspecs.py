@@ -90,7 +90,8 @@ def djinn_phase_changed(session: SessionInfo, old: Phase, new: Phase) -> None:
 @hookspec
 def djinn_session_evicted(session: SessionInfo, tier: str, nbytes: int, seconds: float) -> None:
     """A session's KV has left the GPU for ``tier``; ``seconds`` is the copy's duration. Once
-    per eviction, when the copy has completed."""
+    per eviction, when the copy has completed. ``tier`` is ``"dropped"`` when a scheduler with
+    ``drops_kv`` freed the KV without a copy."""
 
 
 @hookspec
@@ -98,7 +99,8 @@ def djinn_session_restored(
     session: SessionInfo, tier: str, nbytes: int, seconds: float, on_critical_path: bool
 ) -> None:
     """A session's KV is back on the GPU. ``on_critical_path`` is True when a request had to
-    wait for this restore (a prefetch that finished in time is not on the critical path)."""
+    wait for this restore (a prefetch that finished in time is not on the critical path).
+    ``tier`` is ``"dropped"`` when the KV was recomputed by prefilling the session's tokens again."""
 
 
 @hookspec

@@ -338,6 +338,11 @@ class ModelRunner:
         kv.ensure_capacity(capacity_tokens)
         return kv
 
+    def check_positions(self, tokens: int) -> None:
+        """Raise ``ModelError`` when a context of ``tokens`` tokens passes the model's positions."""
+        if self.max_positions is not None and tokens > self.max_positions:
+            raise ModelError(f"a context of {tokens} tokens exceeds the model's {self.max_positions} positions")
+
     def ids_tensor(self, ids: Sequence[int]) -> torch.Tensor:
         """Token ids as the ``[1, T]`` tensor ``begin`` takes, on the runner's device."""
         return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
@@ -382,10 +387,7 @@ class ModelRunner:
         start = kv.length
         tokens = input_ids.shape[1]
         end = start + tokens
-        if self.max_positions is not None and end > self.max_positions:
-            raise ModelError(
-                f"a context of {end} tokens exceeds the model's {self.max_positions} positions"
-            )
+        self.check_positions(end)
         kv.ensure_capacity(end)
         ids = input_ids.to(self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
@@ -423,10 +425,7 @@ class ModelRunner:
             raise ValueError(f"decode needs one token per session, got {len(kvs)} and {len(tokens)}")
         if len({id(kv) for kv in kvs}) != len(kvs):
             raise ValueError("a session may appear only once in a decode step")
-        if self.max_positions is not None:
-            longest = max(kv.length for kv in kvs) + 1
-            if longest > self.max_positions:
-                raise ModelError(f"a context of {longest} tokens exceeds the model's {self.max_positions} positions")
+        self.check_positions(max(kv.length for kv in kvs) + 1)
         for kv in kvs:
             kv.ensure_capacity(kv.length + 1)
         rows = len(kvs)

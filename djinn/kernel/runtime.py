@@ -32,7 +32,7 @@ from djinn.kernel.strategies import Action, Phase, Residency, SessionInfo, TierB
 if TYPE_CHECKING:
     import torch
 
-    from djinn.kernel.engine import BatchEngine, EngineRequest
+    from djinn.kernel.engine import EngineRequest
     from djinn.kernel.kvpool import SessionKV
     from djinn.kernel.runner import ForwardCursor
 

@@ -400,8 +400,6 @@ class Server:
         )
 
     async def _breakpoint_op(self, client: ClientState, frame: Frame) -> Frame:
-        import torch
-
         pause = client.pauses.get(frame.session_id)
         if pause is None:
             raise BreakpointError(f"session {frame.session_id} is not paused at a breakpoint")

@@ -27,7 +27,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import time
@@ -38,12 +37,12 @@ from typing import Any
 
 import attrs
 
-from djinn import __version__
 from djinn.kernel.config import DjinnConfig, MemorySettings, ModelSettings, PluginSelection, ServerSettings, build_settings
 from djinn.kernel.errors import ConfigError, DjinnError
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
 from eval.bench_transport import hardware
+from eval.report import library_versions
 
 SCHEDULERS = ("static", "lru", "recompute", "semantic")
 GiB = 1 << 30
@@ -388,22 +387,13 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
         "experiment": "exp1_density",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": hardware(),
-        "versions": versions(),
+        "versions": library_versions(),
         "config": experiment.to_dict(),
         "schedulers": list(schedulers),
         "agent_counts": sorted(agent_counts),
         "points": points,
         "summary": {"points": [p["summary"] for p in points], "max_agents_within_limit": max_agents},
     }
-
-
-def versions() -> dict[str, Any]:
-    """Python, torch, transformers and djinn versions, and the CUDA runtime when present."""
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "djinn": __version__, "cuda": torch.version.cuda}
 
 
 def plot(report: dict[str, Any], stem: Path) -> list[Path]:

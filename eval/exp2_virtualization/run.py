@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ from djinn.kernel.models import (
 from djinn.kernel.runner import ModelRunner
 from djinn.plugins.streamers.ringbuffer import RingbufferSettings, RingbufferStreamer
 from eval.bench_transport import hardware
+from eval.report import library_versions
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -415,15 +415,8 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def versions() -> dict[str, Any]:
-    """Python and library versions."""
-    import transformers
-
-    found: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-    }
+    """Library versions, accelerate (the baseline) included."""
+    found = library_versions()
     try:
         import accelerate
 

@@ -40,7 +40,8 @@ from djinn.kernel.runner import greedy_generate
 from djinn.kernel.server import BackgroundServer
 from djinn.kernel.wire import Op
 from eval.bench_transport import hardware
-from eval.exp1_density.run import percentile, versions
+from eval.exp1_density.run import percentile
+from eval.report import library_versions
 
 #: pinned host-to-device bandwidth (B/s) measured on the H100 machine: the cost of a KV round
 #: trip that a design without server-resident KV would pay at every breakpoint
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     parts = measure(cfg)
     report = {
-        "experiment": "exp3_interactivity", "started_at": started, "hardware": hardware(), "versions": versions(),
+        "experiment": "exp3_interactivity", "started_at": started, "hardware": hardware(), "versions": library_versions(),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "config": attrs.asdict(cfg),
         "pcie_bytes_per_s": PCIE_BYTES_PER_S, **parts,
     }

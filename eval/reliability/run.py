@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import pickle
-import platform
 import random
 import socket
 import struct
@@ -45,7 +44,6 @@ from typing import Any
 import attrs
 import click
 import torch
-import transformers
 from tqdm import tqdm
 
 from djinn.client import connect
@@ -57,6 +55,7 @@ from djinn.kernel.wire import HEADER_SIZE, MAGIC, Frame, Op, WireLimits, decode_
 from djinn.plugins.serializers.arrow import ArrowSerializer, ArrowSettings
 from djinn.plugins.transports._framing import LENGTH_PREFIX, split_url
 from eval.bench_transport import hardware
+from eval.report import library_versions
 
 SERIALIZER = ArrowSerializer(ArrowSettings())
 PROMPT = [5, 17, 300, 42, 9]
@@ -831,8 +830,7 @@ def main(frames: int, disconnects: int, admissible: int, sessions: int, concurre
         "note": f"random weights of {model_name}; server and clients in one process over tcp loopback; "
                 "each part on a fresh server",
         "hardware": hardware(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": library_versions(),
         "config": dict(model=model_name, frames=frames, disconnects=disconnects, admissible=admissible,
                        burst_clients=10 * admissible, sessions=sessions, concurrency=concurrency, seed=seed),
         "raw": raw,
