@@ -110,8 +110,8 @@ class SweepSpec:
     schedulers: tuple[str, ...] = attrs.field(
         default=SCHEDULERS, converter=tuple, validator=attrs.validators.deep_iterable(attrs.validators.in_(SCHEDULERS))
     )
-    #: agent counts N (a Sequence annotation: the kernel's TOML type check knows only string lists)
-    agents: Sequence[int] = attrs.field(default=(8,), converter=tuple, validator=_agent_counts)
+    #: agent counts N
+    agents: tuple[int, ...] = attrs.field(default=(8,), converter=tuple, validator=_agent_counts)
     p99_limit_s: float = attrs.field(default=2.0, validator=_positive)
     sample_every_s: float = attrs.field(default=0.5, validator=_positive)
 
