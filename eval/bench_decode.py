@@ -33,7 +33,7 @@ import transformers
 
 from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.models import load_model, weight_bytes
-from djinn.kernel.runner import ModelRunner, greedy_generate
+from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner, greedy_generate
 from eval.bench_transport import hardware
 from eval.report import library_versions
 
@@ -229,10 +229,12 @@ def _median_ms(samples: list[float]) -> float:
 @click.option("--agreement", default=8, help="sessions in the bf16 agreement check (d)")
 @click.option("--anchors/--no-anchors", default=True, help="re-measure the transformers anchors")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda")
+@click.option("--decode-attention", type=click.Choice(DECODE_ATTENTION), default=None,
+              help="how decode steps attend (default: paged on CUDA, masked on the CPU)")
 @click.option("--cpu-pool-gb", default=4.0, help="KV pool size on CPU (on CUDA: free memory less 3 GiB)")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(model_name: str, context: int, new_tokens: int, sessions: int, batches: str, steps: int,
-         chunks: str, agreement: int, anchors: bool, device: str, cpu_pool_gb: float, out: Path) -> None:
+         chunks: str, agreement: int, anchors: bool, device: str, decode_attention: str | None, cpu_pool_gb: float, out: Path) -> None:
     """Run (a)-(d) and the anchors; write one JSON result file and print a table."""
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -254,10 +256,19 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         "read_bandwidth_bytes_per_s": bandwidth,
     }
     floor_s = weights / statistics.median(bandwidth) if bandwidth else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(section: str) -> None:
+        """Write what is measured so far, so a run cut short still leaves its sections."""
+        out.write_text(json.dumps(report, indent=2))
+        click.echo(f"{time.perf_counter() - started:7.1f} s  {section} done", err=True)
+
     if anchors and cuda:
         report["transformers"] = bench_transformers(loaded.model, context, new_tokens, sessions)
         torch.cuda.empty_cache()
-    runner = ModelRunner(loaded, device=device)
+        save("anchors")
+    runner = ModelRunner(loaded, device=device, decode_attention=decode_attention)
+    report["config"]["decode_attention"] = runner.decode_attention
     free = torch.cuda.mem_get_info()[0] - 3 * GiB if cuda else int(cpu_pool_gb * GiB)
     pool_blocks = free // runner.pool.block_bytes
     runner.pool.grow(pool_blocks)
@@ -265,13 +276,17 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
     kv_bytes = pool_blocks * runner.pool.block_bytes
     report["kv_pool_bytes"] = kv_bytes
     report["single"] = bench_single(runner, context, steps)
-    report["end_to_end"] = [
-        bench_end_to_end(runner, sessions, context, new_tokens, int(c)) for c in chunks.split(",")
-    ]
+    save("(a) single")
+    report["end_to_end"] = []
+    for chunk in chunks.split(","):
+        report["end_to_end"].append(bench_end_to_end(runner, sessions, context, new_tokens, int(chunk)))
+        save(f"(b) chunk {chunk}")
     report["one_at_a_time"] = bench_one_at_a_time(runner, sessions, context, new_tokens)
-    report["throughput"] = [
-        bench_throughput(runner, int(b), context, steps, kv_bytes) for b in batches.split(",")
-    ]
+    save("(b) one at a time")
+    report["throughput"] = []
+    for batch in batches.split(","):
+        report["throughput"].append(bench_throughput(runner, int(batch), context, steps, kv_bytes))
+        save(f"(c) batch {batch}")
     report["agreement"] = bench_agreement(runner, agreement, context, new_tokens)
     best_b = min(report["end_to_end"], key=lambda r: r["seconds"])
     report["summary"] = {
@@ -291,8 +306,7 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         "anchors": report.get("transformers"),
         "run_seconds": time.perf_counter() - started,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    save("(d) agreement")
     click.echo(json.dumps(report["summary"], indent=2))
 
 

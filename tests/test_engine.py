@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
+from djinn.kernel.errors import ModelError
 from djinn.kernel.models import LoadedModel, load_model
-from djinn.kernel.runner import ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
+from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
 #: lengths on both sides of tiny-mistral's 16-token window and of a 64-token block
@@ -42,9 +43,10 @@ def _alone(runner: ModelRunner, prompt: list[int], new_tokens: int) -> list[int]
     return greedy_generate(runner, runner.new_kv(), runner.ids_tensor(prompt), new_tokens)
 
 
+@pytest.mark.parametrize("attention", DECODE_ATTENTION)
 @pytest.mark.parametrize("spec", [*TINY, "tiny-qwen2"])
-def test_batched_greedy_tokens_equal_single_session_tokens(models, spec: str) -> None:
-    runner = ModelRunner(models[spec])
+def test_batched_greedy_tokens_equal_single_session_tokens(models, spec: str, attention: str) -> None:
+    runner = ModelRunner(models[spec], decode_attention=attention)
     prompts = _prompts()
     expected = [_alone(runner, p, 20) for p in prompts]
     engine = BatchEngine(runner)
@@ -230,3 +232,24 @@ def test_captured_decode_steps_equal_eager_steps_on_cuda() -> None:
     assert captured.captures > 0 and eager.captures == 0
     assert results[0] == results[1]
     assert results[0] == [_alone(eager, p, 24) for p in prompts]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled paged kernel needs a CUDA device")
+@pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral"])
+def test_paged_decode_on_cuda_equals_masked_decode(spec: str) -> None:
+    """The compiled flex_attention kernel over block tables picks the tokens the masked SDPA step
+    picks, with sliding windows too (float32, so no rounding ties)."""
+    loaded = load_model(spec, device="cuda")
+    results = []
+    for attention in ("paged", "masked"):
+        runner = ModelRunner(loaded, device="cuda", decode_attention=attention)
+        requests = [EngineRequest(runner.new_kv(), p, 24) for p in _prompts(6, seed=3)]
+        run_to_completion(BatchEngine(runner), requests)
+        assert all(r.error is None for r in requests)
+        results.append([r.tokens for r in requests])
+    assert results[0] == results[1]
+
+
+def test_an_unknown_decode_attention_is_refused(models) -> None:
+    with pytest.raises(ModelError, match="decode_attention"):
+        ModelRunner(models["random:tiny-llama"], decode_attention="dense")

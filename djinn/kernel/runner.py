@@ -18,11 +18,13 @@ does nothing but call the layer, plus the streamer's ``before_layer``/``after_la
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 
 from djinn.kernel.errors import BreakpointError, ModelError
@@ -138,6 +140,59 @@ def batched_decode_attention(
 BATCHED_ATTENTION = "djinn_batched_decode"
 AttentionInterface.register(BATCHED_ATTENTION, batched_decode_attention)
 
+#: flex_attention compiled to one fused kernel (on CUDA); compiled on first use
+_compiled_flex = torch.compile(flex_attention)
+#: flex_attention's query block; a decode step has one query per row, so one block
+_FLEX_QUERY_BLOCK = 128
+#: the query-major block lists serve only the backward pass; skip them where torch allows
+_NO_Q_BLOCKS = (
+    {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
+)
+
+
+def paged_decode_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: BlockMask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of ``B`` one-token queries ``[B, H, 1, D]`` over the pool's keys ``[1, H_kv, S, D]``,
+    each row reading only its own session's blocks.
+
+    ``attention_mask`` is a ``BlockMask`` whose per-row block list is the session's block table,
+    so the work is proportional to the rows' own contexts, not rows x slots. flex_attention is
+    compiled on CUDA; on the CPU its unfused reference runs. Returns ``[B, 1, H, D]``.
+    """
+    flex = _compiled_flex if query.is_cuda else flex_attention
+    out = flex(
+        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )  # [B, H, 1, D]
+    return out.transpose(1, 2), None
+
+
+PAGED_ATTENTION = "djinn_paged_decode"
+AttentionInterface.register(PAGED_ATTENTION, paged_decode_attention)
+#: how a batched decode step attends: over each row's own blocks, or over all slots under a mask
+DECODE_ATTENTION = ("paged", "masked")
+
+
+def _paged_mask_mod(inputs: _StepInputs, window: int | None) -> Callable[..., torch.Tensor]:
+    """flex_attention's ``mask_mod`` of a decode step: a row sees its own filled slots (within its
+    window); a padding row sees the scratch slot alone."""
+    row_of_slot, slot_position, positions, pad = inputs.row_of_slot, inputs.slot_position, inputs.positions, inputs.pad
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        own = (row_of_slot[kv_idx] == b) & (slot_position[kv_idx] <= positions[b])
+        if window is not None:
+            own = own & (positions[b] - slot_position[kv_idx] < window)
+        return own | (pad[b] & (kv_idx == SCRATCH_BLOCK * inputs.block_tokens))
+
+    return mask_mod
+
 #: batch sizes a decode step is padded to (one captured graph per size and slot span)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -167,18 +222,24 @@ class _StepInputs:
     row_of_slot: torch.Tensor  # [S] which row owns each slot (-1: none)
     slot_position: torch.Tensor  # [S] each owned slot's position in its session
     pad: torch.Tensor  # [B] padding rows (they attend to the scratch slot only)
+    blocks: torch.Tensor  # [B, S / block] int32 each row's block table (padding: the scratch block)
+    block_count: torch.Tensor  # [B] int32 blocks each row reads
+    block_tokens: int
     logits: torch.Tensor | None = None  # [B, vocab] float32, written by the step
     graph: Any = None
 
     @classmethod
-    def empty(cls, batch: int, slots: int, device: torch.device) -> _StepInputs:
+    def empty(cls, batch: int, slots: int, block_tokens: int, device: torch.device) -> _StepInputs:
         """Inputs for ``batch`` rows over ``slots`` slots, all rows padding."""
         long = dict(dtype=torch.long, device=device)
         return cls(
             ids=torch.zeros(batch, **long), positions=torch.zeros(batch, **long),
-            write=torch.full((batch,), SCRATCH_BLOCK, **long),
+            write=torch.full((batch,), SCRATCH_BLOCK * block_tokens, **long),
             row_of_slot=torch.full((slots,), -1, **long), slot_position=torch.zeros(slots, **long),
             pad=torch.ones(batch, dtype=torch.bool, device=device),
+            blocks=torch.full((batch, slots // block_tokens), SCRATCH_BLOCK, dtype=torch.int32, device=device),
+            block_count=torch.ones(batch, dtype=torch.int32, device=device),
+            block_tokens=block_tokens,
         )
 
 
@@ -235,6 +296,9 @@ class ModelRunner:
     budget_bytes)`` once, here, and calls its per-pass and per-layer methods on every pass.
     ``cuda_graphs``: capture decode steps on CUDA (never with a streamer that moves weights), for
     padded batches of at most ``graph_max_batch`` rows; larger steps are long enough to run eagerly.
+    ``decode_attention`` (one of ``DECODE_ATTENTION``; default ``"paged"`` on CUDA, ``"masked"``
+    elsewhere): how batched decode steps attend, see ``paged_decode_attention`` and
+    ``batched_decode_attention``.
     """
 
     def __init__(
@@ -247,6 +311,7 @@ class ModelRunner:
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         cuda_graphs: bool = True,
         graph_max_batch: int = 512,
+        decode_attention: str | None = None,
     ) -> None:
         family = loaded.family
         if family not in SUPPORTED_FAMILIES:
@@ -262,6 +327,12 @@ class ModelRunner:
                 f"attention implementation {attention!r} is not supported by the runner; "
                 f"load the model with one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
             )
+        self.device = torch.device(device) if device is not None else loaded.device
+        if decode_attention is None:
+            decode_attention = "paged" if self.device.type == "cuda" else "masked"
+        if decode_attention not in DECODE_ATTENTION:
+            raise ModelError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, not {decode_attention!r}")
+        self.decode_attention = decode_attention
         self.family = family
         self.config = config
         self.streamer = streamer
@@ -289,7 +360,6 @@ class ModelRunner:
         self.num_layers, self.kv_heads, self.head_dim = kv_geometry(config)
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
-        self.device = torch.device(device) if device is not None else loaded.device
         self.dtype = self._embed.weight.dtype
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
         self._additive_mask = self.dtype if attention == "eager" else None
@@ -366,12 +436,20 @@ class ModelRunner:
             generator.manual_seed(seed)
 
         def pick(logits: torch.Tensor) -> int:
-            scores = logits / temperature  # [vocab]
+            scores = logits.float() / temperature  # [vocab]
             candidates = None
             if top_k and top_k < scores.shape[0]:
                 scores, candidates = scores.topk(top_k)  # [top_k] each
-            choice = torch.multinomial(scores.softmax(-1), 1, generator=generator)  # [1]
-            return int(choice if candidates is None else candidates[choice])
+            probs = scores.softmax(-1)
+            finite = torch.isfinite(probs).all()
+            # on CUDA, multinomial over NaN trips a device assert that ends the process: sample
+            # from a harmless stand-in and report the bad row after the one synchronisation
+            choice = torch.multinomial(torch.where(finite, probs, 1.0), 1, generator=generator)  # [1]
+            picked = choice if candidates is None else candidates[choice]
+            token, ok = torch.stack([picked[0], finite.long()]).tolist()
+            if not ok:
+                raise ValueError(f"sampling probabilities are nan or infinite at temperature {temperature}")
+            return int(token)
 
         return pick
 
@@ -432,7 +510,7 @@ class ModelRunner:
         span = min(slot_bucket(self.pool.high_water_slots()), self.pool.tensor.shape[2])
         inputs = self._graph_inputs(batch_bucket(rows), span) if self.cuda_graphs else None
         if inputs is None:
-            inputs = _StepInputs.empty(rows, span, self.device)
+            inputs = _StepInputs.empty(rows, span, self.pool.block_tokens, self.device)
         self._fill_inputs(inputs, kvs, tokens)
         if inputs.graph is not None:
             inputs.graph.replay()
@@ -466,6 +544,16 @@ class ModelRunner:
         inputs.row_of_slot.fill_(-1)
         inputs.row_of_slot.index_copy_(0, slots, row_ids.to(device, non_blocking=True))
         inputs.slot_position.index_copy_(0, slots, in_row.to(device, non_blocking=True))
+        if self.decode_attention == "paged":
+            width = inputs.blocks.shape[1]
+            table = torch.full((inputs.blocks.shape[0], width), SCRATCH_BLOCK, dtype=torch.int32)
+            count = torch.ones(inputs.blocks.shape[0], dtype=torch.int32)
+            for row, (kv, n) in enumerate(zip(kvs, lengths)):
+                used = kv.blocks[: -(-(n + 1) // self.pool.block_tokens)]
+                table[row, : len(used)] = torch.tensor(used, dtype=torch.int32)
+                count[row] = len(used)
+            inputs.blocks.copy_(table.to(device, non_blocking=True))
+            inputs.block_count.copy_(count.to(device, non_blocking=True))
 
     def _graph_inputs(self, batch: int, span: int) -> _StepInputs | None:
         """The captured step for this padded batch size and slot span; None: run this one eagerly."""
@@ -488,7 +576,7 @@ class ModelRunner:
         return inputs
 
     def _capture(self, batch: int, span: int) -> _StepInputs:
-        inputs = _StepInputs.empty(batch, span, self.device)
+        inputs = _StepInputs.empty(batch, span, self.pool.block_tokens, self.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -507,17 +595,25 @@ class ModelRunner:
         batch, span = inputs.ids.shape[0], inputs.row_of_slot.shape[0]
         positions = inputs.positions[:, None]  # [B, 1]
         slot_position = inputs.slot_position[None, :]  # [1, S]
-        own = inputs.row_of_slot[None, :] == torch.arange(batch, device=self.device)[:, None]
-        own &= slot_position <= positions  # [B, S]
-        scratch = torch.arange(span, device=self.device)[None, :] == SCRATCH_BLOCK * self.pool.block_tokens
-        own |= inputs.pad[:, None] & scratch
+        if self.decode_attention == "masked":
+            own = inputs.row_of_slot[None, :] == torch.arange(batch, device=self.device)[:, None]
+            own &= slot_position <= positions  # [B, S]
+            scratch = torch.arange(span, device=self.device)[None, :] == SCRATCH_BLOCK * self.pool.block_tokens
+            own |= inputs.pad[:, None] & scratch
         group = self.config.num_attention_heads // self.kv_heads if not self._gpt2 else 1
         cache = _BatchCache(self.pool, inputs.write, span)
         hidden = self._embed(inputs.ids[:, None])  # [B, 1, hidden]
         by_window: dict[int | None, dict[str, Any]] = {}
         for window in set(self._windows):
-            allowed = own if window is None else own & (positions - slot_position < window)
-            mask = allowed.repeat(group, 1)[None, None]  # [1, 1, g*B, S]
+            if self.decode_attention == "paged":
+                mask = BlockMask.from_kv_blocks(
+                    inputs.block_count[:, None, None], inputs.blocks[:, None, None, :],
+                    BLOCK_SIZE=(_FLEX_QUERY_BLOCK, self.pool.block_tokens),
+                    mask_mod=_paged_mask_mod(inputs, window), seq_lengths=(1, span), **_NO_Q_BLOCKS,
+                )
+            else:
+                allowed = own if window is None else own & (positions - slot_position < window)
+                mask = allowed.repeat(group, 1)[None, None]  # [1, 1, g*B, S]
             by_window[window] = dict(
                 attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
             )
@@ -530,7 +626,7 @@ class ModelRunner:
         layer_kwargs = [by_window[window] for window in self._windows]
         streamer = self.streamer
         config = self.config
-        config._attn_implementation = BATCHED_ATTENTION
+        config._attn_implementation = PAGED_ATTENTION if self.decode_attention == "paged" else BATCHED_ATTENTION
         try:
             if streamer is not None:
                 streamer.begin_pass()
