@@ -183,13 +183,16 @@ DECODE_ATTENTION = ("paged", "masked")
 def _paged_mask_mod(inputs: _StepInputs, window: int | None) -> Callable[..., torch.Tensor]:
     """flex_attention's ``mask_mod`` of a decode step: a row sees its own filled slots (within its
     window); a padding row sees the scratch slot alone."""
-    row_of_slot, slot_position, positions, pad = inputs.row_of_slot, inputs.slot_position, inputs.positions, inputs.pad
+    owner, rank, positions, pad = inputs.block_owner, inputs.block_rank, inputs.positions, inputs.pad
+    bt = inputs.block_tokens
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        own = (row_of_slot[kv_idx] == b) & (slot_position[kv_idx] <= positions[b])
+        block = kv_idx // bt
+        position = rank[block] * bt + kv_idx % bt  # the slot's position in its session
+        own = (owner[block] == b) & (position <= positions[b])
         if window is not None:
-            own = own & (positions[b] - slot_position[kv_idx] < window)
-        return own | (pad[b] & (kv_idx == SCRATCH_BLOCK * inputs.block_tokens))
+            own = own & (positions[b] - position < window)
+        return own | (pad[b] & (block == SCRATCH_BLOCK))
 
     return mask_mod
 
@@ -219,8 +222,8 @@ class _StepInputs:
     ids: torch.Tensor  # [B] next token of each row
     positions: torch.Tensor  # [B] its position in the row's session
     write: torch.Tensor  # [B] the slot it is stored at
-    row_of_slot: torch.Tensor  # [S] which row owns each slot (-1: none)
-    slot_position: torch.Tensor  # [S] each owned slot's position in its session
+    block_owner: torch.Tensor  # [S / block] which row owns each block (-1: none)
+    block_rank: torch.Tensor  # [S / block] each owned block's index in its session's block table
     pad: torch.Tensor  # [B] padding rows (they attend to the scratch slot only)
     blocks: torch.Tensor  # [B, S / block] int32 each row's block table (padding: the scratch block)
     block_count: torch.Tensor  # [B] int32 blocks each row reads
@@ -235,7 +238,8 @@ class _StepInputs:
         return cls(
             ids=torch.zeros(batch, **long), positions=torch.zeros(batch, **long),
             write=torch.full((batch,), SCRATCH_BLOCK * block_tokens, **long),
-            row_of_slot=torch.full((slots,), -1, **long), slot_position=torch.zeros(slots, **long),
+            block_owner=torch.full((slots // block_tokens,), -1, **long),
+            block_rank=torch.zeros(slots // block_tokens, **long),
             pad=torch.ones(batch, dtype=torch.bool, device=device),
             blocks=torch.full((batch, slots // block_tokens), SCRATCH_BLOCK, dtype=torch.int32, device=device),
             block_count=torch.ones(batch, dtype=torch.int32, device=device),
@@ -507,7 +511,8 @@ class ModelRunner:
         for kv in kvs:
             kv.ensure_capacity(kv.length + 1)
         rows = len(kvs)
-        span = min(slot_bucket(self.pool.high_water_slots()), self.pool.tensor.shape[2])
+        bt = self.pool.block_tokens
+        span = min(_round_up(slot_bucket(self.pool.high_water_slots()), bt), self.pool.tensor.shape[2])
         inputs = self._graph_inputs(batch_bucket(rows), span) if self.cuda_graphs else None
         if inputs is None:
             inputs = _StepInputs.empty(rows, span, self.pool.block_tokens, self.device)
@@ -522,38 +527,43 @@ class ModelRunner:
         return logits[:rows]
 
     def _fill_inputs(self, inputs: _StepInputs, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> None:
-        """Write the step's rows into ``inputs`` (on the device, a few small copies)."""
-        rows, device = len(kvs), self.device
-        lengths = [kv.length for kv in kvs]
-        host = torch.tensor([list(tokens), lengths], dtype=torch.long)  # [2, B]
-        host_rows = host.to(device, non_blocking=True)
-        inputs.ids[:rows].copy_(host_rows[0])
-        inputs.positions[:rows].copy_(host_rows[1])
+        """Write the step's rows into ``inputs``: one host-to-device copy, then a few device ops.
+
+        Per row the host touches only the session's block list (no per-slot work), so a step's
+        preparation stays small beside the step however long the contexts are.
+        """
+        rows, bt, device = len(kvs), self.pool.block_tokens, self.device
+        lengths, writes, counts, flat = [], [], [], []
+        for kv in kvs:
+            n = kv.length
+            used = n // bt + 1  # blocks holding tokens [0, n]
+            lengths.append(n)
+            writes.append(kv.blocks[n // bt] * bt + n % bt)
+            counts.append(used)
+            flat.extend(kv.blocks[:used])
+        total = len(flat)
+        host = torch.tensor([*tokens, *lengths, *writes, *counts, *flat], dtype=torch.long)
+        ids, positions, write, count, blocks = host.to(device, non_blocking=True).split([rows] * 4 + [total])
+        padded = slice(rows, None)
+        inputs.ids[:rows].copy_(ids)
+        inputs.ids[padded].zero_()
+        inputs.positions[:rows].copy_(positions)
+        inputs.positions[padded].zero_()
+        inputs.write[:rows].copy_(write)
+        inputs.write[padded].fill_(SCRATCH_BLOCK * bt)
         inputs.pad[:rows].fill_(False)
-        inputs.pad[rows:].fill_(True)
-        inputs.ids[rows:].zero_()
-        inputs.positions[rows:].zero_()
-        owned = [kv.slots(0, n + 1) for kv, n in zip(kvs, lengths)]  # [n + 1] each
-        inputs.write[:rows].copy_(torch.stack([slots[-1] for slots in owned]))
-        inputs.write[rows:].fill_(SCRATCH_BLOCK * self.pool.block_tokens)
-        slots = torch.cat(owned)
-        counts = torch.tensor([n + 1 for n in lengths])
-        starts = torch.cumsum(counts, 0) - counts
-        row_ids = torch.repeat_interleave(torch.arange(rows), counts)
-        in_row = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
-        inputs.row_of_slot.fill_(-1)
-        inputs.row_of_slot.index_copy_(0, slots, row_ids.to(device, non_blocking=True))
-        inputs.slot_position.index_copy_(0, slots, in_row.to(device, non_blocking=True))
-        if self.decode_attention == "paged":
-            width = inputs.blocks.shape[1]
-            table = torch.full((inputs.blocks.shape[0], width), SCRATCH_BLOCK, dtype=torch.int32)
-            count = torch.ones(inputs.blocks.shape[0], dtype=torch.int32)
-            for row, (kv, n) in enumerate(zip(kvs, lengths)):
-                used = kv.blocks[: -(-(n + 1) // self.pool.block_tokens)]
-                table[row, : len(used)] = torch.tensor(used, dtype=torch.int32)
-                count[row] = len(used)
-            inputs.blocks.copy_(table.to(device, non_blocking=True))
-            inputs.block_count.copy_(count.to(device, non_blocking=True))
+        inputs.pad[padded].fill_(True)
+        row_of_block = torch.repeat_interleave(torch.arange(rows, device=device), count, output_size=total)
+        first = torch.cumsum(count, 0) - count
+        rank = torch.arange(total, device=device) - torch.repeat_interleave(first, count, output_size=total)
+        inputs.block_owner.fill_(-1)
+        inputs.block_owner.index_copy_(0, blocks, row_of_block)
+        inputs.block_rank.index_copy_(0, blocks, rank)
+        inputs.block_count[:rows].copy_(count)
+        inputs.block_count[padded].fill_(1)
+        inputs.blocks.fill_(SCRATCH_BLOCK)
+        width = inputs.blocks.shape[1]
+        inputs.blocks.view(-1).index_copy_(0, row_of_block * width + rank, blocks.to(torch.int32))
 
     def _graph_inputs(self, batch: int, span: int) -> _StepInputs | None:
         """The captured step for this padded batch size and slot span; None: run this one eagerly."""
@@ -592,14 +602,15 @@ class ModelRunner:
 
     def _decode_forward(self, inputs: _StepInputs) -> torch.Tensor:
         """The decode step itself, eager (or being captured): float32 logits ``[B, vocab]``."""
-        batch, span = inputs.ids.shape[0], inputs.row_of_slot.shape[0]
+        batch, span = inputs.ids.shape[0], inputs.blocks.shape[1] * self.pool.block_tokens
         positions = inputs.positions[:, None]  # [B, 1]
-        slot_position = inputs.slot_position[None, :]  # [1, S]
         if self.decode_attention == "masked":
-            own = inputs.row_of_slot[None, :] == torch.arange(batch, device=self.device)[:, None]
+            bt = self.pool.block_tokens
+            slot = torch.arange(span, device=self.device)
+            slot_position = (inputs.block_rank[slot // bt] * bt + slot % bt)[None, :]  # [1, S]
+            own = inputs.block_owner[slot // bt][None, :] == torch.arange(batch, device=self.device)[:, None]
             own &= slot_position <= positions  # [B, S]
-            scratch = torch.arange(span, device=self.device)[None, :] == SCRATCH_BLOCK * self.pool.block_tokens
-            own |= inputs.pad[:, None] & scratch
+            own |= inputs.pad[:, None] & (slot // bt == SCRATCH_BLOCK)[None, :]
         group = self.config.num_attention_heads // self.kv_heads if not self._gpt2 else 1
         cache = _BatchCache(self.pool, inputs.write, span)
         hidden = self._embed(inputs.ids[:, None])  # [B, 1, hidden]
