@@ -72,7 +72,10 @@ def main(model_name: str, context: int, batches: str, attentions: str, steps: in
     }
     for attention in attentions.split(","):
         runner = ModelRunner(loaded, device="cuda", decode_attention=attention)
-        for batch in (int(b) for b in batches.split(",")):
+        sizes = [int(b) for b in batches.split(",")]
+        per_session = (context + steps + profiled + 8) // runner.pool.block_tokens + 2
+        runner.pool.grow(max(sizes) * per_session + 1)  # sized once, as the server does
+        for batch in sizes:
             kvs, tokens = prefilled(runner, [[7] * context for _ in range(batch)])
             compile_started = time.perf_counter()
             step_times(runner, kvs, tokens, 3)  # compile, capture, warm up
@@ -85,7 +88,7 @@ def main(model_name: str, context: int, batches: str, attentions: str, steps: in
             release(kvs)
             click.echo(f"{attention:6s} B={batch:3d} wall {point['wall_ms_median']:7.2f} ms  kernels "
                        f"{point['kernel_ms_per_step']:7.2f} ms  launches {point['kernel_launches_per_step']:6.0f}")
-            for kernel in point["top_kernels"][:6]:
+            for kernel in point["top_kernels"][:8]:
                 click.echo(f"    {kernel['ms_per_step']:7.3f} ms  x{kernel['calls_per_step']:5.0f}  {kernel['name'][:90]}")
         del runner
         torch.cuda.empty_cache()

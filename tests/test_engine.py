@@ -234,6 +234,23 @@ def test_captured_decode_steps_equal_eager_steps_on_cuda() -> None:
     assert results[0] == [_alone(eager, p, 24) for p in prompts]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_steps_are_captured_again_after_the_pool_grows_on_cuda() -> None:
+    """Growing the pool drops the graphs (they hold its old address); new captures work and agree."""
+    loaded = load_model("random:tiny-llama", device="cuda")
+    runner = ModelRunner(loaded, device="cuda")
+    prompts = _prompts(4, seed=9)
+    first = [EngineRequest(runner.new_kv(), p, 12) for p in prompts]
+    run_to_completion(BatchEngine(runner), first)
+    captured, generation = runner.captures, runner.pool.generation
+    runner.pool.grow(runner.pool.num_blocks * 2)
+    assert runner.pool.generation != generation
+    second = [EngineRequest(runner.new_kv(), p, 12) for p in prompts]
+    run_to_completion(BatchEngine(runner), second)
+    assert runner.captures > captured > 0
+    assert [r.tokens for r in second] == [r.tokens for r in first]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled paged kernel needs a CUDA device")
 @pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral"])
 def test_paged_decode_on_cuda_equals_masked_decode(spec: str) -> None:

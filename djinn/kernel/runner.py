@@ -571,6 +571,9 @@ class ModelRunner:
             return None
         if self._graph_generation != self.pool.generation:
             self._graphs.clear()  # the pool moved: graphs hold its old address
+            # with its last graph gone the private memory pool is freed; a stale handle must
+            # not be captured into again
+            self._graph_pool = None
             self._graph_generation = self.pool.generation
         key = (batch, span)
         inputs = self._graphs.pop(key, None)
