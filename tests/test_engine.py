@@ -210,8 +210,8 @@ def test_decode_refuses_a_session_twice_and_mismatched_rows(models) -> None:
         runner.decode([kv], [3, 4])
 
 
-def test_buckets_pad_little() -> None:
-    assert [batch_bucket(n) for n in (1, 3, 9, 33, 128, 129, 600)] == [1, 4, 12, 48, 128, 192, 640]
+def test_batch_buckets_are_few_and_slot_spans_pad_little() -> None:
+    assert [batch_bucket(n) for n in (1, 3, 9, 33, 128, 129, 600)] == [1, 4, 16, 64, 128, 256, 768]
     for slots in (1, 100, 1100, 5000, 40000, 130000):
         padded = slot_bucket(slots)
         assert slots <= padded < slots + max(256, 0.05 * slots)

@@ -140,8 +140,11 @@ def batched_decode_attention(
 BATCHED_ATTENTION = "djinn_batched_decode"
 AttentionInterface.register(BATCHED_ATTENTION, batched_decode_attention)
 
-#: flex_attention compiled to one fused kernel (on CUDA); compiled on first use
-_compiled_flex = torch.compile(flex_attention)
+#: flex_attention compiled to one fused kernel (on CUDA), on first use per batch size. Static
+#: shapes: inductor picks its split-KV decoding kernel only for a batch size known at compile
+#: time (a dynamic batch falls back to the prefill kernel, which pads each query to 128 rows).
+#: Keys and values are the whole pool, so the batch bucket is the one shape that varies.
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
 #: flex_attention's query block; a decode step has one query per row, so one block
 _FLEX_QUERY_BLOCK = 128
 #: the query-major block lists serve only the backward pass; skip them where torch allows
@@ -196,13 +199,19 @@ def _paged_mask_mod(inputs: _StepInputs, window: int | None) -> Callable[..., to
 
     return mask_mod
 
-#: batch sizes a decode step is padded to (one captured graph per size and slot span)
-BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+#: batch sizes a decode step is padded to. Few: each is a captured graph and, with paged
+#: attention, a compile of the attention kernel; padding rows cost little, since a step's weight
+#: reads dominate up to a few hundred rows and a padding row reads one scratch block
+BATCH_BUCKETS = (1, 4, 16, 64, 128, 256, 512)
+#: one compile per batch bucket and sliding window must not hit dynamo's default limit of 8
+_RECOMPILE_LIMIT = 2 * len(BATCH_BUCKETS) + 8
+if getattr(torch._dynamo.config, "recompile_limit", _RECOMPILE_LIMIT) < _RECOMPILE_LIMIT:
+    torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
 
 
 def batch_bucket(size: int) -> int:
     """The padded batch size of a step with ``size`` rows."""
-    return next((b for b in BATCH_BUCKETS if b >= size), _round_up(size, 128))
+    return next((b for b in BATCH_BUCKETS if b >= size), _round_up(size, 256))
 
 
 def slot_bucket(slots: int) -> int:
@@ -512,7 +521,11 @@ class ModelRunner:
             kv.ensure_capacity(kv.length + 1)
         rows = len(kvs)
         bt = self.pool.block_tokens
-        span = min(_round_up(slot_bucket(self.pool.high_water_slots()), bt), self.pool.tensor.shape[2])
+        pool_slots = self.pool.tensor.shape[2]
+        if self.decode_attention == "paged":
+            span = pool_slots  # rows read their own blocks only; one shape for the compiled kernel
+        else:
+            span = min(_round_up(slot_bucket(self.pool.high_water_slots()), bt), pool_slots)
         inputs = self._graph_inputs(batch_bucket(rows), span) if self.cuda_graphs else None
         if inputs is None:
             inputs = _StepInputs.empty(rows, span, self.pool.block_tokens, self.device)
@@ -525,6 +538,18 @@ class ModelRunner:
         for kv in kvs:
             kv.length += 1
         return logits[:rows]
+
+    @torch.inference_mode()
+    def warm_up(self, max_batch: int) -> None:
+        """Compile the paged attention kernel for every batch bucket up to ``max_batch`` now, with
+        all-padding steps (they touch only the scratch block), so no request waits for a compile."""
+        if self.decode_attention != "paged" or self.device.type != "cuda":
+            return
+        for batch in BATCH_BUCKETS:
+            if batch > batch_bucket(max_batch):
+                break
+            self._decode_forward(_StepInputs.empty(batch, self.pool.tensor.shape[2], self.pool.block_tokens, self.device))
+        torch.cuda.synchronize(self.device)
 
     def _fill_inputs(self, inputs: _StepInputs, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> None:
         """Write the step's rows into ``inputs``: one host-to-device copy, then a few device ops.
