@@ -7,10 +7,11 @@ decoder layers up to ``k`` and stops there (a breakpoint: ``.hidden`` may be rea
 prompt chunks and breakpoint passes go this way.
 
 ``ModelRunner.decode`` runs one decode step for many sessions at once: every row's new key is
-written to its slot and all rows attend, in one attention call per layer, over the pool's slots
-with a mask that keeps each row to its own session (``batched_decode_attention``, registered
-with transformers' attention registry). On CUDA the step is captured as a CUDA graph per padded
-batch size and slot span, and replayed.
+written to its slot and all rows attend in one attention call per layer, registered with
+transformers' attention registry: on CUDA ``paged_decode_attention`` (compiled flex_attention
+over each row's block table), elsewhere ``batched_decode_attention`` (SDPA over the pool's slots
+under a mask that keeps each row to its own session). On CUDA the step is captured as a CUDA
+graph per padded batch size and slot span, and replayed.
 
 The runner calls the model's own modules (embedding, decoder layers, norm, head). Per layer it
 does nothing but call the layer, plus the streamer's ``before_layer``/``after_layer``.
@@ -198,6 +199,7 @@ def _paged_mask_mod(inputs: _StepInputs, window: int | None) -> Callable[..., to
         return own | (pad[b] & (block == SCRATCH_BLOCK))
 
     return mask_mod
+
 
 #: batch sizes a decode step is padded to. Few: each is a captured graph and, with paged
 #: attention, a compile of the attention kernel; padding rows cost little, since a step's weight
