@@ -77,3 +77,10 @@ def test_defaults_when_no_file(tmp_path, monkeypatch):
     monkeypatch.delenv(CONFIG_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert load_config() == DjinnConfig()
+
+
+def test_decode_attention_names_its_choices(tmp_path):
+    assert load_config(write(tmp_path, '[server]\ndecode_attention = "masked"\n')).server.decode_attention == "masked"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, '[server]\ndecode_attention = "dense"\n'))
+    assert "decode_attention" in str(err.value) and "paged" in str(err.value)

@@ -6,10 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from djinn.client import connect
 from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.errors import ModelError
 from djinn.kernel.models import LoadedModel, load_model
 from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
+from tests.serving import serving_config, start_server
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
 #: lengths on both sides of tiny-mistral's 16-token window and of a 64-token block
@@ -270,3 +272,17 @@ def test_paged_decode_on_cuda_equals_masked_decode(spec: str) -> None:
 def test_an_unknown_decode_attention_is_refused(models) -> None:
     with pytest.raises(ModelError, match="decode_attention"):
         ModelRunner(models["random:tiny-llama"], decode_attention="dense")
+
+
+@pytest.mark.parametrize("attention", DECODE_ATTENTION)
+def test_the_server_setting_chooses_the_decode_attention(attention: str) -> None:
+    """``[server] decode_attention`` reaches the runner, and both serve the same greedy tokens."""
+    server = start_server(serving_config("random:tiny-llama", decode_attention=attention))
+    try:
+        assert server.kernel.runner.decode_attention == attention
+        with connect(server.url("tcp")) as client:
+            tokens = [client.model().session().generate([3, 1, 4, 1, 5], 6).tokens for _ in range(2)]
+        loaded = load_model("random:tiny-llama")
+        assert tokens[0] == tokens[1] == _alone(ModelRunner(loaded), [3, 1, 4, 1, 5], 6)
+    finally:
+        server.stop()

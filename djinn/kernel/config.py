@@ -92,6 +92,10 @@ class ServerSettings:
     cuda_graphs: bool = True
     #: larger decode steps run eagerly (their launch overhead is small beside their work)
     graph_max_batch: int = attrs.field(default=512, validator=_positive)
+    #: how batched decode steps attend: "paged" (each row reads its own KV blocks, a compiled
+    #: flex_attention kernel), "masked" (SDPA over all slots under a mask), or "auto" (paged on
+    #: CUDA, masked elsewhere)
+    decode_attention: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "paged", "masked")))
 
 
 @attrs.frozen

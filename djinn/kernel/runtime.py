@@ -152,6 +152,7 @@ class Kernel:
             self.model, streamer=self.streamer, device=self.device, budget_bytes=self._weights_budget(),
             block_tokens=self.config.memory.kv_block_tokens, cuda_graphs=self.config.server.cuda_graphs,
             graph_max_batch=self.config.server.graph_max_batch,
+            decode_attention=None if self.config.server.decode_attention == "auto" else self.config.server.decode_attention,
         )
         weights = self.runner.device_weight_bytes()
         if not self.memory.try_reserve("weights", weights):
