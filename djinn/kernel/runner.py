@@ -586,6 +586,8 @@ class ModelRunner:
         inputs.block_owner.fill_(-1)
         inputs.block_owner.index_copy_(0, blocks, row_of_block)
         inputs.block_rank.index_copy_(0, blocks, rank)
+        if self.decode_attention != "paged":
+            return  # the masked step reads the per-block maps only
         inputs.block_count[:rows].copy_(count)
         inputs.block_count[padded].fill_(1)
         inputs.blocks.fill_(SCRATCH_BLOCK)
