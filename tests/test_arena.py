@@ -150,3 +150,20 @@ def test_host_arena_is_one_flat_byte_tensor():
 def test_pinned_host_arena_without_cuda_is_refused():
     with pytest.raises(RuntimeError, match="CUDA"):
         allocate_host_arena(UNIT, pinned=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_host_arena_is_exactly_sized_page_locked_and_copies_asynchronously():
+    nbytes = 3 * UNIT + 4096  # not a power of two: torch's pinned allocator would round it up
+    arena = allocate_host_arena(nbytes, pinned=True)
+    assert arena.shape == (nbytes,) and arena.is_pinned()
+    arena.copy_(torch.arange(nbytes, dtype=torch.int64).remainder(251).to(torch.uint8))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        on_device = arena.to("cuda", non_blocking=True)
+        back = torch.empty_like(arena).copy_(on_device, non_blocking=True)
+    stream.synchronize()
+    assert torch.equal(back, arena)
+    view = arena[UNIT:]
+    del arena
+    assert view.is_pinned()  # a view keeps the registration alive

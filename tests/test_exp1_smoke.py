@@ -9,12 +9,13 @@ import attrs
 import pytest
 
 from djinn.kernel.errors import ConfigError
+from eval.exp1_density import run as run_module
 from eval.exp1_density.run import load_experiment, percentile, run
 
 SMOKE = Path(__file__).resolve().parents[1] / "eval" / "exp1_density" / "configs" / "smoke.toml"
 
 
-def test_exp1_smoke(tmp_path: Path) -> None:
+def test_exp1_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     smoke = load_experiment(SMOKE)
     # generous limits: on a loaded 2-core machine a tiny-model iteration can take seconds, and
     # this test checks the report, not the latency
@@ -23,18 +24,34 @@ def test_exp1_smoke(tmp_path: Path) -> None:
         sweep=attrs.evolve(smoke.sweep, p99_limit_s=120.0),
     )
     out = tmp_path / "exp1.json"
-    run(experiment, out, schedulers=("semantic", "static", "recompute"), agent_counts=(4,), progress=False)
+    written: list[int] = []
+    real_write = run_module._write
 
+    def write(report, path):
+        written.append(len(report["points"]))
+        return real_write(report, path)
+
+    monkeypatch.setattr(run_module, "_write", write)
+    run(experiment, out, schedulers=("semantic", "static", "recompute"), agent_counts=(2, 4), progress=False)
+
+    # the report is on disk after every point, not only at the end
+    assert written[:6] == [1, 2, 3, 4, 5, 6]
     report = json.loads(out.read_text())
     for key in ("hardware", "versions", "config", "points", "summary", "plots"):
         assert key in report
     assert report["config"]["workload"]["iterations"] == 2
-    by_scheduler = {p["summary"]["scheduler"]: p for p in report["points"]}
-    assert set(by_scheduler) == {"semantic", "static", "recompute"}
+    assert [(p["summary"]["scheduler"], p["summary"]["agents"]) for p in report["points"]] == [
+        (s, n) for s in ("semantic", "static", "recompute") for n in (2, 4)
+    ]
+    # one server serves both points of a scheduler; each point counts only its own evictions:
+    # semantic evicts at every IO_WAIT, one per agent here (K = 2)
+    assert [p["counters"]["evictions"] for p in report["points"][:2]] == [2, 4]
+    by_scheduler = {p["summary"]["scheduler"]: p for p in report["points"] if p["summary"]["agents"] == 4}
     for point in by_scheduler.values():
         summary = point["summary"]
         assert summary["agents"] == 4 and summary["failures"] == 0
         assert summary["iterations"] == 4 * 2 == len(point["samples"])
+        assert summary["engine_steps"] > 0 and 1 <= summary["engine_mean_batch"] <= 4
         assert 0 < summary["p50_latency_s"] <= summary["p99_latency_s"]
         assert 0 < summary["p99_wake_s"] <= summary["p99_latency_s"]
         assert all(s["ok"] and s["wake_s"] <= s["latency_s"] for s in point["samples"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import mmap
 from typing import TYPE_CHECKING
 
 import attrs
@@ -148,17 +149,47 @@ class RangeAllocator:
         return size
 
 
+class _RegisteredMapping(mmap.mmap):
+    """An anonymous mapping page-locked with ``cudaHostRegister``; unregistered before it is unmapped.
+
+    The tensor over it (``torch.frombuffer``) holds the only reference, so the pages stay pinned
+    exactly as long as some tensor or view still uses them.
+    """
+
+    address = 0
+
+    def __del__(self) -> None:
+        if self.address:
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(self.address)
+
+
 def allocate_host_arena(nbytes: int, pinned: bool) -> torch.Tensor:
     """One flat ``[nbytes]`` uint8 host buffer; page-locked when ``pinned`` (needs CUDA).
 
     Pinned memory is what lets host-to-device copies run asynchronously on a side stream at
     full bandwidth; it is allocated once because pinning is slow and fragments host memory.
+    The pages are registered with CUDA in place rather than taken from torch's pinned-memory
+    allocator, which rounds every request up to a power of two: a 100 GiB arena would pin
+    128 GiB, more than many hosts have.
     """
     import torch
 
-    if pinned and not torch.cuda.is_available():
+    if not pinned:
+        return torch.empty(nbytes, dtype=torch.uint8)  # [nbytes]
+    if not torch.cuda.is_available():
         raise RuntimeError("pinned host memory needs CUDA, and CUDA is not available")
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)  # [nbytes]
+    mapping = _RegisteredMapping(-1, nbytes)
+    arena = torch.frombuffer(mapping, dtype=torch.uint8)  # [nbytes], keeps the mapping alive
+    error = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0))
+    if error:
+        raise RuntimeError(
+            f"page-locking a {nbytes / (1 << 30):.2f} GiB host arena failed (cudaError {error}); "
+            "the host may not have that much memory free: lower the tier's capacity_gb"
+        )
+    mapping.address = arena.data_ptr()
+    return arena
 
 
 def typed_view(

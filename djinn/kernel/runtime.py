@@ -774,6 +774,7 @@ class Kernel:
             "streamer": self.streamer.stats(),
             "engine": {
                 "steps": self.engine.steps,
+                "decode_rows": self.engine.batch_rows,
                 "mean_batch": self.engine.batch_rows / max(1, self.engine.steps),
                 "kv_pool_blocks": self.runner.pool.num_blocks,
                 "kv_pool_blocks_used": self.runner.pool.used_blocks,

@@ -3,8 +3,9 @@
     python -m eval.exp1_density.run --config eval/exp1_density/configs/hero.toml \
         --schedulers static,lru,semantic --agents 8,16,32 --out eval/results/exp1_<tag>.json
 
-For each scheduler and each agent count N (ascending), one server (kernel + TCP listener on a
-background thread, the model loaded afresh) serves N agents in this process. Agents arrive by a
+For each scheduler, one server (kernel + TCP listener on a background thread, in this process)
+serves every agent count N in ascending order; it is empty (every session closed) at the start
+of each point, and each point reports its own share of the server's counters. Agents arrive by a
 Poisson process and each runs K iterations: [COMPUTE ->] append a tool result (T random tokens;
 the first iteration sends the C-token prompt instead) -> generate G tokens -> IO_WAIT with
 ``expected_s`` = the drawn think time -> sleep U(a, b) s. An iteration slower than
@@ -334,22 +335,36 @@ async def _warm_up(url: str, workload: WorkloadSpec, vocab: int) -> None:
         await session.close()
 
 
-def run_point(experiment: ExperimentConfig, scheduler: str, agents: int,
+def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
               on_iteration: Callable[[], None] = lambda: None) -> PointResult:
-    """Serve the model with ``scheduler`` and run ``agents`` agents through their iterations."""
-    config = djinn_config(experiment, scheduler)
-    plugins = get_plugin_manager(config)
-    with BackgroundServer(config, plugins) as server:
-        started = time.perf_counter()
-        samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration))
-        duration = time.perf_counter() - started
-        vmu = server.call(server.kernel.vmu)
-        counters = {**vmu["counters"], "engine_steps": vmu["engine"]["steps"],
-                    "engine_mean_batch": vmu["engine"]["mean_batch"]}
-    del server, plugins
-    _release_device()
-    return PointResult(scheduler, agents, sorted(samples, key=lambda s: (s.agent, s.iteration)),
-                       memory, dict(counters), duration)
+    """Run ``agents`` agents through their iterations against a running ``server``.
+
+    The server's counters are cumulative; the point keeps what changed while it ran.
+    """
+    before = _counters(server.call(server.kernel.vmu))
+    started = time.perf_counter()
+    samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration))
+    duration = time.perf_counter() - started
+    after = _counters(server.call(server.kernel.vmu))
+    counters = {k: v - before.get(k, 0) for k, v in after.items()}
+    counters["engine_mean_batch"] = counters.pop("engine_rows") / max(1, counters["engine_steps"])
+    return PointResult(server.config.plugins.scheduler, agents,
+                       sorted(samples, key=lambda s: (s.agent, s.iteration)), memory, counters, duration)
+
+
+def _counters(vmu: dict[str, Any]) -> dict[str, float]:
+    engine = vmu["engine"]
+    return {**vmu["counters"], "engine_steps": engine["steps"], "engine_rows": engine["decode_rows"]}
+
+
+def _wait_until_idle(server: BackgroundServer, timeout_s: float = 30.0) -> None:
+    """Wait until the server has closed every session of the last point (clients closing is
+    asynchronous), so the next point starts from an empty server."""
+    deadline = time.monotonic() + timeout_s
+    while server.call(server.kernel.vmu)["sessions"]["total"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sessions still open {timeout_s:.0f} s after every agent disconnected")
+        time.sleep(0.1)
 
 
 def _release_device() -> None:
@@ -368,22 +383,17 @@ def _release_device() -> None:
 
 def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts: Sequence[int],
           on_iteration: Callable[[], None] = lambda: None,
-          on_point: Callable[[dict[str, Any]], None] = lambda _s: None) -> dict[str, Any]:
-    """Every scheduler over ascending N until a point fails; the JSON-ready report."""
+          on_point: Callable[[dict[str, Any]], None] = lambda _r: None) -> dict[str, Any]:
+    """Every scheduler over ascending N until a point fails; the JSON-ready report.
+
+    One server per scheduler serves all its points (the model is loaded and compiled once).
+    ``on_point`` gets the report as it stands after each point, so a sweep cut short keeps what
+    it measured.
+    """
     limit, iterations = experiment.sweep.p99_limit_s, experiment.workload.iterations
-    points, max_agents = [], {}
-    for scheduler in schedulers:
-        max_agents[scheduler] = 0
-        for n in sorted(agent_counts):
-            result = run_point(experiment, scheduler, n, on_iteration)
-            summary = result.summary(limit, iterations)
-            on_point(summary)
-            points.append({"summary": summary, "samples": [attrs.asdict(s) for s in result.samples],
-                           "memory": result.memory, "counters": result.counters})
-            if not summary["meets_limit"]:
-                break
-            max_agents[scheduler] = n
-    return {
+    points: list[dict[str, Any]] = []
+    max_agents: dict[str, int] = {}
+    report = {
         "experiment": "exp1_density",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": hardware(),
@@ -392,8 +402,27 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
         "schedulers": list(schedulers),
         "agent_counts": sorted(agent_counts),
         "points": points,
-        "summary": {"points": [p["summary"] for p in points], "max_agents_within_limit": max_agents},
+        "summary": {"points": [], "max_agents_within_limit": max_agents},
     }
+    for scheduler in schedulers:
+        max_agents[scheduler] = 0
+        config = djinn_config(experiment, scheduler)
+        with BackgroundServer(config, get_plugin_manager(config)) as server:
+            for n in sorted(agent_counts):
+                _wait_until_idle(server)
+                result = run_point(server, experiment, n, on_iteration)
+                summary = result.summary(limit, iterations)
+                points.append({"summary": summary, "samples": [attrs.asdict(s) for s in result.samples],
+                               "memory": result.memory, "counters": result.counters})
+                report["summary"]["points"].append(summary)
+                if summary["meets_limit"]:
+                    max_agents[scheduler] = n
+                on_point(report)
+                if not summary["meets_limit"]:
+                    break
+        del server
+        _release_device()
+    return report
 
 
 def plot(report: dict[str, Any], stem: Path) -> list[Path]:
@@ -465,6 +494,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _write(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write the report as JSON (NaN as null); return what was written."""
+    safe = _json_safe(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(safe, indent=1))
+    return safe
+
+
 def run(experiment: ExperimentConfig, out: Path, *, schedulers: Sequence[str] | None = None,
         agent_counts: Sequence[int] | None = None, plots: bool = True, progress: bool = True) -> dict[str, Any]:
     """Sweep, write the JSON report to ``out`` (and the plots beside it), return the report."""
@@ -478,15 +515,16 @@ def run(experiment: ExperimentConfig, out: Path, *, schedulers: Sequence[str] | 
     with Progress(console=console, disable=not progress) as bar:
         task = bar.add_task("iterations", total=total)
 
-        def on_point(s: dict[str, Any]) -> None:
+        def on_point(partial: dict[str, Any]) -> None:
+            s = partial["summary"]["points"][-1]
             bar.print(f"{s['scheduler']:>8} N={s['agents']:<4} p50 {s['p50_latency_s']:.3f} s  "
                       f"p99 {s['p99_latency_s']:.3f} s  wake p99 {s['p99_wake_s']:.3f} s  failures {s['failures']}  "
                       f"evictions {int(s['evictions'])}  restores {int(s['restores'])} "
                       f"(critical {int(s['restores_on_critical_path'])})")
+            _write(partial, out)
 
-        report = _json_safe(sweep(experiment, schedulers, agent_counts, lambda: bar.advance(task), on_point))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+        report = sweep(experiment, schedulers, agent_counts, lambda: bar.advance(task), on_point)
+    report = _write(report, out)
     if plots:
         report["plots"] = [str(p) for p in plot(report, out.with_suffix(""))]
         out.write_text(json.dumps(report, indent=1))
