@@ -10,7 +10,7 @@ from djinn.client import connect
 from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.errors import ModelError
 from djinn.kernel.models import LoadedModel, load_model
-from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
+from djinn.kernel.runner import BATCH_BUCKETS, DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
 from tests.serving import serving_config, start_server
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
@@ -251,6 +251,21 @@ def test_steps_are_captured_again_after_the_pool_grows_on_cuda() -> None:
     run_to_completion(BatchEngine(runner), second)
     assert runner.captures > captured > 0
     assert [r.tokens for r in second] == [r.tokens for r in first]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_warm_up_captures_every_bucket_so_serving_captures_nothing_on_cuda() -> None:
+    loaded = load_model("random:tiny-llama", device="cuda")
+    runner = ModelRunner(loaded, device="cuda")
+    runner.pool.grow(256)  # room for every session below: the pool never moves, so no graph is dropped
+    runner.pool.fixed = True
+    runner.warm_up(max_batch=16)
+    assert runner.captures == len([b for b in BATCH_BUCKETS if b <= 16]) == 3
+    requests = [EngineRequest(runner.new_kv(), p, 10) for p in _prompts(11, seed=5)]
+    run_to_completion(BatchEngine(runner), requests)
+    assert all(r.error is None for r in requests) and runner.captures == 3
+    assert [r.tokens for r in requests] == [_alone(ModelRunner(loaded, device="cuda", cuda_graphs=False), p, 10)
+                                            for p in _prompts(11, seed=5)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled paged kernel needs a CUDA device")

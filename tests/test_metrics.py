@@ -36,6 +36,9 @@ def test_metrics_report_memory_sessions_and_the_engine():
             assert samples[("djinn_requests_total", ())] >= 1
             assert samples[("djinn_engine_steps_total", ())] >= 3  # 4 tokens: the prompt step also decodes one
             assert samples[("djinn_kv_pool_blocks", (("state", "used"),))] >= 1
+            assert samples[("djinn_engine_prefill_tokens_total", ())] == 3
+            assert samples[("djinn_engine_busy_seconds_total", (("part", "prefill"),))] > 0
+            assert samples[("djinn_engine_busy_seconds_total", (("part", "decode"),))] > 0
             vmu = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics/vmu", timeout=5).read())
             assert vmu["sessions"]["total"] == 1 and vmu["engine"]["steps"] >= 3
             assert vmu["memory"]["device"]["kv"] == samples[("djinn_device_bytes", (("category", "kv"),))]

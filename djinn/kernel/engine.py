@@ -66,6 +66,11 @@ class BatchEngine:
         self._decoding: list[EngineRequest] = []
         self.steps = 0
         self.batch_rows = 0  # decode rows over all steps (rows / steps: the mean batch)
+        self.prefill_tokens = 0
+        # wall time inside prefill chunks and decode steps: what is left of a run is time the
+        # engine spent idle or waiting for its thread
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
 
     def submit(self, request: EngineRequest) -> None:
         """Queue a request; it joins at the next step."""
@@ -81,8 +86,12 @@ class BatchEngine:
             self._prefilling.append(self._incoming.get())
         ended: list[EngineRequest] = []
         self._drop_cancelled(ended)
+        started = time.perf_counter()
         self._prefill(ended)
+        prefilled = time.perf_counter()
         self._decode(ended)
+        self.prefill_seconds += prefilled - started
+        self.decode_seconds += time.perf_counter() - prefilled
         self.steps += 1
         return ended
 
@@ -124,6 +133,7 @@ class BatchEngine:
                 self._end(request, ended)
                 continue
             request.prefilled += len(chunk)
+            self.prefill_tokens += len(chunk)
             budget -= len(chunk)
             if request.prefilled < len(request.prompt):
                 continue

@@ -565,6 +565,12 @@ class _VmuCollector:
         yield CounterMetricFamily("djinn_engine_steps", "Batch engine steps", value=engine["steps"])
         yield GaugeMetricFamily("djinn_engine_mean_batch", "Mean decode rows per engine step",
                                 value=engine["mean_batch"])
+        busy = CounterMetricFamily("djinn_engine_busy_seconds", "Batch engine time by part of a step", labels=["part"])
+        busy.add_metric(["prefill"], engine["prefill_seconds"])
+        busy.add_metric(["decode"], engine["decode_seconds"])
+        yield busy
+        yield CounterMetricFamily("djinn_engine_prefill_tokens", "Prompt tokens prefilled by the batch engine",
+                                  value=engine["prefill_tokens"])
         pool = GaugeMetricFamily("djinn_kv_pool_blocks", "KV pool blocks", labels=["state"])
         pool.add_metric(["used"], engine["kv_pool_blocks_used"])
         pool.add_metric(["total"], engine["kv_pool_blocks"])

@@ -215,7 +215,10 @@ class PointResult:
             **{k: self.counters.get(k, 0) for k in (
                 "evictions", "restores", "restores_on_critical_path", "evict_failures",
                 "admission_waits", "admission_refusals", "drops", "recomputes",
-                "engine_steps", "engine_mean_batch")},
+                "engine_steps", "engine_mean_batch", "engine_prefill_tokens")},
+            # the share of the run the engine spent in prefill chunks and in decode steps
+            "engine_prefill_share": self.counters.get("engine_prefill_seconds", 0) / self.duration_s,
+            "engine_decode_share": self.counters.get("engine_decode_seconds", 0) / self.duration_s,
         }
 
 
@@ -354,7 +357,8 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
 
 def _counters(vmu: dict[str, Any]) -> dict[str, float]:
     engine = vmu["engine"]
-    return {**vmu["counters"], "engine_steps": engine["steps"], "engine_rows": engine["decode_rows"]}
+    return {**vmu["counters"], "engine_steps": engine["steps"], "engine_rows": engine["decode_rows"],
+            **{f"engine_{k}": engine[k] for k in ("prefill_tokens", "prefill_seconds", "decode_seconds")}}
 
 
 def _wait_until_idle(server: BackgroundServer, timeout_s: float = 30.0) -> None:
