@@ -212,6 +212,36 @@ def test_decode_refuses_a_session_twice_and_mismatched_rows(models) -> None:
         runner.decode([kv], [3, 4])
 
 
+@pytest.mark.parametrize("spec", [*TINY, "tiny-qwen2"])
+def test_packed_prefill_equals_one_pass_per_session(models, spec: str) -> None:
+    """Chunks of several sessions in one pass, some after a context of their own (past the
+    sliding windows too), give each session the logits and the KV of a pass of its own."""
+    runner = ModelRunner(models[spec])
+    prompts = _prompts(5, seed=11)
+    packed, alone = ([runner.new_kv() for _ in prompts] for _ in range(2))
+    for kvs in (packed, alone):
+        for kv, context in zip(kvs[:3], prompts[2:]):
+            runner.prefill([kv], [context])
+    logits = runner.prefill(packed, prompts)  # [5, vocab]
+    expected = torch.stack([runner.prefill([kv], [p])[0] for kv, p in zip(alone, prompts)])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert [kv.length for kv in packed] == [kv.length for kv in alone]
+    tokens = expected.argmax(-1).tolist()
+    torch.testing.assert_close(runner.decode(packed, tokens), runner.decode(alone, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_a_bad_request_in_a_packed_prefill_fails_alone(models) -> None:
+    runner = ModelRunner(models["random:tiny-gpt2"])
+    limit = runner.max_positions
+    good = [EngineRequest(runner.new_kv(), p, 4) for p in _prompts(3, seed=2)]
+    too_long = EngineRequest(runner.new_kv(), [1] * (limit + 1), 4)
+    engine = BatchEngine(runner, prefill_chunk_tokens=4 * limit)
+    run_to_completion(engine, [good[0], too_long, *good[1:]])
+    assert isinstance(too_long.error, ModelError)
+    assert all(r.error is None for r in good)
+    assert [r.tokens for r in good] == [_alone(runner, r.prompt, 4) for r in good]
+
+
 def test_batch_buckets_are_few_and_slot_spans_pad_little() -> None:
     assert [batch_bucket(n) for n in (1, 3, 9, 33, 128, 129, 600)] == [1, 4, 16, 64, 128, 256, 768]
     for slots in (1, 100, 1100, 5000, 40000, 130000):

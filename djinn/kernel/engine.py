@@ -118,36 +118,57 @@ class BatchEngine:
         ended.append(request)
 
     def _prefill(self, ended: list[EngineRequest]) -> None:
+        """Prefill the waiting prompts, oldest first, up to ``prefill_chunk_tokens`` tokens in all,
+        packed into one forward pass; a prompt longer than what is left goes on next step."""
         budget = self.prefill_chunk_tokens
-        runner = self.runner
-        while budget > 0 and self._prefilling:
-            request = self._prefilling[0]
-            if request.started_at is None:
-                request.started_at = time.perf_counter()
+        batch: list[tuple[EngineRequest, list[int]]] = []
+        for request in self._prefilling:
+            if budget <= 0:
+                break
             chunk = request.prompt[request.prefilled : request.prefilled + budget]
-            try:
-                logits = runner.begin(request.kv, runner.ids_tensor(chunk)).finish()
-            except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
-                request.error = exc
-                self._prefilling.popleft()
+            batch.append((request, chunk))
+            budget -= len(chunk)
+        if not batch:
+            return
+        now = time.perf_counter()
+        for request, _ in batch:
+            if request.started_at is None:
+                request.started_at = now
+        try:
+            rows = list(self.runner.prefill([r.kv for r, _ in batch], [c for _, c in batch]))
+        except Exception as exc:  # noqa: BLE001 - find the request that fails, alone
+            if len(batch) == 1:
+                rows = [exc]
+            else:
+                rows = [self._prefill_alone(request, chunk) for request, chunk in batch]
+        for (request, chunk), row in zip(batch, rows):
+            if isinstance(row, Exception):
+                request.error = row
+                self._prefilling.remove(request)
                 self._end(request, ended)
                 continue
             request.prefilled += len(chunk)
             self.prefill_tokens += len(chunk)
-            budget -= len(chunk)
             if request.prefilled < len(request.prompt):
                 continue
-            self._prefilling.popleft()
+            self._prefilling.remove(request)
             if request.max_new_tokens == 0:  # prefill only (a session's KV being recomputed)
                 self._end(request, ended)
                 continue
-            if not self._pick(request, logits, ended):
+            if not self._pick(request, row, ended):
                 continue
             request.first_token_at = time.perf_counter()
             if len(request.tokens) >= request.max_new_tokens:
                 self._end(request, ended)
             else:
                 self._decoding.append(request)
+
+    def _prefill_alone(self, request: EngineRequest, chunk: list[int]) -> torch.Tensor | Exception:
+        """One request's chunk in a pass of its own: its logits ``[vocab]``, or what it raised."""
+        try:
+            return self.runner.prefill([request.kv], [chunk])[0]
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            return exc
 
     def _pick(self, request: EngineRequest, logits: torch.Tensor, ended: list[EngineRequest]) -> bool:
         """Append the request's next token; if its picker raises, end it with that error (False)."""

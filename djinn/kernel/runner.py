@@ -66,18 +66,45 @@ class _PoolCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``[1, H_kv, T, D]`` keys and values; return the session's ``[1, H_kv, start + T, D]``."""
-        slots = self.kv.slots(0, self.end)  # looked up per layer: the session may have moved
-        new = slots[self.start :]
-        layer = self.kv.pool.tensor[layer_idx]  # [2, slots, H_kv, D]
+        new, slots = self._slots()
+        layer = self._pool().tensor[layer_idx]  # [2, slots, H_kv, D]
         layer[0].index_copy_(0, new, key_states[0].transpose(0, 1))
         layer[1].index_copy_(0, new, value_states[0].transpose(0, 1))
         keys = layer[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)
         values = layer[1].index_select(0, slots).transpose(0, 1).unsqueeze(0)
         return keys, values
 
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool slots to write ``[T]`` and to read ``[start + T]``; looked up per layer, since a
+        paused pass's session may have moved."""
+        slots = self.kv.slots(0, self.end)
+        return slots[self.start :], slots
+
+    def _pool(self) -> KVPool:
+        return self.kv.pool
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored before this chunk."""
         return self.start
+
+
+class _PackedCache(_PoolCache):
+    """``past_key_values`` of several sessions' chunks packed into one sequence: token ``t`` is
+    written to slot ``write[t]``, and every layer reads the keys of slots ``read`` (each session's
+    context and chunk, one after another); the mask keeps each chunk to its own session's keys."""
+
+    def __init__(self, pool: KVPool, write: torch.Tensor, read: torch.Tensor) -> None:
+        self.pool, self.write, self.read = pool, write, read
+
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.write, self.read
+
+    def _pool(self) -> KVPool:
+        return self.pool
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Not meaningful for several sessions; the layers given here do not ask."""
+        return 0
 
 
 class _BatchCache:
@@ -502,6 +529,86 @@ class ModelRunner:
         return ForwardCursor(self, kv, hidden, positions, layer_kwargs)
 
     @torch.inference_mode()
+    def prefill(self, kvs: Sequence[SessionKV], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append ``chunks[i]`` after ``kvs[i]``'s context for several sessions in one forward pass.
+
+        The chunks are packed into one sequence; each token attends to its own session's context
+        and to the chunk's earlier tokens only. Returns float32 logits ``[n, vocab]`` at each
+        chunk's last token and commits every chunk. A short chunk costs what its kernel launches
+        cost, so one pass for many is what keeps prefill from stalling the decode steps.
+        """
+        if len(kvs) != len(chunks) or not kvs or not all(chunks):
+            raise ValueError("prefill needs one non-empty chunk per session")
+        if len({id(kv) for kv in kvs}) != len(kvs):
+            raise ValueError("a session may appear only once in a packed prefill")
+        if len(kvs) == 1:
+            return self.begin(kvs[0], self.ids_tensor(chunks[0])).finish()[None]
+        starts = [kv.length for kv in kvs]
+        ends = [start + len(chunk) for start, chunk in zip(starts, chunks)]
+        for kv, end in zip(kvs, ends):
+            self.check_positions(end)
+            kv.ensure_capacity(end)
+        device = self.device
+        write = torch.cat([kv.slots(start, end) for kv, start, end in zip(kvs, starts, ends)])  # [sum T]
+        read = torch.cat([kv.slots(0, end) for kv, end in zip(kvs, ends)])  # [sum (start + T)]
+        host = torch.tensor(
+            [t for chunk in chunks for t in chunk]
+            + [p for start, end in zip(starts, ends) for p in range(start, end)]  # query positions
+            + [i for i, chunk in enumerate(chunks) for _ in chunk]  # query segment
+            + [p for end in ends for p in range(end)]  # key positions
+            + [i for i, end in enumerate(ends) for _ in range(end)],  # key segment
+            dtype=torch.long,
+        )
+        total, keys = write.shape[0], read.shape[0]
+        ids, positions, query_segment, key_position, key_segment = host.to(device, non_blocking=True).split(
+            [total, total, total, keys, keys]
+        )
+        positions = positions[None]  # [1, sum T]
+        same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
+        causal = same & (key_position[None, :] <= positions[0, :, None])
+        hidden = self._embed(ids[None])  # [1, sum T, hidden]
+        by_window: dict[int | None, dict[str, Any]] = {}
+        for window in set(self._windows):
+            allowed = causal if window is None else causal & (positions[0, :, None] - key_position[None, :] < window)
+            mask = allowed[None, None]  # [1, 1, sum T, keys]
+            if self._additive_mask is not None:
+                mask = torch.zeros(mask.shape, dtype=self._additive_mask, device=device).masked_fill_(
+                    ~mask, torch.finfo(self._additive_mask).min
+                )
+            by_window[window] = dict(
+                attention_mask=mask, position_ids=positions, past_key_values=_PackedCache(self.pool, write, read),
+                use_cache=True,
+            )
+        if self._gpt2:
+            hidden = self._dropout(hidden + self._embed_positions(positions))
+        else:
+            rope = self._rotary(hidden, positions)
+            for kwargs in by_window.values():
+                kwargs["position_embeddings"] = rope
+        hidden = self._run_layers(hidden, [by_window[window] for window in self._windows])
+        last = torch.tensor(ends, device=device) - torch.tensor(starts, device=device)
+        last = torch.cumsum(last, 0) - 1  # [n] each chunk's last token in the packed sequence
+        logits = self._head(self._norm(hidden[:, last]))[0].float()  # [n, vocab]
+        for kv, end in zip(kvs, ends):
+            kv.length = end
+        return logits
+
+    def _run_layers(self, hidden: torch.Tensor, layer_kwargs: list[dict[str, Any]]) -> torch.Tensor:
+        """Every decoder layer over ``hidden``, the streamer (if any) moving weights around them."""
+        streamer = self.streamer
+        if streamer is not None:
+            streamer.begin_pass()
+        for i, layer in enumerate(self.layers):
+            if streamer is not None:
+                streamer.before_layer(i)
+            hidden = layer(hidden, **layer_kwargs[i])
+            if streamer is not None:
+                streamer.after_layer(i)
+        if streamer is not None:
+            streamer.end_pass()
+        return hidden
+
+    @torch.inference_mode()
     def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head on the last position of ``hidden`` ``[1, T, hidden]``: float32 ``[vocab]``."""
         last = hidden[:, -1:]  # [1, 1, hidden]
@@ -673,20 +780,10 @@ class ModelRunner:
             for kwargs in by_window.values():
                 kwargs["position_embeddings"] = rope
         layer_kwargs = [by_window[window] for window in self._windows]
-        streamer = self.streamer
         config = self.config
         config._attn_implementation = PAGED_ATTENTION if self.decode_attention == "paged" else BATCHED_ATTENTION
         try:
-            if streamer is not None:
-                streamer.begin_pass()
-            for i, layer in enumerate(self.layers):
-                if streamer is not None:
-                    streamer.before_layer(i)
-                hidden = layer(hidden, **layer_kwargs[i])
-                if streamer is not None:
-                    streamer.after_layer(i)
-            if streamer is not None:
-                streamer.end_pass()
+            hidden = self._run_layers(hidden, layer_kwargs)
         finally:
             config._attn_implementation = self._attention
         return self._head(self._norm(hidden))[:, -1].float()  # [B, vocab]
