@@ -79,3 +79,24 @@ def test_exp1_config_errors_name_the_key(tmp_path: Path) -> None:
 def test_percentile_interpolates() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert percentile([5.0], 99) == 5.0
+
+
+def _report(scheduler: str, points: list[tuple[int, bool]], workload: dict | None = None) -> dict:
+    return {
+        "experiment": "exp1_density", "hardware": {}, "versions": {},
+        "config": {"model": {"name": "m"}, "workload": workload or {"iterations": 5}},
+        "points": [{"summary": {"scheduler": scheduler, "agents": n, "meets_limit": ok}} for n, ok in points],
+    }
+
+
+def test_merge_puts_separate_runs_side_by_side() -> None:
+    merged = run_module.merge(
+        [_report("lru", [(48, True), (64, True)]), _report("lru", [(96, True)]),
+         _report("semantic", [(48, True), (64, False)]), _report("static", [(64, False)])],
+        ["a", "b", "c", "d"],
+    )
+    assert merged["summary"]["max_agents_within_limit"] == {"lru": 96, "semantic": 48, "static": 0}
+    assert merged["agent_counts"] == [48, 64, 96] and len(merged["points"]) == 6
+    assert merged["merged_from"] == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="another model or workload"):
+        run_module.merge([_report("lru", [(8, True)]), _report("lru", [(8, True)], {"iterations": 2})], ["a", "b"])

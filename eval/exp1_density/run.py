@@ -536,15 +536,54 @@ def run(experiment: ExperimentConfig, out: Path, *, schedulers: Sequence[str] | 
     return report
 
 
+def merge(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> dict[str, Any]:
+    """One report from the reports of separate runs of one configuration (say, one process per
+    scheduler): their points side by side, the largest N within the limit per scheduler."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    config = reports[0]["config"]
+    for report, source in zip(reports, sources):
+        if report["config"]["workload"] != config["workload"] or report["config"]["model"] != config["model"]:
+            raise ValueError(f"{source}: another model or workload than {sources[0]}; only one experiment merges")
+    points = [p for report in reports for p in report["points"]]
+    max_agents: dict[str, int] = {}
+    for p in points:
+        s = p["summary"]
+        best = max_agents.setdefault(s["scheduler"], 0)
+        if s["meets_limit"]:
+            max_agents[s["scheduler"]] = max(best, s["agents"])
+    return {
+        **{k: reports[0][k] for k in ("experiment", "hardware", "versions", "config")},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "merged_from": list(sources),
+        "schedulers": list(max_agents),
+        "agent_counts": sorted({p["summary"]["agents"] for p in points}),
+        "points": points,
+        "summary": {"points": [p["summary"] for p in points], "max_agents_within_limit": max_agents},
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="experiment TOML (configs/smoke.toml, hero.toml)")
+    parser.add_argument("--config", type=Path, help="experiment TOML (configs/smoke.toml, hero.toml)")
     parser.add_argument("--schedulers", help="comma-separated subset of static,lru,semantic (default: the config's)")
     parser.add_argument("--agents", help="comma-separated agent counts N (default: the config's)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/exp1_density.json"), help="JSON report path")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
+                        help="run nothing: merge these reports of one configuration into --out, with plots")
     args = parser.parse_args(argv)
+    if args.merge:
+        report = merge([json.loads(path.read_text()) for path in args.merge], [str(path) for path in args.merge])
+        report = _write(report, args.out)
+        if not args.no_plots:
+            report["plots"] = [str(p) for p in plot(report, args.out.with_suffix(""))]
+            _write(report, args.out)
+        print(f"max N within the limit: {report['summary']['max_agents_within_limit']}; wrote {args.out}")
+        return
+    if args.config is None:
+        parser.error("--config is required (or --merge)")
     experiment = load_experiment(args.config)
     schedulers = [s.strip() for s in args.schedulers.split(",")] if args.schedulers else None
     for name in schedulers or ():
