@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +33,7 @@ import transformers
 from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.models import load_model, weight_bytes
 from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner, greedy_generate
-from eval.bench_transport import hardware
-from eval.report import library_versions
+from eval.report import result_header
 
 GiB = 1 << 30
 
@@ -244,14 +242,13 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
     weights = weight_bytes(loaded.model)
     bandwidth = read_bandwidth() if cuda else None
     report: dict[str, Any] = {
-        "benchmark": "decode",
-        "command": "python -m eval.bench_decode " + " ".join(sys.argv[1:]),
-        "note": f"random weights of the named shape; {loaded.dtype}; on {device}; one process, "
-                "no server (the engine itself)",
-        "hardware": hardware(),
-        "versions": library_versions(),
-        "config": dict(model=model_name, context=context, new_tokens=new_tokens, sessions=sessions,
-                       batches=batches, steps=steps, chunks=chunks),
+        **result_header(
+            "decode", "eval.bench_decode",
+            f"random weights of the named shape; {loaded.dtype}; on {device}; one process, "
+            "no server (the engine itself)",
+            dict(model=model_name, context=context, new_tokens=new_tokens, sessions=sessions,
+                 batches=batches, steps=steps, chunks=chunks),
+        ),
         "weight_bytes": weights,
         "read_bandwidth_bytes_per_s": bandwidth,
     }

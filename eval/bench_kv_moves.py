@@ -24,8 +24,7 @@ import torch
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.runtime import Kernel
-from eval.bench_transport import hardware
-from eval.report import library_versions
+from eval.report import result_header
 
 
 def raw_copy_ms(nbytes: int, repeats: int) -> dict[str, list[float]]:
@@ -123,12 +122,11 @@ def main(argv: list[str] | None = None) -> None:
         "pinned": result["pinned"],
     }
     report = {
-        "benchmark": "kv_moves",
-        "command": "python -m eval.bench_kv_moves " + " ".join(argv or __import__("sys").argv[1:]),
-        "note": "random weights of the named shape; moves through the kernel's evict/restore",
-        "hardware": hardware(),
-        "versions": library_versions(),
-        "config": vars(args) | {"out": str(args.out)},
+        **result_header(
+            "kv_moves", "eval.bench_kv_moves",
+            "random weights of the named shape; moves through the kernel's evict/restore",
+            vars(args) | {"out": str(args.out)}, argv or None,
+        ),
         "raw": result | raw,
         "summary": summary,
     }

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,8 +31,7 @@ from djinn.kernel.config import DjinnConfig
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
-from eval.bench_transport import hardware
-from eval.report import library_versions
+from eval.report import result_header
 
 
 class SignalClock:
@@ -119,13 +117,12 @@ def main(model_name: str, dtype: str, context: int, rounds: int, tier_gb: float,
     finally:
         server.stop()
     report: dict[str, Any] = {
-        "benchmark": "signal",
-        "command": "python -m eval.bench_signal " + " ".join(sys.argv[1:]),
-        "note": f"random weights of the named shape; one server and client in one process over tcp "
-                f"loopback; device {server.kernel.device}",
-        "hardware": hardware(),
-        "versions": library_versions(),
-        "config": dict(model=model_name, dtype=dtype, context=context, rounds=rounds, kv_bytes=kv_bytes),
+        **result_header(
+            "signal", "eval.bench_signal",
+            f"random weights of the named shape; one server and client in one process over tcp "
+            f"loopback; device {server.kernel.device}",
+            dict(model=model_name, dtype=dtype, context=context, rounds=rounds, kv_bytes=kv_bytes),
+        ),
         "raw_s": samples,
         "summary_ms": {key: _ms(values) for key, values in samples.items()},
     }

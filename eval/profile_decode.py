@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from djinn.kernel.models import load_model
 from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner
 from eval.bench_decode import prefilled, release, step_times
-from eval.bench_transport import hardware
-from eval.report import library_versions
+from eval.report import result_header
 
 
 def profile_steps(runner: ModelRunner, kvs: list, tokens: list[int], steps: int, top: int) -> dict[str, Any]:
@@ -63,11 +61,11 @@ def main(model_name: str, context: int, batches: str, attentions: str, steps: in
         raise click.ClickException("profiling decode steps needs a CUDA device")
     loaded = load_model(model_name, dtype="bfloat16", device="cuda", seed=0)
     report: dict[str, Any] = {
-        "benchmark": "profile_decode",
-        "command": "python -m eval.profile_decode " + " ".join(sys.argv[1:]),
-        "note": "random weights of the named shape; bfloat16; CUDA graphs on; one process, no server",
-        "hardware": hardware(), "versions": library_versions(),
-        "config": dict(model=model_name, context=context, batches=batches, steps=steps, profiled=profiled),
+        **result_header(
+            "profile_decode", "eval.profile_decode",
+            "random weights of the named shape; bfloat16; CUDA graphs on; one process, no server",
+            dict(model=model_name, context=context, batches=batches, steps=steps, profiled=profiled),
+        ),
         "points": [],
     }
     for attention in attentions.split(","):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -15,3 +17,14 @@ def library_versions() -> dict[str, Any]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "djinn": __version__, "cuda": torch.version.cuda}
+
+
+def result_header(benchmark: str, module: str, note: str, config: dict[str, Any],
+                  argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The fields every result file starts with: what ran, the command that ran it (``module``
+    with ``argv``, the process's arguments by default), the machine, the software, the setup."""
+    from eval.bench_transport import hardware
+
+    args = sys.argv[1:] if argv is None else argv
+    return {"benchmark": benchmark, "command": f"python -m {module} " + " ".join(args), "note": note,
+            "hardware": hardware(), "versions": library_versions(), "config": config}

@@ -59,6 +59,7 @@ class _PoolCache:
 
     def __init__(self, kv: SessionKV, start: int, end: int) -> None:
         self.kv = kv
+        self.pool = kv.pool
         self.start = start
         self.end = end
 
@@ -67,7 +68,7 @@ class _PoolCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``[1, H_kv, T, D]`` keys and values; return the session's ``[1, H_kv, start + T, D]``."""
         new, slots = self._slots()
-        layer = self._pool().tensor[layer_idx]  # [2, slots, H_kv, D]
+        layer = self.pool.tensor[layer_idx]  # [2, slots, H_kv, D]
         layer[0].index_copy_(0, new, key_states[0].transpose(0, 1))
         layer[1].index_copy_(0, new, value_states[0].transpose(0, 1))
         keys = layer[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)
@@ -79,9 +80,6 @@ class _PoolCache:
         paused pass's session may have moved."""
         slots = self.kv.slots(0, self.end)
         return slots[self.start :], slots
-
-    def _pool(self) -> KVPool:
-        return self.kv.pool
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens stored before this chunk."""
@@ -98,9 +96,6 @@ class _PackedCache(_PoolCache):
 
     def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.write, self.read
-
-    def _pool(self) -> KVPool:
-        return self.pool
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Not meaningful for several sessions; the layers given here do not ask."""
@@ -551,22 +546,20 @@ class ModelRunner:
         device = self.device
         write = torch.cat([kv.slots(start, end) for kv, start, end in zip(kvs, starts, ends)])  # [sum T]
         read = torch.cat([kv.slots(0, end) for kv, end in zip(kvs, ends)])  # [sum (start + T)]
-        host = torch.tensor(
-            [t for chunk in chunks for t in chunk]
-            + [p for start, end in zip(starts, ends) for p in range(start, end)]  # query positions
-            + [i for i, chunk in enumerate(chunks) for _ in chunk]  # query segment
-            + [p for end in ends for p in range(end)]  # key positions
-            + [i for i, end in enumerate(ends) for _ in range(end)],  # key segment
-            dtype=torch.long,
-        )
-        total, keys = write.shape[0], read.shape[0]
-        ids, positions, query_segment, key_position, key_segment = host.to(device, non_blocking=True).split(
-            [total, total, total, keys, keys]
-        )
-        positions = positions[None]  # [1, sum T]
+        n, total, keys = len(kvs), write.shape[0], read.shape[0]
+        host = torch.tensor([t for chunk in chunks for t in chunk] + starts + [len(c) for c in chunks] + ends,
+                            dtype=torch.long)
+        ids, start, length, end = host.to(device, non_blocking=True).split([total, n, n, n])
+        query_segment = torch.repeat_interleave(torch.arange(n, device=device), length, output_size=total)
+        key_segment = torch.repeat_interleave(torch.arange(n, device=device), end, output_size=keys)
+        last = torch.cumsum(length, 0) - 1  # [n] each chunk's last token in the packed sequence
+        query_rank = torch.arange(total, device=device) - (last + 1 - length)[query_segment]
+        positions = (start[query_segment] + query_rank)[None]  # [1, sum T]
+        key_position = torch.arange(keys, device=device) - (torch.cumsum(end, 0) - end)[key_segment]  # [keys]
         same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
         causal = same & (key_position[None, :] <= positions[0, :, None])
         hidden = self._embed(ids[None])  # [1, sum T, hidden]
+        cache = _PackedCache(self.pool, write, read)
         by_window: dict[int | None, dict[str, Any]] = {}
         for window in set(self._windows):
             allowed = causal if window is None else causal & (positions[0, :, None] - key_position[None, :] < window)
@@ -575,10 +568,7 @@ class ModelRunner:
                 mask = torch.zeros(mask.shape, dtype=self._additive_mask, device=device).masked_fill_(
                     ~mask, torch.finfo(self._additive_mask).min
                 )
-            by_window[window] = dict(
-                attention_mask=mask, position_ids=positions, past_key_values=_PackedCache(self.pool, write, read),
-                use_cache=True,
-            )
+            by_window[window] = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         if self._gpt2:
             hidden = self._dropout(hidden + self._embed_positions(positions))
         else:
@@ -586,8 +576,6 @@ class ModelRunner:
             for kwargs in by_window.values():
                 kwargs["position_embeddings"] = rope
         hidden = self._run_layers(hidden, [by_window[window] for window in self._windows])
-        last = torch.tensor(ends, device=device) - torch.tensor(starts, device=device)
-        last = torch.cumsum(last, 0) - 1  # [n] each chunk's last token in the packed sequence
         logits = self._head(self._norm(hidden[:, last]))[0].float()  # [n, vocab]
         for kv, end in zip(kvs, ends):
             kv.length = end
@@ -660,8 +648,7 @@ class ModelRunner:
             if batch > batch_bucket(max_batch):
                 break
             if self.cuda_graphs and batch <= self.graph_max_batch:
-                self._uses[(batch, span)] = CAPTURE_AFTER_USES
-                self._graph_inputs(batch, span)  # runs the step once (compiling it), then captures it
+                self._graph_inputs(batch, span, capture_now=True)  # runs the step once (compiling it), then captures it
             else:
                 self._decode_forward(_StepInputs.empty(batch, span, self.pool.block_tokens, self.device))
         torch.cuda.synchronize(self.device)
@@ -707,8 +694,9 @@ class ModelRunner:
         width = inputs.blocks.shape[1]
         inputs.blocks.view(-1).index_copy_(0, row_of_block * width + rank, blocks.to(torch.int32))
 
-    def _graph_inputs(self, batch: int, span: int) -> _StepInputs | None:
-        """The captured step for this padded batch size and slot span; None: run this one eagerly."""
+    def _graph_inputs(self, batch: int, span: int, capture_now: bool = False) -> _StepInputs | None:
+        """The captured step for this padded batch size and slot span; None: run this one eagerly.
+        A shape is captured the second time it is used, or at once with ``capture_now``."""
         if batch > self.graph_max_batch:
             return None
         if self._graph_generation != self.pool.generation:
@@ -721,7 +709,7 @@ class ModelRunner:
         inputs = self._graphs.pop(key, None)
         if inputs is None:
             self._uses[key] = uses = self._uses.get(key, 0) + 1
-            if uses < CAPTURE_AFTER_USES:
+            if uses < CAPTURE_AFTER_USES and not capture_now:
                 return None
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))

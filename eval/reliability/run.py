@@ -32,7 +32,6 @@ import pickle
 import random
 import socket
 import struct
-import sys
 import threading
 import time
 from collections import Counter
@@ -54,8 +53,7 @@ from djinn.kernel.server import BackgroundServer
 from djinn.kernel.wire import HEADER_SIZE, MAGIC, Frame, Op, WireLimits, decode_frame, encode_frame, raise_for_error
 from djinn.plugins.serializers.arrow import ArrowSerializer, ArrowSettings
 from djinn.plugins.transports._framing import LENGTH_PREFIX, split_url
-from eval.bench_transport import hardware
-from eval.report import library_versions
+from eval.report import result_header
 
 SERIALIZER = ArrowSerializer(ArrowSettings())
 PROMPT = [5, 17, 300, 42, 9]
@@ -825,14 +823,13 @@ def main(frames: int, disconnects: int, admissible: int, sessions: int, concurre
         "seconds": round(time.perf_counter() - started, 1),
     }
     report = {
-        "benchmark": "reliability",
-        "command": "python -m eval.reliability.run " + " ".join(sys.argv[1:]),
-        "note": f"random weights of {model_name}; server and clients in one process over tcp loopback; "
-                "each part on a fresh server",
-        "hardware": hardware(),
-        "versions": library_versions(),
-        "config": dict(model=model_name, frames=frames, disconnects=disconnects, admissible=admissible,
-                       burst_clients=10 * admissible, sessions=sessions, concurrency=concurrency, seed=seed),
+        **result_header(
+            "reliability", "eval.reliability.run",
+            f"random weights of {model_name}; server and clients in one process over tcp loopback; "
+            "each part on a fresh server",
+            dict(model=model_name, frames=frames, disconnects=disconnects, admissible=admissible,
+                 burst_clients=10 * admissible, sessions=sessions, concurrency=concurrency, seed=seed),
+        ),
         "raw": raw,
         "summary": summary,
     }
