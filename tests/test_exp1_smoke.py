@@ -66,6 +66,29 @@ def test_exp1_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(Path(p).is_file() for p in report["plots"])
 
 
+def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> None:
+    smoke = load_experiment(SMOKE)
+    experiment = attrs.evolve(smoke, workload=attrs.evolve(smoke.workload, request_timeout_s=120.0))
+    out = tmp_path / "trace.json"
+    run(experiment, out, schedulers=("semantic",), agent_counts=(3,), plots=False, progress=False, trace=True)
+    point = json.loads(out.read_text())["points"][0]
+    trace, counters = point["trace"], point["counters"]
+    steps = [dict(zip(trace["step_columns"], row)) for row in trace["steps"]]
+    assert len(steps) == counters["engine_steps"]
+    assert sum(s["decode_rows"] for s in steps) == counters["engine_mean_batch"] * counters["engine_steps"]
+    assert sum(s["prefill_tokens"] for s in steps) == counters["engine_prefill_tokens"]
+    assert all(s["prefill_keys"] >= s["prefill_tokens"] and s["prefill_s"] >= 0 for s in steps)
+    assert [s["t_s"] for s in steps] == sorted(s["t_s"] for s in steps)
+    moves = [dict(zip(trace["move_columns"], row)) for row in trace["moves"]]
+    assert sum(m["kind"] == "evict" for m in moves) == counters["evictions"] == 3
+    assert sum(m["kind"] == "restore" for m in moves) == counters["restores"]
+    assert trace["loop_stall_columns"] == ["t_s", "late_s"]
+    starts = {(s["agent"], s["iteration"]): s["started_s"] for s in point["samples"]}
+    assert all(starts[(a, 0)] < starts[(a, 1)] for a in range(3))
+    # what the trace hooked into is gone after the point
+    assert "trace" not in json.loads(out.read_text())["points"][0]["summary"]
+
+
 def test_exp1_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[workload]\ncontext_tokens = 0\n")

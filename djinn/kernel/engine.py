@@ -52,6 +52,20 @@ class EngineRequest:
         return self.finished_at is not None
 
 
+@attrs.frozen
+class StepRecord:
+    """One engine step: when it started (``time.perf_counter``), what it did, how long each part took."""
+
+    started: float
+    prefill_s: float
+    decode_s: float
+    prefill_chunks: int
+    prefill_tokens: int
+    #: the keys the packed prefill attended over (every chunk's session context plus the chunk)
+    prefill_keys: int
+    decode_rows: int
+
+
 class BatchEngine:
     """Schedules prefill chunks and batched decode steps over the submitted requests."""
 
@@ -71,6 +85,8 @@ class BatchEngine:
         # engine spent idle or waiting for its thread
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
+        #: set to a list to record a ``StepRecord`` per step (for profiling a run)
+        self.step_log: list[StepRecord] | None = None
 
     def submit(self, request: EngineRequest) -> None:
         """Queue a request; it joins at the next step."""
@@ -87,12 +103,16 @@ class BatchEngine:
         ended: list[EngineRequest] = []
         self._drop_cancelled(ended)
         started = time.perf_counter()
-        self._prefill(ended)
+        chunks, tokens, keys = self._prefill(ended)
         prefilled = time.perf_counter()
-        self._decode(ended)
+        rows = self._decode(ended)
+        finished = time.perf_counter()
         self.prefill_seconds += prefilled - started
-        self.decode_seconds += time.perf_counter() - prefilled
+        self.decode_seconds += finished - prefilled
         self.steps += 1
+        log = self.step_log  # read once: another thread may stop the recording meanwhile
+        if log is not None:
+            log.append(StepRecord(started, prefilled - started, finished - prefilled, chunks, tokens, keys, rows))
         return ended
 
     def fail_all(self, error: BaseException) -> list[EngineRequest]:
@@ -117,9 +137,10 @@ class BatchEngine:
         request.finished_at = time.perf_counter()
         ended.append(request)
 
-    def _prefill(self, ended: list[EngineRequest]) -> None:
+    def _prefill(self, ended: list[EngineRequest]) -> tuple[int, int, int]:
         """Prefill the waiting prompts, oldest first, up to ``prefill_chunk_tokens`` tokens in all,
-        packed into one forward pass; a prompt longer than what is left goes on next step."""
+        packed into one forward pass; a prompt longer than what is left goes on next step.
+        Returns the pass's chunks, tokens and attended keys."""
         budget = self.prefill_chunk_tokens
         batch: list[tuple[EngineRequest, list[int]]] = []
         for request in self._prefilling:
@@ -129,7 +150,9 @@ class BatchEngine:
             batch.append((request, chunk))
             budget -= len(chunk)
         if not batch:
-            return
+            return 0, 0, 0
+        tokens = sum(len(c) for _, c in batch)
+        keys = sum(r.kv.length for r, _ in batch) + tokens
         now = time.perf_counter()
         for request, _ in batch:
             if request.started_at is None:
@@ -162,6 +185,7 @@ class BatchEngine:
                 self._end(request, ended)
             else:
                 self._decoding.append(request)
+        return len(batch), tokens, keys
 
     def _prefill_alone(self, request: EngineRequest, chunk: list[int]) -> torch.Tensor | Exception:
         """One request's chunk in a pass of its own: its logits ``[vocab]``, or what it raised."""
@@ -182,11 +206,12 @@ class BatchEngine:
         request.tokens.append(token)
         return True
 
-    def _decode(self, ended: list[EngineRequest]) -> None:
+    def _decode(self, ended: list[EngineRequest]) -> int:
+        """One batched decode step for the requests past their prompts; returns its rows."""
         self._end_past_positions(ended)
         batch = self._decoding[: self.max_batch]
         if not batch:
-            return
+            return 0
         try:
             logits = self.runner.decode([r.kv for r in batch], [r.tokens[-1] for r in batch])
         except Exception as exc:  # noqa: BLE001 - every row of the failed step fails
@@ -194,7 +219,7 @@ class BatchEngine:
                 request.error = exc
                 self._decoding.remove(request)
                 self._end(request, ended)
-            return
+            return 0
         self.batch_rows += len(batch)
         greedy = [i for i, r in enumerate(batch) if r.picker is None]
         if greedy:
@@ -213,6 +238,7 @@ class BatchEngine:
             self._decoding = [r for r in self._decoding if id(r) not in served] + [
                 r for r in self._decoding if id(r) in served
             ]
+        return len(batch)
 
     def _end_past_positions(self, ended: list[EngineRequest]) -> None:
         """End the requests whose next token would pass the model's positions: alone, before the

@@ -8,6 +8,7 @@ client's disconnect cancels only its own requests and frees only its own session
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import ipaddress
 import json
@@ -17,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -698,6 +699,10 @@ class BackgroundServer:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout=30)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+        """Run ``coro`` as a task on the server's loop (a probe, say); cancel the returned future to stop it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def stop(self) -> None:
         """Shut down gracefully and wait for the thread."""

@@ -40,6 +40,7 @@ import attrs
 
 from djinn.kernel.config import DjinnConfig, MemorySettings, ModelSettings, PluginSelection, ServerSettings, build_settings
 from djinn.kernel.errors import ConfigError, DjinnError
+from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
 from eval.bench_transport import hardware
@@ -181,6 +182,8 @@ class IterationSample:
     first_token_s: float = math.nan
     decode_s: float = math.nan
     error: str | None = None
+    #: when the iteration began, in seconds from the start of the point
+    started_s: float = math.nan
 
 
 @attrs.define
@@ -193,6 +196,7 @@ class PointResult:
     memory: list[dict[str, float]]
     counters: dict[str, float]
     duration_s: float
+    trace: dict[str, Any] | None = None
 
     def summary(self, p99_limit_s: float, iterations: int) -> dict[str, Any]:
         """P50/P99 latency, P99 wake, failures and the server's counters."""
@@ -256,7 +260,7 @@ def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
 
 async def _agent(
     url: str, index: int, delay_s: float, workload: WorkloadSpec, vocab: int,
-    samples: list[IterationSample], on_iteration: Callable[[], None],
+    samples: list[IterationSample], on_iteration: Callable[[], None], origin: float,
 ) -> None:
     from djinn.client import connect_async
 
@@ -276,7 +280,7 @@ async def _agent(
                 )
             except (TimeoutError, DjinnError) as exc:
                 samples.append(IterationSample(index, iteration, False, time.perf_counter() - started,
-                                               error=f"{type(exc).__name__}: {exc}"))
+                                               error=f"{type(exc).__name__}: {exc}", started_s=started - origin))
                 on_iteration()
                 return  # the connection closes below, which frees the session on the server
             latency = time.perf_counter() - started
@@ -284,7 +288,7 @@ async def _agent(
             samples.append(IterationSample(
                 index, iteration, True, latency,
                 wake_s=latency - t["decode_s"], queue_s=t["queue_s"], restore_s=t["restore_s"],
-                first_token_s=t["first_token_s"], decode_s=t["decode_s"],
+                first_token_s=t["first_token_s"], decode_s=t["decode_s"], started_s=started - origin,
             ))
             on_iteration()
             if iteration + 1 < workload.iterations:
@@ -297,11 +301,11 @@ async def _agent(
 
 
 async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
-                 on_iteration: Callable[[], None]) -> tuple[list[IterationSample], list[dict[str, float]]]:
+                 on_iteration: Callable[[], None], trace: Trace | None = None,
+                 ) -> tuple[list[IterationSample], list[dict[str, float]]]:
     workload = experiment.workload
     url = server.url("tcp")
     vocab = server.kernel.runner.vocab_size
-    await _warm_up(url, workload, vocab)
     rng = random.Random(workload.seed)
     delays, at = [], 0.0
     for _ in range(agents):
@@ -310,6 +314,8 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
     samples: list[IterationSample] = []
     memory: list[dict[str, float]] = []
     started = time.perf_counter()
+    if trace is not None:
+        trace.start(started)
 
     async def sample_memory() -> None:
         while True:
@@ -319,7 +325,7 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
     sampler = asyncio.create_task(sample_memory())
     try:
         await asyncio.gather(*(
-            _agent(url, i, delay, workload, vocab, samples, on_iteration) for i, delay in enumerate(delays)
+            _agent(url, i, delay, workload, vocab, samples, on_iteration, started) for i, delay in enumerate(delays)
         ))
     finally:
         sampler.cancel()
@@ -339,20 +345,96 @@ async def _warm_up(url: str, workload: WorkloadSpec, vocab: int) -> None:
 
 
 def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
-              on_iteration: Callable[[], None] = lambda: None) -> PointResult:
+              on_iteration: Callable[[], None] = lambda: None, trace: bool = False) -> PointResult:
     """Run ``agents`` agents through their iterations against a running ``server``.
 
-    The server's counters are cumulative; the point keeps what changed while it ran.
+    One generate first keeps first-call costs out of the point. The server's counters are
+    cumulative; the point keeps what changed while its agents ran. ``trace``
+    also records every engine step, KV move and server event-loop stall (``Trace``).
     """
+    asyncio.run(_warm_up(server.url("tcp"), experiment.workload, server.kernel.runner.vocab_size))
     before = _counters(server.call(server.kernel.vmu))
     started = time.perf_counter()
-    samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration))
+    recorder = Trace(server) if trace else None
+    try:
+        samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration, recorder))
+    finally:
+        timeline = recorder.stop() if recorder is not None else None
     duration = time.perf_counter() - started
     after = _counters(server.call(server.kernel.vmu))
     counters = {k: v - before.get(k, 0) for k, v in after.items()}
     counters["engine_mean_batch"] = counters.pop("engine_rows") / max(1, counters["engine_steps"])
     return PointResult(server.config.plugins.scheduler, agents,
-                       sorted(samples, key=lambda s: (s.agent, s.iteration)), memory, counters, duration)
+                       sorted(samples, key=lambda s: (s.agent, s.iteration)), memory, counters, duration,
+                       timeline)
+
+
+class Trace:
+    """A point's timeline, for finding where latency comes from: every engine step (``StepRecord``),
+    every KV move as its hook reports it, and every stall of the server's event loop longer than
+    ``LOOP_STALL_S`` (a probe sleeps ``LOOP_PROBE_S`` at a time and records how late it wakes).
+    Times are seconds from the start of the point."""
+
+    LOOP_PROBE_S = 0.01
+    LOOP_STALL_S = 0.005
+    STEP_COLUMNS = ("t_s", "prefill_s", "decode_s", "prefill_chunks", "prefill_tokens", "prefill_keys",
+                    "decode_rows")
+    MOVE_COLUMNS = ("t_end_s", "kind", "nbytes", "seconds", "on_critical_path")
+    STALL_COLUMNS = ("t_s", "late_s")
+
+    def __init__(self, server: BackgroundServer) -> None:
+        self.server = server
+        self.origin = time.perf_counter()
+        self.moves: list[tuple[float, str, int, float, bool]] = []
+        self.stalls: list[tuple[float, float]] = []
+        self._probe: Any = None
+
+    def start(self, origin: float) -> None:
+        """Begin recording; ``origin`` is the point's time zero."""
+        self.origin = origin
+        self.server.call(lambda: setattr(self.server.kernel.engine, "step_log", []))
+        self.server.plugins.pm.register(self, name="exp1-trace")
+        self._probe = self.server.spawn(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.LOOP_PROBE_S)
+            now = time.perf_counter()
+            if now - before - self.LOOP_PROBE_S > self.LOOP_STALL_S:
+                self.stalls.append((before - self.origin, now - before - self.LOOP_PROBE_S))
+
+    @hookimpl
+    def djinn_session_evicted(self, session: Any, tier: str, nbytes: int, seconds: float) -> None:
+        """Record an eviction (or a drop) as it completes."""
+        self.moves.append((time.perf_counter() - self.origin, "evict", nbytes, seconds, False))
+
+    @hookimpl
+    def djinn_session_restored(self, session: Any, tier: str, nbytes: int, seconds: float,
+                               on_critical_path: bool) -> None:
+        """Record a restore (or a recompute) as it completes."""
+        self.moves.append((time.perf_counter() - self.origin, "restore", nbytes, seconds, on_critical_path))
+
+    def stop(self) -> dict[str, Any] | None:
+        """Stop recording; the timeline, or None when recording never started."""
+        if self._probe is None:
+            return None
+        self._probe.cancel()
+        self.server.plugins.pm.unregister(self)
+        engine = self.server.kernel.engine
+
+        def take() -> list[Any]:
+            log, engine.step_log = engine.step_log or [], None
+            return log
+
+        log = self.server.call(take)
+        return {
+            "step_columns": list(self.STEP_COLUMNS),
+            "steps": [[s.started - self.origin, s.prefill_s, s.decode_s, s.prefill_chunks, s.prefill_tokens,
+                       s.prefill_keys, s.decode_rows] for s in log],
+            "move_columns": list(self.MOVE_COLUMNS), "moves": [list(m) for m in self.moves],
+            "loop_stall_columns": list(self.STALL_COLUMNS), "loop_stalls": [list(s) for s in self.stalls],
+        }
 
 
 def _counters(vmu: dict[str, Any]) -> dict[str, float]:
@@ -387,7 +469,7 @@ def _release_device() -> None:
 
 def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts: Sequence[int],
           on_iteration: Callable[[], None] = lambda: None,
-          on_point: Callable[[dict[str, Any]], None] = lambda _r: None) -> dict[str, Any]:
+          on_point: Callable[[dict[str, Any]], None] = lambda _r: None, trace: bool = False) -> dict[str, Any]:
     """Every scheduler over ascending N until a point fails; the JSON-ready report.
 
     One server per scheduler serves all its points (the model is loaded and compiled once).
@@ -414,10 +496,11 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
         with BackgroundServer(config, get_plugin_manager(config)) as server:
             for n in sorted(agent_counts):
                 _wait_until_idle(server)
-                result = run_point(server, experiment, n, on_iteration)
+                result = run_point(server, experiment, n, on_iteration, trace)
                 summary = result.summary(limit, iterations)
                 points.append({"summary": summary, "samples": [attrs.asdict(s) for s in result.samples],
-                               "memory": result.memory, "counters": result.counters})
+                               "memory": result.memory, "counters": result.counters,
+                               **({"trace": result.trace} if result.trace is not None else {})})
                 report["summary"]["points"].append(summary)
                 if summary["meets_limit"]:
                     max_agents[scheduler] = n
@@ -507,7 +590,8 @@ def _write(report: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run(experiment: ExperimentConfig, out: Path, *, schedulers: Sequence[str] | None = None,
-        agent_counts: Sequence[int] | None = None, plots: bool = True, progress: bool = True) -> dict[str, Any]:
+        agent_counts: Sequence[int] | None = None, plots: bool = True, progress: bool = True,
+        trace: bool = False) -> dict[str, Any]:
     """Sweep, write the JSON report to ``out`` (and the plots beside it), return the report."""
     from rich.console import Console
     from rich.progress import Progress
@@ -527,7 +611,7 @@ def run(experiment: ExperimentConfig, out: Path, *, schedulers: Sequence[str] | 
                       f"(critical {int(s['restores_on_critical_path'])})")
             _write(partial, out)
 
-        report = sweep(experiment, schedulers, agent_counts, lambda: bar.advance(task), on_point)
+        report = sweep(experiment, schedulers, agent_counts, lambda: bar.advance(task), on_point, trace)
     report = _write(report, out)
     if plots:
         report["plots"] = [str(p) for p in plot(report, out.with_suffix(""))]
@@ -571,6 +655,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agents", help="comma-separated agent counts N (default: the config's)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/exp1_density.json"), help="JSON report path")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
+    parser.add_argument("--trace", action="store_true",
+                        help="also record every engine step, KV move and server event-loop stall per point")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
                         help="run nothing: merge these reports of one configuration into --out, with plots")
     args = parser.parse_args(argv)
@@ -590,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
         if name not in SCHEDULERS:
             parser.error(f"unknown scheduler {name!r}; one of {', '.join(SCHEDULERS)}")
     agents = [int(n) for n in args.agents.split(",")] if args.agents else None
-    run(experiment, args.out, schedulers=schedulers, agent_counts=agents, plots=not args.no_plots)
+    run(experiment, args.out, schedulers=schedulers, agent_counts=agents, plots=not args.no_plots, trace=args.trace)
 
 
 if __name__ == "__main__":
