@@ -331,3 +331,18 @@ def test_the_server_setting_chooses_the_decode_attention(attention: str) -> None
         assert tokens[0] == tokens[1] == _alone(ModelRunner(loaded), [3, 1, 4, 1, 5], 6)
     finally:
         server.stop()
+
+
+def test_prefill_warm_up_runs_every_size_and_leaves_the_pool_as_it_was() -> None:
+    runner = ModelRunner(load_model("random:tiny-llama"), block_tokens=16)
+    runner.pool.grow(64)
+    free = runner.pool.free_blocks
+    # sizes 16, 32, 64 and 100 (the cap): four passes each
+    assert runner.warm_up_prefill(100) == 16
+    assert runner.pool.free_blocks == free and runner.pool.used_blocks == 0
+    # a pool too small for a size skips it rather than failing
+    small = ModelRunner(load_model("random:tiny-llama"), block_tokens=16)
+    small.pool.grow(14)  # 13 free blocks: size 64 needs 13, size 128 needs 25
+    small.pool.fixed = True
+    assert small.warm_up_prefill(128) == 4 * 3  # 16, 32 and 64 fit; 128 does not
+    assert small.pool.used_blocks == 0

@@ -637,11 +637,17 @@ class ModelRunner:
         return logits[:rows]
 
     @torch.inference_mode()
-    def warm_up(self, max_batch: int) -> None:
-        """Compile the paged attention kernel and capture the decode graph for every batch bucket
-        up to ``max_batch`` now, with all-padding steps (they touch only the scratch block), so
-        no request waits for a compile or a capture (each takes seconds on a 7B model)."""
-        if self.decode_attention != "paged" or self.device.type != "cuda":
+    def warm_up(self, max_batch: int, prefill_tokens: int = 0) -> None:
+        """Pay every first-use cost now, before any request waits for it: prefill passes of each
+        size up to ``prefill_tokens`` (``warm_up_prefill``), then, for paged decode on CUDA, the
+        compile of the attention kernel and the capture of the decode graph of every batch bucket
+        up to ``max_batch``, with all-padding steps that touch only the scratch block (a compile
+        or a capture takes seconds on a 7B model)."""
+        if self.device.type != "cuda":
+            return
+        if prefill_tokens:
+            self.warm_up_prefill(prefill_tokens)
+        if self.decode_attention != "paged":
             return
         span = self.pool.tensor.shape[2]
         for batch in BATCH_BUCKETS:
@@ -652,6 +658,40 @@ class ModelRunner:
             else:
                 self._decode_forward(_StepInputs.empty(batch, span, self.pool.block_tokens, self.device))
         torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def warm_up_prefill(self, max_tokens: int) -> int:
+        """Run prefill passes of every power-of-two size up to ``max_tokens`` on throwaway KV: a
+        session's first chunk, a chunk after a context, and two sessions packed into one pass.
+        Returns the passes run.
+
+        The first pass of a new size loads GPU kernels (CUDA loads modules lazily, GEMM and
+        attention pick kernels by shape); cold, that took over a second, stalling every session.
+        Sizes that do not fit the free pool blocks or the model's positions are skipped.
+        """
+        bt = self.pool.block_tokens
+        ragged = bt // 2 + 1  # a context that ends mid-block, as most do
+        sizes = sorted({min(1 << k, max_tokens) for k in range(4, max(4, max_tokens.bit_length()) + 1)})
+        passes = 0
+        for tokens in sizes:
+            half = max(1, tokens // 2)
+            longest = ragged + 2 * tokens - half
+            if self.max_positions is not None and longest > self.max_positions:
+                continue
+            if self.pool.free_blocks < _round_up(tokens + half, bt) // bt + _round_up(longest, bt) // bt:
+                continue
+            ids = [i % self.vocab_size for i in range(max(tokens, ragged))]
+            first, second = self.new_kv(), self.new_kv()
+            try:
+                self.prefill([first], [ids[:tokens]])
+                self.prefill([second], [ids[:ragged]])
+                self.prefill([second], [ids[:tokens]])
+                self.prefill([first, second], [ids[:half], ids[: tokens - half]])
+                passes += 4
+            finally:
+                first.release()
+                second.release()
+        return passes
 
     def _fill_inputs(self, inputs: _StepInputs, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> None:
         """Write the step's rows into ``inputs``: one host-to-device copy, then a few device ops.

@@ -163,7 +163,7 @@ class Kernel:
             )
         if self.use_cuda:
             self._size_kv_pool()
-            self.runner.warm_up(self.config.server.max_batch)
+            self.runner.warm_up(self.config.server.max_batch, self.config.server.prefill_chunk_tokens)
         self.engine = BatchEngine(
             self.runner, prefill_chunk_tokens=self.config.server.prefill_chunk_tokens,
             max_batch=self.config.server.max_batch,

@@ -254,6 +254,9 @@ def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
         "kv_bytes": memory["device"].get("kv", 0),
         "tier_bytes": sum(memory["tiers"].values()),
         "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0,
+        "cuda_reserved_bytes": torch.cuda.memory_reserved() if torch.cuda.is_available() else 0,
+        # cudaMalloc calls that failed, so the allocator freed its cache (synchronising the device) and retried
+        "cuda_alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0,
         "rss_bytes": _rss_bytes(),
     }
 
