@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 
@@ -39,6 +40,11 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_BLOCK_TOKENS = 64
 #: graphs kept at once; the least recently used is dropped beyond this
 MAX_GRAPHS = 48
+#: the scaled-dot-product attention kernels forward passes may use. cuDNN's is left out: it builds
+#: and caches an execution plan for every new pair of query and key lengths, and a packed prefill
+#: has new lengths on almost every pass, so the pass (and every session's step) would wait for a
+#: plan; the memory-efficient kernel takes the same masks with no per-shape setup.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 #: a step shape is captured the time it is used again: a one-off shape (a batch growing while
 #: sessions join) runs eagerly rather than paying for a capture it never replays
 CAPTURE_AFTER_USES = 2
@@ -586,12 +592,13 @@ class ModelRunner:
         streamer = self.streamer
         if streamer is not None:
             streamer.begin_pass()
-        for i, layer in enumerate(self.layers):
-            if streamer is not None:
-                streamer.before_layer(i)
-            hidden = layer(hidden, **layer_kwargs[i])
-            if streamer is not None:
-                streamer.after_layer(i)
+        with sdpa_kernel(SDPA_BACKENDS):
+            for i, layer in enumerate(self.layers):
+                if streamer is not None:
+                    streamer.before_layer(i)
+                hidden = layer(hidden, **layer_kwargs[i])
+                if streamer is not None:
+                    streamer.after_layer(i)
         if streamer is not None:
             streamer.end_pass()
         return hidden
@@ -872,18 +879,19 @@ class ForwardCursor:
         kwargs = self._layer_kwargs
         hidden = self._hidden
         streamer = self.runner.streamer
-        if streamer is None:
-            for i in range(first, stop):
-                hidden = layers[i](hidden, **kwargs[i])
-        else:
-            if first == 0 and stop > 0:
-                streamer.begin_pass()
-            for i in range(first, stop):
-                streamer.before_layer(i)
-                hidden = layers[i](hidden, **kwargs[i])
-                streamer.after_layer(i)
-            if stop == self.num_layers and first < stop:
-                streamer.end_pass()
+        with sdpa_kernel(SDPA_BACKENDS):
+            if streamer is None:
+                for i in range(first, stop):
+                    hidden = layers[i](hidden, **kwargs[i])
+            else:
+                if first == 0 and stop > 0:
+                    streamer.begin_pass()
+                for i in range(first, stop):
+                    streamer.before_layer(i)
+                    hidden = layers[i](hidden, **kwargs[i])
+                    streamer.after_layer(i)
+                if stop == self.num_layers and first < stop:
+                    streamer.end_pass()
         self._hidden = hidden
         self.layer = stop
 

@@ -516,7 +516,7 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
 
 
 def plot(report: dict[str, Any], stem: Path) -> list[Path]:
-    """Latency CDF at the largest N every scheduler reached, memory over time, the N sweep."""
+    """Latency CDF at the largest N that the most schedulers ran, memory over time, the N sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -526,13 +526,19 @@ def plot(report: dict[str, Any], stem: Path) -> list[Path]:
     by_scheduler: dict[str, dict[int, dict[str, Any]]] = {}
     for p in points:
         by_scheduler.setdefault(p["summary"]["scheduler"], {})[p["summary"]["agents"]] = p
-    common = set.intersection(*(set(v) for v in by_scheduler.values())) if by_scheduler else set()
+    # the CDF compares schedulers at one N: the largest N that the most schedulers ran
+    shared: dict[int, int] = {}
+    for runs in by_scheduler.values():
+        for n in runs:
+            shared[n] = shared.get(n, 0) + 1
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    if common:
-        n = max(common)
+    if shared:
+        n = max(shared, key=lambda k: (shared[k], k))
         for scheduler, runs in by_scheduler.items():
+            if n not in runs:
+                continue
             latency = sorted(s["latency_s"] for s in runs[n]["samples"] if s["ok"])
             ax.step(latency, [(i + 1) / len(latency) for i in range(len(latency))], where="post", label=scheduler)
         ax.set_title(f"iteration latency, N = {n}")
