@@ -121,5 +121,8 @@ def test_merge_puts_separate_runs_side_by_side() -> None:
     assert merged["summary"]["max_agents_within_limit"] == {"lru": 96, "semantic": 48, "static": 0}
     assert merged["agent_counts"] == [48, 64, 96] and len(merged["points"]) == 6
     assert merged["merged_from"] == ["a", "b", "c", "d"]
+    traced = _report("lru", [(8, True)])
+    traced["points"][0]["trace"] = {"steps": []}
+    assert "trace" not in run_module.merge([traced], ["t"])["points"][0]
     with pytest.raises(ValueError, match="another model or workload"):
         run_module.merge([_report("lru", [(8, True)]), _report("lru", [(8, True)], {"iterations": 2})], ["a", "b"])

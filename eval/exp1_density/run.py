@@ -631,14 +631,15 @@ def run(experiment: ExperimentConfig, out: Path, *, schedulers: Sequence[str] | 
 
 def merge(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> dict[str, Any]:
     """One report from the reports of separate runs of one configuration (say, one process per
-    scheduler): their points side by side, the largest N within the limit per scheduler."""
+    scheduler): their points side by side, the largest N within the limit per scheduler. Point
+    traces (``--trace``) stay in the reports they came from."""
     if not reports:
         raise ValueError("nothing to merge")
     config = reports[0]["config"]
     for report, source in zip(reports, sources):
         if report["config"]["workload"] != config["workload"] or report["config"]["model"] != config["model"]:
             raise ValueError(f"{source}: another model or workload than {sources[0]}; only one experiment merges")
-    points = [p for report in reports for p in report["points"]]
+    points = [{k: v for k, v in p.items() if k != "trace"} for report in reports for p in report["points"]]
     max_agents: dict[str, int] = {}
     for p in points:
         s = p["summary"]
