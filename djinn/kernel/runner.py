@@ -513,21 +513,28 @@ class ModelRunner:
         ids = input_ids.to(self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
         cache = _PoolCache(kv, start, end)
-        hidden = self._embed(ids)  # [1, T, hidden]
-        by_window: dict[int | None, dict[str, Any]] = {}
-        for window in set(self._windows):
-            mask = _attention_mask(start, tokens, window, self.device, self._additive_mask)
-            by_window[window] = dict(
-                attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
+        masks = {w: _attention_mask(start, tokens, w, self.device, self._additive_mask) for w in set(self._windows)}
+        hidden, layer_kwargs = self._layer_inputs(self._embed(ids), positions, cache, masks)
+        return ForwardCursor(self, kv, hidden, positions, layer_kwargs)
+
+    def _layer_inputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, cache: Any, masks: dict[int | None, Any]
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The embedded tokens ``hidden`` with absolute positions added (GPT-2), and every decoder
+        layer's keyword arguments: the mask of its window (``masks``), the positions, the cache
+        and, for rotary models, the rotary embedding computed once for all layers."""
+        rope = None
         if self._gpt2:
             hidden = self._dropout(hidden + self._embed_positions(positions))
         else:
-            rope = self._rotary(hidden, positions)  # (cos, sin), each [1, T, head_dim]
-            for kwargs in by_window.values():
+            rope = self._rotary(hidden, positions)  # (cos, sin), each [B, T, head_dim]
+        by_window = {}
+        for window, mask in masks.items():
+            kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            if rope is not None:
                 kwargs["position_embeddings"] = rope
-        layer_kwargs = [by_window[window] for window in self._windows]
-        return ForwardCursor(self, kv, hidden, positions, layer_kwargs)
+            by_window[window] = kwargs
+        return hidden, [by_window[window] for window in self._windows]
 
     @torch.inference_mode()
     def prefill(self, kvs: Sequence[SessionKV], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -564,9 +571,7 @@ class ModelRunner:
         key_position = torch.arange(keys, device=device) - (torch.cumsum(end, 0) - end)[key_segment]  # [keys]
         same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
         causal = same & (key_position[None, :] <= positions[0, :, None])
-        hidden = self._embed(ids[None])  # [1, sum T, hidden]
-        cache = _PackedCache(self.pool, write, read)
-        by_window: dict[int | None, dict[str, Any]] = {}
+        masks: dict[int | None, Any] = {}
         for window in set(self._windows):
             allowed = causal if window is None else causal & (positions[0, :, None] - key_position[None, :] < window)
             mask = allowed[None, None]  # [1, 1, sum T, keys]
@@ -574,14 +579,10 @@ class ModelRunner:
                 mask = torch.zeros(mask.shape, dtype=self._additive_mask, device=device).masked_fill_(
                     ~mask, torch.finfo(self._additive_mask).min
                 )
-            by_window[window] = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        if self._gpt2:
-            hidden = self._dropout(hidden + self._embed_positions(positions))
-        else:
-            rope = self._rotary(hidden, positions)
-            for kwargs in by_window.values():
-                kwargs["position_embeddings"] = rope
-        hidden = self._run_layers(hidden, [by_window[window] for window in self._windows])
+            masks[window] = mask
+        cache = _PackedCache(self.pool, write, read)
+        hidden, layer_kwargs = self._layer_inputs(self._embed(ids[None]), positions, cache, masks)  # [1, sum T, hidden]
+        hidden = self._run_layers(hidden, layer_kwargs)
         logits = self._head(self._norm(hidden[:, last]))[0].float()  # [n, vocab]
         for kv, end in zip(kvs, ends):
             kv.length = end
@@ -792,9 +793,7 @@ class ModelRunner:
             own &= slot_position <= positions  # [B, S]
             own |= inputs.pad[:, None] & (slot // bt == SCRATCH_BLOCK)[None, :]
         group = self.config.num_attention_heads // self.kv_heads if not self._gpt2 else 1
-        cache = _BatchCache(self.pool, inputs.write, span)
-        hidden = self._embed(inputs.ids[:, None])  # [B, 1, hidden]
-        by_window: dict[int | None, dict[str, Any]] = {}
+        masks: dict[int | None, Any] = {}
         for window in set(self._windows):
             if self.decode_attention == "paged":
                 mask = BlockMask.from_kv_blocks(
@@ -805,16 +804,9 @@ class ModelRunner:
             else:
                 allowed = own if window is None else own & (positions - slot_position < window)
                 mask = allowed.repeat(group, 1)[None, None]  # [1, 1, g*B, S]
-            by_window[window] = dict(
-                attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
-        if self._gpt2:
-            hidden = self._dropout(hidden + self._embed_positions(positions))
-        else:
-            rope = self._rotary(hidden, positions)
-            for kwargs in by_window.values():
-                kwargs["position_embeddings"] = rope
-        layer_kwargs = [by_window[window] for window in self._windows]
+            masks[window] = mask
+        cache = _BatchCache(self.pool, inputs.write, span)
+        hidden, layer_kwargs = self._layer_inputs(self._embed(inputs.ids[:, None]), positions, cache, masks)  # [B, 1, hidden]
         config = self.config
         config._attn_implementation = PAGED_ATTENTION if self.decode_attention == "paged" else BATCHED_ATTENTION
         try:
