@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from djinn.kernel.config import DjinnConfig, PluginSelection
 from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
@@ -13,6 +14,16 @@ from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
 def selection_from_env() -> list[str]:
     """The plugin selection a tox environment passes through ``DJINN_PLUGINS``."""
     return split_plugin_names(os.environ.get("DJINN_PLUGINS"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compile_cache():
+    """On CUDA, forget compiled kernels after each module. Every KV pool length compiles the paged
+    decode kernel once per batch bucket, and dynamo runs a function eagerly past its recompile
+    limit (which a CUDA graph cannot capture): a server makes one pool, a test process dozens."""
+    yield
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
 
 
 @pytest.fixture

@@ -5,17 +5,27 @@ from __future__ import annotations
 import os
 
 import attrs
+import torch
 
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
 from djinn.kernel.server import BackgroundServer
 
 TRANSPORT = os.environ.get("DJINN_TRANSPORT", "tcp")
+#: a test server's GPU budget on CUDA, where budget 0 would take 90 % of the GPU: a test process
+#: starts many servers, some while another still runs, and CLI tests start more in subprocesses
+CUDA_TEST_BUDGET_GB = 4.0
 
 
-def serving_config(model: str = "random:tiny-llama", *, budget_gb: float = 0.0, tier_gb: float = 0.0625,
+def default_budget_gb() -> float:
+    """The GPU budget of a test server that asks for none: ``CUDA_TEST_BUDGET_GB`` on CUDA, else 0."""
+    return CUDA_TEST_BUDGET_GB if torch.cuda.is_available() else 0.0
+
+
+def serving_config(model: str = "random:tiny-llama", *, budget_gb: float | None = None, tier_gb: float = 0.0625,
                 settings: dict | None = None, **server) -> DjinnConfig:
-    """Defaults with free ports, a small host tier and the given model and GPU budget."""
+    """Defaults with free ports, a small host tier and the given model and GPU budget
+    (``default_budget_gb()`` when none is given)."""
     base = DjinnConfig()
     merged = {"pinned_host": {"capacity_gb": tier_gb}}
     merged.update(settings or {})
@@ -23,7 +33,7 @@ def serving_config(model: str = "random:tiny-llama", *, budget_gb: float = 0.0, 
         base,
         server=attrs.evolve(base.server, port=0, metrics_port=0, tick_s=0.01, **server),
         model=attrs.evolve(base.model, name=model),
-        memory=attrs.evolve(base.memory, gpu_memory_budget_gb=budget_gb),
+        memory=attrs.evolve(base.memory, gpu_memory_budget_gb=default_budget_gb() if budget_gb is None else budget_gb),
         settings=merged,
     )
 

@@ -97,7 +97,7 @@ def test_unmodified_resume_is_token_exact_and_hits_every_armed_layer(server, cli
 
 def test_context_after_a_breakpoint_request_continues_exactly(server, client):
     spec = server.config.model.name
-    runner = ModelRunner(load_model(spec))
+    runner = ModelRunner(load_model(spec, device=server.kernel.device.type))
     kv = runner.new_kv()
     first = greedy_generate(runner, kv, runner.ids_tensor(PROMPT), 3)
     second = greedy_generate(runner, kv, runner.ids_tensor([first[-1], 7]), 3)

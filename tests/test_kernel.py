@@ -13,6 +13,7 @@ from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.server import BackgroundServer
 from djinn.kernel.strategies import Residency
+from eval.reliability.run import kv_budget_gb
 from tests.serving import serving_config
 
 
@@ -154,18 +155,10 @@ def _resident_count(server):
         s.info.residency is Residency.RESIDENT for s in server.kernel.sessions.values()))
 
 
-def _kv_budget_for(sessions: int, tokens: int) -> float:
-    from djinn.kernel.models import load_model
-    from djinn.kernel.runner import ModelRunner
-
-    runner = ModelRunner(load_model("random:tiny-llama"))
-    return (runner.device_weight_bytes() + sessions * runner.kv_bytes(tokens)) / 2**30
-
-
 @pytest.mark.parametrize("scheduler", ["lru", "semantic", "static"])
 def test_memory_pressure(scheduler):
     """Room for two sessions' KV: lru and semantic evict to admit a third; static makes it wait."""
-    config = serving_config(budget_gb=_kv_budget_for(2, 5))  # 3 prompt + 2 new tokens each
+    config = serving_config(budget_gb=kv_budget_gb("random:tiny-llama", 2, 5))  # 3 prompt + 2 new tokens each
     config = attrs.evolve(config, memory=attrs.evolve(config.memory, admission_queue=0))
     server = serve_with(config, [scheduler, "tcp"])
     try:
@@ -192,12 +185,13 @@ def test_memory_pressure(scheduler):
         server.stop()
 
 
-def _local_turns(turns: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """Greedy tokens of consecutive turns of one never-evicted session, each turn fed the last token."""
+def _local_turns(server: BackgroundServer, turns: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of consecutive turns of one never-evicted session on ``server``'s device, each
+    turn fed the last token."""
     from djinn.kernel.models import load_model
     from djinn.kernel.runner import ModelRunner, greedy_generate
 
-    runner = ModelRunner(load_model("random:tiny-llama"))
+    runner = ModelRunner(load_model("random:tiny-llama", device=server.kernel.device.type))
     kv, out, last = runner.new_kv(), [], []
     for turn in turns:
         out.append(greedy_generate(runner, kv, runner.ids_tensor(last + turn), new_tokens))
@@ -208,10 +202,10 @@ def _local_turns(turns: list[list[int]], new_tokens: int) -> list[list[int]]:
 def test_recompute_drops_under_pressure_and_prefills_again_token_exact():
     """Room for two sessions' KV: recompute frees the least recently used one without a tier copy;
     that session's next turn prefills its tokens again and picks the never-dropped session's tokens."""
-    config = serving_config(budget_gb=_kv_budget_for(2, 64))
+    config = serving_config(budget_gb=kv_budget_gb("random:tiny-llama", 2, 64))
     server = serve_with(config, ["recompute", "tcp"])
     turns = [[11, 12, 13, 14, 15], [21, 22], [31, 32, 33]]
-    expected = _local_turns(turns, 8)
+    expected = _local_turns(server, turns, 8)
     try:
         with connect(server.url("tcp")) as client:
             model = client.model()
@@ -234,7 +228,7 @@ def test_recompute_drops_under_pressure_and_prefills_again_token_exact():
 
 
 def test_recompute_never_drops_a_session_that_ran_a_breakpoint():
-    config = serving_config(budget_gb=_kv_budget_for(1, 64))
+    config = serving_config(budget_gb=kv_budget_gb("random:tiny-llama", 1, 64))
     config = attrs.evolve(config, memory=attrs.evolve(config.memory, admission_queue=0))
     server = serve_with(config, ["recompute", "tcp"])
     try:
@@ -308,3 +302,23 @@ def test_breakpoint_hooks_announce_hits_and_resumes():
         ]
     finally:
         server.stop()
+
+
+def test_a_kv_pool_capped_below_the_budget_shrinks_the_budget_to_what_it_holds(monkeypatch):
+    """The pool is sized once from the budget (on CUDA); where 32-bit offsets cap it lower, KV
+    admission, which counts bytes, must not admit more than the pool holds."""
+    from djinn.kernel import kvpool
+    from djinn.kernel.runtime import Kernel
+
+    monkeypatch.setattr(kvpool, "MAX_LAYER_VIEW_ELEMENTS", 10 * 64 * 32)  # tiny-llama: 10 blocks
+    config = serving_config(budget_gb=2.0)  # 0.5 GiB after the 1.5 GiB workspace: far more than 10 blocks
+    kernel = Kernel(config, get_plugin_manager(config))
+    kernel.start()
+    try:
+        if not kernel.use_cuda:  # on CUDA, start has sized it
+            kernel._size_kv_pool()
+        pool = kernel.runner.pool
+        assert pool.num_blocks == pool.max_blocks == 10 and pool.fixed
+        assert kernel.memory.free_bytes() // pool.block_bytes == 10 - 1  # every block but the scratch one
+    finally:
+        kernel.stop()

@@ -51,6 +51,7 @@ from eval.reliability.run import (
     unpickling_code_paths,
 )
 from eval.reliability.run import main as reliability_main
+from tests.serving import default_budget_gb
 from tests.test_kernel import wait_for
 
 NO_LEAKS = {"kv_bytes": 0, "tier_bytes": 0, "tier_used_bytes": 0, "tier_allocations": 0,
@@ -59,7 +60,7 @@ NO_LEAKS = {"kv_bytes": 0, "tier_bytes": 0, "tier_used_bytes": 0, "tier_allocati
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server(server_config(), ["semantic", "tcp"])
+    srv = start_server(server_config(budget_gb=default_budget_gb()), ["semantic", "tcp"])
     yield srv
     srv.stop()
 
@@ -160,6 +161,19 @@ def test_pickle_payloads_are_real_exploits_and_never_unpickled(server, tmp_path)
     assert not marker.exists()
 
 
+def test_while_frames_are_fuzzed_only_torchs_compiler_may_unpickle():
+    """On CUDA, inductor may read a compile worker's pickled result during the fuzzing: that call
+    passes; the same call from anywhere else is refused and counted."""
+    data = pickle.dumps({"kernel": 1})
+    compiler = {"__name__": "torch._inductor.compile_worker.subproc_pool", "pickle": pickle, "data": data}
+    with no_unpickling() as calls:
+        exec("loaded = pickle.loads(data)", compiler)  # a call made from a module named like torch's compiler
+        with pytest.raises(RuntimeError):
+            pickle.loads(data)
+    assert compiler["loaded"] == {"kernel": 1}
+    assert calls == {"pickle.loads": 1}
+
+
 # =========================================================================== disconnects
 
 
@@ -212,8 +226,8 @@ def test_a_request_cancelled_during_pool_work_leaks_nothing(server, while_):
 def test_a_full_host_tier_is_a_clear_error_never_a_crash():
     """GPU room for one session, host tier room for one session: the third session is refused
     with an AdmissionError (its victim cannot move), the others keep working."""
-    weights, kv = kv_sizes("random:tiny-llama", 64)
-    srv = start_server(server_config(budget_gb=(weights + kv) / 2**30, tier_gb=kv * 1.5 / 2**30,
+    _weights, kv = kv_sizes("random:tiny-llama", 64)
+    srv = start_server(server_config(budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), tier_gb=kv * 1.5 / 2**30,
                                      admission_queue=0), ["semantic", "tcp"])
     try:
         with connect(srv.url("tcp")) as client:
@@ -314,7 +328,7 @@ def _faulty_request(hook_name: str, client: RawClient) -> Frame:
                                        "djinn_breakpoint_hit", "djinn_session_closed"])
 def test_a_plugin_raising_in_a_hook_fails_its_request_is_named_and_the_server_serves_on(hook_name, caplog):
     armed = threading.Event()
-    srv = start_server(server_config(), ["semantic", "tcp"], faulty=_faulty(hook_name, armed))
+    srv = start_server(server_config(budget_gb=default_budget_gb()), ["semantic", "tcp"], faulty=_faulty(hook_name, armed))
     named = srv.plugins.catalog["faulty"].describe()  # name (distribution version)
     assert "local" in named
     try:
@@ -342,7 +356,7 @@ def test_a_plugin_raising_in_a_hook_fails_its_request_is_named_and_the_server_se
 def test_a_hook_failing_on_disconnect_still_frees_every_session_of_the_client():
     armed = threading.Event()
     armed.set()
-    srv = start_server(server_config(), ["semantic", "tcp"], faulty=_faulty("djinn_session_closed", armed))
+    srv = start_server(server_config(budget_gb=default_budget_gb()), ["semantic", "tcp"], faulty=_faulty("djinn_session_closed", armed))
     try:
         client = RawClient(srv.url("tcp"))
         for _ in range(3):
@@ -371,7 +385,7 @@ def test_a_wrong_or_missing_token_is_refused_before_any_model_work(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(server_module.hmac, "compare_digest", spy)
-    config = server_config()
+    config = server_config(budget_gb=default_budget_gb())
     srv = BackgroundServer(config, get_plugin_manager(config, ["tcp"]),
                            token="s3cret").start()
     try:
@@ -399,7 +413,7 @@ def test_a_wrong_or_missing_token_is_refused_before_any_model_work(monkeypatch):
 
 
 def test_non_loopback_binds_need_a_token_and_listen_with_one():
-    config = server_config()
+    config = server_config(budget_gb=default_budget_gb())
     wide = attrs.evolve(config, server=attrs.evolve(config.server, host="0.0.0.0"))
     with pytest.raises(ConfigError, match="requires a token"):
         start_server(wide, ["tcp"])

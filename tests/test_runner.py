@@ -339,3 +339,27 @@ def test_unsupported_families_are_refused(tmp_path) -> None:
     assert loaded.family == "bert"
     with pytest.raises(ModelError, match="llama, mistral, qwen2, gpt2"):
         ModelRunner(loaded)
+
+
+def test_the_pool_grows_only_up_to_what_32_bit_offsets_index(models, monkeypatch) -> None:
+    from djinn.kernel import kvpool
+    from djinn.kernel.errors import AdmissionError
+
+    # tiny-llama: 2 KV heads x head dim 16 = 32 elements per token; 15 blocks of 64 tokens fit
+    monkeypatch.setattr(kvpool, "MAX_LAYER_VIEW_ELEMENTS", 15 * 64 * 32 + 63)
+    runner = ModelRunner(models["random:tiny-llama"])
+    pool = runner.pool
+    assert pool.max_blocks == 15
+    kv = runner.new_kv()  # the scratch block and this one
+    runner.begin(kv, _prompt(5)).finish()
+    stored = _stored(kv)
+    held = pool.allocate(8)
+    assert pool.num_blocks == 10
+    held += pool.allocate(2)  # doubling would make 20 blocks: the pool stops at 15
+    assert pool.num_blocks == 15 and pool.free_blocks == 3
+    assert torch.equal(_stored(kv), stored)  # growing kept the session's KV
+    with pytest.raises(AdmissionError, match="at most 15 blocks"):
+        pool.allocate(4)
+    assert pool.free_blocks == 3  # the refused request took nothing
+    pool.free(held)
+    assert len(pool.allocate(13)) == 13 and pool.num_blocks == 15

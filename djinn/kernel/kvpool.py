@@ -26,6 +26,10 @@ import torch
 from djinn.kernel.errors import AdmissionError
 
 SCRATCH_BLOCK = 0
+#: elements of one layer's K or V view at most. Inductor indexes a larger view with 64-bit offsets,
+#: and the flex_attention decoding kernel then fails to compile (torch 2.11). A small model on a large
+#: GPU reaches it (tiny-llama at 64 GiB of KV); Llama-2-7B only past 256 GiB
+MAX_LAYER_VIEW_ELEMENTS = 2**31 - 1
 
 
 class KVPool:
@@ -48,6 +52,8 @@ class KVPool:
         self.dtype, self.device = dtype, torch.device(device)
         self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * dtype.itemsize
         self.block_bytes = self.bytes_per_token * block_tokens
+        #: the most blocks the pool may hold (see ``MAX_LAYER_VIEW_ELEMENTS``)
+        self.max_blocks = MAX_LAYER_VIEW_ELEMENTS // (block_tokens * kv_heads * head_dim)
         #: bumped whenever ``tensor`` is replaced, so captured graphs know they are stale
         self.generation = 0
         self.fixed = False
@@ -91,6 +97,8 @@ class KVPool:
             raise AdmissionError(
                 f"the KV pool is fixed at {self.num_blocks} blocks and cannot grow to {blocks}"
             )
+        if blocks > self.max_blocks:
+            raise AdmissionError(f"the KV pool holds at most {self.max_blocks} blocks, {blocks} were asked for")
         new = self._empty(blocks)
         new[:, :, : old.shape[2]].copy_(old)
         with self._lock:
@@ -104,7 +112,8 @@ class KVPool:
         if count <= 0:
             return []
         if len(self._free) < count:
-            self.grow(max(2 * self.num_blocks, self.num_blocks + count - len(self._free)))
+            needed = self.num_blocks + count - len(self._free)
+            self.grow(max(needed, min(2 * self.num_blocks, self.max_blocks)))
         with self._lock:
             if len(self._free) < count:
                 raise AdmissionError(

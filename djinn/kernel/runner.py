@@ -233,8 +233,12 @@ def _paged_mask_mod(inputs: _StepInputs, window: int | None) -> Callable[..., to
 #: attention, a compile of the attention kernel; padding rows cost little, since a step's weight
 #: reads dominate up to a few hundred rows and a padding row reads one scratch block
 BATCH_BUCKETS = (1, 4, 16, 64, 128, 256, 512)
-#: one compile per batch bucket and sliding window must not hit dynamo's default limit of 8
-_RECOMPILE_LIMIT = 2 * len(BATCH_BUCKETS) + 8
+#: compiles of the paged attention kernel dynamo keeps: one per batch bucket and sliding window
+#: for each KV pool length. A server has one length; growing pools and kernels started one after
+#: another in a process bring more. Past the limit dynamo runs flex_attention eagerly, which a
+#: CUDA graph cannot capture, so room is left for this many lengths:
+_POOL_LENGTHS = 8
+_RECOMPILE_LIMIT = _POOL_LENGTHS * 2 * len(BATCH_BUCKETS)
 if getattr(torch._dynamo.config, "recompile_limit", _RECOMPILE_LIMIT) < _RECOMPILE_LIMIT:
     torch._dynamo.config.recompile_limit = _RECOMPILE_LIMIT
 

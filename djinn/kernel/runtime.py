@@ -192,7 +192,15 @@ class Kernel:
                 f"budget ({self.memory.budget_bytes / GiB:.2f} GiB)"
             )
         pool = self.runner.pool
-        pool.grow(1 + self.memory.free_bytes() // pool.block_bytes)
+        blocks = 1 + self.memory.free_bytes() // pool.block_bytes
+        if blocks > pool.max_blocks:
+            # KV is admitted by bytes, so the budget shrinks to what the pool can hold
+            unused = (blocks - pool.max_blocks) * pool.block_bytes
+            log.info("the KV pool is capped at %d blocks; %.2f GiB of the GPU budget stay unused",
+                     pool.max_blocks, unused / GiB)
+            self.memory.budget_bytes -= unused
+            blocks = pool.max_blocks
+        pool.grow(blocks)
         pool.fixed = True
 
     async def _on_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -203,6 +211,8 @@ class Kernel:
         cap = int(self.config.memory.gpu_memory_budget_gb * GiB)
         if self.use_cuda:
             free, _total = torch.cuda.mem_get_info()
+            # what this process's caching allocator holds unused (an earlier kernel's pool) is free too
+            free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
             return min(cap, free) if cap else int(free * 0.9)
         if cap:
             return cap

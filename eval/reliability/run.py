@@ -32,6 +32,7 @@ import pickle
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -97,9 +98,13 @@ def kv_sizes(model: str, tokens: int) -> tuple[int, int]:
 
 
 def kv_budget_gb(model: str, sessions: int, tokens: int) -> float:
-    """A GPU budget holding the model's weights and ``sessions`` sessions of ``tokens`` tokens of KV."""
+    """A GPU budget holding the model's weights and ``sessions`` sessions of ``tokens`` tokens of KV,
+    plus, on CUDA, the workspace the kernel sets aside there before sizing its KV pool."""
+    import torch
+
     weights, kv = kv_sizes(model, tokens)
-    return (weights + sessions * kv) / 2**30
+    workspace = DjinnConfig().memory.workspace_gb * 2**30 if torch.cuda.is_available() else 0
+    return (weights + sessions * kv + workspace) / 2**30
 
 
 def books(server: BackgroundServer) -> dict[str, int]:
@@ -238,14 +243,21 @@ class _Refused(RuntimeError):
     pass
 
 
+#: torch's compiler, whose calls pass: it unpickles its own compile workers' results and caches
+TORCH_COMPILER_MODULES = ("torch._inductor", "torch._dynamo")
+
+
 @contextlib.contextmanager
 def no_unpickling() -> Iterator[Counter]:
     """While inside, ``pickle.load(s)``, ``pickle.Unpickler`` and ``torch.load`` raise; the counter
-    yielded counts the calls."""
+    yielded counts the calls. Calls made directly by torch's compiler (``TORCH_COMPILER_MODULES``)
+    pass: on CUDA it may compile a kernel while frames are fuzzed."""
     calls: Counter = Counter()
 
-    def refuse(name: str) -> Callable[..., Any]:
-        def refused(*_args: Any, **_kwargs: Any) -> Any:
+    def refuse(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            if sys._getframe(1).f_globals.get("__name__", "").startswith(TORCH_COMPILER_MODULES):
+                return real(*args, **kwargs)
             calls[name] += 1
             raise _Refused(f"{name} called while frames are fuzzed")
         return refused
@@ -254,8 +266,8 @@ def no_unpickling() -> Iterator[Counter]:
                (pickle, "_Unpickler"), (torch, "load")]
     saved = [(module, attr, getattr(module, attr)) for module, attr in patched]
     try:
-        for module, attr in patched:
-            setattr(module, attr, refuse(f"{module.__name__}.{attr}"))
+        for module, attr, real in saved:
+            setattr(module, attr, refuse(f"{module.__name__}.{attr}", real))
         yield calls
     finally:
         for module, attr, value in saved:
