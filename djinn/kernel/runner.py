@@ -592,19 +592,23 @@ class ModelRunner:
             kv.length = end
         return logits
 
-    def _run_layers(self, hidden: torch.Tensor, layer_kwargs: list[dict[str, Any]]) -> torch.Tensor:
-        """Every decoder layer over ``hidden``, the streamer (if any) moving weights around them."""
+    def _run_layers(
+        self, hidden: torch.Tensor, layer_kwargs: list[dict[str, Any]], first: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Decoder layers ``[first, stop)`` (all by default) over ``hidden``, the streamer (if any)
+        moving weights around them: its pass begins at layer 0 and ends after the last layer."""
+        stop = self.num_layers if stop is None else stop
         streamer = self.streamer
-        if streamer is not None:
+        if streamer is not None and first == 0 < stop:
             streamer.begin_pass()
         with sdpa_kernel(SDPA_BACKENDS):
-            for i, layer in enumerate(self.layers):
+            for i in range(first, stop):
                 if streamer is not None:
                     streamer.before_layer(i)
-                hidden = layer(hidden, **layer_kwargs[i])
+                hidden = self.layers[i](hidden, **layer_kwargs[i])
                 if streamer is not None:
                     streamer.after_layer(i)
-        if streamer is not None:
+        if streamer is not None and first < stop == self.num_layers:
             streamer.end_pass()
         return hidden
 
@@ -870,25 +874,7 @@ class ForwardCursor:
                 f"cannot run to layer {stop}: the pass is at layer {self.layer} of "
                 f"{self.num_layers}{' and finished' if self.finished else ''}"
             )
-        first = self.layer
-        layers = self.runner.layers
-        kwargs = self._layer_kwargs
-        hidden = self._hidden
-        streamer = self.runner.streamer
-        with sdpa_kernel(SDPA_BACKENDS):
-            if streamer is None:
-                for i in range(first, stop):
-                    hidden = layers[i](hidden, **kwargs[i])
-            else:
-                if first == 0 and stop > 0:
-                    streamer.begin_pass()
-                for i in range(first, stop):
-                    streamer.before_layer(i)
-                    hidden = layers[i](hidden, **kwargs[i])
-                    streamer.after_layer(i)
-                if stop == self.num_layers and first < stop:
-                    streamer.end_pass()
-        self._hidden = hidden
+        self._hidden = self.runner._run_layers(self._hidden, self._layer_kwargs, self.layer, stop)
         self.layer = stop
 
     @torch.inference_mode()

@@ -100,8 +100,6 @@ def kv_sizes(model: str, tokens: int) -> tuple[int, int]:
 def kv_budget_gb(model: str, sessions: int, tokens: int) -> float:
     """A GPU budget holding the model's weights and ``sessions`` sessions of ``tokens`` tokens of KV,
     plus, on CUDA, the workspace the kernel sets aside there before sizing its KV pool."""
-    import torch
-
     weights, kv = kv_sizes(model, tokens)
     workspace = DjinnConfig().memory.workspace_gb * 2**30 if torch.cuda.is_available() else 0
     return (weights + sessions * kv + workspace) / 2**30
