@@ -156,7 +156,7 @@ def run_command(config_path, plugin_names, model_name, dtype, device, host, port
         config_path, plugin_names, name=model_name, dtype=dtype, device=device,
         host=host, port=port, metrics_port=metrics_port,
     )
-    from djinn.kernel.server import serve_forever
+    from djinn.server.launch import serve_forever
 
     serve_forever(config, plugins, token=token, announce=click.echo)
 

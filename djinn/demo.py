@@ -14,7 +14,7 @@ from typing import Any
 
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import DjinnPlugins
-from djinn.kernel.server import BackgroundServer
+from djinn.server.launch import BackgroundServer
 
 
 def _agent(url: str, index: int, turns: int, vocab: int, rows: list[dict[str, Any]], lock: threading.Lock) -> None:
@@ -46,7 +46,7 @@ def run_demo(config: DjinnConfig, plugins: DjinnPlugins, *, agents: int, turns: 
     with BackgroundServer(config, plugins) as server:
         url = server.url("tcp")
         echo(f"listening on {url}; {agents} agents x {turns} turns")
-        vocab = server.kernel.runner.vocab_size
+        vocab = server.model.runner.vocab_size
         rows: list[dict[str, Any]] = []
         lock = threading.Lock()
         threads = [threading.Thread(target=_agent, args=(url, i, turns, vocab, rows, lock)) for i in range(agents)]

@@ -30,9 +30,9 @@ import click
 import torch
 import transformers
 
-from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
-from djinn.kernel.models import load_model, weight_bytes
-from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner, greedy_generate
+from djinn.engine.batch import BatchEngine, EngineRequest, run_to_completion
+from djinn.engine.models import load_model, weight_bytes
+from djinn.engine.runner import DECODE_ATTENTION, ModelRunner, greedy_generate
 from eval.report import result_header
 
 GiB = 1 << 30

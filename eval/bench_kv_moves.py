@@ -23,7 +23,8 @@ import torch
 
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.runtime import Kernel
+from djinn.engine.service import SamplingParams
+from djinn.server.launch import Runtime, build_runtime
 from eval.report import result_header
 
 
@@ -45,29 +46,28 @@ def raw_copy_ms(nbytes: int, repeats: int) -> dict[str, list[float]]:
     return {k: v[2:] for k, v in out.items()}
 
 
-async def measure(kernel: Kernel, tokens: int, repeats: int) -> dict:
+async def measure(runtime: Runtime, tokens: int, repeats: int) -> dict:
+    kernel, model = runtime.kernel, runtime.model
     await kernel.run_background()
     session = kernel.open_session()
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, kernel.runner.vocab_size, (tokens,), generator=gen).tolist()
-    from djinn.kernel.runtime import SamplingParams
-
-    await kernel.generate(session, prompt, SamplingParams(max_new_tokens=1))
+    prompt = torch.randint(0, model.runner.vocab_size, (tokens,), generator=gen).tolist()
+    await model.generate(session, prompt, SamplingParams(max_new_tokens=1))
 
     def next_logits():
-        cursor = kernel.runner.begin(session.kv, kernel.runner.ids_tensor([7]))
+        cursor = model.runner.begin(session.kv, model.runner.ids_tensor([7]))
         cursor.run()
         logits = cursor.finish()
         return logits.cpu()
 
     # logits of the next step, without committing it: a fresh cursor over the same KV each time
     length = session.kv.length
-    reference = await kernel.run_model(next_logits)
+    reference = await model.run_model(next_logits)
     session.kv.length = length
     # control: the same probe repeated with no move, to tell compute nondeterminism from a bad move
     control = []
     for _ in range(repeats):
-        control.append(bool(torch.equal(await kernel.run_model(next_logits), reference)))
+        control.append(bool(torch.equal(await model.run_model(next_logits), reference)))
         session.kv.length = length
     evict_ms, restore_ms, exact = [], [], []
     for _ in range(repeats):
@@ -77,7 +77,7 @@ async def measure(kernel: Kernel, tokens: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         assert await kernel._restore(session, critical=True)
         restore_ms.append((time.perf_counter() - t0) * 1e3)
-        logits = await kernel.run_model(next_logits)
+        logits = await model.run_model(next_logits)
         session.kv.length = length
         exact.append(bool(torch.equal(logits, reference)))
     await kernel.stop_background()
@@ -103,12 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         memory=attrs.evolve(base.memory, kv_block_tokens=128),
         settings={"pinned_host": {"capacity_gb": args.tier_gb}},
     )
-    kernel = Kernel(config, get_plugin_manager(config, ["static"]))
-    kernel.start()
+    runtime = build_runtime(config, get_plugin_manager(config, ["static"]))
     try:
-        result = asyncio.run(measure(kernel, args.tokens, args.repeats))
+        result = asyncio.run(measure(runtime, args.tokens, args.repeats))
     finally:
-        kernel.stop()
+        runtime.kernel.stop()
     raw = raw_copy_ms(result["kv_bytes"], args.repeats)
     summary = {
         "kv_gb": result["kv_bytes"] / 1e9,

@@ -30,7 +30,7 @@ from djinn.client import connect
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.server import BackgroundServer
+from djinn.server.launch import BackgroundServer
 from eval.report import result_header
 
 
@@ -100,7 +100,7 @@ def main(model_name: str, dtype: str, context: int, rounds: int, tier_gb: float,
     try:
         with connect(server.url("tcp")) as client:
             session = client.model().session()
-            vocab = server.kernel.runner.vocab_size
+            vocab = server.model.runner.vocab_size
             session.generate([i % vocab for i in range(context)], max_new_tokens=1)
             kv_bytes = server.call(lambda: server.kernel.get(session.id).kv.nbytes)
             for i in range(1, rounds + 1):
@@ -120,7 +120,7 @@ def main(model_name: str, dtype: str, context: int, rounds: int, tier_gb: float,
         **result_header(
             "signal", "eval.bench_signal",
             f"random weights of the named shape; one server and client in one process over tcp "
-            f"loopback; device {server.kernel.device}",
+            f"loopback; device {server.model.device}",
             dict(model=model_name, dtype=dtype, context=context, rounds=rounds, kv_bytes=kv_bytes),
         ),
         "raw_s": samples,

@@ -21,8 +21,8 @@ import click
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from djinn.kernel.models import load_model
-from djinn.kernel.runner import DECODE_ATTENTION, ModelRunner
+from djinn.engine.models import load_model
+from djinn.engine.runner import DECODE_ATTENTION, ModelRunner
 from eval.bench_decode import prefilled, release, step_times
 from eval.report import result_header
 

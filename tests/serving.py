@@ -9,7 +9,7 @@ import torch
 
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
-from djinn.kernel.server import BackgroundServer
+from djinn.server.launch import BackgroundServer
 
 TRANSPORT = os.environ.get("DJINN_TRANSPORT", "tcp")
 #: a test server's GPU budget on CUDA, where budget 0 would take 90 % of the GPU: a test process

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from djinn.kernel.arena import RangeAllocator, allocate_host_arena, typed_view
+from djinn.arena import RangeAllocator, allocate_host_arena, typed_view
 from djinn.kernel.errors import TierFullError
 from djinn.kernel.strategies import TierBlock
 

@@ -17,12 +17,13 @@ import torch
 
 from djinn.client import connect
 from djinn.kernel.errors import BreakpointError, SessionError
-from djinn.kernel.models import load_model
+from djinn.engine.models import load_model
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.runner import ModelRunner, greedy_generate
-from djinn.kernel.runtime import Kernel, SamplingParams
-from djinn.kernel.wire import Op
+from djinn.engine.runner import ModelRunner, greedy_generate
+from djinn.engine.service import SamplingParams
+from djinn.server.launch import build_runtime
+from djinn.server.wire import Op
 from tests.serving import start_server, serving_config
 
 PROMPT = [5, 17, 300, 42, 9, 88]
@@ -97,7 +98,7 @@ def test_unmodified_resume_is_token_exact_and_hits_every_armed_layer(server, cli
 
 def test_context_after_a_breakpoint_request_continues_exactly(server, client):
     spec = server.config.model.name
-    runner = ModelRunner(load_model(spec, device=server.kernel.device.type))
+    runner = ModelRunner(load_model(spec, device=server.model.device.type))
     kv = runner.new_kv()
     first = greedy_generate(runner, kv, runner.ids_tensor(PROMPT), 3)
     second = greedy_generate(runner, kv, runner.ids_tensor([first[-1], 7]), 3)
@@ -239,10 +240,10 @@ def test_no_hook_runs_per_layer_without_armed_breakpoints():
     plugins.pm.register(recorder, name="hit-recorder")
     calls: Counter[str] = Counter()
     undo = plugins.pm.add_hookcall_monitoring(lambda name, impls, kwargs: calls.update([name]), lambda *a: None)
-    kernel = Kernel(config, plugins)
-    kernel.start()
+    runtime = build_runtime(config, plugins)
+    kernel, model = runtime.kernel, runtime.model
     try:
-        num_layers, steps = kernel.runner.num_layers, 3
+        num_layers, steps = model.runner.num_layers, 3
 
         async def generate(breakpoints):
             async def on_break(*_args):
@@ -250,7 +251,7 @@ def test_no_hook_runs_per_layer_without_armed_breakpoints():
 
             session = kernel.open_session()
             calls.clear()
-            await kernel.generate(session, PROMPT, SamplingParams(max_new_tokens=steps), breakpoints, on_break)
+            await model.generate(session, PROMPT, SamplingParams(max_new_tokens=steps), breakpoints, on_break)
             return Counter(calls)
 
         plain = asyncio.run(generate(()))

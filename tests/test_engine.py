@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from djinn.client import connect
-from djinn.kernel.engine import BatchEngine, EngineRequest, run_to_completion
+from djinn.engine.batch import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.errors import ModelError
-from djinn.kernel.models import LoadedModel, load_model
-from djinn.kernel.runner import BATCH_BUCKETS, DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
+from djinn.engine.models import LoadedModel, load_model
+from djinn.engine.runner import BATCH_BUCKETS, DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
 from tests.serving import serving_config, start_server
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
@@ -324,11 +324,11 @@ def test_the_server_setting_chooses_the_decode_attention(attention: str) -> None
     """``[server] decode_attention`` reaches the runner, and both serve the same greedy tokens."""
     server = start_server(serving_config("random:tiny-llama", decode_attention=attention))
     try:
-        assert server.kernel.runner.decode_attention == attention
+        assert server.model.runner.decode_attention == attention
         with connect(server.url("tcp")) as client:
             tokens = [client.model().session().generate([3, 1, 4, 1, 5], 6).tokens for _ in range(2)]
         # random weights are drawn where they load, and CUDA's generator draws other numbers
-        loaded = load_model("random:tiny-llama", device=server.kernel.device.type)
+        loaded = load_model("random:tiny-llama", device=server.model.device.type)
         assert tokens[0] == tokens[1] == _alone(ModelRunner(loaded), [3, 1, 4, 1, 5], 6)
     finally:
         server.stop()

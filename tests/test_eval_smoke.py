@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from djinn.kernel.models import load_model
+from djinn.engine.models import load_model
 from eval.exp2_virtualization import run as exp2
 
 

@@ -11,7 +11,7 @@ from djinn.client import connect
 from djinn.kernel.errors import AdmissionError, PluginError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.server import BackgroundServer
+from djinn.server.launch import BackgroundServer
 from djinn.kernel.strategies import Residency
 from eval.reliability.run import kv_budget_gb
 from tests.serving import serving_config
@@ -188,10 +188,10 @@ def test_memory_pressure(scheduler):
 def _local_turns(server: BackgroundServer, turns: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Greedy tokens of consecutive turns of one never-evicted session on ``server``'s device, each
     turn fed the last token."""
-    from djinn.kernel.models import load_model
-    from djinn.kernel.runner import ModelRunner, greedy_generate
+    from djinn.engine.models import load_model
+    from djinn.engine.runner import ModelRunner, greedy_generate
 
-    runner = ModelRunner(load_model("random:tiny-llama", device=server.kernel.device.type))
+    runner = ModelRunner(load_model("random:tiny-llama", device=server.model.device.type))
     kv, out, last = runner.new_kv(), [], []
     for turn in turns:
         out.append(greedy_generate(runner, kv, runner.ids_tensor(last + turn), new_tokens))
@@ -307,18 +307,18 @@ def test_breakpoint_hooks_announce_hits_and_resumes():
 def test_a_kv_pool_capped_below_the_budget_shrinks_the_budget_to_what_it_holds(monkeypatch):
     """The pool is sized once from the budget (on CUDA); where 32-bit offsets cap it lower, KV
     admission, which counts bytes, must not admit more than the pool holds."""
-    from djinn.kernel import kvpool
-    from djinn.kernel.runtime import Kernel
+    from djinn.engine import kvpool
+    from djinn.server.launch import build_runtime
 
     monkeypatch.setattr(kvpool, "MAX_LAYER_VIEW_ELEMENTS", 10 * 64 * 32)  # tiny-llama: 10 blocks
     config = serving_config(budget_gb=2.0)  # 0.5 GiB after the 1.5 GiB workspace: far more than 10 blocks
-    kernel = Kernel(config, get_plugin_manager(config))
-    kernel.start()
+    runtime = build_runtime(config, get_plugin_manager(config))
     try:
-        if not kernel.use_cuda:  # on CUDA, start has sized it
-            kernel._size_kv_pool()
-        pool = kernel.runner.pool
+        model = runtime.model
+        if not model.use_cuda:  # on CUDA, start has sized it
+            model._size_kv_pool()
+        pool = model.runner.pool
         assert pool.num_blocks == pool.max_blocks == 10 and pool.fixed
-        assert kernel.memory.free_bytes() // pool.block_bytes == 10 - 1  # every block but the scratch one
+        assert runtime.kernel.memory.free_bytes() // pool.block_bytes == 10 - 1  # every block but the scratch one
     finally:
-        kernel.stop()
+        runtime.kernel.stop()

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from djinn.kernel.errors import ModelError
-from djinn.kernel.models import (
+from djinn.engine.models import (
     SHAPES,
     kv_bytes_per_token,
     kv_geometry,

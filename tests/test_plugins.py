@@ -36,7 +36,7 @@ def strategy_plugin(slot, name, settings=None):
     class Plugin:
         @hookimpl
         def djinn_register_strategies(self, registry):
-            registry.add(slot, name, lambda s: (name, s), settings=settings)
+            registry.add(slot, name, lambda s=None: (name, s), settings=settings)
 
     return Plugin()
 
@@ -104,7 +104,7 @@ def test_unselected_plugins_are_unregistered_from_the_hook_relay():
     class Watcher:
         @hookimpl
         def djinn_register_strategies(self, registry):
-            registry.add("scheduler", "watcher", lambda s: None)
+            registry.add("scheduler", "watcher", lambda: None)
 
         @hookimpl
         def djinn_shutdown(self, kernel):
@@ -168,7 +168,7 @@ def test_registration_error_disables_the_plugin_only():
     class Bad:
         @hookimpl
         def djinn_register_strategies(self, registry):
-            registry.add("nosuchslot", "bad", lambda s: None)
+            registry.add("nosuchslot", "bad", lambda: None)
 
     plugins = make(entry_points=[FakeEntryPoint("bad", Bad)])
     assert "unknown slot 'nosuchslot'" in plugins.catalog["bad"].error

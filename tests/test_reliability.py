@@ -17,14 +17,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from djinn.client import connect
-from djinn.kernel import server as server_module
+from djinn.server import loop as server_module
 from djinn.kernel.errors import AdmissionError, AuthError, ConfigError, FrameError, PluginError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.server import BackgroundServer, is_loopback
-from djinn.kernel.runtime import SamplingParams
+from djinn.server.launch import BackgroundServer
+from djinn.server.loop import is_loopback
+from djinn.engine.service import SamplingParams
 from djinn.kernel.strategies import Phase, Residency
-from djinn.kernel.wire import Frame, Op, decode_frame, raise_for_error
+from djinn.server.wire import Frame, Op, decode_frame, raise_for_error
 from eval.reliability.run import (
     _CONNECTION_KINDS,
     _FRAME_KINDS,
@@ -101,7 +102,7 @@ def fuzz_connection(server):
 @given(kind=st.sampled_from(_FRAME_KINDS), rng=st.randoms(use_true_random=False))
 def test_hypothesis_frames_over_tcp_are_refused(server, fuzz_connection, kind, rng):
     client, owned = fuzz_connection()
-    runner = server.kernel.runner
+    runner = server.model.runner
     data = _frame_level(kind, rng, owned, runner.vocab_size, runner.num_layers)
     # a mutation can land on a valid request (say, an OPEN_SESSION): only frames that must be refused count
     assume(kind == "bad-request" or must_refuse(data, owned))
@@ -185,12 +186,12 @@ def test_a_disconnect_storm_leaks_nothing(server):
     assert report["evictions"] > 0
 
 
-async def _cancel_mid_pool_work(kernel, while_: str) -> None:
+async def _cancel_mid_pool_work(kernel, model, while_: str) -> None:
     """A generate cancelled while the model thread frees its session's blocks (an eviction it
     waits for) or allocates new ones (its KV growing), then the session closed."""
     session = kernel.open_session()
-    await kernel.generate(session, PROMPT, SamplingParams(max_new_tokens=2))
-    pool = kernel.runner.pool
+    await model.generate(session, PROMPT, SamplingParams(max_new_tokens=2))
+    pool = model.runner.pool
     name = "free" if while_ == "evicting" else "allocate"
     real = getattr(pool, name)
 
@@ -204,7 +205,7 @@ async def _cancel_mid_pool_work(kernel, while_: str) -> None:
             await kernel.signal_phase(session, Phase.IO_WAIT, None)
             await asyncio.sleep(0.05)
         ids = [7] if while_ == "evicting" else list(range(1, 101))  # 100 tokens need a second block
-        request = asyncio.create_task(kernel.generate(session, ids, SamplingParams(max_new_tokens=2)))
+        request = asyncio.create_task(model.generate(session, ids, SamplingParams(max_new_tokens=2)))
         await asyncio.sleep(0.1)
         request.cancel()
         await asyncio.gather(request, return_exceptions=True)
@@ -216,7 +217,7 @@ async def _cancel_mid_pool_work(kernel, while_: str) -> None:
 @pytest.mark.parametrize("while_", ["evicting", "growing"])
 def test_a_request_cancelled_during_pool_work_leaks_nothing(server, while_):
     baseline = idle_books(server)
-    asyncio.run_coroutine_threadsafe(_cancel_mid_pool_work(server.kernel, while_), server._loop).result(30)
+    asyncio.run_coroutine_threadsafe(_cancel_mid_pool_work(server.kernel, server.model, while_), server._loop).result(30)
     assert leaks(server, baseline, timeout=5) == NO_LEAKS
 
 
@@ -389,7 +390,7 @@ def test_a_wrong_or_missing_token_is_refused_before_any_model_work(monkeypatch):
     srv = BackgroundServer(config, get_plugin_manager(config, ["tcp"]),
                            token="s3cret").start()
     try:
-        before = srv.call(lambda: (dict(srv.kernel.counters), srv.kernel.engine.steps))
+        before = srv.call(lambda: (dict(srv.kernel.counters), srv.model.engine.steps))
         for hello in (Frame(Op.HELLO, meta={"token": "wrong"}), Frame(Op.HELLO), Frame(Op.HELLO, meta={"token": 123}),
                       Frame(Op.HELLO, meta={"token": "s3cret "}), Frame(Op.OPEN_SESSION, meta={"token": "s3cret"})):
             client = RawClient(srv.url("tcp"), hello=False)
@@ -402,7 +403,7 @@ def test_a_wrong_or_missing_token_is_refused_before_any_model_work(monkeypatch):
             assert reply.op is Op.ERROR and reply.meta["code"] == "auth", reply
             assert client.recv() is None  # then the connection is closed
             client.close()
-        assert srv.call(lambda: (dict(srv.kernel.counters), srv.kernel.engine.steps)) == before
+        assert srv.call(lambda: (dict(srv.kernel.counters), srv.model.engine.steps)) == before
         assert books(srv)["sessions"] == 0
         assert (b"s3cret", b"s3cret") not in compared and (b"wrong", b"s3cret") in compared
         with connect(srv.url("tcp"), token="s3cret") as client, client.model().session() as session:

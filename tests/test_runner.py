@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, BertConfig, Qwen2Config
 
 from djinn.kernel.errors import BreakpointError, ModelError
-from djinn.kernel.models import LoadedModel, kv_bytes_per_token, load_model
-from djinn.kernel.runner import ModelRunner, greedy_generate, sample_generate
+from djinn.engine.models import LoadedModel, kv_bytes_per_token, load_model
+from djinn.engine.runner import ModelRunner, greedy_generate, sample_generate
 from djinn.kernel.strategies import Streamer
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
@@ -342,7 +342,7 @@ def test_unsupported_families_are_refused(tmp_path) -> None:
 
 
 def test_the_pool_grows_only_up_to_what_32_bit_offsets_index(models, monkeypatch) -> None:
-    from djinn.kernel import kvpool
+    from djinn.engine import kvpool
     from djinn.kernel.errors import AdmissionError
 
     # tiny-llama: 2 KV heads x head dim 16 = 32 elements per token; 15 blocks of 64 tokens fit

@@ -125,10 +125,10 @@ def test_streamed_through_a_small_ring_matches_resident_bitwise(ring_layers, pre
         assert [p.layer for p in streamer.placements] == [0, 1, 2, 3]
         streamed += sum(p.nbytes for p in streamer.placements if p.copied)
     stats = streamer.stats()
-    assert stats["passes"] == 3
-    assert stats["bytes_streamed"] == streamed > 0
-    assert stats["bytes_streamed"] + stats["bytes_reused"] == 3 * 4 * LAYER_BYTES
-    assert stats["copy_seconds"] > 0 and stats["stall_seconds"] == stats["copy_seconds"]
+    assert stats.passes == 3
+    assert stats.bytes_streamed == streamed > 0
+    assert stats.bytes_streamed + stats.bytes_reused == 3 * 4 * LAYER_BYTES
+    assert stats.copy_seconds > 0 and stats.stall_seconds == stats.copy_seconds
 
 
 def test_reuse_skips_only_layers_still_in_their_place():
@@ -142,7 +142,7 @@ def test_reuse_skips_only_layers_still_in_their_place():
         copied_per_pass.append([p.copied for p in streamer.placements])
     assert copied_per_pass[0] == [True] * 4
     assert copied_per_pass[1] == copied_per_pass[2] == [True, False, False, True]
-    assert streamer.stats()["bytes_reused"] == 4 * LAYER_BYTES
+    assert streamer.stats().bytes_reused == 4 * LAYER_BYTES
 
 
 def test_parameters_live_in_the_arena_and_visit_the_ring_only_during_their_layer():
@@ -270,7 +270,7 @@ def test_the_ring_comes_from_the_budget_unless_set():
     assert whole.device_bytes() == 4 * LAYER_BYTES
     for hidden in inputs(2):
         full_pass(whole, mine, hidden)
-    assert whole.stats()["bytes_streamed"] == 4 * LAYER_BYTES  # later passes reuse everything
+    assert whole.stats().bytes_streamed == 4 * LAYER_BYTES  # later passes reuse everything
 
     mine, _ = pair_of_stacks()
     with pytest.raises(ModelError, match="budget"):
@@ -288,7 +288,7 @@ def test_resident_moves_layers_and_reports_their_bytes():
     stack, _ = pair_of_stacks()
     streamer = ResidentStreamer()
     streamer.prepare(stack.layers, CPU, 4 * LAYER_BYTES)
-    assert streamer.device_bytes() == 4 * LAYER_BYTES == streamer.stats()["device_bytes"]
+    assert streamer.device_bytes() == 4 * LAYER_BYTES == streamer.stats().device_bytes
     full_pass(streamer, stack, inputs(1)[0])
 
 

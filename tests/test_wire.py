@@ -1,4 +1,4 @@
-"""The frame codec (djinn.kernel.wire) and the arrow serializer: round trips, zero copy, and
+"""The frame codec (djinn.server.wire) and the arrow serializer: round trips, zero copy, and
 hostile bytes, which must only ever produce FrameError."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from djinn.kernel import errors, wire
+from djinn.kernel import errors
+from djinn.server import wire
 from djinn.kernel.errors import DjinnError, FrameError, FrameTooLarge
 from djinn.kernel.plugins import StrategyRegistry
-from djinn.kernel.wire import (
+from djinn.server.wire import (
     HEADER_SIZE,
     Frame,
     Op,

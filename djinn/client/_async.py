@@ -14,7 +14,7 @@ import torch
 from djinn.kernel.config import DjinnConfig, PluginSelection
 from djinn.kernel.errors import BreakpointError, ConnectionClosed, DjinnError, PluginError
 from djinn.kernel.plugins import DjinnPlugins
-from djinn.kernel.wire import Frame, Op, WireLimits, decode_frame, encode_frame, raise_for_error
+from djinn.server.wire import Frame, Op, WireLimits, decode_frame, encode_frame, raise_for_error
 
 Inputs = str | Sequence[int] | torch.Tensor
 

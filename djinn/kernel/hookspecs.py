@@ -19,7 +19,7 @@ import pluggy
 if TYPE_CHECKING:
     from djinn.kernel.config import DjinnConfig
     from djinn.kernel.plugins import StrategyRegistry
-    from djinn.kernel.runtime import Kernel
+    from djinn.kernel.kernel import Kernel
     from djinn.kernel.strategies import Phase, SessionInfo
 
 PROJECT = "djinn"
@@ -35,7 +35,7 @@ def djinn_register_strategies(registry: StrategyRegistry) -> None:
     """Register the strategies this plugin offers: ``registry.add(slot, name, factory, settings=...)``.
 
     Called once per plugin manager, at discovery, for every installed plugin (selected or not),
-    so ``djinn plugins`` can list slots. ``factory(settings)`` builds the strategy later, only if
+    so ``djinn plugins`` can list slots. ``factory(settings)`` (``factory()`` without settings) builds the strategy later, only if
     it is selected; ``settings`` is an attrs class whose fields are the plugin's keys in
     ``plugins.toml`` (``[settings.NAME]``). A plugin that registers nothing is an extension.
     """
@@ -62,7 +62,8 @@ def djinn_startup(kernel: Kernel) -> None:
 
 @hookspec
 def djinn_shutdown(kernel: Kernel) -> None:
-    """The kernel is stopping; release what ``djinn_startup`` took. Called once, in reverse order."""
+    """The kernel is stopping; release what ``djinn_startup`` took. Called once, before sessions
+    are freed and tiers released; like every hook, last-registered plugin first."""
 
 
 # =========================================================================== sessions and phases
@@ -160,8 +161,10 @@ def djinn_request_failed(op: str, session_id: int | None, error: BaseException) 
 
 @hookspec
 def djinn_metrics(kernel: Kernel) -> dict[str, Any] | None:
-    """Contribute figures to ``/metrics/vmu`` (merged under the plugin's name) when it is read.
+    """Contribute figures to ``/metrics/vmu`` when it is read: a dict, conventionally
+    ``{plugin_name: {...}}``, merged with the other plugins' into its ``plugins`` table.
 
-    Called per metrics read. Plugins that want Prometheus series register collectors with
-    ``prometheus_client`` on ``kernel.metrics_registry`` in ``djinn_startup`` instead.
+    Called per metrics read, on the event-loop thread. Plugins that want Prometheus series
+    register collectors with ``prometheus_client`` on ``kernel.metrics_registry`` (served at
+    ``/metrics``) in ``djinn_startup`` instead.
     """

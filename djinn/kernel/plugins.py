@@ -98,7 +98,8 @@ class StrategyRegistry:
         *,
         settings: type | None = None,
     ) -> None:
-        """Offer a strategy for ``slot`` under ``name``; ``factory(settings_instance)`` builds it."""
+        """Offer a strategy for ``slot`` under ``name``: ``factory(settings_instance)`` builds it,
+        or ``factory()`` for a strategy without ``settings``."""
         if slot not in SLOTS or slot == "extension":
             allowed = ", ".join(s for s in SLOTS if s != "extension")
             raise PluginError(f"plugin {self._owner!r} registers unknown slot {slot!r}; slots: {allowed}")
@@ -329,7 +330,7 @@ class DjinnPlugins:
         if settings is None and spec.settings_cls is not None:
             settings = build_settings(spec.settings_cls, {}, source=self.config.source, where=f"settings.{name}")
         try:
-            return spec.factory(settings) if spec.settings_cls is not None else spec.factory(None)
+            return spec.factory(settings) if spec.settings_cls is not None else spec.factory()
         except Exception as exc:
             info = self.catalog[spec.plugin]
             raise PluginError(f"plugin {info.describe()} failed to build {name!r}: {type(exc).__name__}: {exc}") from exc

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -63,9 +63,9 @@ class Residency(enum.Enum):
     RESTORING = "RESTORING"
 
 
-@attrs.define
+@attrs.frozen
 class SessionInfo:
-    """What a scheduler sees of a session. The kernel owns it; schedulers only read it."""
+    """A session as schedulers and hooks see it: a frozen snapshot, replaced whenever it changes."""
 
     id: int
     created_at: float
@@ -80,45 +80,90 @@ class SessionInfo:
 
 
 @attrs.frozen
+class MemoryView:
+    """Memory pressure when a scheduler is asked: device bytes and each tier's free bytes."""
+
+    device_budget_bytes: int
+    device_free_bytes: int
+    tier_free_bytes: Mapping[str, int]
+    #: requests waiting in the admission queue for device memory
+    queued_requests: int
+
+
+@attrs.frozen
+class SchedulerView:
+    """Everything a scheduler may look at, frozen at the moment it is asked."""
+
+    now: float  # time.monotonic()
+    sessions: tuple[SessionInfo, ...]
+    memory: MemoryView
+
+
+class ActionKind(enum.Enum):
+    """What a scheduler may ask the kernel to do with one session's KV."""
+
+    EVICT = "evict"
+    RESTORE = "restore"
+
+
+@attrs.frozen
 class Action:
-    """A scheduler's decision: move one session's KV, now or at a given time."""
+    """A scheduler's decision: move one session's KV, now (``at`` None) or at monotonic time ``at``."""
 
-    kind: str  # "evict" | "restore"
+    kind: ActionKind = attrs.field(validator=attrs.validators.instance_of(ActionKind))
     session_id: int
-    at: float | None = None  # monotonic time; None means now
+    at: float | None = None
 
-    def __attrs_post_init__(self) -> None:
-        if self.kind not in ("evict", "restore"):
-            raise ValueError(f"Action.kind must be 'evict' or 'restore', not {self.kind!r}")
+
+def take_until(ordered: Iterable[SessionInfo], need_bytes: int) -> list[SessionInfo]:
+    """Sessions from ``ordered`` until their KV adds up to ``need_bytes``; [] if it never does.
+
+    The usual body of ``Scheduler.select_victims``: sort the candidates by preference, take these.
+    """
+    chosen: list[SessionInfo] = []
+    freed = 0
+    for session in ordered:
+        if freed >= need_bytes:
+            break
+        chosen.append(session)
+        freed += session.kv_bytes
+    return chosen if freed >= need_bytes else []
 
 
 class Scheduler(ABC):
-    """Policy over session residency. Called on the server's event-loop thread, never blocks."""
+    """Policy over session residency and the order of waiting prompts. Only ``select_victims``
+    is required; the other methods default to doing nothing (reactive paging, arrival order).
+
+    Called on the server's event-loop thread (``order_prefill``: on the model thread); a
+    scheduler never blocks and never mutates what it is given: it answers with ``Action`` lists.
+    """
 
     #: True: a victim's KV is dropped, not moved to a tier, and the kernel prefills the session's
     #: tokens again when it is next needed (recomputation instead of a copy)
     drops_kv: bool = False
 
-    @abstractmethod
-    def on_phase(self, session: SessionInfo, now: float) -> Sequence[Action]:
+    def on_phase(self, session: SessionInfo, view: SchedulerView) -> Sequence[Action]:
         """A session changed phase (``session.phase`` is the new one). Once per signal."""
+        return ()
 
-    @abstractmethod
-    def on_tick(self, sessions: Sequence[SessionInfo], now: float) -> Sequence[Action]:
-        """Periodic look at all sessions (every ``tick_s``): timed prefetch, idle fallback."""
+    def on_tick(self, view: SchedulerView) -> Sequence[Action]:
+        """A periodic look at all sessions (every ``[server] tick_s``): timed prefetch, idle fallback."""
+        return ()
 
     @abstractmethod
     def select_victims(
-        self, candidates: Sequence[SessionInfo], need_bytes: int, now: float
+        self, candidates: Sequence[SessionInfo], need_bytes: int, view: SchedulerView
     ) -> Sequence[SessionInfo]:
-        """Pick resident, not-busy sessions to evict so that ``need_bytes`` become free.
+        """Pick among ``candidates`` (resident, idle) sessions to evict so ``need_bytes`` become free.
 
         Called when an allocation does not fit. Returning fewer bytes than needed (or nothing)
         means "do not evict for this": the request waits in the admission queue or fails.
         """
 
-    def order(self, waiting: Sequence[SessionInfo]) -> Sequence[SessionInfo]:
-        """Order the sessions with requests waiting for the next executor step (default FIFO)."""
+    def order_prefill(self, waiting: Sequence[SessionInfo], now: float) -> Sequence[SessionInfo]:
+        """Order the sessions whose prompts wait to be prefilled; the engine fills its step's
+        prefill budget in this order. Called on the model thread, once per engine step in which
+        the waiting prompts exceed that budget. Default: arrival order, as given."""
         return waiting
 
 
@@ -174,6 +219,29 @@ class Tier(ABC):
 # --------------------------------------------------------------------------- weight streaming
 
 
+@attrs.frozen
+class StreamerStats:
+    """A streamer's figures for metrics. A resident streamer fills only ``device_bytes``."""
+
+    device_bytes: int = 0
+    #: the device ring weights stream through (0: nothing streams)
+    ring_bytes: int = 0
+    #: the host arena they stream from
+    arena_bytes: int = 0
+    layers: int = 0
+    passes: int = 0
+    bytes_streamed: int = 0
+    #: bytes a pass found in the ring already and did not copy again
+    bytes_reused: int = 0
+    #: time inside passes, copying, and compute waiting for copies
+    seconds: float = 0.0
+    copy_seconds: float = 0.0
+    stall_seconds: float = 0.0
+    #: bytes streamed per second of pass, and per second of copying
+    effective_gbps: float = 0.0
+    copy_gbps: float = 0.0
+
+
 class Streamer(ABC):
     """Brings each decoder layer's weights onto the compute device before the layer runs.
 
@@ -215,9 +283,9 @@ class Streamer(ABC):
         """Device memory this streamer holds for weights (resident copies or its ring)."""
         return 0
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StreamerStats:
         """Figures for metrics (bytes streamed, stalls, ...)."""
-        return {}
+        return StreamerStats(device_bytes=self.device_bytes())
 
 
 # --------------------------------------------------------------------------- wire
@@ -269,6 +337,13 @@ class Transport(ABC):
     """Moves frames for one URL scheme (``tcp``, ``inproc``, ``ucx``, ...)."""
 
     scheme: ClassVar[str]
+    #: whether a listener may be reached from other machines: the server then refuses to bind an
+    #: address that is not loopback without a token (an in-process transport never is)
+    reachable_remotely: ClassVar[bool] = True
+
+    def default_url(self, host: str, port: int) -> str:
+        """The URL the server listens on when it is given only ``[server] host`` and ``port``."""
+        return f"{self.scheme}://{host}:{port}"
 
     @abstractmethod
     async def listen(

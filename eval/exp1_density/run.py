@@ -42,7 +42,7 @@ from djinn.kernel.config import DjinnConfig, MemorySettings, ModelSettings, Plug
 from djinn.kernel.errors import ConfigError, DjinnError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.server import BackgroundServer
+from djinn.server.launch import BackgroundServer
 from eval.bench_transport import hardware
 from eval.report import library_versions
 
@@ -311,7 +311,7 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
                  ) -> tuple[list[IterationSample], list[dict[str, float]]]:
     workload = experiment.workload
     url = server.url("tcp")
-    vocab = server.kernel.runner.vocab_size
+    vocab = server.model.runner.vocab_size
     rng = random.Random(workload.seed)
     delays, at = [], 0.0
     for _ in range(agents):
@@ -358,7 +358,7 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
     cumulative; the point keeps what changed while its agents ran. ``trace``
     also records every engine step, KV move and server event-loop stall (``Trace``).
     """
-    asyncio.run(_warm_up(server.url("tcp"), experiment.workload, server.kernel.runner.vocab_size))
+    asyncio.run(_warm_up(server.url("tcp"), experiment.workload, server.model.runner.vocab_size))
     before = _counters(server.call(server.kernel.vmu))
     started = time.perf_counter()
     recorder = Trace(server) if trace else None
@@ -398,7 +398,7 @@ class Trace:
     def start(self, origin: float) -> None:
         """Begin recording; ``origin`` is the point's time zero."""
         self.origin = origin
-        self.server.call(lambda: setattr(self.server.kernel.engine, "step_log", []))
+        self.server.call(lambda: setattr(self.server.model.engine, "step_log", []))
         self.server.plugins.pm.register(self, name="exp1-trace")
         self._probe = self.server.spawn(self._watch_loop())
 
@@ -427,7 +427,7 @@ class Trace:
             return None
         self._probe.cancel()
         self.server.plugins.pm.unregister(self)
-        engine = self.server.kernel.engine
+        engine = self.server.model.engine
 
         def take() -> list[Any]:
             log, engine.step_log = engine.step_log or [], None

@@ -37,14 +37,14 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from djinn.kernel.models import (
+from djinn.engine.models import (
     LoadedModel,
     _rebuild_buffers,
     model_config,
     resolve_dtype,
     weight_bytes,
 )
-from djinn.kernel.runner import ModelRunner
+from djinn.engine.runner import ModelRunner
 from djinn.plugins.streamers.ringbuffer import RingbufferSettings, RingbufferStreamer
 from eval.bench_transport import hardware
 from eval.report import library_versions
@@ -291,12 +291,12 @@ def measure_ringbuffer(
             "chunk_mb": chunk_mb,
             "prepare_seconds": prepare_s,
             "layer_bytes": sum(streamer.layer_nbytes),
-            "bytes_per_pass": stats["bytes_streamed"] / max(stats["passes"], 1),
+            "bytes_per_pass": stats.bytes_streamed / max(stats.passes, 1),
             "decode_step_seconds": decode_s,
             "ttft_seconds": ttft_s,
             "device_peak_bytes": _peak_device_bytes(device),
             "device_weight_bytes": runner.device_weight_bytes(),
-            "streamer_stats": stats,
+            "streamer_stats": attrs.asdict(stats),
         }
     finally:
         _send_home(homes)

@@ -36,9 +36,9 @@ from djinn.client import Client, connect
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.errors import DjinnError
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.runner import greedy_generate
-from djinn.kernel.server import BackgroundServer
-from djinn.kernel.wire import Op
+from djinn.engine.runner import greedy_generate
+from djinn.server.launch import BackgroundServer
+from djinn.server.wire import Op
 from eval.bench_transport import hardware
 from eval.exp1_density.run import percentile
 from eval.report import library_versions
@@ -201,7 +201,7 @@ def isolation(server: BackgroundServer, cfg: Exp3Config, prompt: list[int]) -> d
 
 def hot_path_overhead(server: BackgroundServer, client: Client, cfg: Exp3Config, prompts: list[list[int]]) -> dict[str, Any]:
     """(d) the runner alone (in process, same model object) against a generate over the server."""
-    runner = server.kernel.runner
+    runner = server.model.runner
     local, served_wall, served_compute = [], [], []
     for prompt in prompts:
         # the server is idle here, so the runner's model is free to use from this thread

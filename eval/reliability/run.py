@@ -50,8 +50,8 @@ from djinn.client import connect
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.errors import AdmissionError, ConnectionClosed, DjinnError, FrameError
 from djinn.kernel.plugins import get_plugin_manager
-from djinn.kernel.server import BackgroundServer
-from djinn.kernel.wire import HEADER_SIZE, MAGIC, Frame, Op, WireLimits, decode_frame, encode_frame, raise_for_error
+from djinn.server.launch import BackgroundServer
+from djinn.server.wire import HEADER_SIZE, MAGIC, Frame, Op, WireLimits, decode_frame, encode_frame, raise_for_error
 from djinn.plugins.serializers.arrow import ArrowSerializer, ArrowSettings
 from djinn.plugins.transports._framing import LENGTH_PREFIX, split_url
 from eval.report import result_header
@@ -90,8 +90,8 @@ def start_server(config: DjinnConfig, names: list[str], **extra_plugins: Any) ->
 
 def kv_sizes(model: str, tokens: int) -> tuple[int, int]:
     """``(weight bytes, KV bytes of one session of tokens)`` for ``model`` as a server holds them."""
-    from djinn.kernel.models import load_model
-    from djinn.kernel.runner import ModelRunner
+    from djinn.engine.models import load_model
+    from djinn.engine.runner import ModelRunner
 
     runner = ModelRunner(load_model(model))
     return runner.device_weight_bytes(), runner.kv_bytes(tokens)
@@ -116,7 +116,7 @@ def books(server: BackgroundServer) -> dict[str, int]:
             "tier_bytes": sum(snapshot["tiers"].values()),
             "tier_used_bytes": sum(t.used_bytes for t in tiers),
             "tier_allocations": sum(t.allocations for t in tiers),
-            "pool_used_blocks": kernel.runner.pool.used_blocks,
+            "pool_used_blocks": server.model.runner.pool.used_blocks,
             "sessions": len(kernel.sessions),
             "admission_waiting": kernel._waiting,
         }
@@ -502,7 +502,7 @@ def fuzz_server(server: BackgroundServer, frames: int, *, seed: int = 0, progres
     """
     rng = random.Random(seed)
     url = server.url("tcp")
-    vocab, layers = server.kernel.runner.vocab_size, server.kernel.runner.num_layers
+    vocab, layers = server.model.runner.vocab_size, server.model.runner.num_layers
     # what the server's transport accepts as one frame (see ``Server.max_frame_bytes``)
     limit = (server.kernel.config.server.max_frame_mb << 20) + WireLimits().max_meta_bytes + 4096
     baseline = idle_books(server)

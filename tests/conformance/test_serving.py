@@ -13,10 +13,10 @@ import pytest
 
 from djinn.client import connect
 from djinn.kernel.errors import DjinnError, SessionError
-from djinn.kernel.models import load_model
-from djinn.kernel.runner import ModelRunner, greedy_generate
+from djinn.engine.models import load_model
+from djinn.engine.runner import ModelRunner, greedy_generate
 from djinn.kernel.strategies import Residency
-from djinn.kernel.wire import HEADER_SIZE, Frame, Op, encode_frame
+from djinn.server.wire import HEADER_SIZE, Frame, Op, encode_frame
 from tests.serving import TRANSPORT, start_server, serving_config
 
 PROMPTS = [[5, 17, 300, 42, 9], [101, 7, 7, 250, 3, 88, 19, 64]]
@@ -43,14 +43,14 @@ def test_greedy_generate_matches_local_generation(server):
     with connect(server.url(TRANSPORT)) as client:
         session = client.model().session()
         for prompt in PROMPTS:
-            assert session.generate(prompt, max_new_tokens=12).tokens == local_tokens(spec, prompt, 12, server.kernel.device.type)
+            assert session.generate(prompt, max_new_tokens=12).tokens == local_tokens(spec, prompt, 12, server.model.device.type)
             session.close()
             session = client.model().session()
 
 
 def test_context_stays_on_the_server_between_requests(server):
     spec = server.config.model.name
-    runner = ModelRunner(load_model(spec, device=server.kernel.device.type))
+    runner = ModelRunner(load_model(spec, device=server.model.device.type))
     kv = runner.new_kv()
     first = greedy_generate(runner, kv, runner.ids_tensor(PROMPTS[0]), 4)
     second = greedy_generate(runner, kv, runner.ids_tensor([first[-1], 11, 12]), 4)
@@ -61,7 +61,7 @@ def test_context_stays_on_the_server_between_requests(server):
 
 def test_evict_and_restore_keep_outputs_identical(server):
     spec = server.config.model.name
-    runner = ModelRunner(load_model(spec, device=server.kernel.device.type))
+    runner = ModelRunner(load_model(spec, device=server.model.device.type))
     kv = runner.new_kv()
     expected = [greedy_generate(runner, kv, runner.ids_tensor(PROMPTS[1]), 3)]
     for _ in range(3):
@@ -158,7 +158,7 @@ def test_generate_on_a_model_saved_to_a_directory(tmp_path):
     loaded = load_model("random:tiny-llama", seed=3)
     loaded.model.save_pretrained(tmp_path / "model")
     srv = start_server(serving_config(str(tmp_path / "model")))
-    expected = local_tokens(str(tmp_path / "model"), PROMPTS[0], 8, srv.kernel.device.type)
+    expected = local_tokens(str(tmp_path / "model"), PROMPTS[0], 8, srv.model.device.type)
     try:
         with connect(srv.url(TRANSPORT)) as client, client.model().session() as session:
             assert session.generate(PROMPTS[0], max_new_tokens=8).tokens == expected
@@ -169,9 +169,9 @@ def test_generate_on_a_model_saved_to_a_directory(tmp_path):
 def test_concurrent_sessions_share_decode_steps_and_stay_token_exact(server):
     spec = server.config.model.name
     prompts = [[(7 * i + j) % 500 + 1 for j in range(3 + 5 * i)] for i in range(6)]
-    expected = [local_tokens(spec, p, 16, server.kernel.device.type) for p in prompts]
-    steps_before = server.call(lambda: server.kernel.engine.steps)
-    rows_before = server.call(lambda: server.kernel.engine.batch_rows)
+    expected = [local_tokens(spec, p, 16, server.model.device.type) for p in prompts]
+    steps_before = server.call(lambda: server.model.engine.steps)
+    rows_before = server.call(lambda: server.model.engine.batch_rows)
 
     async def run_all(url: str) -> list[list[int]]:
         from djinn.client import connect_async
@@ -183,8 +183,8 @@ def test_concurrent_sessions_share_decode_steps_and_stay_token_exact(server):
             return [r.tokens for r in results]
 
     assert asyncio.run(run_all(server.url(TRANSPORT))) == expected
-    steps = server.call(lambda: server.kernel.engine.steps) - steps_before
-    rows = server.call(lambda: server.kernel.engine.batch_rows) - rows_before
+    steps = server.call(lambda: server.model.engine.steps) - steps_before
+    rows = server.call(lambda: server.model.engine.batch_rows) - rows_before
     assert rows / steps > 1.5  # decode steps were shared, not taken one session at a time
 
 
@@ -194,7 +194,7 @@ def _fails_alone(server, failing_request, match: str, then=None) -> list[int]:
     session must still get its exact tokens. The two session ids."""
     from djinn.client import connect_async
 
-    expected = local_tokens(server.config.model.name, PROMPTS[1], 200, server.kernel.device.type)
+    expected = local_tokens(server.config.model.name, PROMPTS[1], 200, server.model.device.type)
 
     ids = []
 
@@ -237,7 +237,7 @@ def test_a_request_whose_sampling_fails_fails_alone(server):
 
 def test_a_session_running_out_of_positions_fails_alone(server):
     """A context that reaches the model's position limit mid-decode ends that request alone."""
-    limit = server.kernel.runner.max_positions
+    limit = server.model.runner.max_positions
     if limit is None:
         pytest.skip(f"{server.config.model.name} has no position limit")
     _fails_alone(server, lambda s: s.generate([7] * (limit - 4), max_new_tokens=100), "positions")

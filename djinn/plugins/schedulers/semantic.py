@@ -15,8 +15,16 @@ from collections.abc import Sequence
 import attrs
 
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Action, Phase, Residency, Scheduler, SessionInfo
-from djinn.plugins.schedulers._victims import take_until
+from djinn.kernel.strategies import (
+    Action,
+    ActionKind,
+    Phase,
+    Residency,
+    Scheduler,
+    SchedulerView,
+    SessionInfo,
+    take_until,
+)
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute, value: float) -> None:
@@ -40,32 +48,32 @@ class SemanticScheduler(Scheduler):
     def __init__(self, settings: SemanticSettings) -> None:
         self.settings = settings
 
-    def on_phase(self, session: SessionInfo, now: float) -> Sequence[Action]:
+    def on_phase(self, session: SessionInfo, view: SchedulerView) -> Sequence[Action]:
         """IO_WAIT -> evict now (and restore ahead of the hint); COMPUTE -> restore now."""
         if session.phase is Phase.IO_WAIT:
-            actions = [Action("evict", session.id)]
+            actions = [Action(ActionKind.EVICT, session.id)]
             if session.expected_resume_at is not None:
-                at = max(now, session.expected_resume_at - self.settings.prefetch_margin_s)
-                actions.append(Action("restore", session.id, at=at))
+                at = max(view.now, session.expected_resume_at - self.settings.prefetch_margin_s)
+                actions.append(Action(ActionKind.RESTORE, session.id, at=at))
             return actions
         if session.residency in (Residency.EVICTED, Residency.EVICTING):
-            return [Action("restore", session.id)]
+            return [Action(ActionKind.RESTORE, session.id)]
         return []
 
-    def on_tick(self, sessions: Sequence[SessionInfo], now: float) -> Sequence[Action]:
+    def on_tick(self, view: SchedulerView) -> Sequence[Action]:
         """Evict sessions that never signal once they have been idle past the threshold."""
         limit = self.settings.idle_threshold_s
         if limit <= 0:
             return []
         return [
-            Action("evict", s.id)
-            for s in sessions
+            Action(ActionKind.EVICT, s.id)
+            for s in view.sessions
             if s.phase is Phase.COMPUTE and s.residency is Residency.RESIDENT
-            and not s.busy and s.kv_bytes > 0 and now - s.last_used > limit
+            and not s.busy and s.kv_bytes > 0 and view.now - s.last_used > limit
         ]
 
     def select_victims(
-        self, candidates: Sequence[SessionInfo], need_bytes: int, now: float
+        self, candidates: Sequence[SessionInfo], need_bytes: int, view: SchedulerView
     ) -> Sequence[SessionInfo]:
         """Waiting sessions first (latest expected resume first), then least recently used."""
         def key(s: SessionInfo) -> tuple[int, float]:

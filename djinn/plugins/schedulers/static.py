@@ -6,28 +6,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Action, Scheduler, SessionInfo
+from djinn.kernel.strategies import Scheduler, SchedulerView, SessionInfo
 
 
 class StaticScheduler(Scheduler):
     """Keep every session resident; admit only what fits."""
 
-    def __init__(self, settings: None = None) -> None:
-        self.settings = settings
-
-    def on_phase(self, session: SessionInfo, now: float) -> Sequence[Action]:
-        """Signals change nothing."""
-        return []
-
-    def on_tick(self, sessions: Sequence[SessionInfo], now: float) -> Sequence[Action]:
-        """Nothing proactive."""
-        return []
-
     def select_victims(
-        self, candidates: Sequence[SessionInfo], need_bytes: int, now: float
+        self, candidates: Sequence[SessionInfo], need_bytes: int, view: SchedulerView
     ) -> Sequence[SessionInfo]:
         """Never evict."""
-        return []
+        return ()
 
 
 @hookimpl

@@ -7,7 +7,7 @@ costs. A model that does not fit the device budget is refused when it is loaded.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -64,9 +64,6 @@ class ResidentStreamer(Streamer):
         """Bytes of the layers held on the device."""
         return self._device_bytes
 
-    def stats(self) -> dict[str, Any]:
-        """Figures for metrics."""
-        return {"device_bytes": self._device_bytes}
 
 
 @hookimpl

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from djinn.kernel.arena import allocate_host_arena, typed_view
+from djinn.arena import allocate_host_arena, typed_view
 from djinn.kernel.errors import ModelError
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Streamer
+from djinn.kernel.strategies import Streamer, StreamerStats
 
 if TYPE_CHECKING:
     import torch
@@ -503,7 +503,7 @@ class RingbufferStreamer(Streamer):
         """Bytes of the device ring (0 before ``prepare``)."""
         return 0 if self._ring is None else self._ring.numel()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StreamerStats:
         """Bytes streamed and reused, passes, and times of finished work.
 
         ``effective_gbps`` is bytes streamed per second of pass; ``copy_gbps`` per second of
@@ -512,19 +512,20 @@ class RingbufferStreamer(Streamer):
         self._clock.harvest()
         seconds, nbytes = self._clock.seconds, self._clock.nbytes
         stall = seconds["stall"] if self._use_cuda else seconds["copy"]
-        return {
-            "ring_bytes": self.device_bytes(),
-            "arena_bytes": 0 if self._arena is None else self._arena.numel(),
-            "layers": len(self._plans),
-            "passes": self.passes,
-            "bytes_streamed": self.bytes_streamed,
-            "bytes_reused": self.bytes_reused,
-            "seconds": seconds["pass"],
-            "copy_seconds": seconds["copy"],
-            "stall_seconds": stall,
-            "effective_gbps": _gbps(nbytes["pass"], seconds["pass"]),
-            "copy_gbps": _gbps(nbytes["copy"], seconds["copy"]),
-        }
+        return StreamerStats(
+            device_bytes=self.device_bytes(),
+            ring_bytes=self.device_bytes(),
+            arena_bytes=0 if self._arena is None else self._arena.numel(),
+            layers=len(self._plans),
+            passes=self.passes,
+            bytes_streamed=self.bytes_streamed,
+            bytes_reused=self.bytes_reused,
+            seconds=seconds["pass"],
+            copy_seconds=seconds["copy"],
+            stall_seconds=stall,
+            effective_gbps=_gbps(nbytes["pass"], seconds["pass"]),
+            copy_gbps=_gbps(nbytes["copy"], seconds["copy"]),
+        )
 
 
 def _gbps(nbytes: int, seconds: float) -> float:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from djinn.kernel.arena import RangeAllocator, allocate_host_arena
+from djinn.arena import RangeAllocator, allocate_host_arena
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.strategies import Tier, TierBlock, TierStats
 

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import itertools
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -194,10 +195,15 @@ class InprocTransport(Transport):
     """Frames between event loops of this process: ``inproc://name``."""
 
     scheme = SCHEME
+    reachable_remotely = False
 
     def __init__(self, settings: InprocSettings = InprocSettings()) -> None:
         """Nothing to configure; ``settings`` is accepted for the registry's sake."""
         self.settings = settings
+
+    def default_url(self, host: str, port: int) -> str:
+        """A fresh name in this process (host and port mean nothing here)."""
+        return f"{SCHEME}://djinn-{uuid.uuid4().hex[:8]}"
 
     async def listen(
         self, url: str, handler: ConnectionHandler, *, max_frame_bytes: int

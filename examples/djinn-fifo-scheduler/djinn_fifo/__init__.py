@@ -1,17 +1,15 @@
 """A first-in-first-out scheduler for Djinn, shipped as its own distribution.
 
-Requests run in the order their sessions were created; under memory pressure the oldest
-session is evicted first. Phase signals are ignored, except that it counts them (an event hook).
+Waiting prompts are prefilled oldest session first; under memory pressure the oldest sessions
+are evicted first, at most ``max_victims`` for one request. Phase signals are ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import attrs
 
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Action, Scheduler, SessionInfo
+from djinn.kernel.strategies import Scheduler, take_until
 
 
 @attrs.frozen
@@ -23,35 +21,18 @@ class FifoSettings:
 
 
 class FifoScheduler(Scheduler):
-    """Oldest session first, for running and for eviction."""
+    """Oldest session first, for prefilling and for eviction."""
 
     def __init__(self, settings: FifoSettings) -> None:
         self.settings = settings
-        self.signals_seen = 0
 
-    def on_phase(self, session: SessionInfo, now: float) -> Sequence[Action]:
-        """FIFO ignores phases."""
-        self.signals_seen += 1
-        return []
+    def select_victims(self, candidates, need_bytes, view):
+        """The oldest sessions until ``need_bytes`` are free, within ``max_victims``."""
+        oldest = sorted(candidates, key=lambda s: s.created_at)[: self.settings.max_victims]
+        return take_until(oldest, need_bytes)
 
-    def on_tick(self, sessions: Sequence[SessionInfo], now: float) -> Sequence[Action]:
-        """Nothing proactive."""
-        return []
-
-    def select_victims(
-        self, candidates: Sequence[SessionInfo], need_bytes: int, now: float
-    ) -> Sequence[SessionInfo]:
-        """Evict the oldest sessions until ``need_bytes`` are free, within ``max_victims``."""
-        chosen, freed = [], 0
-        for session in sorted(candidates, key=lambda s: s.created_at)[: self.settings.max_victims]:
-            if freed >= need_bytes:
-                break
-            chosen.append(session)
-            freed += session.kv_bytes
-        return chosen if freed >= need_bytes else []
-
-    def order(self, waiting: Sequence[SessionInfo]) -> Sequence[SessionInfo]:
-        """Run the oldest session's request first."""
+    def order_prefill(self, waiting, now):
+        """The oldest session's prompt first."""
         return sorted(waiting, key=lambda s: s.created_at)
 
 

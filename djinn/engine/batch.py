@@ -15,13 +15,14 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
 
 from djinn.kernel.errors import ModelError
-from djinn.kernel.kvpool import SessionKV
-from djinn.kernel.runner import ModelRunner
+from djinn.engine.kvpool import SessionKV
+from djinn.engine.runner import ModelRunner
 
 #: picks a token from float32 logits ``[vocab]``; None: greedy (batched argmax)
 Picker = Callable[[torch.Tensor], int] | None
@@ -36,6 +37,8 @@ class EngineRequest:
     prompt: list[int]
     max_new_tokens: int
     picker: Picker = None
+    #: whose request this is (a kernel ``Session``), for the scheduler's prefill order
+    owner: Any = None
     tokens: list[int] = attrs.Factory(list)
     prefilled: int = 0
     submitted_at: float = attrs.Factory(time.perf_counter)
@@ -69,10 +72,15 @@ class StepRecord:
 class BatchEngine:
     """Schedules prefill chunks and batched decode steps over the submitted requests."""
 
-    def __init__(self, runner: ModelRunner, *, prefill_chunk_tokens: int = 2048, max_batch: int = 256) -> None:
+    def __init__(
+        self, runner: ModelRunner, *, prefill_chunk_tokens: int = 2048, max_batch: int = 256,
+        order: Callable[[list[EngineRequest]], list[EngineRequest]] | None = None,
+    ) -> None:
         if prefill_chunk_tokens <= 0 or max_batch <= 0:
             raise ValueError("prefill_chunk_tokens and max_batch must be > 0")
         self.runner = runner
+        #: orders the waiting prompts when they exceed a step's prefill budget (default: arrival)
+        self.order = order
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_batch = max_batch
         self._incoming: queue.SimpleQueue[EngineRequest] = queue.SimpleQueue()
@@ -138,12 +146,15 @@ class BatchEngine:
         ended.append(request)
 
     def _prefill(self, ended: list[EngineRequest]) -> tuple[int, int, int]:
-        """Prefill the waiting prompts, oldest first, up to ``prefill_chunk_tokens`` tokens in all,
+        """Prefill the waiting prompts, oldest first (or in ``order``'s order), up to ``prefill_chunk_tokens`` tokens in all,
         packed into one forward pass; a prompt longer than what is left goes on next step.
         Returns the pass's chunks, tokens and attended keys."""
         budget = self.prefill_chunk_tokens
         batch: list[tuple[EngineRequest, list[int]]] = []
-        for request in self._prefilling:
+        waiting: Sequence[EngineRequest] = self._prefilling
+        if self.order is not None and len(waiting) > 1 and sum(len(r.prompt) - r.prefilled for r in waiting) > budget:
+            waiting = self.order(list(waiting))
+        for request in waiting:
             if budget <= 0:
                 break
             chunk = request.prompt[request.prefilled : request.prefilled + budget]

@@ -30,8 +30,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 
 from djinn.kernel.errors import BreakpointError, ModelError
-from djinn.kernel.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
-from djinn.kernel.models import LoadedModel, kv_geometry
+from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
+from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.kernel.strategies import Streamer
 
 #: families whose layout the runner knows; anything else is refused at construction

@@ -1,0 +1,548 @@
+"""The kernel: sessions, phases, the residency state machine, admission and memory accounting.
+
+No policy lives here (the scheduler decides; the kernel carries out) and no model code (the
+engine, behind ``KVBackend``, owns the tensors). Everything runs on the server's event-loop
+thread. A session's KV is in one of four states (``Residency``); every move between them goes
+through one method of this class that does the move, its memory accounting, its counters and
+its hook together, so no path can do one without the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import attrs
+
+from djinn.kernel.backend import KVBackend
+from djinn.kernel.config import DjinnConfig
+from djinn.kernel.errors import AdmissionError, SessionError, TierFullError
+from djinn.kernel.memory import MemoryAccounting
+from djinn.kernel.plugins import DjinnPlugins
+from djinn.kernel.strategies import (
+    Action,
+    ActionKind,
+    MemoryView,
+    Phase,
+    Residency,
+    SchedulerView,
+    SessionInfo,
+    TierBlock,
+)
+
+log = logging.getLogger(__name__)
+
+COUNTERS = (
+    "evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds",
+    "evict_failures", "admission_waits", "admission_refusals", "requests", "tokens",
+    "drops", "recomputes", "recompute_seconds",
+)
+
+
+@attrs.define(eq=False)
+class Session:
+    """A session's server-side record. ``info`` is the frozen view schedulers and hooks get."""
+
+    info: SessionInfo
+    kv: Any  # the engine's handle (KVBackend.new_kv)
+    owner: object = None
+    lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    #: the in-flight eviction or restore, awaited by a request that needs the KV
+    moving: asyncio.Task | None = None
+    tier: str | None = None
+    block: TierBlock | None = None
+    closed: bool = False
+    #: the tokens whose KV the session holds, in order (what a recompute prefills again)
+    history: list[int] = attrs.Factory(list)
+    #: False once a breakpoint pass ran: its KV may come from edited activations, which the
+    #: tokens alone cannot reproduce, so it is never dropped
+    recomputable: bool = True
+    #: the KV was dropped (not moved to a tier): restoring it means prefilling ``history`` again
+    dropped: bool = False
+
+    def update(self, **changes: Any) -> None:
+        """Replace ``info`` with a copy carrying ``changes``."""
+        self.info = attrs.evolve(self.info, **changes)
+
+
+class Kernel:
+    """One server's mechanism: strategies, sessions, residency, admission, memory."""
+
+    def __init__(self, config: DjinnConfig, plugins: DjinnPlugins) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.sessions: dict[int, Session] = {}
+        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self.memory = MemoryAccounting(0)
+        self.backend: KVBackend | None = None
+        self.started = False
+        self._ids = itertools.count(1)
+        self._timed: list[tuple[float, int, Action]] = []
+        self._timed_seq = itertools.count()
+        self._memory_freed: asyncio.Condition | None = None
+        self._waiting = 0
+        self._tick_task: asyncio.Task | None = None
+        self._metrics_registry: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def configure(self) -> None:
+        """``djinn_configure``, then build the selected strategies. The engine loads next."""
+        self.plugins.notify("djinn_configure", config=self.config)
+        self.scheduler = self.plugins.build_slot("scheduler")[0]
+        self.streamer = self.plugins.build_slot("streamer")[0]
+        self.serializer = self.plugins.build_slot("serializer")[0]
+        self.tiers = dict(zip(self.plugins.selection.tiers, self.plugins.build_slot("tier")))
+        self.transports = {t.scheme: t for t in self.plugins.build_slot("transport")}
+
+    def start(self, backend: KVBackend) -> None:
+        """Attach the engine, allocate the tiers' arenas; then ``djinn_startup``."""
+        self.backend = backend
+        for tier in self.tiers.values():
+            tier.start(backend.pinned_host)
+        self.started = True
+        self.plugins.notify("djinn_startup", kernel=self)
+
+    @property
+    def metrics_registry(self) -> Any:
+        """The ``prometheus_client.CollectorRegistry`` that ``/metrics`` serves: plugins register
+        their own collectors on it (in ``djinn_startup``)."""
+        if self._metrics_registry is None:
+            from prometheus_client import CollectorRegistry
+
+            self._metrics_registry = CollectorRegistry()
+        return self._metrics_registry
+
+    def stop(self) -> None:
+        """``djinn_shutdown``, then free sessions and release the engine and the tiers."""
+        if not self.started:
+            return
+        self.started = False
+        try:
+            self.plugins.notify("djinn_shutdown", kernel=self)
+        finally:
+            for session in list(self.sessions.values()):  # the pool goes with the engine
+                self._free_session_memory(session, self.backend.held_bytes(session.kv))
+            self.sessions.clear()
+            self.backend.stop()
+            for tier in self.tiers.values():
+                tier.stop()
+
+    async def run_background(self) -> None:
+        """Start the scheduler's tick loop on the running event loop."""
+        self._memory_freed = asyncio.Condition()
+        self._tick_task = asyncio.create_task(self._tick_loop(), name="djinn-scheduler-tick")
+
+    async def stop_background(self) -> None:
+        """Stop the tick loop."""
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            await asyncio.gather(self._tick_task, return_exceptions=True)
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, owner: object = None) -> Session:
+        """Create a session with an empty KV; ``djinn_session_created``."""
+        now = time.monotonic()
+        info = SessionInfo(id=next(self._ids), created_at=now, last_used=now)
+        session = Session(info=info, kv=self.backend.new_kv(), owner=owner)
+        self.sessions[info.id] = session
+        try:
+            self.plugins.notify("djinn_session_created", session=info)
+        except BaseException:
+            del self.sessions[info.id]  # the request fails: nobody would ever close this session
+            raise
+        return session
+
+    def get(self, session_id: int, owner: object = None) -> Session:
+        """The open session with this id (owned by ``owner`` when given)."""
+        session = self.sessions.get(session_id)
+        if session is None or (owner is not None and session.owner is not owner):
+            raise SessionError(f"no open session {session_id}")
+        return session
+
+    async def close_session(self, session: Session, reason: str = "closed") -> None:
+        """Free the session's KV wherever it is; ``djinn_session_closed``."""
+        if session.closed:
+            return
+        session.closed = True
+        await self.backend.cancel(session.kv)  # the engine lets go of the blocks before they are freed
+        if session.moving is not None:
+            await asyncio.wait({session.moving})
+        self.sessions.pop(session.info.id, None)
+        held = self.backend.held_bytes(session.kv)
+        if held:
+            await self.backend.release(session.kv, keep_capacity=False)
+        self._free_session_memory(session, held)
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_closed", session=session.info, reason=reason)
+
+    def _free_session_memory(self, session: Session, device_bytes: int) -> None:
+        """Return the session's accounted bytes: ``device_bytes`` of KV, or its tier block."""
+        if device_bytes:
+            self.memory.release("kv", device_bytes)
+        if session.block is not None:
+            self.tiers[session.tier].free(session.block)
+            self.memory.tier_add(session.tier, -session.block.nbytes)
+            session.block = None
+        session.update(kv_bytes=0)
+
+    @contextlib.asynccontextmanager
+    async def serving(self, session: Session, tokens: int) -> AsyncIterator[float]:
+        """Hold ``session`` for one request whose KV must reach ``tokens`` tokens: its lock, the
+        busy mark, its KV resident and grown (evicting or waiting for memory as admission allows).
+        Yields the seconds spent waiting for a restore."""
+        async with session.lock:
+            if session.closed:
+                raise SessionError(f"session {session.info.id} is closed")
+            session.update(busy=True)
+            self.counters["requests"] += 1
+            try:
+                restore_s = await self.ensure_resident(session)
+                await self._grow_kv(session, tokens)
+                yield restore_s
+            finally:
+                session.update(busy=False, last_used=time.monotonic())
+
+    # ------------------------------------------------------------------ phases and the scheduler
+
+    def view(self, now: float | None = None) -> SchedulerView:
+        """What the scheduler sees at ``now`` (default: now): every open session and the memory pressure."""
+        tiers = {name: tier.stats() for name, tier in self.tiers.items()}
+        return SchedulerView(
+            now=time.monotonic() if now is None else now,
+            sessions=tuple(s.info for s in self.sessions.values() if not s.closed),
+            memory=MemoryView(
+                device_budget_bytes=self.memory.budget_bytes, device_free_bytes=self.memory.free_bytes(),
+                tier_free_bytes={n: t.capacity_bytes - t.used_bytes for n, t in tiers.items()},
+                queued_requests=self._waiting,
+            ),
+        )
+
+    async def signal_phase(self, session: Session, phase: Phase, expected_s: float | None) -> None:
+        """Record a client's phase and hand it to the scheduler; act on its decisions at once."""
+        old = session.info.phase
+        now = time.monotonic()
+        session.update(phase=phase, expected_resume_at=now + expected_s if expected_s is not None else None)
+        for action in self.scheduler.on_phase(session.info, self.view(now)):
+            self._schedule(action, now)
+        self.plugins.notify("djinn_phase_changed", session=session.info, old=old, new=phase)
+
+    def _schedule(self, action: Action, now: float) -> None:
+        if action.at is not None and action.at > now:
+            heapq.heappush(self._timed, (action.at, next(self._timed_seq), action))
+            return
+        session = self.sessions.get(action.session_id)
+        if session is None or session.closed:
+            return
+        if action.kind is ActionKind.EVICT:
+            self._start_move(session, self._free_device(session))
+        else:
+            self._start_move(session, self._restore(session, critical=False))
+
+    def _start_move(self, session: Session, coro: Awaitable[bool]) -> None:
+        if session.moving is not None and not session.moving.done():
+            coro.close()  # one move at a time; the scheduler will ask again if it still wants it
+            return
+        session.moving = asyncio.create_task(coro)
+        session.moving.add_done_callback(_log_failed_move)
+
+    async def _tick_loop(self) -> None:
+        period = self.config.server.tick_s
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            try:
+                while self._timed and self._timed[0][0] <= now:
+                    _at, _seq, action = heapq.heappop(self._timed)
+                    self._schedule(attrs.evolve(action, at=None), now)
+                for action in self.scheduler.on_tick(self.view(now)):
+                    self._schedule(action, now)
+            except Exception:
+                log.exception("scheduler tick failed; continuing")
+
+    # ------------------------------------------------------------------ the residency state machine
+
+    def _movable(self, session: Session) -> bool:
+        info = session.info
+        return (info.residency is Residency.RESIDENT and not info.busy and not session.closed
+                and self.backend.held_bytes(session.kv) > 0)
+
+    def _free_device(self, session: Session) -> Awaitable[bool]:
+        """RESIDENT -> EVICTED the scheduler's way: a copy to a tier, or a drop."""
+        return self._drop(session) if self.scheduler.drops_kv else self._evict(session)
+
+    def _placed(self, nbytes: int) -> tuple[str, TierBlock] | None:
+        for name, tier in self.tiers.items():
+            try:
+                return name, tier.allocate(nbytes)
+            except TierFullError:
+                continue
+        return None
+
+    async def _evict(self, session: Session) -> bool:
+        """RESIDENT -> EVICTING -> EVICTED: copy the KV to a tier. False when it cannot (busy, tiers full)."""
+        if not self._movable(session):
+            return False
+        nbytes = self.backend.held_bytes(session.kv)
+        placed = self._placed(nbytes)
+        if placed is None:
+            self.counters["evict_failures"] += 1
+            log.warning("no tier can hold session %d's %d KV bytes; it stays resident", session.info.id, nbytes)
+            return False
+        tier_name, block = placed
+        session.update(residency=Residency.EVICTING)
+        started = time.perf_counter()
+        try:
+            await self.backend.copy_out(session.kv, self.tiers[tier_name].view(block))
+        except BaseException:
+            self.tiers[tier_name].free(block)
+            session.update(residency=Residency.RESIDENT)
+            raise
+        seconds = time.perf_counter() - started
+        session.tier, session.block = tier_name, block
+        await self.backend.release(session.kv, keep_capacity=True)
+        self.memory.release("kv", nbytes)
+        self.memory.tier_add(tier_name, nbytes)
+        session.update(residency=Residency.EVICTED)  # kv_bytes stays: the session's size, wherever it is
+        self.counters["evictions"] += 1
+        self.counters["evict_seconds"] += seconds
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_evicted", session=session.info, tier=tier_name, nbytes=nbytes, seconds=seconds)
+        return True
+
+    async def _drop(self, session: Session) -> bool:
+        """RESIDENT -> EVICTED without a copy; the session's tokens are prefilled again later."""
+        if not self._movable(session) or not session.recomputable:
+            return False
+        nbytes = self.backend.held_bytes(session.kv)
+        await self.backend.release(session.kv, keep_capacity=False)
+        self.memory.release("kv", nbytes)
+        session.dropped = True
+        session.update(residency=Residency.EVICTED, kv_bytes=0)
+        self.counters["drops"] += 1
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_evicted", session=session.info, tier="dropped", nbytes=nbytes, seconds=0.0)
+        return True
+
+    async def _restore(self, session: Session, critical: bool) -> bool:
+        """EVICTED -> RESTORING -> RESIDENT: make room, then copy the KV back from its tier."""
+        if session.info.residency is not Residency.EVICTED or session.closed:
+            return False
+        if session.dropped:
+            return await self._recompute(session)
+        nbytes = session.block.nbytes
+        session.update(residency=Residency.RESTORING)
+        started = time.perf_counter()
+        try:
+            await self._reserve_kv(nbytes, requester=session)
+        except BaseException:
+            session.update(residency=Residency.EVICTED)
+            raise
+        tier_name, block = session.tier, session.block
+        try:
+            await self.backend.copy_in(session.kv, self.tiers[tier_name].view(block))
+        except BaseException:
+            if self.backend.held_bytes(session.kv):
+                await self.backend.release(session.kv, keep_capacity=True)
+            self.memory.release("kv", nbytes)
+            session.update(residency=Residency.EVICTED)
+            raise
+        seconds = time.perf_counter() - started
+        self.tiers[tier_name].free(block)
+        self.memory.tier_add(tier_name, -nbytes)
+        session.block = session.tier = None
+        session.update(residency=Residency.RESIDENT)
+        self.counters["restores"] += 1
+        self.counters["restore_seconds"] += seconds
+        self.counters["restores_on_critical_path"] += critical
+        self.plugins.notify(
+            "djinn_session_restored", session=session.info, tier=tier_name, nbytes=nbytes, seconds=seconds,
+            on_critical_path=critical,
+        )
+        return True
+
+    async def _recompute(self, session: Session) -> bool:
+        """A dropped session back to RESIDENT by prefilling its tokens again (on the critical path)."""
+        session.update(residency=Residency.RESTORING)
+        started = time.perf_counter()
+        nbytes = self.backend.kv_bytes(len(session.history))
+        try:
+            await self._reserve_kv(nbytes, requester=session)
+        except BaseException:
+            session.update(residency=Residency.EVICTED)
+            raise
+        try:
+            await self.backend.grow(session.kv, len(session.history))
+            await self.backend.recompute(session.kv, list(session.history))
+        except BaseException:
+            await self.backend.release(session.kv, keep_capacity=False)
+            self.memory.release("kv", nbytes)
+            session.update(residency=Residency.EVICTED)
+            raise
+        seconds = time.perf_counter() - started
+        session.dropped = False
+        session.update(residency=Residency.RESIDENT, kv_bytes=self.backend.held_bytes(session.kv))
+        self.counters["recomputes"] += 1
+        self.counters["restores_on_critical_path"] += 1
+        self.counters["recompute_seconds"] += seconds
+        self.plugins.notify(
+            "djinn_session_restored", session=session.info, tier="dropped", nbytes=nbytes, seconds=seconds,
+            on_critical_path=True,
+        )
+        return True
+
+    async def ensure_resident(self, session: Session) -> float:
+        """Wait for the session's own move, restore it if needed; the seconds spent waiting."""
+        started = time.perf_counter()
+        attempt: asyncio.Task | None = None
+        while True:
+            if session.moving is not None and not session.moving.done():
+                # wait, never cancel: a move cut short between its pool and memory steps would leak
+                await asyncio.wait({session.moving})
+                continue
+            residency = session.info.residency
+            if attempt is not None and residency is not Residency.RESIDENT:
+                # this request's own restore failed (no room, say): fail the request, never retry in a loop
+                session.moving = None
+                if attempt.cancelled() or attempt.exception() is None:
+                    raise SessionError(f"session {session.info.id} could not be restored")
+                raise attempt.exception()
+            if residency is Residency.EVICTED:
+                session.moving = attempt = asyncio.create_task(self._restore(session, critical=True))
+                continue
+            if session.moving is not None and session.moving.done() and not session.moving.cancelled():
+                exc = session.moving.exception()
+                own = session.moving is attempt
+                session.moving = None
+                # this request's own restore failing fails it even when the KV arrived (a hook
+                # raised after the copy); another move's error only when the KV is not back
+                if exc is not None and (own or residency is not Residency.RESIDENT):
+                    raise exc
+            if residency is Residency.RESIDENT:
+                return time.perf_counter() - started
+
+    # ------------------------------------------------------------------ admission
+
+    async def _notify_freed(self) -> None:
+        if self._memory_freed is not None:
+            async with self._memory_freed:
+                self._memory_freed.notify_all()
+
+    async def _reserve_kv(self, nbytes: int, requester: Session) -> None:
+        """Reserve device bytes for KV: evict what the scheduler picks, else wait in a bounded queue."""
+        if nbytes <= 0:
+            return
+        if nbytes > self.memory.budget_bytes - self.memory.device_bytes("weights"):
+            self.counters["admission_refusals"] += 1
+            raise AdmissionError(f"a request needs {nbytes} KV bytes, more than the whole KV budget")
+        queued = False
+        try:
+            while not self.memory.try_reserve("kv", nbytes):
+                candidates = [
+                    s.info for s in self.sessions.values()
+                    if s is not requester and self._movable(s) and (s.recomputable or not self.scheduler.drops_kv)
+                ]
+                victims = self.scheduler.select_victims(candidates, nbytes - self.memory.free_bytes(), self.view())
+                if victims and any(await asyncio.gather(*(self._evict_now(v.id) for v in victims))):
+                    continue
+                if not queued:
+                    if self._waiting >= self.config.memory.admission_queue:
+                        self.counters["admission_refusals"] += 1
+                        raise AdmissionError(
+                            f"out of memory for KV ({nbytes} bytes needed, {self.memory.free_bytes()} free) "
+                            f"and the admission queue is full ({self._waiting} waiting)"
+                        )
+                    queued = True
+                    self._waiting += 1
+                    self.counters["admission_waits"] += 1
+                    self.plugins.notify(
+                        "djinn_admission_blocked", need_bytes=nbytes,
+                        free_bytes=self.memory.free_bytes(), queued=self._waiting,
+                    )
+                async with self._memory_freed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._memory_freed.wait(), timeout=self.config.server.tick_s * 4)
+        finally:
+            if queued:
+                self._waiting -= 1
+
+    async def _evict_now(self, session_id: int) -> bool:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        if session.moving is not None and not session.moving.done():
+            await asyncio.wait({session.moving})
+        session.moving = asyncio.create_task(self._free_device(session))
+        return await session.moving
+
+    async def _grow_kv(self, session: Session, tokens: int) -> None:
+        """Make the session's KV hold ``tokens`` tokens, reserving the extra bytes first."""
+        extra = max(0, self.backend.kv_bytes(tokens) - self.backend.held_bytes(session.kv))
+        if extra:
+            await self._reserve_kv(extra, requester=session)
+            # the blocks are allocated even if this request is cancelled meanwhile: the
+            # reservation is returned only when the allocation itself failed
+            grown = asyncio.ensure_future(self.backend.grow(session.kv, tokens))
+            try:
+                await settled(grown)
+            finally:
+                if grown.done() and (grown.cancelled() or grown.exception() is not None):
+                    self.memory.release("kv", extra)
+            grown.result()
+        session.update(kv_bytes=self.backend.held_bytes(session.kv))
+
+    # ------------------------------------------------------------------ metrics
+
+    def vmu(self) -> dict[str, Any]:
+        """Memory and session view for ``/metrics/vmu`` and ``djinn status``."""
+        phases: dict[str, int] = {}
+        residency: dict[str, int] = {}
+        for s in list(self.sessions.values()):
+            phases[s.info.phase.value] = phases.get(s.info.phase.value, 0) + 1
+            residency[s.info.residency.value] = residency.get(s.info.residency.value, 0) + 1
+        return {
+            "model": self.config.model.name,
+            "memory": self.memory.snapshot(),
+            "tiers": {name: attrs.asdict(t.stats()) for name, t in self.tiers.items()},
+            "sessions": {"total": len(self.sessions), "by_phase": phases, "by_residency": residency},
+            "admission_queue": self._waiting,
+            "counters": dict(self.counters),
+            "streamer": attrs.asdict(self.streamer.stats()),
+            "engine": self.backend.stats(),
+            "plugins": self.plugin_metrics(),
+        }
+
+    def plugin_metrics(self) -> dict[str, Any]:
+        """The selected plugins' ``djinn_metrics`` contributions, merged into one table."""
+        out: dict[str, Any] = {}
+        for contribution in self.plugins.notify("djinn_metrics", kernel=self):
+            if contribution:
+                out.update(contribution)
+        return out
+
+
+async def settled(future: asyncio.Future | None) -> None:
+    """Wait until ``future`` is done, through any number of cancellations of the waiter."""
+    if future is None:
+        return
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _log_failed_move(task: asyncio.Task) -> None:
+    """A move the scheduler started fails no request: its error is logged here."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a scheduled KV move failed: %s", task.exception())

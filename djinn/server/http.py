@@ -1,0 +1,109 @@
+"""The HTTP side: ``/metrics`` (Prometheus text) and ``/metrics/vmu`` (JSON)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from djinn.kernel.kernel import Kernel
+
+
+class MetricsEndpoint:
+    """``/metrics`` (Prometheus text) and ``/metrics/vmu`` (JSON) on their own thread."""
+
+    def __init__(self, kernel: Kernel, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+        from prometheus_client import generate_latest
+
+        self.kernel, self.loop = kernel, loop
+        # the kernel's registry: plugins' own collectors are served beside the kernel's series
+        self.registry = kernel.metrics_registry
+        self._collector = _VmuCollector(self.snapshot)
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/metrics":
+                    body, kind = generate_latest(endpoint.registry), "text/plain; version=0.0.4"
+                elif self.path == "/metrics/vmu":
+                    body, kind = json.dumps(endpoint.snapshot()).encode(), "application/json"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="djinn-metrics", daemon=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The kernel's view, read on the event loop so hooks run where they always do."""
+        async def read() -> dict[str, Any]:
+            return self.kernel.vmu()
+
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(timeout=10)
+
+    def start(self) -> None:
+        """Serve in the background."""
+        self.registry.register(self._collector)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.registry.unregister(self._collector)
+
+
+class _VmuCollector:
+    """Prometheus series from the kernel's snapshot."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        vmu = self.snapshot()
+        device = GaugeMetricFamily("djinn_device_bytes", "Device bytes by category", labels=["category"])
+        for category, n in vmu["memory"]["device"].items():
+            device.add_metric([category], n)
+        yield device
+        yield GaugeMetricFamily("djinn_device_budget_bytes", "Device byte budget", value=vmu["memory"]["budget_bytes"])
+        tiers = GaugeMetricFamily("djinn_tier_bytes", "Bytes held in host tiers", labels=["tier"])
+        for tier, n in vmu["memory"]["tiers"].items():
+            tiers.add_metric([tier], n)
+        yield tiers
+        phases = GaugeMetricFamily("djinn_sessions", "Open sessions by phase", labels=["phase"])
+        for phase, n in vmu["sessions"]["by_phase"].items():
+            phases.add_metric([phase], n)
+        yield phases
+        yield GaugeMetricFamily("djinn_admission_queue", "Requests waiting for memory", value=vmu["admission_queue"])
+        for name, value in vmu["counters"].items():
+            yield CounterMetricFamily(f"djinn_{name}", f"Total {name.replace('_', ' ')}", value=value)
+        engine = vmu["engine"]
+        yield CounterMetricFamily("djinn_engine_steps", "Batch engine steps", value=engine["steps"])
+        yield GaugeMetricFamily("djinn_engine_mean_batch", "Mean decode rows per engine step",
+                                value=engine["mean_batch"])
+        busy = CounterMetricFamily("djinn_engine_busy_seconds", "Batch engine time by part of a step", labels=["part"])
+        busy.add_metric(["prefill"], engine["prefill_seconds"])
+        busy.add_metric(["decode"], engine["decode_seconds"])
+        yield busy
+        yield CounterMetricFamily("djinn_engine_prefill_tokens", "Prompt tokens prefilled by the batch engine",
+                                  value=engine["prefill_tokens"])
+        pool = GaugeMetricFamily("djinn_kv_pool_blocks", "KV pool blocks", labels=["state"])
+        pool.add_metric(["used"], engine["kv_pool_blocks_used"])
+        pool.add_metric(["total"], engine["kv_pool_blocks"])
+        yield pool
+
+

@@ -1,0 +1,178 @@
+"""Launching: the composition root that builds a kernel with its engine and plugins, and the
+ways to serve it (``djinn run``, and ``BackgroundServer`` for tests, the demo and benchmarks)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import signal
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import attrs
+
+from djinn import __version__
+from djinn.engine.service import ModelService
+from djinn.kernel.config import DjinnConfig
+from djinn.kernel.kernel import Kernel
+from djinn.kernel.plugins import DjinnPlugins
+from djinn.server.http import MetricsEndpoint
+from djinn.server.loop import Server
+
+
+@attrs.frozen
+class Runtime:
+    """A started server's parts: the kernel (sessions, residency) and the model service (tokens)."""
+
+    kernel: Kernel
+    model: ModelService
+
+
+def build_runtime(config: DjinnConfig, plugins: DjinnPlugins) -> Runtime:
+    """The composition root: configure the kernel's plugins, load the engine, start the kernel."""
+    kernel = Kernel(config, plugins)
+    kernel.configure()
+    model = ModelService(kernel)
+    try:
+        kernel.start(model)
+    except BaseException:
+        model.stop()
+        raise
+    return Runtime(kernel, model)
+
+
+async def serve(
+    config: DjinnConfig, plugins: DjinnPlugins, *, token: str | None, announce: Callable[[str], None],
+    stop: asyncio.Event | None = None, runtime: Runtime | None = None,
+    ready: Callable[[list[str], int | None], None] | None = None,
+) -> None:
+    """Start a runtime (unless given one started), serve until ``stop`` is set, then shut down.
+
+    ``ready(urls, metrics_port)`` is called once everything listens.
+    """
+    runtime = runtime or build_runtime(config, plugins)
+    server = Server(runtime, token=token)
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    metrics = None
+    try:
+        host, port = config.server.host, config.server.port
+        bound = await server.start([t.default_url(host, port) for t in runtime.kernel.transports.values()])
+        if config.server.metrics_port:
+            metrics = MetricsEndpoint(runtime.kernel, loop, host, config.server.metrics_port)
+            metrics.start()
+            announce(f"metrics: http://{config.server.host}:{metrics.port}/metrics (and /metrics/vmu)")
+        announce(f"djinn {__version__} serving {config.model.name} on {', '.join(bound)}")
+        announce("plugins: " + ", ".join(plugins.selected_names()))
+        if ready is not None:
+            ready(bound, metrics.port if metrics is not None else None)
+        await stop.wait()
+    finally:
+        await server.close()
+        if metrics is not None:
+            metrics.stop()
+        runtime.kernel.stop()
+
+
+def serve_forever(config: DjinnConfig, plugins: DjinnPlugins, *, token: str | None, announce: Callable[[str], None]) -> None:
+    """``djinn run``: serve until SIGINT or SIGTERM, then shut down gracefully."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, plugins, token=token, announce=announce, stop=stop)
+        announce("djinn stopped")
+
+    asyncio.run(main())
+
+
+class BackgroundServer:
+    """A kernel and server on their own event-loop thread: for tests, the demo and benchmarks.
+
+        with BackgroundServer(config, plugins) as server:
+            client = connect(server.url("tcp"))
+    """
+
+    def __init__(self, config: DjinnConfig, plugins: DjinnPlugins, *, token: str | None = None,
+                 runtime: Runtime | None = None) -> None:
+        self.config, self.plugins, self.token = config, plugins, token
+        self.runtime = runtime
+        self.urls: list[str] = []
+        self.metrics_port: int | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="djinn-server", daemon=True)
+
+    def _main(self) -> None:
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+
+            def ready(urls: list[str], metrics_port: int | None) -> None:
+                self.urls, self.metrics_port = urls, metrics_port
+                self._ready.set()
+
+            await serve(self.config, self.plugins, token=self.token, announce=lambda _line: None,
+                        stop=self._stop, runtime=self.runtime, ready=ready)
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def start(self) -> BackgroundServer:
+        """Start and wait until it listens (re-raising a start-up error here)."""
+        if self.runtime is None:
+            self.runtime = build_runtime(self.config, self.plugins)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def kernel(self) -> Kernel:
+        """The started kernel (sessions, residency, memory)."""
+        return self.runtime.kernel
+
+    @property
+    def model(self) -> ModelService:
+        """The started model service (runner, batch engine)."""
+        return self.runtime.model
+
+    def url(self, scheme: str) -> str:
+        """The bound URL of one transport."""
+        for url in self.urls:
+            if url.startswith(scheme + "://"):
+                return url
+        raise KeyError(f"not listening on {scheme}://; listening on {self.urls}")
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server's loop thread and return its result (for inspecting state)."""
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout=30)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+        """Run ``coro`` as a task on the server's loop (a probe, say); cancel the returned future to stop it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def stop(self) -> None:
+        """Shut down gracefully and wait for the thread."""
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
