@@ -239,6 +239,7 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         raise click.ClickException("no CUDA device; pass --device cpu for a CPU run")
     started = time.perf_counter()
     loaded = load_model(model_name, dtype="bfloat16" if cuda else "float32", device=device, seed=0)
+    load_s = time.perf_counter() - started
     weights = weight_bytes(loaded.model)
     bandwidth = read_bandwidth() if cuda else None
     report: dict[str, Any] = {
@@ -251,6 +252,7 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         ),
         "weight_bytes": weights,
         "read_bandwidth_bytes_per_s": bandwidth,
+        "load_s": load_s,
     }
     floor_s = weights / statistics.median(bandwidth) if bandwidth else None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +272,10 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
     pool_blocks = free // runner.pool.block_bytes
     runner.pool.grow(pool_blocks)
     runner.pool.fixed = True
+    # what a server does before it listens: compile and capture every shape it can meet
+    warm_up_s = _timed(lambda: runner.warm_up(max(int(b) for b in batches.split(",")), max(int(c) for c in chunks.split(","))))
+    report["warm_up_s"] = warm_up_s
+    report["graphs_captured_at_warm_up"] = runner.captures
     kv_bytes = pool_blocks * runner.pool.block_bytes
     report["kv_pool_bytes"] = kv_bytes
     report["single"] = bench_single(runner, context, steps)
@@ -294,6 +300,9 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         "b_end_to_end_s": {r["prefill_chunk_tokens"]: r["seconds"] for r in report["end_to_end"]},
         "b_best_s": best_b["seconds"],
         "b_one_at_a_time_s": report["one_at_a_time"]["seconds"],
+        "b_graphs_captured_during_run": {r["prefill_chunk_tokens"]: r["graphs_captured_during_run"] for r in report["end_to_end"]},
+        "warm_up_s": warm_up_s,
+        "load_s": load_s,
         "c_tokens_per_s": {
             f"{r['batch']}@{r['context']}": {m: r[f"{m}_tokens_per_s"] for m in _modes(runner)}
             for r in report["throughput"]

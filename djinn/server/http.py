@@ -101,6 +101,12 @@ class _VmuCollector:
         yield busy
         yield CounterMetricFamily("djinn_engine_prefill_tokens", "Prompt tokens prefilled by the batch engine",
                                   value=engine["prefill_tokens"])
+        yield CounterMetricFamily("djinn_engine_graph_captures_after_start",
+                                  "CUDA graphs captured after start-up (a request waited for each)",
+                                  value=engine["graph_captures_after_start"])
+        yield CounterMetricFamily("djinn_engine_compiles_after_start",
+                                  "torch.compile graphs compiled after start-up (a request waited for each)",
+                                  value=engine["compiles_after_start"])
         pool = GaugeMetricFamily("djinn_kv_pool_blocks", "KV pool blocks", labels=["state"])
         pool.add_metric(["used"], engine["kv_pool_blocks_used"])
         pool.add_metric(["total"], engine["kv_pool_blocks"])
