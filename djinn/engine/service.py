@@ -69,6 +69,13 @@ class GenerateResult:
     first_token_s: float = 0.0
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class ModelService(KVBackend):
     """Loads the configured model for ``kernel`` and computes every session's tokens."""
 
@@ -104,6 +111,9 @@ class ModelService(KVBackend):
         if self.use_cuda:
             self._size_kv_pool()
             self.runner.warm_up(config.server.max_batch, config.server.prefill_chunk_tokens)
+        # what start-up compiled and captured; anything after it is a request waiting for one
+        self._captures_at_start = self.runner.captures
+        self._compiles_at_start = compiled_graphs()
         self.engine = BatchEngine(
             self.runner, prefill_chunk_tokens=config.server.prefill_chunk_tokens,
             max_batch=config.server.max_batch, order=self._order_prefill,
@@ -268,6 +278,8 @@ class ModelService(KVBackend):
             "mean_batch": engine.batch_rows / max(1, engine.steps),
             "kv_pool_blocks": self.runner.pool.num_blocks,
             "kv_pool_blocks_used": self.runner.pool.used_blocks,
+            "graph_captures_after_start": self.runner.captures - self._captures_at_start,
+            "compiles_after_start": compiled_graphs() - self._compiles_at_start,
         }
 
     # ------------------------------------------------------------------ generation
