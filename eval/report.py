@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,4 +28,19 @@ def result_header(benchmark: str, module: str, note: str, config: dict[str, Any]
 
     args = sys.argv[1:] if argv is None else argv
     return {"benchmark": benchmark, "command": f"python -m {module} " + " ".join(args), "note": note,
-            "hardware": hardware(), "versions": library_versions(), "config": config}
+            "commit": source_commit(), "hardware": hardware(), "versions": library_versions(), "config": config}
+
+
+def source_commit() -> str:
+    """The commit the measured code came from: ``$DJINN_COMMIT`` (set where the tree travels
+    without its repository), else ``git rev-parse HEAD``, else "unknown"."""
+    import os
+    import subprocess
+
+    if os.environ.get("DJINN_COMMIT"):
+        return os.environ["DJINN_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
