@@ -1,0 +1,19 @@
+"""Contract suites for plugin authors: pytest classes that check a strategy against what
+``djinn.kernel.strategies`` promises for its slot. Subclass one and name the entry point:
+
+    from djinn.testing import SchedulerContract
+
+    class TestFifo(SchedulerContract):
+        plugin = "fifo"
+
+Each test builds the strategy through a fresh plugin manager, exactly as the kernel would, so
+the plugin must be installed (its entry point visible). Importing this package needs neither
+CUDA nor, until a tier or streamer test runs, torch.
+"""
+
+from djinn.testing.scheduler import SchedulerContract
+from djinn.testing.streamer import StreamerContract
+from djinn.testing.tier import TierContract
+from djinn.testing.transport import TransportContract
+
+__all__ = ["SchedulerContract", "StreamerContract", "TierContract", "TransportContract"]
