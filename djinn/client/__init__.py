@@ -19,23 +19,30 @@ from djinn.client._async import (
     AsyncClient,
     AsyncRemoteModel,
     AsyncSession,
+    AsyncTokenStream,
     AsyncTrace,
     Generation,
+    RequestTimeout,
+    TokenLogprob,
     connect_async,
 )
-from djinn.client._sync import Breakpoint, Client, RemoteModel, Session, Trace, connect
+from djinn.client._sync import Breakpoint, Client, RemoteModel, Session, TokenStream, Trace, connect
 
 __all__ = [
     "AsyncBreakpoint",
     "AsyncClient",
     "AsyncRemoteModel",
     "AsyncSession",
+    "AsyncTokenStream",
     "AsyncTrace",
     "Breakpoint",
     "Client",
     "Generation",
     "RemoteModel",
+    "RequestTimeout",
     "Session",
+    "TokenLogprob",
+    "TokenStream",
     "Trace",
     "connect",
     "connect_async",

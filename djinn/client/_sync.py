@@ -9,7 +9,15 @@ from typing import Any, TypeVar
 
 import torch
 
-from djinn.client._async import AsyncBreakpoint, AsyncClient, AsyncSession, AsyncTrace, Generation, Inputs
+from djinn.client._async import (
+    AsyncBreakpoint,
+    AsyncClient,
+    AsyncSession,
+    AsyncTokenStream,
+    AsyncTrace,
+    Generation,
+    Inputs,
+)
 
 T = TypeVar("T")
 
@@ -101,24 +109,44 @@ class Session:
 
     def generate(
         self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
-        seed: int | None = None, breakpoints: Sequence[int] = (),
-        on_break: Callable[[Breakpoint], None] | None = None,
+        top_p: float = 1.0, seed: int | None = None, stop: Sequence[str | Sequence[int]] | None = None,
+        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int] = (),
+        on_break: Callable[[Breakpoint], None] | None = None, timeout: float | None = None,
     ) -> Generation:
-        """Append ``inputs`` and generate; ``on_break(hit)`` runs at each breakpoint, then it resumes."""
-        trace = self.trace(inputs, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                           breakpoints=breakpoints)
+        """Append ``inputs`` and generate (see ``AsyncSession.generate``); ``on_break(hit)`` runs at
+        each breakpoint, then it resumes. Past ``timeout`` seconds it raises ``RequestTimeout``."""
+        if not breakpoints:
+            return self._run(self._async.generate(
+                inputs, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                ignore_eos=ignore_eos, logprobs=logprobs, timeout=timeout,
+            ))
+        trace = self.trace(inputs, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, breakpoints=breakpoints)
         for hit in trace:
             if on_break is not None:
                 on_break(hit)
         return trace.result
 
+    def stream(
+        self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
+        top_p: float = 1.0, seed: int | None = None, stop: Sequence[str | Sequence[int]] | None = None,
+        ignore_eos: bool = False, logprobs: int | None = None,
+    ) -> TokenStream:
+        """Iterate over token ids as the server picks them; ``.result`` once it ends."""
+        return TokenStream(self, self._async.stream(
+            inputs, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+            ignore_eos=ignore_eos, logprobs=logprobs,
+        ))
+
     def trace(
         self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
-        seed: int | None = None, breakpoints: Sequence[int] = (),
+        top_p: float = 1.0, seed: int | None = None, stop: Sequence[str | Sequence[int]] | None = None,
+        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int] = (),
     ) -> Trace:
         """Iterate over breakpoint hits; each resumes when the loop moves on. ``.result`` at the end."""
         return Trace(self, self._async.trace(
-            inputs, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, breakpoints=breakpoints
+            inputs, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+            ignore_eos=ignore_eos, logprobs=logprobs, breakpoints=breakpoints,
         ))
 
     def signal_phase(self, phase: str, expected_s: float | None = None) -> None:
@@ -152,6 +180,32 @@ class Trace:
         except StopAsyncIteration:
             raise StopIteration from None
         return Breakpoint(self._session, hit)
+
+    @property
+    def result(self) -> Generation:
+        """The generation, once iteration has ended."""
+        return self._async.result
+
+
+class TokenStream:
+    """Blocking iterator over a streaming generate's token ids."""
+
+    def __init__(self, session: Session, inner: AsyncTokenStream) -> None:
+        self._session = session
+        self._async = inner
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        try:
+            return self._session._run(self._async.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stop listening; the server finishes the request and its reply is dropped."""
+        self._session._run(self._async.aclose())
 
     @property
     def result(self) -> Generation:
@@ -194,5 +248,8 @@ class Breakpoint:
 
 
 def connect(url: str, token: str | None = None, **kwargs: Any) -> Client:
-    """Connect to a Djinn server (blocking API): ``tcp://host:port``, ``inproc://name``, ``ucx://...``."""
+    """Connect to a Djinn server (blocking API): ``tcp://host:port``, ``inproc://name``, ``ucx://...``.
+
+    ``timeout`` (default 10 s) bounds the connect and the HELLO; None waits for ever.
+    """
     return Client(url, token, **kwargs)

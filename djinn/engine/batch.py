@@ -48,6 +48,15 @@ class EngineRequest:
     error: BaseException | None = None
     #: set from any thread; the next step drops the request without touching its KV again
     cancelled: bool = False
+    #: called on the model thread once per picked token, after it is appended to ``tokens``;
+    #: True ends the request there (a stop sequence, an end-of-sequence token)
+    on_token: Callable[[EngineRequest], bool] | None = None
+    #: None: no log-probabilities; k >= 0: record the picked token's and the ``k`` best
+    logprobs: int | None = None
+    #: per picked token (when ``logprobs`` is set): ``(logprob, [(token, logprob), ...])``
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = attrs.Factory(list)
+    #: the request ended early because ``on_token`` said so
+    stopped: bool = False
 
     @property
     def done(self) -> bool:
@@ -192,7 +201,7 @@ class BatchEngine:
             if not self._pick(request, row, ended):
                 continue
             request.first_token_at = time.perf_counter()
-            if len(request.tokens) >= request.max_new_tokens:
+            if request.stopped or len(request.tokens) >= request.max_new_tokens:
                 self._end(request, ended)
             else:
                 self._decoding.append(request)
@@ -214,7 +223,26 @@ class BatchEngine:
             request.error = exc
             self._end(request, ended)
             return False
+        return self._take(request, token, logits, ended)
+
+    def _take(self, request: EngineRequest, token: int, logits: torch.Tensor, ended: list[EngineRequest]) -> bool:
+        """Append a picked ``token`` (from ``logits`` ``[vocab]``), record its log-probabilities
+        when asked and tell ``on_token``; a raising ``on_token`` ends the request (False)."""
         request.tokens.append(token)
+        try:
+            if request.logprobs is not None:
+                logprobs = logits.float().log_softmax(-1)  # [vocab]
+                top: list[tuple[int, float]] = []
+                if request.logprobs:
+                    values, ids = logprobs.topk(min(request.logprobs, logprobs.shape[0]))
+                    top = list(zip(ids.tolist(), values.tolist()))
+                request.token_logprobs.append((float(logprobs[token]), top))
+            if request.on_token is not None and request.on_token(request):
+                request.stopped = True
+        except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+            request.error = exc
+            self._end(request, ended)
+            return False
         return True
 
     def _decode(self, ended: list[EngineRequest]) -> int:
@@ -233,14 +261,15 @@ class BatchEngine:
             return 0
         self.batch_rows += len(batch)
         greedy = [i for i, r in enumerate(batch) if r.picker is None]
-        if greedy:
-            picked = logits[greedy].argmax(-1).tolist()
-            for i, token in zip(greedy, picked):
-                batch[i].tokens.append(token)
+        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         for i, request in enumerate(batch):
-            if request.picker is not None and not self._pick(request, logits[i], ended):
+            if i in picked:
+                taken = self._take(request, picked[i], logits[i], ended)
+            else:
+                taken = self._pick(request, logits[i], ended)
+            if not taken:
                 self._decoding.remove(request)
-            elif len(request.tokens) >= request.max_new_tokens:
+            elif request.stopped or len(request.tokens) >= request.max_new_tokens:
                 self._decoding.remove(request)
                 self._end(request, ended)
         if len(self._decoding) > self.max_batch:

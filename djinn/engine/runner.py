@@ -166,6 +166,18 @@ def batched_decode_attention(
     return out, None
 
 
+def _cache_keyword() -> str:
+    """The keyword decoder layers take the KV cache under: ``cache`` in recent transformers,
+    ``past_key_values`` before (passing the old name to a new layer warns on every call)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
+#: read once: every supported family's decoder layer follows the same transformers convention
+CACHE_KEYWORD = _cache_keyword()
+
+
 BATCHED_ATTENTION = "djinn_batched_decode"
 AttentionInterface.register(BATCHED_ATTENTION, batched_decode_attention)
 
@@ -465,15 +477,18 @@ class ModelRunner:
         return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
 
     def token_picker(
-        self, temperature: float = 0.0, top_k: int | None = None, seed: int | None = None
+        self, temperature: float = 0.0, top_k: int | None = None, seed: int | None = None, top_p: float = 1.0,
     ) -> Callable[[torch.Tensor], int]:
         """A function from logits ``[vocab]`` to a token: argmax when ``temperature`` is 0, else
-        sampling from the ``top_k`` best (all when None or 0) with a generator seeded by ``seed``
+        sampling from the ``top_k`` best (all when None or 0), then from the smallest set whose
+        probability reaches ``top_p`` (nucleus; 1 keeps all), with a generator seeded by ``seed``
         (a random seed when None)."""
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, not {temperature}")
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be >= 0, not {top_k}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {top_p}")
         if temperature == 0:
             return lambda logits: int(logits.argmax())
         generator = torch.Generator(device=self.device)
@@ -489,6 +504,11 @@ class ModelRunner:
                 scores, candidates = scores.topk(top_k)  # [top_k] each
             probs = scores.softmax(-1)
             finite = torch.isfinite(probs).all()
+            if top_p < 1:
+                ranked, order = probs.sort(descending=True)  # [n] each
+                # keep a token while the mass before it is short of top_p (the best always stays)
+                ranked = ranked * (ranked.cumsum(-1) - ranked < top_p)
+                probs = torch.zeros_like(probs).scatter(0, order, ranked)
             # on CUDA, multinomial over NaN trips a device assert that ends the process: sample
             # from a harmless stand-in and report the bad row after the one synchronisation
             choice = torch.multinomial(torch.where(finite, probs, 1.0), 1, generator=generator)  # [1]
@@ -534,7 +554,7 @@ class ModelRunner:
             rope = self._rotary(hidden, positions)  # (cos, sin), each [B, T, head_dim]
         by_window = {}
         for window, mask in masks.items():
-            kwargs = dict(attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            kwargs = {"attention_mask": mask, "position_ids": positions, CACHE_KEYWORD: cache, "use_cache": True}
             if rope is not None:
                 kwargs["position_embeddings"] = rope
             by_window[window] = kwargs

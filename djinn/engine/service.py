@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,25 +42,60 @@ GiB = 1 << 30
 BreakHandler = Callable[[Session, ForwardCursor, int, int, str], Awaitable[None]]
 
 
+#: ``on_token(token, logprob)`` on the event loop for every picked token, in order; ``logprob``
+#: is ``(logprob, [(token, logprob), ...])`` when asked for, else None
+TokenHandler = Callable[[int, "tuple[float, list[tuple[int, float]]] | None"], None]
+
+MAX_TOP_LOGPROBS = 20
+
+
+def _stop_sequences(value: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(seq) for seq in value)
+
+
 @attrs.frozen
 class SamplingParams:
-    """How a generate request picks tokens: greedy when ``temperature`` is 0."""
+    """How a generate request picks tokens and when it stops: greedy when ``temperature`` is 0.
+
+    It stops after ``max_new_tokens``, at the tokenizer's end-of-sequence token (unless
+    ``ignore_eos``), or once the new tokens end with one of ``stop`` (token-id sequences) or
+    their text contains one of ``stop_text`` (needs a tokenizer). ``logprobs``: None records
+    none; k >= 0 records each picked token's log-probability and the k most likely tokens'.
+    """
 
     max_new_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
+    top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
+    stop: tuple[tuple[int, ...], ...] = attrs.field(default=(), converter=_stop_sequences)
+    stop_text: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    logprobs: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.max_new_tokens <= 1 << 16:
             raise SessionError(f"max_new_tokens must be in [0, 65536], not {self.max_new_tokens}")
         if self.temperature < 0 or self.top_k < 0:
             raise SessionError("temperature and top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise SessionError(f"top_p must be in (0, 1], not {self.top_p}")
+        if any(not seq or not all(isinstance(t, int) and not isinstance(t, bool) for t in seq) for seq in self.stop):
+            raise SessionError("stop sequences must be non-empty lists of token ids")
+        if any(not isinstance(text, str) or not text for text in self.stop_text):
+            raise SessionError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise SessionError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {self.logprobs}")
 
 
 @attrs.define
 class GenerateResult:
-    """What a generate request returns, with where its time went."""
+    """What a generate request returns, with where its time went.
+
+    ``finish_reason`` is ``"length"`` (``max_new_tokens`` reached) or ``"stop"`` (the
+    end-of-sequence token or a stop sequence); ``cached_tokens`` counts the context tokens whose
+    KV was reused rather than computed by this request.
+    """
 
     tokens: list[int]
     queue_s: float = 0.0
@@ -67,6 +103,9 @@ class GenerateResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     first_token_s: float = 0.0
+    finish_reason: str = "length"
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = attrs.Factory(list)
+    cached_tokens: int = 0
 
 
 def compiled_graphs() -> int:
@@ -133,6 +172,9 @@ class ModelService(KVBackend):
         self._engine_done: dict[int, asyncio.Future] = {}
         self._inflight: dict[int, EngineRequest] = {}  # by id(kv)
         self._model_calls_waiting: set[object] = set()  # run_model calls queued for the model thread
+        # a session's last generated token: picked but not yet fed, so its KV does not exist
+        # yet; the session's next request feeds it first
+        self._pending: weakref.WeakKeyDictionary[Session, int] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ memory
 
@@ -284,6 +326,24 @@ class ModelService(KVBackend):
 
     # ------------------------------------------------------------------ generation
 
+    def context(self, session: Session) -> list[int]:
+        """Every token of the session's context: those whose KV it holds, then the pending one."""
+        pending = self._pending.get(session)
+        return [*session.history, *([] if pending is None else [pending])]
+
+    def check_ids(self, input_ids: Sequence[int], *, pending: bool = False) -> None:
+        """Refuse anything but a list of token ids the model knows, non-empty unless the session
+        has a ``pending`` token to continue from."""
+        if not input_ids:
+            if pending:
+                return
+            raise SessionError("generate needs at least one input token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+            raise SessionError("token ids must be integers")
+        vocab = self.runner.vocab_size
+        if min(input_ids) < 0 or max(input_ids) >= vocab:
+            raise SessionError(f"token ids must be in [0, {vocab})")
+
     async def generate(
         self,
         session: Session,
@@ -291,33 +351,63 @@ class ModelService(KVBackend):
         params: SamplingParams,
         breakpoints: Sequence[int] = (),
         on_break: BreakHandler | None = None,
+        *,
+        on_token: TokenHandler | None = None,
+        whole_context: bool = False,
     ) -> GenerateResult:
-        """Append ``input_ids`` to the session's context and generate up to ``max_new_tokens``."""
-        if not input_ids:
-            raise SessionError("generate needs at least one input token")
-        vocab = self.runner.vocab_size
-        if min(input_ids) < 0 or max(input_ids) >= vocab:
-            raise SessionError(f"token ids must be in [0, {vocab})")
+        """Append ``input_ids`` to the session's context and generate up to ``max_new_tokens``.
+
+        The session continues after its last generated token: that token is fed before
+        ``input_ids``. With ``whole_context``, ``input_ids`` is the session's entire context
+        instead: the KV of the longest common prefix with what the session holds is reused and
+        only the rest is computed (a changed history truncates the KV to the common prefix).
+        ``on_token`` is called on the event loop for each token as it is picked.
+        """
+        self.check_ids(input_ids, pending=not whole_context and session in self._pending)
         layers = sorted(set(breakpoints))
         if layers and (layers[0] < 0 or layers[-1] >= self.runner.num_layers):
             raise SessionError(f"breakpoint layers must be in [0, {self.runner.num_layers})")
+        if params.stop_text and self.loaded.tokenizer is None:
+            raise SessionError("stop strings need a model with a tokenizer; give stop token ids")
+        pending = self._pending.get(session)
+        context = len(input_ids) if whole_context else len(session.history) + (pending is not None) + len(input_ids)
+        positions = self.runner.max_positions
+        if positions is not None and context + params.max_new_tokens > positions:
+            raise SessionError(
+                f"a context of {context} tokens plus max_new_tokens={params.max_new_tokens} exceeds "
+                f"the model's {positions} positions"
+            )
         arrived = time.perf_counter()
         kv = session.kv
-        async with self.kernel.serving(session, kv.length + len(input_ids) + params.max_new_tokens) as restore_s:
+        async with self.kernel.serving(session, context + params.max_new_tokens) as restore_s:
             result = GenerateResult(tokens=[], restore_s=restore_s)
             result.queue_s = time.perf_counter() - arrived - restore_s
+            if whole_context:
+                feed = self._reuse_prefix(session, list(input_ids))
+            else:
+                feed = list(input_ids)
+            pending = self._pending.pop(session, None)
+            if pending is not None:
+                feed.insert(0, pending)
+            result.cached_tokens = kv.length
             streamed_before = self.streamer.stats() if self.streamer.streams_weights else None
             length_before = kv.length
             try:
                 if layers:
                     session.recomputable = False
-                    await self._generate_with_breaks(session, input_ids, params, layers, on_break, result)
+                    await self._generate_with_breaks(session, feed, params, layers, on_break, result, on_token)
                 elif params.max_new_tokens:
-                    await self._generate_batched(session, list(input_ids), params, result)
+                    await self._generate_batched(session, feed, params, result, on_token)
+                else:  # nothing to pick: the whole input goes into the KV
+                    await self._run_request(EngineRequest(kv, feed, 0, owner=session))
             finally:
-                # whatever reached the KV, also after a failure: the prompt, then every token but the last
-                fed = [*input_ids, *result.tokens]
-                session.history.extend(fed[: max(0, kv.length - length_before)])
+                # whatever reached the KV, also after a failure: the input, then every token but
+                # the last, which stays pending for the next request
+                fed = [*feed, *result.tokens]
+                reached = max(0, kv.length - length_before)
+                session.history.extend(fed[:reached])
+                if result.tokens and len(fed) - reached == 1:
+                    self._pending[session] = fed[-1]
             self.kernel.counters["tokens"] += len(result.tokens)
             if streamed_before is not None:
                 after = self.streamer.stats()
@@ -329,15 +419,73 @@ class ModelService(KVBackend):
                 )
             return result
 
+    def _reuse_prefix(self, session: Session, context: list[int]) -> list[int]:
+        """Cut the session (KV, history, pending token) back to its longest common prefix with
+        ``context`` and return what is left to feed (at least one token: the logits come from it).
+        Runs inside ``serving``, with the KV resident."""
+        known = self.context(session)
+        common = 0
+        for a, b in zip(known, context):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(context) - 1)
+        history = session.history
+        if common <= len(history):
+            self._pending.pop(session, None)
+            if common < len(history):
+                del history[common:]
+                session.kv.length = common
+            return context[common:]
+        return context[len(history) + 1 :]  # the pending token matches: it is fed first
+
+    def _stopper(
+        self, params: SamplingParams, result: GenerateResult
+    ) -> Callable[[list[int]], bool] | None:
+        """A check run on every picked token: True (and ``finish_reason`` "stop") at the
+        end-of-sequence token or a stop sequence; None when nothing can stop the request early."""
+        tokenizer = self.loaded.tokenizer
+        eos = None if params.ignore_eos or tokenizer is None else tokenizer.eos_token_id
+        stops, texts = params.stop, params.stop_text
+        if eos is None and not stops and not texts:
+            return None
+        # a string of n characters spans at most n tokens (plus a partial one at each end)
+        tail = max((len(t) for t in texts), default=0) + 2
+
+        def stop(tokens: list[int]) -> bool:
+            hit = tokens[-1] == eos or any(tuple(tokens[-len(seq):]) == seq for seq in stops)
+            if not hit and texts:
+                text = tokenizer.decode(tokens[-tail:])
+                hit = any(t in text for t in texts)
+            if hit:
+                result.finish_reason = "stop"
+            return hit
+
+        return stop
+
     async def _generate_batched(
-        self, session: Session, input_ids: list[int], params: SamplingParams, result: GenerateResult
+        self, session: Session, input_ids: list[int], params: SamplingParams, result: GenerateResult,
+        on_token: TokenHandler | None = None,
     ) -> None:
         """Generate through the batch engine: this session shares every step with the others."""
         picker = None
         if params.temperature > 0:
-            picker = self.runner.token_picker(params.temperature, params.top_k, params.seed)
-        request = EngineRequest(session.kv, input_ids, params.max_new_tokens, picker=picker, owner=session)
+            picker = self.runner.token_picker(params.temperature, params.top_k, params.seed, params.top_p)
+        request = EngineRequest(session.kv, input_ids, params.max_new_tokens, picker=picker, owner=session,
+                                logprobs=params.logprobs)
+        stop = self._stopper(params, result)
+        if stop is not None or on_token is not None:
+            loop = asyncio.get_running_loop()
+            logprobs = request.token_logprobs
+
+            def picked(req: EngineRequest) -> bool:  # on the model thread, once per token
+                if on_token is not None:
+                    loop.call_soon_threadsafe(on_token, req.tokens[-1], logprobs[-1] if logprobs else None)
+                return stop is not None and stop(req.tokens)
+
+            request.on_token = picked
         result.tokens = request.tokens  # filled as the engine picks them
+        result.logprobs = request.token_logprobs
         await self._run_request(request)
         result.queue_s += request.started_at - request.submitted_at
         result.first_token_s = result.prefill_s = request.first_token_at - request.started_at
@@ -404,9 +552,11 @@ class ModelService(KVBackend):
     async def _generate_with_breaks(
         self, session: Session, input_ids: Sequence[int], params: SamplingParams,
         layers: list[int], on_break: BreakHandler | None, result: GenerateResult,
+        on_token: TokenHandler | None = None,
     ) -> None:
         """Generate step by step, pausing after each armed layer; the model thread is free while paused."""
-        picker = self.runner.token_picker(params.temperature, params.top_k, params.seed)
+        picker = self.runner.token_picker(params.temperature, params.top_k, params.seed, params.top_p)
+        stop = self._stopper(params, result)
         ids = list(input_ids)
         started = time.perf_counter()
         for step in range(params.max_new_tokens):
@@ -420,9 +570,25 @@ class ModelService(KVBackend):
                     )
                     await on_break(session, cursor, layer, step, phase)
             await self.run_model(cursor.run)
-            token = picker(await self.run_model(cursor.finish))
+            logits = await self.run_model(cursor.finish)
+            token = picker(logits)
             result.tokens.append(token)
+            logprob = None
+            if params.logprobs is not None:
+                logprob = await self.run_model(_logprobs, logits, token, params.logprobs)
+                result.logprobs.append(logprob)
+            if on_token is not None:
+                on_token(token, logprob)
             ids = [token]
             if step == 0:
                 result.first_token_s = result.prefill_s = time.perf_counter() - started
+            if stop is not None and stop(result.tokens):
+                break
         result.decode_s = time.perf_counter() - started - result.prefill_s
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under ``logits`` ``[vocab]`` and the ``top`` best."""
+    logprobs = logits.float().log_softmax(-1)
+    values, ids = logprobs.topk(min(top, logprobs.shape[0])) if top else (logprobs[:0], logprobs[:0].long())
+    return float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))

@@ -73,6 +73,10 @@ class ServerSettings:
     port: int = attrs.field(default=7070, validator=_non_negative)
     #: Prometheus ``/metrics`` and JSON ``/metrics/vmu``; 0 disables the endpoint
     metrics_port: int = attrs.field(default=9095, validator=_non_negative)
+    #: the OpenAI-compatible HTTP API (and /health, /metrics); 0 disables it
+    http_port: int = attrs.field(default=8000, validator=_non_negative)
+    #: an HTTP API session unused this long is closed and its KV freed
+    http_session_ttl_s: float = attrs.field(default=600.0, validator=_positive)
     max_frame_mb: int = attrs.field(default=1024, validator=_positive)
     #: a paused forward pass abandoned this long is cleaned up and its memory returned
     pause_timeout_s: float = attrs.field(default=300.0, validator=_positive)

@@ -30,7 +30,7 @@ from djinn.kernel.errors import (
     SessionError,
 )
 from djinn.engine.service import SamplingParams
-from djinn.kernel.kernel import Session
+from djinn.kernel.kernel import Session, settled
 from djinn.kernel.strategies import Connection, Phase
 from djinn.server.breakpoints import Breakpoints, Pause
 from djinn.server.validate import enum_value, integer, number
@@ -330,15 +330,7 @@ class Server:
             input_ids = tokenizer(meta["text"])["input_ids"]
         else:
             raise SessionError("generate needs input ids (a tensor) or text")
-        seed = None if meta.get("seed") is None else integer(meta, "seed", 0)
-        if seed is not None and not -(1 << 63) <= seed < 1 << 64:
-            raise SessionError("seed must be in [-2**63, 2**64)")
-        params = SamplingParams(
-            max_new_tokens=integer(meta, "max_new_tokens", 16),
-            temperature=number(meta, "temperature", 0.0),
-            top_k=integer(meta, "top_k", 0),
-            seed=seed,
-        )
+        params = sampling_params(meta)
         breakpoints = meta.get("breakpoints") or []
         if not isinstance(breakpoints, list) or not all(
             isinstance(b, int) and not isinstance(b, bool) for b in breakpoints
@@ -348,14 +340,89 @@ class Server:
         async def on_break(sess: Session, cursor: Any, layer: int, step: int, phase: str) -> None:
             await self.breakpoints.pause(client, frame.request_id, sess, cursor, layer, step, phase)
 
+        stream = meta.get("stream", False)
+        if not isinstance(stream, bool):
+            raise SessionError("stream must be true or false")
+        on_token, sender = None, None
+        if stream:
+            picked: asyncio.Queue = asyncio.Queue()
+            on_token = lambda token, logprob: picked.put_nowait((token, logprob))  # noqa: E731
+            sender = asyncio.create_task(self._stream_tokens(client, frame, picked))
         started = time.perf_counter()
-        result = await self.model.generate(session, input_ids, params, breakpoints, on_break)
+        try:
+            result = await self.model.generate(session, input_ids, params, breakpoints, on_break, on_token=on_token)
+        finally:
+            if sender is not None:
+                picked.put_nowait(None)
+                await settled(sender)  # every TOKEN frame goes out before the RESULT
         reply_meta = {
             "queue_s": result.queue_s, "restore_s": result.restore_s, "prefill_s": result.prefill_s,
             "decode_s": result.decode_s, "first_token_s": result.first_token_s,
-            "server_s": time.perf_counter() - started,
+            "server_s": time.perf_counter() - started, "finish_reason": result.finish_reason,
+            "cached_tokens": result.cached_tokens,
         }
+        if params.logprobs is not None:
+            reply_meta["logprobs"] = [_logprob_meta(entry) for entry in result.logprobs]
         tokenizer = self.model.loaded.tokenizer
         if tokenizer is not None:
             reply_meta["text"] = tokenizer.decode(result.tokens)
         return Frame(Op.RESULT, meta=reply_meta, tensors=(torch.tensor(result.tokens, dtype=torch.int64),))
+
+    async def _stream_tokens(self, client: ClientState, frame: Frame, picked: asyncio.Queue) -> None:
+        """Send TOKEN frames for the picked tokens until None arrives; what piled up while a
+        frame was being sent goes out together in the next one."""
+        tokenizer = self.model.loaded.tokenizer
+        done = False
+        while not done:
+            batch = [await picked.get()]
+            while not picked.empty():
+                batch.append(picked.get_nowait())
+            if batch[-1] is None:
+                done = True
+                batch.pop()
+            if not batch:
+                continue
+            meta: dict[str, Any] = {"tokens": [token for token, _ in batch]}
+            if batch[0][1] is not None:
+                meta["logprobs"] = [_logprob_meta(logprob) for _, logprob in batch]
+            if tokenizer is not None:
+                meta["texts"] = [tokenizer.decode([token]) for token, _ in batch]
+            try:
+                await self._send(client, Frame(Op.TOKEN, session_id=frame.session_id,
+                                               request_id=frame.request_id, meta=meta))
+            except (ConnectionClosed, OSError):
+                return
+
+
+def _logprob_meta(entry: tuple[float, list[tuple[int, float]]]) -> dict[str, Any]:
+    logprob, top = entry
+    return {"logprob": logprob, "top": [[token, value] for token, value in top]}
+
+
+def sampling_params(meta: dict[str, Any]) -> SamplingParams:
+    """A GENERATE frame's sampling and stopping arguments, each checked, as ``SamplingParams``."""
+    seed = None if meta.get("seed") is None else integer(meta, "seed", 0)
+    if seed is not None and not -(1 << 63) <= seed < 1 << 64:
+        raise SessionError("seed must be in [-2**63, 2**64)")
+    ignore_eos = meta.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise SessionError("ignore_eos must be true or false")
+    stops = meta.get("stop") or []
+    if not isinstance(stops, list):
+        raise SessionError("stop must be a list of token-id lists or strings")
+    stop_ids = [s for s in stops if isinstance(s, list)]
+    stop_text = [s for s in stops if isinstance(s, str)]
+    if len(stop_ids) + len(stop_text) != len(stops):
+        raise SessionError("stop must be a list of token-id lists or strings")
+    logprobs = None if meta.get("logprobs") is None else integer(meta, "logprobs", 0)
+    return SamplingParams(
+        max_new_tokens=integer(meta, "max_new_tokens", 16),
+        temperature=number(meta, "temperature", 0.0),
+        top_k=integer(meta, "top_k", 0),
+        top_p=number(meta, "top_p", 1.0),
+        seed=seed,
+        ignore_eos=ignore_eos,
+        stop=stop_ids,
+        stop_text=stop_text,
+        logprobs=logprobs,
+    )

@@ -62,6 +62,8 @@ class Op(enum.IntEnum):
     GENERATE = 12
     SIGNAL_PHASE = 13
     RESULT = 14
+    #: tokens of a streaming generate as they are picked, before its RESULT
+    TOKEN = 15
     BREAK = 20
     INSPECT = 21
     EDIT = 22
