@@ -11,9 +11,10 @@ the plugin must be installed (its entry point visible). Importing this package n
 CUDA nor, until a tier or streamer test runs, torch.
 """
 
+from djinn.testing._plugins import build_strategy
 from djinn.testing.scheduler import SchedulerContract
 from djinn.testing.streamer import StreamerContract
 from djinn.testing.tier import TierContract
 from djinn.testing.transport import TransportContract
 
-__all__ = ["SchedulerContract", "StreamerContract", "TierContract", "TransportContract"]
+__all__ = ["SchedulerContract", "StreamerContract", "TierContract", "TransportContract", "build_strategy"]

@@ -2,7 +2,9 @@
 
 Runs over tcp, inproc and (when ``ucxx`` imports) ucx, or over the one transport named by the
 environment variable ``DJINN_TRANSPORT`` (tox runs one environment per transport). Transports
-are built straight from their plugin classes; no plugin manager is involved.
+are built straight from their plugin classes; no plugin manager is involved, except in
+``TestContract``: the slot's suite from ``djinn.testing``, built by entry-point name as a
+third party's transport would be.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from djinn.kernel.errors import ConnectionClosed, FrameTooLarge, PluginError
 from djinn.kernel.strategies import Connection, ConnectionHandler, Listener, Transport
 from djinn.plugins.transports import inproc, tcp, ucx
 from djinn.plugins.transports._framing import LENGTH_PREFIX, FrameBuffers
+from djinn.testing import TransportContract, build_strategy
 
 LIMIT = 512 << 20  # max_frame_bytes unless a test says otherwise
 WAIT_S = 20.0  # a hung transport fails its test instead of stalling the run
@@ -170,6 +173,15 @@ async def send_raw(kind: str, url: str, announced: int, payload: bytes) -> None:
         if payload:
             await endpoint.send(payload)
         await endpoint.close()
+
+
+class TestContract(TransportContract):
+    """The transport contract suite, over each transport under test."""
+
+    @pytest.fixture(params=_transport_params())
+    def transport(self, request: pytest.FixtureRequest) -> Transport:
+        """The transport under test, built through a fresh plugin manager by its name."""
+        return build_strategy(request.param, "transport")
 
 
 # --------------------------------------------------------------------------- round trips
