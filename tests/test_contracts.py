@@ -22,7 +22,7 @@ UCX_MISSING = _ucx_missing()
 
 class TestSemantic(SchedulerContract):
     plugin = "semantic"
-    settings = {"idle_threshold_s": 1.0}  # so the long-idle tick evicts
+    settings = {"idle_threshold_s": 1.0}  # its idle fallback evicts at both clock readings of the tick test
 
 
 class TestLru(SchedulerContract):
