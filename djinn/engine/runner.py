@@ -7,11 +7,13 @@ decoder layers up to ``k`` and stops there (a breakpoint: ``.hidden`` may be rea
 prompt chunks and breakpoint passes go this way.
 
 ``ModelRunner.decode`` runs one decode step for many sessions at once: every row's new key is
-written to its slot and all rows attend in one attention call per layer, registered with
-transformers' attention registry: on CUDA ``paged_decode_attention`` (compiled flex_attention
-over each row's block table), elsewhere ``batched_decode_attention`` (SDPA over the pool's slots
-under a mask that keeps each row to its own session). On CUDA the step is captured as a CUDA
-graph per padded batch size and slot span, and replayed.
+written to its slot and all rows attend in one attention call per layer: on CUDA
+``paged_decode_attention`` (compiled flex_attention over each row's block table), elsewhere
+``batched_decode_attention`` (SDPA over the pool's slots under a mask that keeps each row to its
+own session). On CUDA the step is captured as a CUDA graph per padded batch size and slot span,
+and replayed. The layers reach these through ``runner_attention``, the one function registered
+with transformers' attention registry and set on the model's config once, when the runner is
+built: the mask a pass hands the layers says which kernel runs.
 
 The runner calls the model's own modules (embedding, decoder layers, norm, head). Per layer it
 does nothing but call the layer, plus the streamer's ``before_layer``/``after_layer``.
@@ -19,7 +21,9 @@ does nothing but call the layer, plus the streamer's ``before_layer``/``after_la
 
 from __future__ import annotations
 
+import copy
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
@@ -153,7 +158,7 @@ def batched_decode_attention(
     The queries of a key head's group and of every row become one query block ``[1, H_kv, g*B, D]``,
     so each key is read once for the whole batch, and grouped-query models need no key copies.
     ``attention_mask`` is ``[1, 1, g*B, S]`` boolean, rows ordered (group member, batch row).
-    Registered with transformers' attention registry; returns ``[B, 1, H, D]`` as its functions do.
+    Called by ``runner_attention``; returns ``[B, 1, H, D]`` as transformers' attention functions do.
     """
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
@@ -178,8 +183,6 @@ def _cache_keyword() -> str:
 CACHE_KEYWORD = _cache_keyword()
 
 
-BATCHED_ATTENTION = "djinn_batched_decode"
-AttentionInterface.register(BATCHED_ATTENTION, batched_decode_attention)
 
 #: flex_attention compiled to one fused kernel (on CUDA), on first use per batch size. Static
 #: shapes: inductor picks its split-KV decoding kernel only for a batch size known at compile
@@ -218,8 +221,45 @@ def paged_decode_attention(
     return out.transpose(1, 2), None
 
 
-PAGED_ATTENTION = "djinn_paged_decode"
-AttentionInterface.register(PAGED_ATTENTION, paged_decode_attention)
+@attrs.frozen
+class _SharedKeysMask:
+    """A masked decode step's mask ``[1, 1, g*B, S]``: tells ``runner_attention`` that the rows
+    attend over the pool's shared keys (``batched_decode_attention``)."""
+
+    mask: torch.Tensor
+
+
+def runner_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """The attention function of every layer a runner drives, set once when the runner is built.
+
+    The mask says which pass this is: a ``BlockMask`` is a paged decode step, a
+    ``_SharedKeysMask`` a masked one; anything else (a prefill's boolean or additive mask, or
+    None) goes to the implementation the model was loaded with (``djinn_base_attention`` on the
+    layers' config: sdpa or eager), so the model's own forward works unchanged.
+    """
+    if isinstance(attention_mask, BlockMask):
+        return paged_decode_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if isinstance(attention_mask, _SharedKeysMask):
+        return batched_decode_attention(module, query, key, value, attention_mask.mask, dropout, scaling, **kwargs)
+    base = getattr(module.config, "djinn_base_attention", "sdpa")
+    if base == "eager":
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                           scaling=scaling, **kwargs)
+
+
+RUNNER_ATTENTION = "djinn"
+AttentionInterface.register(RUNNER_ATTENTION, runner_attention)
 #: how a batched decode step attends: over each row's own blocks, or over all slots under a mask
 DECODE_ATTENTION = ("paged", "masked")
 
@@ -422,7 +462,7 @@ class ModelRunner:
         self.dtype = self._embed.weight.dtype
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
         self._additive_mask = self.dtype if attention == "eager" else None
-        self._attention = attention
+        self._use_runner_attention(attention)
         self._windows = _layer_windows(config, family)
         self.pool = KVPool(
             self.num_layers, self.kv_heads, self.head_dim,
@@ -446,6 +486,18 @@ class ModelRunner:
             self._layers_bytes = _unique_nbytes(self.layers)
         else:
             streamer.prepare(self.layers, self.device, budget_bytes)
+
+    def _use_runner_attention(self, base: str) -> None:
+        """Fix the layers' attention once: their modules get a copy of the config naming
+        ``runner_attention``, which picks the kernel from the mask. The model's own config is
+        left as it was, so the model's own forward (and its mask building) works unchanged."""
+        layers_config = copy.copy(self.config)
+        layers_config._attn_implementation = RUNNER_ATTENTION
+        layers_config.djinn_base_attention = base
+        for layer in self.layers:
+            for module in layer.modules():
+                if getattr(module, "config", None) is self.config:
+                    module.config = layers_config
 
     def device_weight_bytes(self) -> int:
         """Device memory the weights take: embeddings, norm and head, plus the layers or the
@@ -831,16 +883,11 @@ class ModelRunner:
                 )
             else:
                 allowed = own if window is None else own & (positions - slot_position < window)
-                mask = allowed.repeat(group, 1)[None, None]  # [1, 1, g*B, S]
+                mask = _SharedKeysMask(allowed.repeat(group, 1)[None, None])  # [1, 1, g*B, S]
             masks[window] = mask
         cache = _BatchCache(self.pool, inputs.write, span)
         hidden, layer_kwargs = self._layer_inputs(self._embed(inputs.ids[:, None]), positions, cache, masks)  # [B, 1, hidden]
-        config = self.config
-        config._attn_implementation = PAGED_ATTENTION if self.decode_attention == "paged" else BATCHED_ATTENTION
-        try:
-            hidden = self._run_layers(hidden, layer_kwargs)
-        finally:
-            config._attn_implementation = self._attention
+        hidden = self._run_layers(hidden, layer_kwargs)
         return self._head(self._norm(hidden))[:, -1].float()  # [B, vocab]
 
 
