@@ -59,7 +59,7 @@ def _with_changes(config, changes: dict[str, Any]):
     """Apply CLI options that override ``[server]`` and ``[model]`` keys."""
     import attrs
 
-    server = {k: v for k, v in changes.items() if k in ("host", "port", "metrics_port") and v is not None}
+    server = {k: v for k, v in changes.items() if k in ("host", "port", "metrics_port", "http_port") and v is not None}
     model = {k: v for k, v in changes.items() if k in ("name", "dtype", "device") and v is not None}
     return attrs.evolve(
         config,
@@ -104,8 +104,13 @@ def plugins_command(config_path: str | None, plugin_names: str, as_json: bool) -
     from rich.table import Table
 
     table = Table(title="djinn plugins")
-    for col in ("name", "slot", "origin", "hooks", "selected"):
-        table.add_column(col)
+    origins = [f"{r['origin']} {r['version']}" for r in rows]
+    # names and origins are never cut: the hooks column wraps instead
+    table.add_column("name", no_wrap=True, min_width=max((len(r["name"]) for r in rows), default=4))
+    table.add_column("slot", no_wrap=True)
+    table.add_column("origin", no_wrap=True, min_width=max((len(o) for o in origins), default=6))
+    table.add_column("hooks", overflow="fold")
+    table.add_column("selected", overflow="fold")
     for r in rows:
         hooks = ", ".join(h.removeprefix("djinn_") for h in r["hooks"])
         state = "[red]broken: " + r["error"] + "[/red]" if r["error"] else ("yes" if r["selected"] else "")
@@ -148,17 +153,51 @@ def _toml_ready(value: Any) -> Any:
 @click.option("--host", default=None, help="Address to bind (non-loopback needs --token or $DJINN_TOKEN).")
 @click.option("--port", default=None, type=int)
 @click.option("--metrics-port", default=None, type=int, help="Prometheus /metrics port (0 disables).")
+@click.option("--http-port", default=None, type=int, help="OpenAI-compatible HTTP API port (0 disables).")
 @click.option("--token", envvar="DJINN_TOKEN", default=None, help="Shared secret clients must present.")
 @_fail_cleanly
-def run_command(config_path, plugin_names, model_name, dtype, device, host, port, metrics_port, token) -> None:
+def run_command(config_path, plugin_names, model_name, dtype, device, host, port, metrics_port, http_port,
+                token) -> None:
     """Start the server with the selected plugins and serve until interrupted."""
     config, plugins = _load(
         config_path, plugin_names, name=model_name, dtype=dtype, device=device,
-        host=host, port=port, metrics_port=metrics_port,
+        host=host, port=port, metrics_port=metrics_port, http_port=http_port,
     )
+    _check_before_loading(config, token)
     from djinn.server.launch import serve_forever
 
     serve_forever(config, plugins, token=token, announce=click.echo)
+
+
+def _check_before_loading(config, token: str | None) -> None:
+    """What would only fail after the model loaded, refused at once: a bad or busy port, a
+    non-loopback host without a token, a model directory that does not exist."""
+    import os
+    import socket
+
+    from djinn.server.loop import is_loopback
+
+    server = config.server
+    ports = {"--port": server.port, "--metrics-port": server.metrics_port, "--http-port": server.http_port}
+    for option, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise DjinnError(f"{option} {port} is not a port number (0-65535)")
+    if not is_loopback(server.host) and not token:
+        raise DjinnError(f"binding {server.host} (not loopback) requires a token: --token or $DJINN_TOKEN")
+    for option, port in ports.items():
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+            try:
+                probe.bind((server.host, port))
+            except OSError as exc:
+                raise DjinnError(f"cannot listen on {server.host}:{port} ({option}): {exc.strerror}") from None
+    name = config.model.name
+    if not name.startswith("random:") and not os.path.isdir(name):
+        raise DjinnError(
+            f"no model directory at {name!r} (a model is a local transformers checkpoint directory or random:NAME)"
+        )
 
 
 @main.command("demo")
@@ -177,8 +216,9 @@ def demo_command(config_path, plugin_names, model_name, agents, turns) -> None:
 
 @main.command("status")
 @click.option("--url", default="http://127.0.0.1:9095/metrics/vmu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON instead of a table.")
 @_fail_cleanly
-def status_command(url: str) -> None:
+def status_command(url: str, as_json: bool) -> None:
     """Print a running server's memory and session view (its /metrics/vmu endpoint)."""
     import urllib.error
     import urllib.request
@@ -186,9 +226,57 @@ def status_command(url: str) -> None:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (an address the user chose)
             data = json.loads(resp.read().decode())
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise DjinnError(f"no server answered at {url}: {exc}") from None
-    click.echo(json.dumps(data, indent=2))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(_status_table(data))
+
+
+def _size(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return str(n)
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _status_table(data: dict[str, Any]):
+    """``/metrics/vmu`` as one two-column table: memory, sessions, admission, counters, engine."""
+    from rich.table import Table
+
+    table = Table(title=f"djinn status: {data.get('model', '?')}", show_header=False)
+    table.add_column("what", no_wrap=True, style="bold")
+    table.add_column("value", overflow="fold")
+    memory = data.get("memory", {})
+    table.add_row("device budget", _size(memory.get("budget_bytes")))
+    table.add_row("device used", f"{_size(memory.get('device_used_bytes'))} (peak {_size(memory.get('device_peak_bytes'))})")
+    for category, n in memory.get("device", {}).items():
+        table.add_row(f"  {category}", _size(n))
+    for tier, stats in data.get("tiers", {}).items():
+        used, capacity = stats.get("used_bytes"), stats.get("capacity_bytes")
+        table.add_row(f"tier {tier}", f"{_size(used)} of {_size(capacity)}")
+    sessions = data.get("sessions", {})
+    table.add_row("sessions", str(sessions.get("total", 0)))
+    for key in ("by_phase", "by_residency"):
+        counts = sessions.get(key) or {}
+        if counts:
+            table.add_row(f"  {key.removeprefix('by_')}", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    table.add_row("admission queue", str(data.get("admission_queue", 0)))
+    for name, value in data.get("counters", {}).items():
+        if value:
+            table.add_row(name.replace("_", " "), f"{value:.3f}" if isinstance(value, float) and not value.is_integer()
+                          else str(int(value)))
+    engine = data.get("engine", {})
+    for key in ("device", "steps", "mean_batch", "prefill_tokens", "kv_pool_blocks_used", "kv_pool_blocks"):
+        if key in engine:
+            value = engine[key]
+            table.add_row(f"engine {key.replace('_', ' ')}", f"{value:.2f}" if isinstance(value, float) else str(value))
+    return table
 
 
 if __name__ == "__main__":  # pragma: no cover
