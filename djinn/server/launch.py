@@ -46,16 +46,21 @@ async def serve(
     config: DjinnConfig, plugins: DjinnPlugins, *, token: str | None, announce: Callable[[str], None],
     stop: asyncio.Event | None = None, runtime: Runtime | None = None,
     ready: Callable[[list[str], int | None], None] | None = None,
+    http_port: int | None = None, http_ready: Callable[[int], None] | None = None, serve_http: bool = True,
 ) -> None:
     """Start a runtime (unless given one started), serve until ``stop`` is set, then shut down.
 
-    ``ready(urls, metrics_port)`` is called once everything listens.
+    Unless ``serve_http`` is False, the OpenAI-compatible HTTP API listens on ``http_port`` (0: a
+    free port), or, when None, on ``[server] http_port`` (0 there disables it), with the native
+    port's host and token.
+    ``ready(urls, metrics_port)`` is called once everything listens, after ``http_ready(port)``.
     """
     runtime = runtime or build_runtime(config, plugins)
     server = Server(runtime, token=token)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     metrics = None
+    api = None
     try:
         host, port = config.server.host, config.server.port
         bound = await server.start([t.default_url(host, port) for t in runtime.kernel.transports.values()])
@@ -63,12 +68,24 @@ async def serve(
             metrics = MetricsEndpoint(runtime.kernel, loop, host, config.server.metrics_port)
             metrics.start()
             announce(f"metrics: http://{config.server.host}:{metrics.port}/metrics (and /metrics/vmu)")
+        port_http = config.server.http_port if http_port is None else http_port
+        if serve_http and (http_port is not None or port_http):
+            from djinn.server.openai_api import OpenAIServer
+
+            api = OpenAIServer(runtime, host=host, port=port_http, token=token,
+                               session_ttl_s=config.server.http_session_ttl_s, serve_metrics=metrics is None)
+            port_http = await api.start()
+            announce(f"OpenAI API: http://{host}:{port_http}/v1 (and /health, /metrics)")
+            if http_ready is not None:
+                http_ready(port_http)
         announce(f"djinn {__version__} serving {config.model.name} on {', '.join(bound)}")
         announce("plugins: " + ", ".join(plugins.selected_names()))
         if ready is not None:
             ready(bound, metrics.port if metrics is not None else None)
         await stop.wait()
     finally:
+        if api is not None:
+            await api.close()
         await server.close()
         if metrics is not None:
             metrics.stop()
@@ -94,14 +111,19 @@ class BackgroundServer:
 
         with BackgroundServer(config, plugins) as server:
             client = connect(server.url("tcp"))
+
+    The OpenAI-compatible HTTP API is served only when ``http_port`` is given (0: a free port);
+    ``http_url`` is then its base URL (``http://host:port/v1``).
     """
 
     def __init__(self, config: DjinnConfig, plugins: DjinnPlugins, *, token: str | None = None,
-                 runtime: Runtime | None = None) -> None:
+                 runtime: Runtime | None = None, http_port: int | None = None) -> None:
         self.config, self.plugins, self.token = config, plugins, token
         self.runtime = runtime
         self.urls: list[str] = []
         self.metrics_port: int | None = None
+        self.http_port_asked = http_port
+        self.http_port: int | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,8 +139,13 @@ class BackgroundServer:
                 self.urls, self.metrics_port = urls, metrics_port
                 self._ready.set()
 
+            def http_ready(port: int) -> None:
+                self.http_port = port
+
             await serve(self.config, self.plugins, token=self.token, announce=lambda _line: None,
-                        stop=self._stop, runtime=self.runtime, ready=ready)
+                        stop=self._stop, runtime=self.runtime, ready=ready,
+                        http_port=self.http_port_asked, http_ready=http_ready,
+                        serve_http=self.http_port_asked is not None)
 
         try:
             asyncio.run(run())
@@ -146,6 +173,13 @@ class BackgroundServer:
     def model(self) -> ModelService:
         """The started model service (runner, batch engine)."""
         return self.runtime.model
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI API's base URL (``http://host:port/v1``)."""
+        if self.http_port is None:
+            raise KeyError("the HTTP API is not served: give BackgroundServer an http_port")
+        return f"http://{self.config.server.host}:{self.http_port}/v1"
 
     def url(self, scheme: str) -> str:
         """The bound URL of one transport."""

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible API, driven by the official ``openai`` client against a real server.
+
+The model is a tiny llama saved with a word-level tokenizer and a chat template. Its decoder
+layers add nothing (their output projections are zero), its embeddings are one-hot and its head
+maps each token to a chosen successor, so greedy decoding follows a script: after ``assistant``
+it says ``hello world hello world ...``; after ``:`` (how the template ends when tools are
+offered) it emits a Hermes tool call and then the end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+import torch
+
+from djinn.client import connect
+from tests.serving import serving_config, start_server
+
+CALL = ['{"name":', '"get_weather",', '"arguments":', '{"city":', '"paris"}}']
+WORDS = ["<unk>", "<s>", "</s>", "user", "assistant", "system", "tool", ":", "hello", "world", "the", "weather",
+         "in", "paris", "is", "sunny", "what", "<tool_call>", "</tool_call>", *CALL]
+#: the greedy successor of each scripted token; every other token is followed by "hello"
+SCRIPT = {"hello": "world", "world": "hello", ":": "<tool_call>", "<tool_call>": CALL[0],
+          **{a: b for a, b in zip(CALL, CALL[1:])}, CALL[-1]: "</tool_call>", "</tool_call>": "</s>"}
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}{% if tools %}assistant :{% else %}assistant{% endif %}{% endif %}"
+)
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}}]
+
+
+def build_model_dir(path) -> str:
+    """Save the scripted model and its tokenizer into ``path``."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = TEMPLATE
+    hidden = 64
+    config = LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(len(WORDS), hidden))
+        head = torch.zeros(len(WORDS), hidden)
+        for word, i in vocab.items():
+            head[vocab[SCRIPT.get(word, "hello")], i] = 1.0
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_dir(tmp_path_factory.mktemp("scripted"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = start_server(serving_config(model_dir), overrides=["tcp"], http_port=0)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server, model_dir):
+    return openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0)
+
+
+def native(server, inputs, n: int) -> list[int]:
+    with connect(server.url("tcp")) as client, client.model().session() as session:
+        return session.generate(inputs, max_new_tokens=n).tokens
+
+
+def test_models_and_health(server, api, model_dir):
+    assert [m.id for m in api.models.list().data] == [model_dir]
+    with urllib.request.urlopen(server.http_url.removesuffix("/v1") + "/health") as resp:
+        assert json.load(resp)["status"] == "ok"
+    with urllib.request.urlopen(server.http_url.removesuffix("/v1") + "/metrics/vmu") as resp:
+        assert json.load(resp)["model"] == model_dir
+    with urllib.request.urlopen(server.http_url.removesuffix("/v1") + "/metrics") as resp:
+        assert b"djinn_device_bytes" in resp.read()
+
+
+def test_completion_equals_the_native_greedy_output(server, api, model_dir):
+    out = api.completions.create(model=model_dir, prompt="the weather is", max_tokens=6, temperature=0)
+    tokenizer = server.model.loaded.tokenizer
+    expected = native(server, tokenizer("the weather is")["input_ids"], 6)
+    assert out.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert out.choices[0].text == "hello world hello world hello world"
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 6
+
+
+def test_chat_equals_the_native_greedy_output(server, api, model_dir):
+    messages = [{"role": "user", "content": "what is the weather in paris"}]
+    out = api.chat.completions.create(model=model_dir, messages=messages, max_tokens=5, temperature=0)
+    tokenizer = server.model.loaded.tokenizer
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = native(server, tokenizer(prompt, add_special_tokens=False)["input_ids"], 5)
+    assert out.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def test_streaming_equals_the_whole_response(api, model_dir):
+    messages = [{"role": "user", "content": "hello"}]
+    whole = api.chat.completions.create(model=model_dir, messages=messages, max_tokens=7, temperature=0)
+    chunks = list(api.chat.completions.create(model=model_dir, messages=messages, max_tokens=7, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 7
+    streamed = "".join(c.choices[0].text for c in api.completions.create(
+        model=model_dir, prompt="the", max_tokens=4, temperature=0, stream=True))
+    assert streamed == "hello world hello world"
+
+
+def test_stop_strings_and_logprobs(api, model_dir):
+    out = api.completions.create(model=model_dir, prompt="the", max_tokens=8, temperature=0, stop=["world hello"])
+    assert out.choices[0].text == "hello "
+    assert out.choices[0].finish_reason == "stop"
+    out = api.chat.completions.create(model=model_dir, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                      temperature=0, logprobs=True, top_logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == ["hello", "world", "hello"]
+    assert all(c.logprob <= 0 and c.top_logprobs[0].token == c.token for c in content)
+
+
+def test_sampling_is_seeded(api, model_dir):
+    def once() -> str:
+        return api.completions.create(model=model_dir, prompt="the", max_tokens=6, temperature=1.5, top_p=0.9,
+                                      seed=11).choices[0].text
+
+    assert once() == once()
+
+
+def test_a_second_turn_reuses_the_session_kv(server, api, model_dir):
+    first = [{"role": "user", "content": "what is the weather"}]
+    turn1 = api.chat.completions.create(model=model_dir, messages=first, max_tokens=4, temperature=0,
+                                        extra_body={"djinn": {"session_id": "reuse"}})
+    assert turn1.usage.prompt_tokens_details.cached_tokens == 0
+    second = [*first, {"role": "assistant", "content": turn1.choices[0].message.content},
+              {"role": "user", "content": "in paris"}]
+    turn2 = api.chat.completions.create(model=model_dir, messages=second, max_tokens=4, temperature=0,
+                                        extra_body={"djinn": {"session_id": "reuse"}})
+    fresh = api.chat.completions.create(model=model_dir, messages=second, max_tokens=4, temperature=0)
+    assert turn2.choices[0].message.content == fresh.choices[0].message.content
+    assert turn2.usage.prompt_tokens_details.cached_tokens >= turn1.usage.prompt_tokens - 1
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    # a changed history is cut back to the common prefix, and the output stays exact
+    edited = [{"role": "user", "content": "what is sunny"}]
+    turn3 = api.chat.completions.create(model=model_dir, messages=edited, max_tokens=4, temperature=0,
+                                        extra_body={"djinn": {"session_id": "reuse"}})
+    fresh3 = api.chat.completions.create(model=model_dir, messages=edited, max_tokens=4, temperature=0)
+    assert turn3.choices[0].message.content == fresh3.choices[0].message.content
+    assert 0 < turn3.usage.prompt_tokens_details.cached_tokens < turn3.usage.prompt_tokens
+    info = api.get("/djinn/sessions/reuse", cast_to=object)
+    assert info["session_id"] == "reuse" and info["tokens"] == turn3.usage.prompt_tokens + 4 - 0
+
+
+def test_phase_after_puts_the_session_in_io_wait(api, model_dir):
+    api.completions.create(model=model_dir, prompt="the", max_tokens=2, temperature=0,
+                           extra_body={"djinn": {"session_id": "phased", "phase_after": "IO_WAIT",
+                                                 "expected_resume_s": 5.0}})
+    assert api.get("/djinn/sessions/phased", cast_to=object)["phase"] == "IO_WAIT"
+    api.post("/djinn/sessions/phased/phase", body={"phase": "COMPUTE"}, cast_to=object)
+    assert api.get("/djinn/sessions/phased", cast_to=object)["phase"] == "COMPUTE"
+    api.delete("/djinn/sessions/phased", cast_to=object)
+    with pytest.raises(openai.NotFoundError):
+        api.get("/djinn/sessions/phased", cast_to=object)
+
+
+def test_a_tool_call_enters_io_wait_and_the_tool_result_resumes(server, api, model_dir):
+    messages = [{"role": "user", "content": "what is the weather in paris"}]
+    out = api.chat.completions.create(model=model_dir, messages=messages, tools=TOOLS, max_tokens=20,
+                                      temperature=0, extra_headers={"X-Djinn-Session-Id": "agent"})
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "paris"}
+    session = api.get("/djinn/sessions/agent", cast_to=object)
+    assert session["phase"] == "IO_WAIT"
+    kernel_session = server.call(lambda: next(s for s in server.kernel.sessions.values()
+                                              if s.info.phase.value == "IO_WAIT"))
+    assert kernel_session.info.expected_resume_at is None  # no duration of get_weather seen yet
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    again = api.chat.completions.create(model=model_dir, messages=messages, tools=TOOLS, max_tokens=20,
+                                        temperature=0, extra_headers={"X-Djinn-Session-Id": "agent"})
+    assert again.choices[0].finish_reason == "tool_calls"
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    # the second call's IO_WAIT carries the learned duration of get_weather as its hint
+    assert server.call(lambda: kernel_session.info.phase.value) == "IO_WAIT"
+    assert server.call(lambda: kernel_session.info.expected_resume_at) is not None
+    streamed = list(api.chat.completions.create(model=model_dir, messages=messages[:1], tools=TOOLS,
+                                                max_tokens=20, temperature=0, stream=True))
+    calls = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls and calls[0].function.name == "get_weather"
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_bad_requests_get_error_objects_and_the_server_serves_on(server, api, model_dir):
+    with pytest.raises(openai.NotFoundError) as info:
+        api.completions.create(model="no-such-model", prompt="the", max_tokens=2)
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        api.completions.create(model=model_dir, prompt="the", max_tokens=2, n=2)
+    assert info.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model=model_dir, prompt=[1.5], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model=model_dir, prompt="the", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model=model_dir, messages=[], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model=model_dir, prompt="the", extra_body={"djinn": {"phase_after": "IOWAIT"}})
+    request = urllib.request.Request(server.http_url + "/completions", data=b"{not json", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(request)
+    assert raw.value.code == 400 and "error" in json.load(raw.value)
+    assert api.completions.create(model=model_dir, prompt="the", max_tokens=2, temperature=0).choices[0].text
+
+
+def test_a_token_requires_a_bearer_header(model_dir):
+    srv = start_server(serving_config(model_dir), overrides=["tcp"], http_port=0, token="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.http_url, api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=srv.http_url, api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == model_dir
+    finally:
+        srv.stop()
+
+
+def test_an_idle_session_expires(model_dir):
+    import attrs
+
+    config = serving_config(model_dir)
+    config = attrs.evolve(config, server=attrs.evolve(config.server, http_session_ttl_s=0.2))
+    srv = start_server(config, overrides=["tcp"], http_port=0)
+    try:
+        api = openai.OpenAI(base_url=srv.http_url, api_key="unused", max_retries=0)
+        api.completions.create(model=model_dir, prompt="the", max_tokens=1,
+                               extra_body={"djinn": {"session_id": "brief"}})
+        deadline = __import__("time").monotonic() + 20
+        while srv.call(lambda: len(srv.kernel.sessions)) and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.05)
+        with pytest.raises(openai.NotFoundError):
+            api.get("/djinn/sessions/brief", cast_to=object)
+    finally:
+        srv.stop()
