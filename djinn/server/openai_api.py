@@ -506,8 +506,9 @@ class OpenAIServer:
         logprobs = None
         if req.params.logprobs is not None:
             logprobs = self._logprobs(result, chat=chat)
-        if not chat:
-            return {"index": 0, "text": answer.text, "logprobs": logprobs, "finish_reason": answer.finish_reason}
+        if not chat:  # the token ids too: a model without a tokenizer has no text to give
+            return {"index": 0, "text": answer.text, "logprobs": logprobs, "finish_reason": answer.finish_reason,
+                    "token_ids": list(result.tokens)}
         message: dict[str, Any] = {"role": "assistant", "content": answer.text or (None if answer.tool_calls else "")}
         if answer.tool_calls:
             message["tool_calls"] = answer.tool_calls
