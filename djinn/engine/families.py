@@ -1,0 +1,148 @@
+"""Model families: where each keeps its embeddings, positions, layers, final norm and head.
+
+The runner reads a model only through its family's ``Family``: it embeds tokens with positions
+(``embed``), runs the decoder layers, then ``norm`` and ``head``. Llama, Mistral and Qwen2 share
+one layout (rotary positions, RMSNorm, gated MLP; Mistral and Qwen2 differ in sliding windows,
+Qwen2 in projection biases); GPT-2 has learned absolute positions and LayerNorm.
+
+Rotary families also have ``rotary_decode_layer``: one decoder layer of a batched decode step
+written out end to end, with its KV written to the pool and attention over each row's own
+blocks. It is the function ``torch.compile`` fuses for the decode step (RMSNorm, rotary, SiLU
+gating and the residual adds become a few kernels around the GEMMs); it computes what the
+family's own layer computes, from the same weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from djinn.engine.models import LoadedModel
+from djinn.kernel.errors import ModelError
+
+#: families whose layout is known here; anything else is refused when a runner is built
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+@attrs.define(eq=False)
+class Family:
+    """One loaded model's parts, as the runner uses them."""
+
+    name: str
+    embed_tokens: torch.nn.Module
+    layers: list[torch.nn.Module]
+    norm: torch.nn.Module
+    head: torch.nn.Module
+    #: each layer's sliding-attention window (None: full causal attention)
+    windows: list[int | None]
+    #: absolute positions the model has (None: rotary, no fixed limit)
+    max_positions: int | None
+    #: the modules outside the decoder layers (they stay on the compute device)
+    outside_layers: list[torch.nn.Module]
+    #: ``(hidden, positions) -> (hidden, rope)``: positions added, or the rotary (cos, sin)
+    add_positions: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]]
+    #: query heads per KV head inside a layer's attention (1 where K/V are not grouped)
+    query_group: int
+    #: the fused decode layer of this family, or None (its layers then run as they are)
+    decode_layer: Callable[..., torch.Tensor] | None = None
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Token ids ``[B, T]`` at ``positions`` ``[B, T]``: hidden ``[B, T, E]`` and the rotary
+        embedding ``(cos, sin)`` ``[B, T, D]`` each, or None."""
+        return self.add_positions(self.embed_tokens(ids), positions)
+
+
+def family_of(loaded: LoadedModel) -> Family:
+    """The ``Family`` of a loaded model; ``ModelError`` for a family the runner cannot drive."""
+    model, config, name = loaded.model, loaded.config, loaded.family
+    if name not in SUPPORTED_FAMILIES:
+        raise ModelError(
+            f"the layer-by-layer runner does not support the {name!r} family of "
+            f"{loaded.name!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    layers = config.num_hidden_layers
+    if name == "gpt2":
+        if getattr(config, "add_cross_attention", False):
+            raise ModelError(f"{loaded.name!r}: GPT-2 with cross-attention is not a decoder-only model")
+        body = model.transformer
+
+        def add_absolute(hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return body.drop(hidden + body.wpe(positions)), None
+
+        return Family(
+            name, body.wte, list(body.h), body.ln_f, model.lm_head, [None] * layers, config.n_positions,
+            [body.wte, body.wpe, body.ln_f, model.lm_head], add_absolute, query_group=1,
+        )
+    body = model.model
+
+    def add_rotary(hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return hidden, body.rotary_emb(hidden, positions)  # (cos, sin), each [B, T, D]
+
+    window = getattr(config, "sliding_window", None)
+    if name == "mistral":
+        windows = [window] * layers
+    elif name == "qwen2":
+        types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+        windows = [window if t == "sliding_attention" else None for t in types[:layers]]
+    else:
+        windows = [None] * layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return Family(
+        name, body.embed_tokens, list(body.layers)[:layers], body.norm, model.lm_head, windows, None,
+        [body.embed_tokens, body.rotary_emb, body.norm, model.lm_head], add_rotary,
+        query_group=config.num_attention_heads // kv_heads, decode_layer=rotary_decode_layer,
+    )
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The families' RMSNorm: in float32, scaled by the weight in the input's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``[B, H, 1, D]`` with ``cos``/``sin`` ``[B, 1, 1, D]``."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def rotary_decode_layer(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    write: torch.Tensor,
+    block_mask: BlockMask,
+    attend: Callable[..., torch.Tensor] = flex_attention,
+) -> torch.Tensor:
+    """One Llama-layout decoder layer for ``B`` one-token rows, over the paged KV pool.
+
+    ``hidden`` ``[B, 1, E]``; ``cos``/``sin`` ``[B, 1, D]``; ``keys``/``values`` the layer's pool
+    views ``[S, H_kv, D]``; row ``b``'s new key and value go to slot ``write[b]``, then each row
+    attends over its own blocks (``block_mask``, see the runner's paged decode). Returns the
+    layer's output ``[B, 1, E]``.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    batch, dim = hidden.shape[0], keys.shape[-1]
+    x = _rms_norm(layer.input_layernorm, hidden)  # [B, 1, E]
+    q = attn.q_proj(x).view(batch, 1, -1, dim).transpose(1, 2)  # [B, H, 1, D]
+    k = attn.k_proj(x).view(batch, 1, -1, dim).transpose(1, 2)  # [B, H_kv, 1, D]
+    v = attn.v_proj(x).view(batch, 1, -1, dim)  # [B, 1, H_kv, D]
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    keys.index_copy_(0, write, k[:, :, 0])
+    values.index_copy_(0, write, v[:, 0])
+    out = attend(
+        q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], block_mask=block_mask,
+        scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1],
+    )  # [B, H, 1, D]
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+    x = _rms_norm(layer.post_attention_layernorm, hidden)
+    return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
