@@ -268,6 +268,7 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         save("anchors")
     runner = ModelRunner(loaded, device=device, decode_attention=decode_attention)
     report["config"]["decode_attention"] = runner.decode_attention
+    report["config"]["fused_decode"] = runner.fused_decode
     free = torch.cuda.mem_get_info()[0] - 3 * GiB if cuda else int(cpu_pool_gb * GiB)
     pool_blocks = free // runner.pool.block_bytes
     runner.pool.grow(pool_blocks)

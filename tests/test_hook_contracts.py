@@ -7,7 +7,6 @@ import socket
 import urllib.request
 
 import attrs
-import pytest
 
 from djinn.client import connect
 from djinn.kernel.hookspecs import hookimpl
