@@ -140,10 +140,28 @@ def test_connect_to_a_silent_port_times_out():
         listener.close()
 
 
-def test_a_request_timeout_raises_and_the_connection_stays_usable(session):
+def test_a_request_timeout_raises_and_the_connection_stays_usable(server):
+    """A request queued behind the session's own paused pass cannot finish: it times out, and the
+    connection and the session serve on once the pass resumes."""
+
+    async def run() -> list[int]:
+        async with connect_async(server.url("tcp")) as client:
+            session = await (await client.model()).session()
+            trace = session.trace([1, 2], max_new_tokens=2, breakpoints=[1])
+            await trace.__anext__()  # paused: the session is held until the pass resumes
+            with pytest.raises(RequestTimeout, match="0.2 s"):
+                await session.generate([3], max_new_tokens=2, timeout=0.2)
+            async for _ in trace:
+                pass
+            return (await session.generate([4], max_new_tokens=2)).tokens
+
+    assert len(asyncio.run(run())) == 2
+
+
+def test_the_blocking_client_times_out_too(session):
     with pytest.raises(RequestTimeout):
-        session.generate([1, 2, 3], max_new_tokens=4000, timeout=0.05)
-    # the server finishes the abandoned request; the session serves the next one
+        session.generate([1, 2], max_new_tokens=3, breakpoints=[1], on_break=lambda hit: hit.resume(),
+                         timeout=0.0)
     assert len(session.generate([4], max_new_tokens=2).tokens) == 2
 
 

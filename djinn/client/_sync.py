@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -17,6 +19,7 @@ from djinn.client._async import (
     AsyncTrace,
     Generation,
     Inputs,
+    RequestTimeout,
 )
 
 T = TypeVar("T")
@@ -30,8 +33,17 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name="djinn-client", daemon=True)
         self.thread.start()
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop; past ``timeout`` seconds cancel it and raise ``RequestTimeout``."""
+        if timeout is not None and timeout <= 0:
+            coro.close()
+            raise RequestTimeout("the request's time ran out")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RequestTimeout(f"no reply within {timeout:g} s") from None
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -104,8 +116,8 @@ class Session:
         self._async = inner
         self.id = inner.id
 
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._client._loop.run(coro)
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self._client._loop.run(coro, timeout)
 
     def generate(
         self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
@@ -122,6 +134,8 @@ class Session:
             ))
         trace = self.trace(inputs, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                            stop=stop, ignore_eos=ignore_eos, logprobs=logprobs, breakpoints=breakpoints)
+        if timeout is not None:
+            trace.deadline = time.monotonic() + timeout
         for hit in trace:
             if on_break is not None:
                 on_break(hit)
@@ -170,13 +184,16 @@ class Trace:
     def __init__(self, session: Session, inner: AsyncTrace) -> None:
         self._session = session
         self._async = inner
+        #: ``time.monotonic()`` past which waiting for the next hit raises ``RequestTimeout``
+        self.deadline: float | None = None
 
     def __iter__(self) -> Trace:
         return self
 
     def __next__(self) -> Breakpoint:
+        remaining = None if self.deadline is None else self.deadline - time.monotonic()
         try:
-            hit = self._session._run(self._async.__anext__())
+            hit = self._session._run(self._async.__anext__(), remaining)
         except StopAsyncIteration:
             raise StopIteration from None
         return Breakpoint(self._session, hit)
