@@ -271,3 +271,17 @@ def test_an_idle_session_expires(model_dir):
             api.get("/djinn/sessions/brief", cast_to=object)
     finally:
         srv.stop()
+
+
+def test_native_generate_stops_at_eos_unless_ignored_and_at_stop_strings(server):
+    tokenizer = server.model.loaded.tokenizer
+    prompt = tokenizer("what :")["input_ids"]
+    eos = tokenizer.eos_token_id
+    with connect(server.url("tcp")) as client, client.model().session() as session:
+        out = session.generate(prompt, max_new_tokens=20)
+        assert out.finish_reason == "stop" and out.tokens[-1] == eos and len(out.tokens) == len(CALL) + 3
+        longer = client.model().session().generate(prompt, max_new_tokens=20, ignore_eos=True)
+        assert longer.finish_reason == "length" and len(longer.tokens) == 20
+        assert longer.tokens[: len(out.tokens)] == out.tokens
+        text = client.model().session().generate("the", max_new_tokens=10, stop=["world"])
+        assert text.finish_reason == "stop" and text.text.endswith("world") and len(text.tokens) == 2
