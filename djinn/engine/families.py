@@ -98,6 +98,34 @@ def family_of(loaded: LoadedModel) -> Family:
     )
 
 
+def pack_projections(layer: torch.nn.Module) -> None:
+    """Store a rotary layer's q/k/v weights (and biases) in one tensor, and its gate/up weights
+    in another, each projection's parameter becoming a view of it: the memory stays the same,
+    the layer's own forward is unchanged, and ``rotary_decode_layer`` runs one GEMM per group
+    (at decode's few rows a GEMM costs what reading its weights costs, plus a launch)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    for owner, name, group in ((attn, "djinn_qkv", ("q_proj", "k_proj", "v_proj")), (mlp, "djinn_gate_up", ("gate_proj", "up_proj"))):
+        projections = [getattr(owner, p) for p in group]
+        for kind in ("weight", "bias"):
+            parts = [getattr(p, kind) for p in projections]
+            if any(part is None for part in parts):
+                owner.register_buffer(f"{name}_{kind}", None, persistent=False)
+                continue
+            packed = torch.cat([part.detach() for part in parts])  # [sum out, in] or [sum out]
+            start = 0
+            for projection, part in zip(projections, parts):
+                setattr(projection, kind, torch.nn.Parameter(packed[start : start + part.shape[0]], requires_grad=False))
+                start += part.shape[0]
+            # a buffer, so a compiled function takes it as an input like the parameters
+            owner.register_buffer(f"{name}_{kind}", packed, persistent=False)
+
+
+def _packed(owner: torch.nn.Module, name: str, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """One GEMM over a packed group of projections, split into each projection's output."""
+    out = torch.nn.functional.linear(x, getattr(owner, f"{name}_weight"), getattr(owner, f"{name}_bias"))
+    return list(out.split(sizes, dim=-1))
+
+
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The families' RMSNorm: in float32, scaled by the weight in the input's dtype."""
     h = x.float()
@@ -132,9 +160,14 @@ def rotary_decode_layer(
     attn, mlp = layer.self_attn, layer.mlp
     batch, dim = hidden.shape[0], keys.shape[-1]
     x = _rms_norm(layer.input_layernorm, hidden)  # [B, 1, E]
-    q = attn.q_proj(x).view(batch, 1, -1, dim).transpose(1, 2)  # [B, H, 1, D]
-    k = attn.k_proj(x).view(batch, 1, -1, dim).transpose(1, 2)  # [B, H_kv, 1, D]
-    v = attn.v_proj(x).view(batch, 1, -1, dim)  # [B, 1, H_kv, D]
+    if hasattr(attn, "djinn_qkv_weight"):  # pack_projections ran
+        sizes = [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]]
+        q, k, v = _packed(attn, "djinn_qkv", x, sizes)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.view(batch, 1, -1, dim).transpose(1, 2)  # [B, H, 1, D]
+    k = k.view(batch, 1, -1, dim).transpose(1, 2)  # [B, H_kv, 1, D]
+    v = v.view(batch, 1, -1, dim)  # [B, 1, H_kv, D]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keys.index_copy_(0, write, k[:, :, 0])
@@ -145,4 +178,8 @@ def rotary_decode_layer(
     )  # [B, H, 1, D]
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
     x = _rms_norm(layer.post_attention_layernorm, hidden)
-    return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    if hasattr(mlp, "djinn_gate_up_weight"):
+        gate, up = _packed(mlp, "djinn_gate_up", x, [mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]])
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)  # [B, 1, E]

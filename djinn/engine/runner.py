@@ -36,7 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
-from djinn.engine.families import family_of, rotary_decode_layer
+from djinn.engine.families import family_of, pack_projections, rotary_decode_layer
 from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.kernel.strategies import Streamer
 
@@ -371,9 +371,13 @@ def _attention_mask(
 
 
 def _unique_nbytes(modules: Sequence[torch.nn.Module]) -> int:
-    """Bytes of the modules' parameters and buffers, each tensor counted once (tied weights)."""
-    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of the modules' parameters and buffers, each storage counted once (tied weights,
+    projections packed into one tensor)."""
+    storages = {}
+    for t in (t for m in modules for t in (*m.parameters(), *m.buffers())):
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 class ModelRunner:
@@ -465,6 +469,9 @@ class ModelRunner:
             self._layers_bytes = _unique_nbytes(self.layers)
         else:
             streamer.prepare(self.layers, self.device, budget_bytes)
+        if self.fused_decode:
+            for layer in self.layers:
+                pack_projections(layer)
 
     def _use_runner_attention(self, base: str) -> None:
         """Fix the layers' attention once: their modules get a copy of the config naming
