@@ -42,6 +42,16 @@ class TestPinnedHost(TierContract):
     settings = {"capacity_gb": 1 / 1024}  # 1 MiB
 
 
+class TestSemanticWriteBack(SchedulerContract):
+    plugin = "semantic"
+    settings = {"idle_threshold_s": 1.0, "write_back": True}
+
+
+class TestDisk(TierContract):
+    plugin = "disk"
+    settings = {"capacity_gb": 1 / 1024}  # 1 MiB, in a temporary file
+
+
 class TestResident(StreamerContract):
     plugin = "resident"
 

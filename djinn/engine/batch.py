@@ -84,13 +84,18 @@ class BatchEngine:
     def __init__(
         self, runner: ModelRunner, *, prefill_chunk_tokens: int = 2048, max_batch: int = 256,
         order: Callable[[list[EngineRequest]], list[EngineRequest]] | None = None,
+        prefill_tokens_while_decoding: int | None = None,
     ) -> None:
         if prefill_chunk_tokens <= 0 or max_batch <= 0:
             raise ValueError("prefill_chunk_tokens and max_batch must be > 0")
+        if prefill_tokens_while_decoding is not None and prefill_tokens_while_decoding <= 0:
+            raise ValueError("prefill_tokens_while_decoding must be > 0 (None: prefill_chunk_tokens)")
         self.runner = runner
         #: orders the waiting prompts when they exceed a step's prefill budget (default: arrival)
         self.order = order
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        #: the prefill budget of a step in which decode rows wait (at most ``prefill_chunk_tokens``)
+        self.prefill_tokens_while_decoding = min(prefill_chunk_tokens, prefill_tokens_while_decoding or prefill_chunk_tokens)
         self.max_batch = max_batch
         self._incoming: queue.SimpleQueue[EngineRequest] = queue.SimpleQueue()
         self._prefilling: deque[EngineRequest] = deque()
@@ -155,10 +160,10 @@ class BatchEngine:
         ended.append(request)
 
     def _prefill(self, ended: list[EngineRequest]) -> tuple[int, int, int]:
-        """Prefill the waiting prompts, oldest first (or in ``order``'s order), up to ``prefill_chunk_tokens`` tokens in all,
-        packed into one forward pass; a prompt longer than what is left goes on next step.
+        """Prefill the waiting prompts, oldest first (or in ``order``'s order), up to ``prefill_chunk_tokens`` tokens in all
+        (``prefill_tokens_while_decoding`` when decode rows wait), packed into one forward pass; a prompt longer than what is left goes on next step.
         Returns the pass's chunks, tokens and attended keys."""
-        budget = self.prefill_chunk_tokens
+        budget = self.prefill_tokens_while_decoding if self._decoding else self.prefill_chunk_tokens
         batch: list[tuple[EngineRequest, list[int]]] = []
         waiting: Sequence[EngineRequest] = self._prefilling
         if self.order is not None and len(waiting) > 1 and sum(len(r.prompt) - r.prefilled for r in waiting) > budget:

@@ -156,6 +156,7 @@ class ModelService(KVBackend):
         self.engine = BatchEngine(
             self.runner, prefill_chunk_tokens=config.server.prefill_chunk_tokens,
             max_batch=config.server.max_batch, order=self._order_prefill,
+            prefill_tokens_while_decoding=config.server.prefill_tokens_while_decoding or None,
         )
         self.total_weight_bytes = weight_bytes(self.loaded.model)
         if self.streamer.streams_weights:

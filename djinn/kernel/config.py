@@ -90,6 +90,9 @@ class ServerSettings:
     #: prompt tokens prefilled per engine step, so a long prompt does not stall the decoders for
     #: long; larger chunks read the weights fewer times per prompt
     prefill_chunk_tokens: int = attrs.field(default=2048, validator=_positive)
+    #: prompt tokens prefilled per engine step while decode rows wait for that step (0: the same
+    #: as ``prefill_chunk_tokens``); lower bounds how long a step holds the decoders back
+    prefill_tokens_while_decoding: int = attrs.field(default=0, validator=_non_negative)
     #: sessions decoded together in one step at most
     max_batch: int = attrs.field(default=256, validator=_positive)
     #: capture decode steps as CUDA graphs (one per padded batch size and KV span)

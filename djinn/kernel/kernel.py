@@ -5,6 +5,21 @@ engine, behind ``KVBackend``, owns the tensors). Everything runs on the server's
 thread. A session's KV is in one of four states (``Residency``); every move between them goes
 through one method of this class that does the move, its memory accounting, its counters and
 its hook together, so no path can do one without the others.
+
+The states, and the method that makes each move::
+
+    RESIDENT --_evict--> EVICTING --> EVICTED          copy to a tier, then free the GPU blocks
+    RESIDENT --_write_back--> EVICTING --> RESIDENT+backed   copy to a tier, keep the GPU blocks
+    RESIDENT+backed --_reclaim--> EVICTED              free the GPU blocks, no copy
+    RESIDENT+backed --_free_copy--> RESIDENT           a request changes the KV: the copy is stale
+    RESIDENT --_drop--> EVICTED (dropped)              free the GPU blocks, no copy, no tier
+    EVICTED --_restore--> RESTORING --> RESIDENT       copy back from the tier (or _recompute)
+    EVICTED --_demote--> EVICTED                       its tier copy moves to a later tier
+
+``session.tier``/``session.block`` hold the tier copy of an EVICTED session and of a backed
+one; a backed session is accounted twice, device bytes and tier bytes, until one goes.
+Counters: ``evictions`` counts KV leaving the GPU (an eviction's copy or a reclaim),
+``write_backs`` the copies that kept the GPU blocks, ``reclaims`` the frees that needed none.
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ COUNTERS = (
     "evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds",
     "evict_failures", "admission_waits", "admission_refusals", "requests", "tokens",
     "drops", "recomputes", "recompute_seconds",
+    "write_backs", "write_back_seconds", "reclaims", "demotions", "demote_seconds",
 )
 
 
@@ -65,6 +81,8 @@ class Session:
     recomputable: bool = True
     #: the KV was dropped (not moved to a tier): restoring it means prefilling ``history`` again
     dropped: bool = False
+    #: an IO_WAIT came since the last request: the next one is a resume after a tool call
+    after_io_wait: bool = False
 
     def update(self, **changes: Any) -> None:
         """Replace ``info`` with a copy carrying ``changes``."""
@@ -190,8 +208,8 @@ class Kernel:
         if session.block is not None:
             self.tiers[session.tier].free(session.block)
             self.memory.tier_add(session.tier, -session.block.nbytes)
-            session.block = None
-        session.update(kv_bytes=0)
+            session.block = session.tier = None
+        session.update(kv_bytes=0, backed=False)
 
     @contextlib.asynccontextmanager
     async def serving(self, session: Session, tokens: int) -> AsyncIterator[float]:
@@ -201,10 +219,13 @@ class Kernel:
         async with session.lock:
             if session.closed:
                 raise SessionError(f"session {session.info.id} is closed")
-            session.update(busy=True)
+            session.update(busy=True, request_at=time.monotonic(), resuming=session.after_io_wait)
+            session.after_io_wait = False
             self.counters["requests"] += 1
             try:
                 restore_s = await self.ensure_resident(session)
+                if session.info.backed:  # the request changes the KV: its tier copy goes stale
+                    self._free_copy(session)
                 await self._grow_kv(session, tokens)
                 yield restore_s
             finally:
@@ -230,6 +251,8 @@ class Kernel:
         old = session.info.phase
         now = time.monotonic()
         session.update(phase=phase, expected_resume_at=now + expected_s if expected_s is not None else None)
+        if phase is Phase.IO_WAIT:
+            session.after_io_wait = True
         for action in self.scheduler.on_phase(session.info, self.view(now)):
             self._schedule(action, now)
         self.plugins.notify("djinn_phase_changed", session=session.info, old=old, new=phase)
@@ -243,6 +266,8 @@ class Kernel:
             return
         if action.kind is ActionKind.EVICT:
             self._start_move(session, self._free_device(session))
+        elif action.kind is ActionKind.WRITE_BACK:
+            self._start_move(session, self._write_back(session))
         else:
             self._start_move(session, self._restore(session, critical=False))
 
@@ -275,24 +300,84 @@ class Kernel:
                 and self.backend.held_bytes(session.kv) > 0)
 
     def _free_device(self, session: Session) -> Awaitable[bool]:
-        """RESIDENT -> EVICTED the scheduler's way: a copy to a tier, or a drop."""
-        return self._drop(session) if self.scheduler.drops_kv else self._evict(session)
+        """RESIDENT -> EVICTED the scheduler's way: a drop, a reclaim (backed), or a copy to a tier."""
+        if self.scheduler.drops_kv:
+            return self._drop(session)
+        return self._reclaim(session) if session.info.backed else self._evict(session)
 
-    def _placed(self, nbytes: int) -> tuple[str, TierBlock] | None:
-        for name, tier in self.tiers.items():
+    def _allocate(self, nbytes: int, tiers: list[str] | None = None) -> tuple[str, TierBlock] | None:
+        for name in self.tiers if tiers is None else tiers:
             try:
-                return name, tier.allocate(nbytes)
+                return name, self.tiers[name].allocate(nbytes)
             except TierFullError:
                 continue
         return None
+
+    async def _placed(self, nbytes: int) -> tuple[str, TierBlock] | None:
+        """A tier block of ``nbytes``, in selection order; when no tier has room, demote the
+        coldest evicted sessions from earlier tiers to later ones until one does."""
+        while (placed := self._allocate(nbytes)) is None:
+            if not await self._demote_one():
+                return None
+        return placed
+
+    async def _demote_one(self) -> bool:
+        """Move the coldest evicted session's tier copy to a later tier with room; False if none can."""
+        names = list(self.tiers)
+        order = {name: i for i, name in enumerate(names)}
+
+        def cold(s: Session) -> tuple[int, float]:
+            info = s.info
+            if info.expected_resume_at is not None:
+                return (0, -info.expected_resume_at)
+            return (1, info.last_used)
+
+        candidates = sorted(
+            (s for s in self.sessions.values()
+             if s.info.residency is Residency.EVICTED and not s.closed and s.block is not None
+             and order[s.tier] < len(names) - 1 and (s.moving is None or s.moving.done())),
+            key=cold,
+        )
+        for session in candidates:
+            placed = self._allocate(session.block.nbytes, names[order[session.tier] + 1 :])
+            if placed is None:
+                continue
+            session.moving = asyncio.create_task(self._demote(session, *placed))
+            return await session.moving
+        return False
+
+    async def _demote(self, session: Session, tier_name: str, block: TierBlock) -> bool:
+        """EVICTED -> EVICTED: copy the session's tier copy into ``block`` of ``tier_name``, off the
+        event loop (on the model thread), then free the old block."""
+        old_name, old = session.tier, session.block
+        source, target = self.tiers[old_name].view(old), self.tiers[tier_name].view(block)
+        started = time.perf_counter()
+        try:
+            await self.backend.run_model(target.copy_, source)
+        except BaseException as exc:
+            self.tiers[tier_name].free(block)
+            if not isinstance(exc, Exception):
+                raise
+            log.error("demoting session %d's KV to %s failed: %s", session.info.id, tier_name, exc)
+            return False
+        self.tiers[old_name].free(old)
+        self.memory.tier_add(old_name, -old.nbytes)
+        self.memory.tier_add(tier_name, block.nbytes)
+        session.tier, session.block = tier_name, block
+        self.counters["demotions"] += 1
+        self.counters["demote_seconds"] += time.perf_counter() - started
+        return True
 
     async def _evict(self, session: Session) -> bool:
         """RESIDENT -> EVICTING -> EVICTED: copy the KV to a tier. False when it cannot (busy, tiers full)."""
         if not self._movable(session):
             return False
         nbytes = self.backend.held_bytes(session.kv)
-        placed = self._placed(nbytes)
-        if placed is None:
+        placed = await self._placed(nbytes)
+        if placed is None or not self._movable(session):
+            if placed is not None:  # a request took the session while older copies were demoted
+                self.tiers[placed[0]].free(placed[1])
+                return False
             self.counters["evict_failures"] += 1
             log.warning("no tier can hold session %d's %d KV bytes; it stays resident", session.info.id, nbytes)
             return False
@@ -317,11 +402,64 @@ class Kernel:
         self.plugins.notify("djinn_session_evicted", session=session.info, tier=tier_name, nbytes=nbytes, seconds=seconds)
         return True
 
+    async def _write_back(self, session: Session) -> bool:
+        """RESIDENT -> EVICTING -> RESIDENT+backed: copy the KV to a tier and keep the GPU blocks.
+        False when it cannot (busy, already backed, tiers full)."""
+        if not self._movable(session) or session.info.backed:
+            return False
+        nbytes = self.backend.held_bytes(session.kv)
+        placed = await self._placed(nbytes)
+        if placed is None or not self._movable(session):
+            if placed is not None:
+                self.tiers[placed[0]].free(placed[1])
+                return False
+            self.counters["evict_failures"] += 1
+            log.warning("no tier can hold session %d's %d KV bytes; it is not written back", session.info.id, nbytes)
+            return False
+        tier_name, block = placed
+        session.update(residency=Residency.EVICTING)
+        started = time.perf_counter()
+        try:
+            await self.backend.copy_out(session.kv, self.tiers[tier_name].view(block))
+        except BaseException:
+            self.tiers[tier_name].free(block)
+            session.update(residency=Residency.RESIDENT)
+            raise
+        session.tier, session.block = tier_name, block
+        self.memory.tier_add(tier_name, nbytes)
+        session.update(residency=Residency.RESIDENT, backed=True)
+        self.counters["write_backs"] += 1
+        self.counters["write_back_seconds"] += time.perf_counter() - started
+        return True
+
+    async def _reclaim(self, session: Session) -> bool:
+        """RESIDENT+backed -> EVICTED: free the GPU blocks; the tier copy is the KV now. No copy."""
+        if not self._movable(session) or not session.info.backed:
+            return False
+        nbytes = self.backend.held_bytes(session.kv)
+        await self.backend.release(session.kv, keep_capacity=True)
+        self.memory.release("kv", nbytes)
+        session.update(residency=Residency.EVICTED, backed=False)
+        self.counters["evictions"] += 1
+        self.counters["reclaims"] += 1
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_evicted", session=session.info, tier=session.tier, nbytes=nbytes, seconds=0.0)
+        return True
+
+    def _free_copy(self, session: Session) -> None:
+        """RESIDENT+backed -> RESIDENT: free the tier copy (the KV is about to change)."""
+        self.tiers[session.tier].free(session.block)
+        self.memory.tier_add(session.tier, -session.block.nbytes)
+        session.tier = session.block = None
+        session.update(backed=False)
+
     async def _drop(self, session: Session) -> bool:
         """RESIDENT -> EVICTED without a copy; the session's tokens are prefilled again later."""
         if not self._movable(session) or not session.recomputable:
             return False
         nbytes = self.backend.held_bytes(session.kv)
+        if session.info.backed:
+            self._free_copy(session)
         await self.backend.release(session.kv, keep_capacity=False)
         self.memory.release("kv", nbytes)
         session.dropped = True

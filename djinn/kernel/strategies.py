@@ -55,7 +55,8 @@ class Phase(enum.Enum):
 
 
 class Residency(enum.Enum):
-    """Where a session's KV is, and whether it is moving."""
+    """Where a session's KV is, and whether it is moving. A RESIDENT session may also hold a
+    clean copy in a tier (``SessionInfo.backed``, after a write-back)."""
 
     RESIDENT = "RESIDENT"
     EVICTING = "EVICTING"
@@ -77,6 +78,13 @@ class SessionInfo:
     expected_resume_at: float | None = None
     #: True while a request of this session is queued or running
     busy: bool = False
+    #: RESIDENT with a clean copy of its KV in a tier (a write-back): freeing its GPU blocks
+    #: needs no copy (a reclaim)
+    backed: bool = False
+    #: when the session's current (or last) request arrived (monotonic)
+    request_at: float | None = None
+    #: the current (or last) request is the first after an IO_WAIT: an agent resuming after a tool call
+    resuming: bool = False
 
 
 @attrs.frozen
@@ -104,6 +112,8 @@ class ActionKind(enum.Enum):
 
     EVICT = "evict"
     RESTORE = "restore"
+    #: copy the KV to a tier but keep its GPU blocks (the session stays RESIDENT, ``backed``)
+    WRITE_BACK = "write_back"
 
 
 @attrs.frozen
@@ -156,8 +166,9 @@ class Scheduler(ABC):
     ) -> Sequence[SessionInfo]:
         """Pick among ``candidates`` (resident, idle) sessions to evict so ``need_bytes`` become free.
 
-        Called when an allocation does not fit. Returning fewer bytes than needed (or nothing)
-        means "do not evict for this": the request waits in the admission queue or fails.
+        Called when an allocation does not fit. A ``backed`` candidate is freed at once with no
+        copy (a reclaim); any other needs a copy to a tier. Returning fewer bytes than needed (or
+        nothing) means "do not evict for this": the request waits in the admission queue or fails.
         """
 
     def order_prefill(self, waiting: Sequence[SessionInfo], now: float) -> Sequence[SessionInfo]:

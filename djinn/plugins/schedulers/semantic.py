@@ -1,11 +1,18 @@
 """``semantic``: act on what clients say they are doing.
 
-``IO_WAIT`` evicts the session's KV at once (the copy runs on a side stream; the client is not
-made to wait); with ``expected_s`` a restore is scheduled ``prefetch_margin_s`` before the
-predicted resume, so the KV is back before the client asks. ``COMPUTE`` restores at once.
-Sessions that never signal are evicted after ``idle_threshold_s`` without a request.
-Under memory pressure it evicts waiting sessions first (the one expected back last), then the
-least recently used.
+``IO_WAIT`` moves the session's KV off the critical path at once (the copy runs on a side
+stream; the client is not made to wait). With ``write_back`` the KV is copied to a tier and the
+GPU blocks stay (the session is ``backed``): under memory pressure they are freed with no copy
+(a reclaim), and an agent that resumes first finds its KV where it was, nothing moved back.
+Without it the KV is evicted. A restore is scheduled ``prefetch_margin_s`` before the predicted
+resume: the client's ``expected_s``, else (write-back) the mean of the session's past
+IO_WAIT -> COMPUTE gaps (none observed: no timed prefetch). ``COMPUTE`` restores at once. Sessions that never signal are evicted
+after ``idle_threshold_s`` without a request.
+
+Under memory pressure it frees backed sessions first (instant), then waiting sessions (the one
+expected back last), then the least recently used. Waiting prompts are prefilled by deadline:
+a resume after a tool call is due ``resume_latency_s`` after it arrived, a fresh request
+``arrival_latency_s`` after; the earliest deadline goes first.
 """
 
 from __future__ import annotations
@@ -40,28 +47,57 @@ class SemanticSettings:
     prefetch_margin_s: float = attrs.field(default=0.5, validator=_non_negative)
     #: evict a resident session after this long without a request (0 disables the fallback)
     idle_threshold_s: float = attrs.field(default=30.0, validator=_non_negative)
+    #: at IO_WAIT copy the KV to a tier and keep the GPU blocks until memory is needed (True),
+    #: or evict it at once (False, the behaviour before write-back)
+    write_back: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    #: prefill deadline of a request that resumes after a tool call, from its arrival
+    resume_latency_s: float = attrs.field(default=0.25, validator=_non_negative)
+    #: prefill deadline of any other request, from its arrival
+    arrival_latency_s: float = attrs.field(default=2.0, validator=_non_negative)
 
 
 class SemanticScheduler(Scheduler):
-    """Evict on IO_WAIT, prefetch before the predicted resume, restore on COMPUTE."""
+    """Write back (or evict) on IO_WAIT, prefetch before the predicted resume, restore on COMPUTE."""
 
     def __init__(self, settings: SemanticSettings) -> None:
         self.settings = settings
+        #: session id -> when its current IO_WAIT began
+        self._waiting_since: dict[int, float] = {}
+        #: session id -> (sum, count) of its observed IO_WAIT -> COMPUTE gaps
+        self._gaps: dict[int, tuple[float, int]] = {}
+
+    def expected_wait_s(self, session_id: int) -> float | None:
+        """The mean of the session's observed IO_WAIT -> COMPUTE gaps; None before the first."""
+        total, count = self._gaps.get(session_id, (0.0, 0))
+        return total / count if count else None
 
     def on_phase(self, session: SessionInfo, view: SchedulerView) -> Sequence[Action]:
-        """IO_WAIT -> evict now (and restore ahead of the hint); COMPUTE -> restore now."""
+        """IO_WAIT -> write back (or evict) now and restore ahead of the hint; COMPUTE -> restore now."""
         if session.phase is Phase.IO_WAIT:
-            actions = [Action(ActionKind.EVICT, session.id)]
-            if session.expected_resume_at is not None:
-                at = max(view.now, session.expected_resume_at - self.settings.prefetch_margin_s)
+            self._waiting_since[session.id] = view.now
+            kind = ActionKind.WRITE_BACK if self.settings.write_back else ActionKind.EVICT
+            actions = [Action(kind, session.id)]
+            resume = session.expected_resume_at
+            if resume is None and (learned := self.expected_wait_s(session.id)) is not None:
+                resume = view.now + learned
+            if resume is not None:
+                at = max(view.now, resume - self.settings.prefetch_margin_s)
                 actions.append(Action(ActionKind.RESTORE, session.id, at=at))
             return actions
+        since = self._waiting_since.pop(session.id, None)
+        if since is not None:
+            total, count = self._gaps.get(session.id, (0.0, 0))
+            self._gaps[session.id] = (total + view.now - since, count + 1)
         if session.residency in (Residency.EVICTED, Residency.EVICTING):
             return [Action(ActionKind.RESTORE, session.id)]
         return []
 
     def on_tick(self, view: SchedulerView) -> Sequence[Action]:
         """Evict sessions that never signal once they have been idle past the threshold."""
+        if len(self._gaps) + len(self._waiting_since) > 2 * len(view.sessions) + 64:
+            open_ids = {s.id for s in view.sessions}  # forget closed sessions
+            self._gaps = {k: v for k, v in self._gaps.items() if k in open_ids}
+            self._waiting_since = {k: v for k, v in self._waiting_since.items() if k in open_ids}
         limit = self.settings.idle_threshold_s
         if limit <= 0:
             return []
@@ -75,14 +111,24 @@ class SemanticScheduler(Scheduler):
     def select_victims(
         self, candidates: Sequence[SessionInfo], need_bytes: int, view: SchedulerView
     ) -> Sequence[SessionInfo]:
-        """Waiting sessions first (latest expected resume first), then least recently used."""
-        def key(s: SessionInfo) -> tuple[int, float]:
+        """Backed sessions first (freed with no copy), then waiting sessions (latest expected
+        resume first), then least recently used."""
+        def key(s: SessionInfo) -> tuple[int, int, float]:
             if s.phase is Phase.IO_WAIT:
                 resume = s.expected_resume_at if s.expected_resume_at is not None else float("inf")
-                return (0, -resume)
-            return (1, s.last_used)
+                return (not s.backed, 0, -resume)
+            return (not s.backed, 1, s.last_used)
 
         return take_until(sorted(candidates, key=key), need_bytes)
+
+    def order_prefill(self, waiting: Sequence[SessionInfo], now: float) -> Sequence[SessionInfo]:
+        """Earliest deadline first: arrival plus ``resume_latency_s`` for a resume after a tool
+        call, plus ``arrival_latency_s`` for any other request (ties keep the given order)."""
+        def deadline(s: SessionInfo) -> float:
+            arrived = s.request_at if s.request_at is not None else now
+            return arrived + (self.settings.resume_latency_s if s.resuming else self.settings.arrival_latency_s)
+
+        return sorted(waiting, key=deadline)
 
 
 @hookimpl
