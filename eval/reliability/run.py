@@ -700,10 +700,10 @@ def _soak_one(session: Any) -> tuple[list[int], ...]:
     """One session's life: generate, evict, restore on demand, evict and prefetch, trace, edit."""
     first = session.generate(PROMPT, max_new_tokens=2).tokens
     session.signal_phase("IO_WAIT")
-    second = session.generate([first[-1]], max_new_tokens=1).tokens  # restores what IO_WAIT evicted
+    second = session.generate([7], max_new_tokens=1).tokens  # restores what IO_WAIT evicted
     session.signal_phase("IO_WAIT")
     session.signal_phase("COMPUTE")
-    trace = session.trace([second[-1]], max_new_tokens=2, breakpoints=[1])
+    trace = session.trace([8], max_new_tokens=2, breakpoints=[1])
     for hit in trace:
         if hit.step == 1:
             hit.stats()
