@@ -1,0 +1,254 @@
+"""Write-back residency through a real server, and the semantic scheduler's decisions around it:
+a written-back session keeps its GPU blocks, resumes with no copy, and under pressure is freed
+with none; the learned resume estimate; victims; the deadline order of waiting prompts and the
+prefill cap while decoding."""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+import pytest
+
+from djinn.client import connect
+from djinn.engine.batch import BatchEngine, EngineRequest
+from djinn.kernel.strategies import ActionKind, MemoryView, Phase, Residency, SchedulerView, SessionInfo
+from djinn.plugins.schedulers.semantic import SemanticScheduler, SemanticSettings
+from eval.reliability.run import PROMPT, kv_budget_gb
+from tests.serving import serving_config
+from tests.test_kernel import _local_turns, serve_with, wait_for
+
+WRITE_BACK = {"semantic": {"write_back": True}}
+
+
+def _count_copies(server) -> collections.Counter:
+    """Count the kernel's calls of the engine's ``copy_out`` / ``copy_in`` from now on."""
+    calls: collections.Counter = collections.Counter()
+    model = server.model
+    for name in ("copy_out", "copy_in"):
+        real = getattr(model, name)
+
+        async def counted(kv, host, _real=real, _name=name):
+            calls[_name] += 1
+            await _real(kv, host)
+
+        setattr(model, name, counted)
+    return calls
+
+
+def _state(server, session_id):
+    def read():
+        s = server.kernel.get(session_id)
+        return s.info.residency, s.info.backed, s.tier
+    return server.call(read)
+
+
+def test_a_written_back_session_keeps_its_blocks_and_resumes_moving_no_bytes():
+    server = serve_with(serving_config(settings=WRITE_BACK), ["semantic", "tcp"])
+    kernel = server.kernel
+    copies = _count_copies(server)
+    try:
+        with connect(server.url("tcp")) as client, client.model().session() as session:
+            first = session.generate(PROMPT, max_new_tokens=2).tokens
+            held = server.call(lambda: kernel.memory.device_bytes("kv"))
+            session.signal_phase("IO_WAIT", expected_s=30)
+            assert wait_for(lambda: server.call(lambda: kernel.counters["write_backs"]) == 1)
+            assert _state(server, session.id) == (Residency.RESIDENT, True, "pinned_host")
+            # both copies are accounted: the device bytes stay, the tier holds as many
+            assert server.call(lambda: kernel.memory.device_bytes("kv")) == held
+            assert server.call(lambda: kernel.memory.tier_bytes("pinned_host")) == held
+            assert server.call(lambda: kernel.counters["evictions"]) == 0  # the KV did not leave the GPU
+            session.signal_phase("COMPUTE")
+            second = session.generate([first[-1]], max_new_tokens=2).tokens
+            assert len(second) == 2
+            assert copies == {"copy_out": 1}  # the write-back, and nothing back
+            assert _state(server, session.id) == (Residency.RESIDENT, False, None)
+            assert server.call(lambda: kernel.memory.tier_bytes("pinned_host")) == 0
+            assert server.call(lambda: kernel.tiers["pinned_host"].stats().allocations) == 0
+            counters = server.call(lambda: dict(kernel.counters))
+            assert counters["restores"] == 0 and counters["reclaims"] == 0
+    finally:
+        server.stop()
+
+
+def test_under_pressure_a_written_back_session_is_reclaimed_without_a_copy_and_restores_exact():
+    """Room for two sessions' KV: a third's request frees the written-back one at once (no copy
+    on its path); that session's next turn restores from the tier and picks the same tokens as a
+    session that never left the GPU."""
+    config = serving_config(budget_gb=kv_budget_gb("random:tiny-llama", 2, 64), settings=WRITE_BACK)
+    config = attrs.evolve(config, memory=attrs.evolve(config.memory, admission_queue=0))
+    server = serve_with(config, ["semantic", "tcp"])
+    kernel = server.kernel
+    turns = [[11, 12, 13, 14, 15], [21, 22]]
+    expected = _local_turns(server, turns, 8)
+    try:
+        with connect(server.url("tcp")) as client:
+            model = client.model()
+            first, second, third = (model.session() for _ in range(3))
+            got = [first.generate(turns[0], max_new_tokens=8).tokens]
+            first.signal_phase("IO_WAIT", expected_s=30)
+            assert wait_for(lambda: server.call(lambda: kernel.counters["write_backs"]) == 1)
+            second.generate([1, 2, 3], max_new_tokens=8)
+            copies = _count_copies(server)
+            third.generate([4, 5, 6], max_new_tokens=8)  # needs room: the backed session goes first
+            assert copies == {}  # reclaimed: no copy at all on the third's path
+            assert _state(server, first.id) == (Residency.EVICTED, False, "pinned_host")
+            assert _state(server, second.id)[0] is Residency.RESIDENT
+            counters = server.call(lambda: dict(kernel.counters))
+            assert counters["reclaims"] == 1 and counters["evictions"] == 1 and counters["evict_failures"] == 0
+            snapshot = server.call(lambda: kernel.memory.snapshot())
+            assert snapshot["device_used_bytes"] <= snapshot["budget_bytes"]
+            assert snapshot["tiers"]["pinned_host"] == server.call(lambda: kernel.get(first.id).block.nbytes)
+            first.signal_phase("COMPUTE")
+            got.append(first.generate(turns[1], max_new_tokens=8).tokens)  # after its pending last token
+            assert got == expected
+            assert copies["copy_in"] == 1
+            assert server.call(lambda: kernel.counters["restores"]) == 1
+    finally:
+        server.stop()
+
+
+def test_write_back_with_every_tier_full_counts_a_failure_and_keeps_the_session_resident():
+    server = serve_with(serving_config(tier_gb=4096 / 2**30, settings=WRITE_BACK), ["semantic", "tcp"])  # 4 KiB
+    try:
+        with connect(server.url("tcp")) as client, client.model().session() as session:
+            session.generate(PROMPT, max_new_tokens=2)
+            session.signal_phase("IO_WAIT")
+            assert wait_for(lambda: server.call(lambda: server.kernel.counters["evict_failures"]) == 1)
+            assert _state(server, session.id) == (Residency.RESIDENT, False, None)
+            assert len(session.generate([1], max_new_tokens=1).tokens) == 1
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- the scheduler alone
+
+
+def _info(id_: int, **kw) -> SessionInfo:
+    return SessionInfo(id=id_, created_at=0.0, **kw)
+
+
+def _view(now: float, *sessions: SessionInfo) -> SchedulerView:
+    return SchedulerView(now=now, sessions=sessions, memory=MemoryView(1 << 30, 1 << 20, {}, 0))
+
+
+def test_io_wait_writes_back_and_prefetches_from_the_hint_else_from_the_learned_gaps():
+    scheduler = SemanticScheduler(SemanticSettings(write_back=True, prefetch_margin_s=0.5))
+    hinted = _info(1, phase=Phase.IO_WAIT, expected_resume_at=110.0)
+    actions = scheduler.on_phase(hinted, _view(100.0))
+    assert [(a.kind, a.at) for a in actions] == [(ActionKind.WRITE_BACK, None), (ActionKind.RESTORE, 109.5)]
+    waiting = _info(2, phase=Phase.IO_WAIT)
+    assert [a.kind for a in scheduler.on_phase(waiting, _view(100.0))] == [ActionKind.WRITE_BACK]  # nothing learned yet
+    computing = attrs.evolve(waiting, phase=Phase.COMPUTE)
+    assert scheduler.on_phase(computing, _view(104.0)) == []  # resident: nothing to restore
+    scheduler.on_phase(waiting, _view(200.0))
+    scheduler.on_phase(computing, _view(202.0))
+    assert scheduler.expected_wait_s(2) == pytest.approx(3.0)  # the mean of 4 s and 2 s
+    actions = scheduler.on_phase(waiting, _view(300.0))
+    assert [(a.kind, a.at) for a in actions] == [(ActionKind.WRITE_BACK, None), (ActionKind.RESTORE, 302.5)]
+    evicted = attrs.evolve(computing, residency=Residency.EVICTED)
+    assert [a.kind for a in scheduler.on_phase(evicted, _view(303.0))] == [ActionKind.RESTORE]
+
+
+def test_without_write_back_io_wait_evicts_as_before():
+    scheduler = SemanticScheduler(SemanticSettings())
+    actions = scheduler.on_phase(_info(1, phase=Phase.IO_WAIT), _view(1.0))
+    assert [a.kind for a in actions] == [ActionKind.EVICT]
+
+
+def test_victims_are_backed_sessions_first_then_waiting_then_least_recently_used():
+    scheduler = SemanticScheduler(SemanticSettings(write_back=True))
+    lru = _info(1, kv_bytes=100, last_used=1.0)
+    waiting = _info(2, kv_bytes=100, phase=Phase.IO_WAIT, expected_resume_at=50.0)
+    backed = _info(3, kv_bytes=100, last_used=9.0, backed=True)
+    backed_waiting = _info(4, kv_bytes=100, phase=Phase.IO_WAIT, expected_resume_at=20.0, backed=True)
+    candidates = [lru, waiting, backed, backed_waiting]
+    view = _view(10.0, *candidates)
+    assert [s.id for s in scheduler.select_victims(candidates, 100, view)] == [4]
+    assert [s.id for s in scheduler.select_victims(candidates, 200, view)] == [4, 3]
+    assert [s.id for s in scheduler.select_victims(candidates, 400, view)] == [4, 3, 2, 1]
+
+
+def test_prefill_order_is_earliest_deadline_first_a_resume_before_a_fresh_arrival():
+    scheduler = SemanticScheduler(SemanticSettings(resume_latency_s=0.25, arrival_latency_s=2.0))
+    fresh = _info(1, request_at=10.0)
+    resume = _info(2, request_at=11.0, resuming=True)
+    old_fresh = _info(3, request_at=8.0)  # due at 10.0: before the resume, due at 11.25
+    late_resume = _info(4, request_at=12.0, resuming=True)  # due at 12.25: after fresh, due at 12.0
+    new_fresh = _info(5, request_at=11.5)  # came before late_resume, due after it (13.5)
+    order = scheduler.order_prefill([fresh, resume, old_fresh, new_fresh, late_resume], 12.0)
+    assert [s.id for s in order] == [3, 2, 1, 4, 5]
+
+
+# --------------------------------------------------------------------------- the batch engine
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from djinn.engine.models import load_model
+    from djinn.engine.runner import ModelRunner
+
+    return ModelRunner(load_model("random:tiny-llama"))
+
+
+@attrs.define
+class _Owner:
+    info: SessionInfo
+
+
+def test_the_engine_prefills_in_the_schedulers_deadline_order(runner):
+    scheduler = SemanticScheduler(SemanticSettings())
+
+    def order(requests):
+        ordered = scheduler.order_prefill([r.owner.info for r in requests], 100.0)
+        by_id = {r.owner.info.id: r for r in requests}
+        return [by_id[info.id] for info in ordered]
+
+    engine = BatchEngine(runner, prefill_chunk_tokens=16, order=order)
+    fresh = EngineRequest(runner.new_kv(), list(range(1, 17)), 1, owner=_Owner(_info(1, request_at=99.0)))
+    resume = EngineRequest(runner.new_kv(), list(range(1, 17)), 1,
+                           owner=_Owner(_info(2, request_at=99.5, resuming=True)))
+    for request in (fresh, resume):
+        request.kv.ensure_capacity(17)
+        engine.submit(request)
+    engine.step()  # room for one prompt: the resume, though it came second
+    assert resume.prefilled == 16 and fresh.prefilled == 0
+    engine.step()
+    assert fresh.prefilled == 16
+
+
+def test_prefill_is_capped_while_decode_rows_wait(runner):
+    engine = BatchEngine(runner, prefill_chunk_tokens=64, prefill_tokens_while_decoding=8)
+    engine.step_log = []
+    decoding = EngineRequest(runner.new_kv(), [1, 2, 3], 20)
+    decoding.kv.ensure_capacity(24)
+    engine.submit(decoding)
+    engine.step()  # alone: its prompt at once, then its first decode row
+    long = EngineRequest(runner.new_kv(), list(range(1, 41)), 1)
+    long.kv.ensure_capacity(41)
+    engine.submit(long)
+    while not long.done:
+        engine.step()
+    steps = engine.step_log[1:]
+    assert [s.prefill_tokens for s in steps] == [8, 8, 8, 8, 8]  # 40 tokens, 8 a step beside the decoder
+    assert all(s.decode_rows == 1 for s in steps)
+    alone = BatchEngine(runner, prefill_chunk_tokens=64, prefill_tokens_while_decoding=8)
+    alone.step_log = []
+    idle = EngineRequest(runner.new_kv(), list(range(1, 41)), 1)
+    idle.kv.ensure_capacity(41)
+    alone.submit(idle)
+    alone.step()
+    assert alone.step_log[0].prefill_tokens == 40  # no decoder waits: the whole chunk budget
+    assert BatchEngine(runner, prefill_chunk_tokens=64).prefill_tokens_while_decoding == 64
+
+
+def test_the_server_setting_reaches_the_engine():
+    from djinn.kernel.plugins import get_plugin_manager
+    from djinn.server.launch import build_runtime
+
+    config = serving_config(prefill_tokens_while_decoding=32)
+    runtime = build_runtime(config, get_plugin_manager(config))
+    try:
+        assert runtime.model.engine.prefill_tokens_while_decoding == 32
+    finally:
+        runtime.kernel.stop()
