@@ -103,6 +103,9 @@ class ServerSettings:
     #: flex_attention kernel), "masked" (SDPA over all slots under a mask), or "auto" (paged on
     #: CUDA, masked elsewhere)
     decode_attention: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "paged", "masked")))
+    #: paged decode steps of rotary families (llama, mistral, qwen2) run one written-out decoder
+    #: layer compiled into a few fused kernels (CUDA), instead of the model's own layers
+    fused_decode: bool = True
 
 
 @attrs.frozen

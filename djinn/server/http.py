@@ -21,7 +21,7 @@ class MetricsEndpoint:
         self.kernel, self.loop = kernel, loop
         # the kernel's registry: plugins' own collectors are served beside the kernel's series
         self.registry = kernel.metrics_registry
-        self._collector = _VmuCollector(self.snapshot)
+        self._collector = VmuCollector(self.snapshot)
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,7 +65,7 @@ class MetricsEndpoint:
         self.registry.unregister(self._collector)
 
 
-class _VmuCollector:
+class VmuCollector:
     """Prometheus series from the kernel's snapshot."""
 
     def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:

@@ -143,7 +143,7 @@ class OpenAIServer:
     async def start(self) -> int:
         """Listen; returns the bound port."""
         if self.serve_metrics:
-            from djinn.server.http import _VmuCollector
+            from djinn.server.http import VmuCollector
 
             loop = asyncio.get_running_loop()
 
@@ -153,7 +153,7 @@ class OpenAIServer:
 
                 return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=10)
 
-            self._collector = _VmuCollector(snapshot)
+            self._collector = VmuCollector(snapshot)
             self.kernel.metrics_registry.register(self._collector)
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
