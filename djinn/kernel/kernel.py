@@ -313,33 +313,30 @@ class Kernel:
                 continue
         return None
 
-    async def _placed(self, nbytes: int) -> tuple[str, TierBlock] | None:
-        """A tier block of ``nbytes``, in selection order; when no tier has room, demote the
-        coldest evicted sessions from earlier tiers to later ones until one does."""
-        while (placed := self._allocate(nbytes)) is None:
-            if not await self._demote_one():
-                return None
-        return placed
-
-    async def _demote_one(self) -> bool:
-        """Move the coldest evicted session's tier copy to a later tier with room; False if none can."""
+    async def _placed(self, nbytes: int, requester: Session) -> tuple[str, TierBlock] | None:
+        """A tier block of ``nbytes`` for ``requester``'s KV: in the first tier with room, where
+        a full tier first demotes its evicted sessions that are colder than ``requester`` to
+        later tiers, coldest first, so the sessions expected back soonest stay in the fastest tier."""
         names = list(self.tiers)
-        order = {name: i for i, name in enumerate(names)}
+        for index, name in enumerate(names):
+            while (placed := self._allocate(nbytes, [name])) is None:
+                if not await self._demote_one(name, names[index + 1 :], _coldness(requester)):
+                    break
+            if placed is not None:
+                return placed
+        return None
 
-        def cold(s: Session) -> tuple[int, float]:
-            info = s.info
-            if info.expected_resume_at is not None:
-                return (0, -info.expected_resume_at)
-            return (1, info.last_used)
-
+    async def _demote_one(self, source: str, later: list[str], than: tuple[int, float]) -> bool:
+        """Move the coldest evicted session of tier ``source`` colder than ``than`` to one of the
+        ``later`` tiers with room; False when none can move."""
         candidates = sorted(
             (s for s in self.sessions.values()
-             if s.info.residency is Residency.EVICTED and not s.closed and s.block is not None
-             and order[s.tier] < len(names) - 1 and (s.moving is None or s.moving.done())),
-            key=cold,
+             if s.tier == source and s.info.residency is Residency.EVICTED and not s.closed
+             and (s.moving is None or s.moving.done()) and _coldness(s) < than),
+            key=_coldness,
         )
         for session in candidates:
-            placed = self._allocate(session.block.nbytes, names[order[session.tier] + 1 :])
+            placed = self._allocate(session.block.nbytes, later)
             if placed is None:
                 continue
             session.moving = asyncio.create_task(self._demote(session, *placed))
@@ -373,7 +370,7 @@ class Kernel:
         if not self._movable(session):
             return False
         nbytes = self.backend.held_bytes(session.kv)
-        placed = await self._placed(nbytes)
+        placed = await self._placed(nbytes, session)
         if placed is None or not self._movable(session):
             if placed is not None:  # a request took the session while older copies were demoted
                 self.tiers[placed[0]].free(placed[1])
@@ -408,7 +405,7 @@ class Kernel:
         if not self._movable(session) or session.info.backed:
             return False
         nbytes = self.backend.held_bytes(session.kv)
-        placed = await self._placed(nbytes)
+        placed = await self._placed(nbytes, session)
         if placed is None or not self._movable(session):
             if placed is not None:
                 self.tiers[placed[0]].free(placed[1])
@@ -664,6 +661,14 @@ class Kernel:
             if contribution:
                 out.update(contribution)
         return out
+
+
+def _coldness(session: Session) -> tuple[int, float]:
+    """Sorts the coldest first: the latest expected resume, then (no hint) the least recently used."""
+    info = session.info
+    if info.expected_resume_at is not None:
+        return (0, -info.expected_resume_at)
+    return (1, info.last_used)
 
 
 async def settled(future: asyncio.Future | None) -> None:
