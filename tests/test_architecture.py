@@ -32,6 +32,71 @@ def test_kernel_never_imports_plugins():
     assert offenders == []
 
 
+def _runtime_imports(path: Path) -> list[str]:
+    """Modules ``path`` imports when it runs (imports under ``if TYPE_CHECKING:`` left out)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner) for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+        for inner in ast.walk(node)
+    }
+    names = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
+#: what each layer's modules may import of djinn (anything else is a dependency the wrong way)
+_ALLOWED = {
+    "kernel": ("djinn.kernel",),
+    "engine": ("djinn.kernel", "djinn.engine"),
+    "server": ("djinn.kernel", "djinn.engine", "djinn.server", "djinn"),
+    "client": ("djinn.kernel", "djinn.server.wire", "djinn.client"),
+    "testing": ("djinn.kernel", "djinn.testing", "djinn.arena"),
+}
+
+
+def _allowed(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_imports_point_one_way_between_kernel_engine_server_and_client():
+    offenders = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for layer, prefixes in _ALLOWED.items()
+        for p in (ROOT / "djinn" / layer).rglob("*.py")
+        for name in _runtime_imports(p)
+        if name.startswith("djinn") and not _allowed(name, prefixes)
+    ]
+    assert offenders == []
+
+
+def test_plugins_use_the_kernels_contracts_and_never_each_other():
+    offenders = []
+    for p in (ROOT / "djinn" / "plugins").rglob("*.py"):
+        slot = p.parent.name
+        for name in _runtime_imports(p):
+            own_helper = name.startswith(f"djinn.plugins.{slot}._")  # a private module of its own slot
+            if name.startswith("djinn") and not (_allowed(name, ("djinn.kernel", "djinn.arena")) or own_helper):
+                offenders.append(f"{p.relative_to(ROOT)}: {name}")
+    assert offenders == []
+
+
+def test_the_kernel_runs_without_torch():
+    offenders = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in (ROOT / "djinn" / "kernel").rglob("*.py")
+        for name in _runtime_imports(p)
+        if name.split(".")[0] in ("torch", "transformers")
+    ]
+    assert offenders == []
+
+
 def test_nothing_in_the_package_can_unpickle():
     forbidden = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve"}
     offenders = [

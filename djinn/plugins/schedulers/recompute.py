@@ -6,14 +6,22 @@ cannot be recomputed from tokens."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from djinn.kernel.hookspecs import hookimpl
-from djinn.plugins.schedulers.lru import LruScheduler
+from djinn.kernel.strategies import Scheduler, SchedulerView, SessionInfo, take_until
 
 
-class RecomputeScheduler(LruScheduler):
+class RecomputeScheduler(Scheduler):
     """Drop least-recently-used sessions' KV under memory pressure; recompute it on their next request."""
 
     drops_kv = True
+
+    def select_victims(
+        self, candidates: Sequence[SessionInfo], need_bytes: int, view: SchedulerView
+    ) -> Sequence[SessionInfo]:
+        """Oldest ``last_used`` first."""
+        return take_until(sorted(candidates, key=lambda s: s.last_used), need_bytes)
 
 
 @hookimpl
