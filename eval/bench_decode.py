@@ -12,6 +12,8 @@
 (c) decode tokens/s at each ``--batches`` size with ``--context``-token contexts (a size whose KV
     does not fit is measured at the longest context that does, and says so);
 (d) bf16 agreement: greedy tokens of sessions decoded together vs each decoded alone;
+(e) on CUDA, 8 fresh ``--context``-token prompts in one packed prefill pass: tokens/s and its
+    share of the bf16 matmul peak measured in the same run;
 and the anchors re-measured here: transformers ``generate`` (eager, dynamic cache) per token, and
 ``generate_batch`` (its continuous batching) on (b). Random weights of the named shape stand in
 for a real checkpoint.
@@ -168,6 +170,33 @@ def bench_throughput(runner: ModelRunner, batch: int, context: int, steps: int, 
     return out
 
 
+def matmul_peak(size: int = 8192, repeats: int = 10) -> list[float]:
+    """bf16 matmul FLOP/s of ``size``^3 products on the device, for the prefill's share of it."""
+    a = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(size, size, dtype=torch.bfloat16, device="cuda")
+    a @ b
+    return [2 * size**3 / _timed(lambda: a @ b) for _ in range(repeats)]
+
+
+def bench_packed_prefill(runner: ModelRunner, sessions: int, tokens: int, repeats: int, weights: int) -> dict[str, Any]:
+    """(e): ``sessions`` fresh prompts of ``tokens`` tokens in one packed prefill pass; tokens/s
+    and the FLOP/s the pass reaches (2 x parameters per token for the GEMMs, plus attention's
+    4 x layers x hidden x keys per query over each prompt's causal half)."""
+    prompts = _prompts(sessions, tokens, runner.vocab_size, seed=4)
+    seconds = []
+    for _ in range(repeats + 1):
+        kvs = [runner.new_kv(tokens) for _ in prompts]
+        seconds.append(_timed(lambda: runner.prefill(kvs, prompts)))
+        release(kvs)
+    seconds = seconds[1:]  # the first pass of a shape pays its kernel loads
+    params = weights / runner.dtype.itemsize
+    attention = 4 * runner.num_layers * runner.hidden_size * sessions * tokens * (tokens + 1) / 2
+    flops = 2 * params * sessions * tokens + attention
+    best = statistics.median(seconds)
+    return {"sessions": sessions, "tokens": tokens, "seconds": seconds, "tokens_per_s": sessions * tokens / best,
+            "flop_per_s": flops / best, "flops": flops}
+
+
 def bench_agreement(runner: ModelRunner, sessions: int, context: int, new_tokens: int) -> dict[str, Any]:
     """(d): do sessions decoded together pick the tokens they pick alone (bf16)?"""
     prompts = _prompts(sessions, context, runner.vocab_size, seed=4)
@@ -291,6 +320,12 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
     for batch in batches.split(","):
         report["throughput"].append(bench_throughput(runner, int(batch), context, steps, kv_bytes))
         save(f"(c) batch {batch}")
+    if cuda:
+        peak = matmul_peak()
+        report["matmul_peak_flop_per_s"] = peak
+        report["packed_prefill"] = bench_packed_prefill(runner, 8, context, 5, weights)
+        report["packed_prefill"]["share_of_matmul_peak"] = report["packed_prefill"]["flop_per_s"] / statistics.median(peak)
+        save("(e) packed prefill")
     report["agreement"] = bench_agreement(runner, agreement, context, new_tokens)
     best_b = min(report["end_to_end"], key=lambda r: r["seconds"])
     report["summary"] = {
@@ -308,6 +343,8 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
             f"{r['batch']}@{r['context']}": {m: r[f"{m}_tokens_per_s"] for m in _modes(runner)}
             for r in report["throughput"]
         },
+        "e_packed_prefill_tokens_per_s": report["packed_prefill"]["tokens_per_s"] if cuda else None,
+        "e_packed_prefill_share_of_peak": report["packed_prefill"]["share_of_matmul_peak"] if cuda else None,
         "d_sequences_identical": f"{report['agreement']['sequences_identical']}/{agreement}",
         "d_tokens_identical": f"{report['agreement']['tokens_identical']}/{report['agreement']['tokens']}",
         "anchors": report.get("transformers"),
