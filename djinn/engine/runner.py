@@ -707,15 +707,17 @@ class ModelRunner:
         return logits[:rows]
 
     @torch.inference_mode()
-    def warm_up(self, max_batch: int, prefill_tokens: int = 0) -> None:
+    def warm_up(self, max_batch: int, prefill_tokens: int = 0, report: Callable[[str], None] | None = None) -> None:
         """Pay every first-use cost now, before any request waits for it: prefill passes of each
         size up to ``prefill_tokens`` (``warm_up_prefill``), then, for paged decode on CUDA, the
         compile of the attention kernel and the capture of the decode graph of every batch bucket
         up to ``max_batch``, with all-padding steps that touch only the scratch block (a compile
-        or a capture takes seconds on a 7B model)."""
+        or a capture takes seconds on a 7B model). ``report(text)`` hears each stage."""
         if self.device.type != "cuda":
             return
+        report = report or (lambda _text: None)
         if prefill_tokens:
+            report(f"warm-up: prefill passes up to {prefill_tokens} tokens")
             self.warm_up_prefill(prefill_tokens)
         if self.decode_attention != "paged":
             return
@@ -723,6 +725,7 @@ class ModelRunner:
         for batch in BATCH_BUCKETS:
             if batch > batch_bucket(max_batch):
                 break
+            report(f"warm-up: decode step of {batch} rows (compile and capture)")
             if self.cuda_graphs and batch <= self.graph_max_batch:
                 self._graph_inputs(batch, span, capture_now=True)  # runs the step once (compiling it), then captures it
             else:

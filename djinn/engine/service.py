@@ -118,7 +118,9 @@ def compiled_graphs() -> int:
 class ModelService(KVBackend):
     """Loads the configured model for ``kernel`` and computes every session's tokens."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, report: Callable[[str], None] | None = None) -> None:
+        """Load the model and warm the engine up; ``report(text)`` hears each stage of start-up."""
+        report = report or (lambda _text: None)
         self.kernel = kernel
         config = kernel.config
         want = config.model.device
@@ -132,6 +134,7 @@ class ModelService(KVBackend):
         self.streamer = kernel.streamer
         # weights that stay put are built directly on the GPU; a streamer that moves them takes them from the host
         on_gpu = self.use_cuda and not self.streamer.streams_weights
+        report(f"loading {config.model.name}")
         self.loaded = load_model(
             config.model.name, dtype=config.model.dtype, device="cuda" if on_gpu else "cpu", seed=config.model.seed,
         )
@@ -149,8 +152,9 @@ class ModelService(KVBackend):
                 f"({self.memory.budget_bytes / GiB:.2f} GiB); select --plugins ringbuffer to stream them"
             )
         if self.use_cuda:
+            report("sizing the KV pool")
             self._size_kv_pool()
-            self.runner.warm_up(config.server.max_batch, config.server.prefill_chunk_tokens)
+            self.runner.warm_up(config.server.max_batch, config.server.prefill_chunk_tokens, report)
         # what start-up compiled and captured; anything after it is a request waiting for one
         self._captures_at_start = self.runner.captures
         self._compiles_at_start = compiled_graphs()

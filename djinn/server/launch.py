@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import signal
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -29,11 +30,14 @@ class Runtime:
     model: ModelService
 
 
-def build_runtime(config: DjinnConfig, plugins: DjinnPlugins) -> Runtime:
-    """The composition root: configure the kernel's plugins, load the engine, start the kernel."""
+def build_runtime(config: DjinnConfig, plugins: DjinnPlugins, report: Callable[[str], None] | None = None) -> Runtime:
+    """The composition root: configure the kernel's plugins, load the engine, start the kernel.
+    ``report(text)`` hears each stage (loading, warm-up, allocating the tiers)."""
     kernel = Kernel(config, plugins)
     kernel.configure()
-    model = ModelService(kernel)
+    model = ModelService(kernel, report)
+    if report is not None:
+        report("allocating the host tiers")
     try:
         kernel.start(model)
     except BaseException:
@@ -95,12 +99,23 @@ async def serve(
 def serve_forever(config: DjinnConfig, plugins: DjinnPlugins, *, token: str | None, announce: Callable[[str], None]) -> None:
     """``djinn run``: serve until SIGINT or SIGTERM, then shut down gracefully."""
 
+    from rich.console import Console
+
+    started = time.perf_counter()
+    console = Console(stderr=True)
+    if console.is_terminal:  # a live line of what start-up is doing; logs and pipes get none
+        with console.status("starting") as status:
+            runtime = build_runtime(config, plugins, report=status.update)
+    else:
+        runtime = build_runtime(config, plugins)
+    announce(f"started in {time.perf_counter() - started:.1f} s")
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, plugins, token=token, announce=announce, stop=stop)
+        await serve(config, plugins, token=token, announce=announce, stop=stop, runtime=runtime)
         announce("djinn stopped")
 
     asyncio.run(main())
