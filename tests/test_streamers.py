@@ -217,9 +217,18 @@ def test_layers_of_unequal_size_never_cross_the_end_of_the_ring():
         assert any(p.offset == 0 for p in placements[1:]), "no layer had to start over at 0"
 
 
-def test_a_pass_cut_short_or_interleaved_with_another_stays_exact():
+@pytest.mark.parametrize(
+    "budget_layers, settings",
+    [
+        (None, {"ring_mb": mib(2 * LAYER_BYTES), "prefetch_layers": 2}),
+        (3.9, {"kv_reserve_fraction": 0.0, "prefetch_layers": 2}),  # layer 0 resident
+        (3.05, {"kv_reserve_fraction": 0.0, "prefetch_layers": 0}),  # layers 0-1 resident
+    ],
+)
+def test_a_pass_cut_short_or_interleaved_with_another_stays_exact(budget_layers, settings):
     mine, reference = pair_of_stacks()
-    streamer = prepared(mine, ring_mb=mib(2 * LAYER_BYTES), prefetch_layers=2)
+    budget = None if budget_layers is None else int(budget_layers * LAYER_BYTES)
+    streamer = prepared(mine, budget, **settings)
     baseline = prepared_resident(reference)
     first, second = inputs(2)
     kw_first, kw_second = mine.forward_kwargs(first), mine.forward_kwargs(second)
@@ -263,11 +272,14 @@ def test_a_layer_larger_than_the_ring_is_refused_at_prepare():
 def test_the_ring_comes_from_the_budget_unless_set():
     mine, _ = pair_of_stacks()
     budget = int(2.5 * LAYER_BYTES)
-    assert prepared(mine, budget).device_bytes() == budget // ALIGN * ALIGN
+    # no layer fits beside a double-buffering ring: the ring takes the budget less the KV reserve
+    streamer = prepared(mine, budget, kv_reserve_fraction=0.0)
+    assert streamer.resident_layers == 0
+    assert streamer.device_bytes() == streamer.stats().ring_bytes == budget // ALIGN * ALIGN
 
     mine, _ = pair_of_stacks()
     whole = prepared(mine, None)
-    assert whole.device_bytes() == 4 * LAYER_BYTES
+    assert whole.device_bytes() == 4 * LAYER_BYTES and whole.resident_layers == 0
     for hidden in inputs(2):
         full_pass(whole, mine, hidden)
     assert whole.stats().bytes_streamed == 4 * LAYER_BYTES  # later passes reuse everything
@@ -275,6 +287,99 @@ def test_the_ring_comes_from_the_budget_unless_set():
     mine, _ = pair_of_stacks()
     with pytest.raises(ModelError, match="budget"):
         prepared(mine, budget, ring_mb=mib(3 * LAYER_BYTES))
+    mine, _ = pair_of_stacks()
+    with pytest.raises(ModelError, match="kv_reserve_fraction=0.25"):
+        prepared(mine, budget, ring_mb=mib(2.2 * LAYER_BYTES))  # fits the budget, not beside the reserve
+
+
+# --------------------------------------------------------------------------- resident layers and ring
+
+
+def in_storage_of(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
+    start = tensor.data_ptr() - flat.data_ptr()
+    return 0 <= start and start + tensor.numel() * tensor.element_size() <= flat.numel()
+
+
+@pytest.mark.parametrize(
+    "budget_layers, settings, resident_count, ring_layers",
+    [
+        # 1 resident + a ring of 2 fit 3.9 layers, 2 resident + 2 do not: the rest grows the ring
+        (3.9, {"kv_reserve_fraction": 0.0}, 1, 2.9),
+        # without prefetch a ring of one layer is enough: more layers stay resident
+        (3.05, {"kv_reserve_fraction": 0.0, "prefetch_layers": 0}, 2, 1),
+        # the default reserve keeps a quarter of 5.2 layers for KV: 3.9 left
+        (5.2, {}, 1, 2.9),
+        # a fixed reserve instead of the fraction
+        (4.9, {"kv_reserve_gb": LAYER_BYTES / (1 << 30)}, 1, 2.9),
+        # resident_layers caps the resident part; the ring then holds every streamed layer
+        (8.0, {"kv_reserve_fraction": 0.0, "resident_layers": 1}, 1, 3),
+    ],
+)
+def test_resident_layers_fit_beside_the_ring_and_are_never_streamed(budget_layers, settings, resident_count, ring_layers):
+    mine, reference = pair_of_stacks()
+    budget = int(budget_layers * LAYER_BYTES)
+    streamer = prepared(mine, budget, reuse=False, **settings)
+    baseline = prepared_resident(reference)
+    assert streamer.resident_layers == resident_count
+    ring_bytes = streamer.stats().ring_bytes
+    assert ring_bytes == int(ring_layers * LAYER_BYTES) // ALIGN * ALIGN or (
+        ring_layers == int(ring_layers) and ring_bytes == ring_layers * LAYER_BYTES
+    )
+    assert streamer.device_bytes() == ring_bytes + resident_count * LAYER_BYTES
+    assert streamer.device_bytes() <= budget - streamer.kv_reserve_bytes(budget)
+    assert streamer.arena.numel() == (4 - resident_count) * LAYER_BYTES
+    streamed_layers = list(range(resident_count, 4))
+    assert streamer.pass_bytes == len(streamed_layers) * LAYER_BYTES
+
+    def inside(i: int) -> None:
+        for layer in mine.layers[:resident_count]:  # resident: their own storage, never the ring
+            assert not any(in_storage_of(t, streamer.ring) or in_storage_of(t, streamer.arena)
+                           for t in layer.parameters())
+
+    for hidden in inputs(3):
+        assert torch.equal(full_pass(streamer, mine, hidden, inside=inside), full_pass(baseline, reference, hidden))
+        assert [p.layer for p in streamer.placements] == streamed_layers
+    stats = streamer.stats()
+    assert stats.passes == 3 and stats.layers == 4
+    assert stats.bytes_streamed == 3 * streamer.pass_bytes  # reuse=False: streamed layers only
+
+
+def test_everything_resident_when_the_budget_holds_every_layer():
+    mine, reference = pair_of_stacks()
+    streamer = prepared(mine, int(4.5 * LAYER_BYTES), kv_reserve_fraction=0.0)
+    baseline = prepared_resident(reference)
+    assert streamer.resident_layers == 4 and streamer.stats().ring_bytes == 0
+    assert streamer.device_bytes() == 4 * LAYER_BYTES
+    for hidden in inputs(2):
+        assert torch.equal(full_pass(streamer, mine, hidden), full_pass(baseline, reference, hidden))
+    assert streamer.placements == [] and streamer.stats().bytes_streamed == 0
+
+
+def test_a_budget_that_holds_no_layer_beside_the_reserve_is_refused_naming_the_sizes():
+    mine, _ = pair_of_stacks()
+    before = [p.data_ptr() for p in mine.layers[0].parameters()]
+    budget = int(1.2 * LAYER_BYTES)
+    streamer = RingbufferStreamer(RingbufferSettings(kv_reserve_fraction=0.25))
+    with pytest.raises(ModelError) as refused:
+        streamer.prepare(mine.layers, CPU, budget)
+    message = str(refused.value)
+    reserve = int(budget * 0.25)
+    assert "LlamaDecoderLayer" in message and str(LAYER_BYTES) in message
+    assert str(budget) in message and str(reserve) in message and str(budget - reserve) in message
+    assert "kv_reserve_fraction=0.25" in message and "gpu_memory_budget_gb" in message
+    assert [p.data_ptr() for p in mine.layers[0].parameters()] == before, "layers were touched"
+    assert streamer.device_bytes() == 0
+    # without the reserve one layer fits: it streams through a ring of one layer
+    assert prepared(mine, budget, kv_reserve_fraction=0.0).stats().ring_bytes >= LAYER_BYTES
+
+
+def test_progress_is_shown_only_when_asked_or_on_a_terminal(capsys):
+    mine, _ = pair_of_stacks()
+    prepared(mine, None)
+    assert capsys.readouterr().err == ""  # pytest's stderr is no terminal
+    mine, _ = pair_of_stacks()
+    prepared(mine, None, progress=True)
+    assert "ringbuffer: 0 layers resident" in capsys.readouterr().err
 
 
 def test_layers_sharing_a_tensor_are_refused():
@@ -319,6 +424,14 @@ def test_resident_over_budget_is_refused_naming_the_ringbuffer():
         ({"prefetch_layers": 1.5}, TypeError),
         ({"prefetch_layers": True}, TypeError),
         ({"reuse": 1}, TypeError),
+        ({"resident_layers": -1}, ValueError),
+        ({"resident_layers": 1.0}, TypeError),
+        ({"kv_reserve_fraction": 1.0}, ValueError),
+        ({"kv_reserve_fraction": -0.1}, ValueError),
+        ({"kv_reserve_fraction": "0.1"}, TypeError),
+        ({"kv_reserve_gb": -1}, ValueError),
+        ({"kv_reserve_gb": float("inf")}, ValueError),
+        ({"progress": 1}, TypeError),
     ],
 )
 def test_ringbuffer_settings_reject_bad_values(kwargs, error):
@@ -331,6 +444,8 @@ def test_ringbuffer_settings_defaults():
     assert (settings.chunk_mb, settings.ring_mb, settings.prefetch_layers, settings.reuse) == (
         64.0, None, 2, True,
     )
+    assert (settings.resident_layers, settings.kv_reserve_fraction, settings.kv_reserve_gb) == (None, 0.25, None)
+    assert settings.progress is None
     assert RingbufferStreamer(settings).chunk_bytes == 64 * MIB
 
 

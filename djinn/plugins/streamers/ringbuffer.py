@@ -1,18 +1,28 @@
 """The ``ringbuffer`` streamer: serve layers larger than device memory through a ring.
 
-At ``prepare`` every layer's parameters and buffers are packed, layer by layer in execution
-order, into ONE host arena (pinned under CUDA), and each CPU tensor's ``.data`` is re-pointed at
-its view there, so host memory holds the weights once. ONE device ring is allocated next and
-never again. Each layer has a fixed place in the ring, planned once: layers follow each other
+``prepare`` gets the device bytes the engine leaves for decoder layers (``budget_bytes``: the
+GPU budget less the embeddings, final norm and head, which the runner keeps on the device). It
+keeps a KV reserve out of them (``kv_reserve_fraction`` or ``kv_reserve_gb``) and splits the rest:
+the first layers that fit stay on the device for good (never streamed), and the others stream
+through a ring of at most ``prefetch_layers + 1`` of them, sized from what the resident layers
+leave. More resident layers win over a larger ring, down to a ring of two layers (copy one while
+the other computes), then of one: every resident layer is bytes a pass no longer copies, while a
+ring beyond double buffering only deepens the prefetch. Without a budget every layer streams.
+
+The streamed layers' parameters and buffers are packed, layer by layer in execution order, into
+ONE host arena (pinned under CUDA), and each CPU tensor's ``.data`` is re-pointed at its view
+there, so host memory holds those weights once. ONE device ring is allocated next and never
+again. Each streamed layer has a fixed place in the ring, planned once: layers follow each other
 and a layer that does not fit in the tail starts at offset 0 (it never wraps).
 
-During a pass layer ``i`` is copied into its place chunk by chunk on a dedicated copy stream,
-up to ``prefetch_layers`` layers ahead of the layer computing. Two events per layer order the
-streams without host syncs: ``ready`` (copy done; the compute stream waits on it in
-``before_layer``) and ``release`` (the compute stream has passed the layer; recorded in
-``after_layer``; the copy stream waits on it before overwriting that region). A copy is only
-issued once every layer it would overwrite has recorded its release in this pass, because
-waiting on an event that has not been recorded yet waits for nothing.
+During a pass each streamed layer is copied into its place chunk by chunk on a dedicated copy
+stream, up to ``prefetch_layers`` streamed layers ahead of the next one to compute (so copies
+begin while the resident layers compute). Two events per streamed layer order the streams
+without host syncs: ``ready`` (copy done; the compute stream waits on it in ``before_layer``)
+and ``release`` (the compute stream has passed the layer; recorded in ``after_layer``; the copy
+stream waits on it before overwriting that region). A copy is only issued once every layer it
+would overwrite has recorded its release in this pass, because waiting on an event that has not
+been recorded yet waits for nothing.
 
 Without CUDA the same code copies synchronously into a CPU ring, and results are bitwise those
 of the ``resident`` streamer.
@@ -20,9 +30,11 @@ of the ``resident`` streamer.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -38,6 +50,7 @@ if TYPE_CHECKING:
     from djinn.kernel.plugins import StrategyRegistry
 
 MIB = 1 << 20
+GIB = 1 << 30
 #: every tensor and every layer starts at a multiple of this in the arena and in the ring: a
 #: multiple of every dtype's size (for typed views) and of what vectorised CUDA loads expect
 ALIGN = 256
@@ -70,20 +83,53 @@ def _check_prefetch(instance: object, attribute: attrs.Attribute, value: object)
         raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
 
 
+def _check_resident_layers(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is not None:
+        _check_prefetch(instance, attribute, value)
+
+
+def _check_fraction(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{attribute.name} must be a number, not {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{attribute.name} must be in [0, 1), not {value!r}")
+
+
+def _check_reserve_gb(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{attribute.name} must be a number, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{attribute.name} must be a finite number >= 0, not {value!r}")
+
+
 @attrs.frozen
 class RingbufferSettings:
     """``[settings.ringbuffer]``.
 
     ``chunk_mb``: size of one host-to-device copy (MiB). ``ring_mb``: ring size (MiB); None
-    takes the device weight budget (capped at the model's size). ``prefetch_layers``: how many
-    layers may be in flight ahead of the one computing. ``reuse``: skip copying a layer whose
-    bytes are still in its place in the ring from an earlier pass (weights are read-only).
+    sizes it from the budget left after the resident layers (at most ``prefetch_layers + 1``
+    layers; the whole model when there is no budget). ``prefetch_layers``: how many streamed
+    layers may be in flight ahead of the next one to compute. ``reuse``: skip copying a layer
+    whose bytes are still in its place in the ring from an earlier pass (weights are read-only).
+    ``resident_layers``: at most this many leading layers stay on the device (None: as many as
+    fit; 0: stream every layer). ``kv_reserve_fraction``: the share of the layer budget left
+    free for the KV cache; ``kv_reserve_gb`` (GiB), when set, replaces it with a fixed size.
+    ``progress``: show a progress bar on stderr while layers are packed and placed (None: only
+    when stderr is a terminal).
     """
 
     chunk_mb: float = attrs.field(default=64.0, validator=_check_chunk_mb)
     ring_mb: float | None = attrs.field(default=None, validator=_check_ring_mb)
     prefetch_layers: int = attrs.field(default=2, validator=_check_prefetch)
     reuse: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    resident_layers: int | None = attrs.field(default=None, validator=_check_resident_layers)
+    kv_reserve_fraction: float = attrs.field(default=0.25, validator=_check_fraction)
+    kv_reserve_gb: float | None = attrs.field(default=None, validator=_check_reserve_gb)
+    progress: bool | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
+    )
 
 
 @attrs.frozen
@@ -107,6 +153,9 @@ class _Slot:
 
 @attrs.frozen(eq=False)
 class _LayerPlan:
+    """One streamed layer: where it lives in the arena and in the ring."""
+
+    layer: int  # its index among all the layers
     host_offset: int
     nbytes: int  # bytes copied per pass (padding between tensors included)
     ring_offset: int
@@ -136,6 +185,23 @@ def _layer_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
     for tensor in (*layer.parameters(), *layer.buffers()):
         unique.setdefault(id(tensor), tensor)
     return list(unique.values())
+
+
+@contextlib.contextmanager
+def _progress(show: bool | None, total: int, description: str) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr over ``total`` steps (None: only when stderr is a terminal);
+    yields the function that advances it by one."""
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
 
 
 class _Clock:
@@ -186,22 +252,30 @@ class _Clock:
 
 
 class RingbufferStreamer(Streamer):
-    """Streams layer weights from a host arena through one device ring, ahead of compute."""
+    """Keeps the leading layers that fit on the device and streams the others through one ring."""
 
     streams_weights = True
 
     def __init__(self, settings: RingbufferSettings | None = None) -> None:
         self.settings = settings or RingbufferSettings()
         self.chunk_bytes = max(ALIGN, int(self.settings.chunk_mb * MIB) // ALIGN * ALIGN)
-        self._plans: list[_LayerPlan] = []
+        self._prepared = False
+        self._plans: list[_LayerPlan] = []  # the streamed layers, in layer order
+        self._position: list[int | None] = []  # per layer: its index in _plans (None: resident)
+        self._upcoming: list[int] = []  # per layer: the first streamed position at or after it
+        self._layer_nbytes: list[int] = []  # per layer: its bytes, padding between tensors included
+        self.resident_layers = 0  # the leading layers kept on the device
+        self._resident_bytes = 0
         self._arena: torch.Tensor | None = None  # [arena_bytes] uint8, host
         self._ring: torch.Tensor | None = None  # [ring_bytes] uint8, device
+        self._device: torch.device | None = None
         self._use_cuda = False
         self._copy_stream: Any = None
         self._compute_stream: Any = None
-        self._ready: list[Any] = []  # per layer: its copy into the ring is done
-        self._release: list[Any] = []  # per layer: compute has passed it
-        self._valid: list[bool] = []  # the layer's bytes are (being) copied to its place
+        # the per-pass state below is indexed by streamed position, not by layer
+        self._ready: list[Any] = []  # its copy into the ring is done
+        self._release: list[Any] = []  # compute has passed it
+        self._valid: list[bool] = []  # its bytes are (being) copied to its place
         self._in_use: list[bool] = []  # staged in this pass, release not recorded yet
         self._copied: list[bool] = []  # copied (not reused) in this pass
         self._next_issue = 0
@@ -222,72 +296,100 @@ class RingbufferStreamer(Streamer):
         device: torch.device,
         budget_bytes: int | None,
     ) -> None:
-        """Pack ``layers`` into the host arena, plan their ring places, allocate the ring.
+        """Split ``layers`` between the device and the ring within ``budget_bytes``; keep the
+        resident ones on ``device``, pack the others into the host arena, plan their ring
+        places, allocate the ring.
 
-        ``ModelError`` when a layer is larger than the ring or the ring exceeds the budget.
+        ``budget_bytes`` is the device memory the engine leaves for decoder layers (None: no
+        limit; every layer then streams). ``ModelError``, before any layer is touched, when a
+        streamed layer is larger than the ring or the ring does not fit the budget.
         """
         import torch
 
-        if self._plans:
+        if self._prepared:
             raise RuntimeError("the ringbuffer streamer is already prepared; prepare runs once")
         if not layers:
             raise ModelError("the ringbuffer streamer needs at least one layer")
         device = torch.device(device)
-        self._use_cuda = device.type == "cuda"
-        if self._use_cuda and device.index is None:
+        use_cuda = device.type == "cuda"
+        if use_cuda and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
 
-        layouts, arena_bytes = self._layout(layers)
-        ring_bytes = self._ring_bytes(arena_bytes, budget_bytes)
+        layouts = self._layout(layers)
         names = [f"layer {i} ({type(layer).__name__})" for i, layer in enumerate(layers)]
+        sizes = [nbytes for nbytes, _ in layouts]
+        resident, ring_bytes = self._split(names, sizes, budget_bytes)
+        streamed = list(range(resident, len(layers)))
+        ring_offsets = (
+            self._plan_ring([names[i] for i in streamed], [sizes[i] for i in streamed], ring_bytes)
+            if streamed else []
+        )
+        overlaps = _overlaps(ring_offsets, [sizes[i] for i in streamed])
+        host_offsets = []
+        arena_bytes = 0
+        for i in streamed:
+            host_offsets.append(arena_bytes)
+            arena_bytes += _round_up(sizes[i])
 
-        sizes = [nbytes for _, nbytes, _ in layouts]
-        ring_offsets = self._plan_ring(names, sizes, ring_bytes)
-        overlaps = _overlaps(ring_offsets, sizes)
-
-        arena = allocate_host_arena(arena_bytes, pinned=self._use_cuda)  # [arena_bytes]
-        ring = torch.empty(ring_bytes, dtype=torch.uint8, device=device)  # [ring_bytes]
-        plans = []
-        for i, (host_offset, nbytes, entries) in enumerate(layouts):
-            slots = []
-            for tensor, relative in entries:
-                host = typed_view(arena, host_offset + relative, tensor.dtype, tensor.shape)
-                host.copy_(tensor.data)
-                # the module keeps its own tensor objects; the old storage is freed here
-                tensor.data = host
-                ring_view = typed_view(
-                    ring, ring_offsets[i] + relative, tensor.dtype, tensor.shape
+        kept = sum(sizes[:resident])
+        with _progress(
+            self.settings.progress, len(layers),
+            f"ringbuffer: {resident} layers resident ({kept / GIB:.2f} GiB), {len(streamed)} "
+            f"packed into {'pinned ' if use_cuda else ''}host memory ({arena_bytes / GIB:.2f} GiB)",
+        ) as advance:
+            for layer in layers[:resident]:
+                layer.to(device)
+                advance()
+            arena = allocate_host_arena(arena_bytes, pinned=use_cuda and arena_bytes > 0)  # [arena_bytes]
+            ring = torch.empty(ring_bytes, dtype=torch.uint8, device=device)  # [ring_bytes]
+            plans = []
+            for position, index in enumerate(streamed):
+                host_offset, ring_offset = host_offsets[position], ring_offsets[position]
+                slots = []
+                for tensor, relative in layouts[index][1]:
+                    host = typed_view(arena, host_offset + relative, tensor.dtype, tensor.shape)
+                    host.copy_(tensor.data)
+                    # the module keeps its own tensor objects; the old storage is freed here
+                    tensor.data = host
+                    ring_view = typed_view(ring, ring_offset + relative, tensor.dtype, tensor.shape)
+                    slots.append(_Slot(tensor=tensor, host=host, ring=ring_view))
+                plans.append(
+                    _LayerPlan(
+                        layer=index,
+                        host_offset=host_offset,
+                        nbytes=sizes[index],
+                        ring_offset=ring_offset,
+                        slots=tuple(slots),
+                        overlaps=overlaps[position],
+                    )
                 )
-                slots.append(_Slot(tensor=tensor, host=host, ring=ring_view))
-            plans.append(
-                _LayerPlan(
-                    host_offset=host_offset,
-                    nbytes=nbytes,
-                    ring_offset=ring_offsets[i],
-                    slots=tuple(slots),
-                    overlaps=overlaps[i],
-                )
-            )
-        self._plans, self._arena, self._ring = plans, arena, ring
+                advance()
+        self._plans, self._arena, self._ring, self._device = plans, arena, ring, device
+        self._use_cuda = use_cuda
+        self._layer_nbytes = sizes
+        self.resident_layers = resident
+        self._resident_bytes = sum(
+            t.numel() * t.element_size() for layer in layers[:resident] for t in _layer_tensors(layer)
+        )
+        self._position = [None] * resident + list(range(len(streamed)))
+        self._upcoming = [min(max(0, i - resident), len(streamed)) for i in range(len(layers))]
         count = len(plans)
         self._valid, self._in_use, self._copied = [False] * count, [False] * count, [False] * count
-        self._clock = _Clock(self._use_cuda)
-        if self._use_cuda:
+        self._clock = _Clock(use_cuda)
+        if use_cuda:
             self._copy_stream = torch.cuda.Stream(device=device)
             # the ring is written on the copy stream: tell the caching allocator, so that
             # freeing it never hands its memory out while a copy is still in flight
             ring.record_stream(self._copy_stream)
             self._ready = [torch.cuda.Event() for _ in range(count)]
             self._release = [torch.cuda.Event() for _ in range(count)]
+        self._prepared = True
 
     @staticmethod
-    def _layout(
-        layers: Sequence[torch.nn.Module],
-    ) -> tuple[list[tuple[int, int, list[tuple[torch.Tensor, int]]]], int]:
-        """Per layer: (arena offset, bytes, [(tensor, offset in the layer)]); arena size."""
+    def _layout(layers: Sequence[torch.nn.Module]) -> list[tuple[int, list[tuple[torch.Tensor, int]]]]:
+        """Per layer: (bytes, [(tensor, offset in the layer)]); ``ModelError`` on shared tensors."""
         owner: dict[int, int] = {}
         layouts = []
-        cursor = 0
         for i, layer in enumerate(layers):
             entries = []
             relative = 0
@@ -302,23 +404,69 @@ class RingbufferStreamer(Streamer):
                 relative = _round_up(relative)
                 entries.append((tensor, relative))
                 relative += tensor.numel() * tensor.element_size()
-            layouts.append((cursor, relative, entries))
-            cursor += _round_up(relative)
-        return layouts, cursor
+            layouts.append((relative, entries))
+        return layouts
 
-    def _ring_bytes(self, model_bytes: int, budget_bytes: int | None) -> int:
-        ring_mb = self.settings.ring_mb
-        if ring_mb is None:
-            if budget_bytes is None:
-                return model_bytes
-            return min(model_bytes, budget_bytes // ALIGN * ALIGN)
-        ring = int(ring_mb * MIB) // ALIGN * ALIGN
-        if budget_bytes is not None and ring > budget_bytes:
-            raise ModelError(
-                f"ring_mb={ring_mb} asks for a ring of {ring} bytes but the device weight "
-                f"budget is {budget_bytes} bytes; lower ring_mb or leave it unset"
-            )
-        return ring
+    def kv_reserve_bytes(self, budget_bytes: int) -> int:
+        """The part of ``budget_bytes`` left free for the KV cache."""
+        gb = self.settings.kv_reserve_gb
+        if gb is not None:
+            return min(budget_bytes, int(gb * GIB))
+        return int(budget_bytes * self.settings.kv_reserve_fraction)
+
+    def _reserve_words(self) -> str:
+        gb = self.settings.kv_reserve_gb
+        if gb is not None:
+            return f"kv_reserve_gb={gb}"
+        return f"kv_reserve_fraction={self.settings.kv_reserve_fraction}"
+
+    def _split(self, names: list[str], sizes: list[int], budget_bytes: int | None) -> tuple[int, int]:
+        """How many leading layers stay resident, and the ring's bytes."""
+        settings = self.settings
+        padded = [_round_up(size) for size in sizes]
+        count = len(sizes)
+        if budget_bytes is None:
+            if settings.ring_mb is None:
+                return 0, sum(padded)
+            return 0, int(settings.ring_mb * MIB) // ALIGN * ALIGN
+        reserve = self.kv_reserve_bytes(budget_bytes)
+        room = budget_bytes - reserve
+        limit = count if settings.resident_layers is None else min(count, settings.resident_layers)
+        kept = [0]
+        for size in padded:
+            kept.append(kept[-1] + size)
+
+        if settings.ring_mb is not None:
+            ring = int(settings.ring_mb * MIB) // ALIGN * ALIGN
+            if ring > room:
+                raise ModelError(
+                    f"ring_mb={settings.ring_mb} asks for a ring of {ring} bytes but the device "
+                    f"budget left for decoder layers is {budget_bytes} bytes, {room} bytes once "
+                    f"{self._reserve_words()} keeps {reserve} bytes for the KV cache; lower "
+                    f"ring_mb or leave it unset"
+                )
+            resident = max(k for k in range(limit + 1) if kept[k] <= room - ring)
+            return resident, ring
+
+        def ring_for(resident: int, layers: int) -> int:
+            rest = padded[resident:]
+            return min(sum(rest), layers * max(rest)) if rest else 0
+
+        # double buffering first (one layer copies while another computes), then a single layer
+        for buffers in sorted({min(2, settings.prefetch_layers + 1), 1}, reverse=True):
+            for resident in range(limit, -1, -1):
+                if kept[resident] + ring_for(resident, buffers) <= room:
+                    left = (room - kept[resident]) // ALIGN * ALIGN
+                    return resident, min(left, ring_for(resident, settings.prefetch_layers + 1))
+        largest = max(range(count), key=lambda i: sizes[i])
+        raise ModelError(
+            f"{names[largest]} needs {sizes[largest]} bytes ({sizes[largest] / MIB:.2f} MiB) of "
+            f"ring, but the device budget left for decoder layers is {budget_bytes} bytes "
+            f"({budget_bytes / GIB:.2f} GiB: the GPU budget less the embeddings, final norm and "
+            f"head) and {self._reserve_words()} keeps {reserve} bytes ({reserve / GIB:.2f} GiB) "
+            f"of it for the KV cache, leaving {room} bytes ({room / MIB:.2f} MiB); raise [memory] "
+            f"gpu_memory_budget_gb or lower the KV reserve in [settings.ringbuffer]"
+        )
 
     @staticmethod
     def _plan_ring(names: list[str], sizes: list[int], ring_bytes: int) -> list[int]:
@@ -343,47 +491,56 @@ class RingbufferStreamer(Streamer):
     # ------------------------------------------------------------------ one pass
 
     def begin_pass(self) -> None:
-        """Start a pass on the current CUDA stream and prefetch the first layers."""
+        """Start a pass on the current CUDA stream and prefetch the first streamed layers."""
         self._open_pass()
         self._issue_through(self.settings.prefetch_layers)
 
     def before_layer(self, index: int) -> None:
         """Make the compute stream wait for layer ``index``'s copy; point it at the ring.
 
-        Also serves a pass resumed after another one ran in between (a paused forward pass):
-        when ``index`` is not staged, whatever is staged is released and staging restarts here.
+        A resident layer needs nothing, but its turn issues the copies of the streamed layers
+        that follow it. Also serves a pass resumed after another one ran in between (a paused
+        forward pass): when the next streamed layer is not staged, whatever is staged is
+        released and staging restarts there.
         """
         if not self._in_pass:
             self._open_pass()
-        if not self._in_use[index]:
-            if index != self._next_issue:  # resumed after another pass, or layers skipped
-                self._release_staged()
-                self._next_issue = index
-            if not self._issue(index):
-                # a staged layer holds the place; none is running now, so release them all
-                self._release_staged()
-                self._issue(index)
-        self._issue_through(index + self.settings.prefetch_layers)
+        position = self._position[index]
+        upcoming = self._upcoming[index]
+        if upcoming < len(self._plans) and not self._in_use[upcoming] and upcoming != self._next_issue:
+            # resumed after another pass, or layers skipped
+            self._release_staged()
+            self._next_issue = upcoming
+        if position is not None and not self._in_use[position] and not self._issue(position):
+            # a staged layer holds the place; none is running now, so release them all
+            self._release_staged()
+            self._issue(position)
+        self._issue_through(upcoming + self.settings.prefetch_layers)
+        if position is None:
+            return
         if self._use_cuda:
             stream = self._compute_stream
             # a reused layer waits too: the pass that copied it may have ended before using it
-            token = self._clock.start(stream) if self._copied[index] else None
-            stream.wait_event(self._ready[index])
+            token = self._clock.start(stream) if self._copied[position] else None
+            stream.wait_event(self._ready[position])
             if token is not None:
                 self._clock.stop(token, stream, "stall")
-        for slot in self._plans[index].slots:
+        for slot in self._plans[position].slots:
             slot.tensor.data = slot.ring
 
     def after_layer(self, index: int) -> None:
         """Let the copy stream overwrite layer ``index``'s place once compute has passed it."""
-        if not self._in_use[index]:
+        position = self._position[index]
+        if position is None:
+            return
+        if not self._in_use[position]:
             raise RuntimeError(f"after_layer({index}) without before_layer({index})")
-        for slot in self._plans[index].slots:
+        for slot in self._plans[position].slots:
             slot.tensor.data = slot.host
         if self._use_cuda:
-            self._release[index].record(self._compute_stream)
-        self._in_use[index] = False
-        self._issue_through(index + 1 + self.settings.prefetch_layers)
+            self._release[position].record(self._compute_stream)
+        self._in_use[position] = False
+        self._issue_through(position + 1 + self.settings.prefetch_layers)
 
     def end_pass(self) -> None:
         """Close the pass: count it and release layers staged but not run."""
@@ -398,11 +555,11 @@ class RingbufferStreamer(Streamer):
     def _open_pass(self) -> None:
         import torch
 
-        if not self._plans:
+        if not self._prepared:
             raise RuntimeError("the ringbuffer streamer is not prepared")
         self._release_staged()  # a pass that ended without end_pass
         if self._use_cuda:
-            self._compute_stream = torch.cuda.current_stream(self._ring.device)
+            self._compute_stream = torch.cuda.current_stream(self._device)
         self._in_pass = True
         self._next_issue = 0
         self._pass_bytes = 0
@@ -411,39 +568,41 @@ class RingbufferStreamer(Streamer):
         self._pass_token = self._clock.start(self._compute_stream)
 
     def _issue_through(self, last: int) -> None:
-        """Issue copies in layer order up to layer ``last``, stopping at the first blocked one."""
+        """Issue copies in layer order up to streamed position ``last``, stopping at the first
+        blocked one."""
         last = min(last, len(self._plans) - 1)
         while self._next_issue <= last and self._issue(self._next_issue):
             pass
 
-    def _issue(self, index: int) -> bool:
-        """Stage layer ``index`` (copy it, or reuse its bytes); False when its place is busy."""
-        plan = self._plans[index]
-        if self.settings.reuse and self._valid[index]:
+    def _issue(self, position: int) -> bool:
+        """Stage the streamed layer at ``position`` (copy it, or reuse its bytes); False when its
+        place is busy."""
+        plan = self._plans[position]
+        if self.settings.reuse and self._valid[position]:
             copied = False
             self.bytes_reused += plan.nbytes
         else:
-            occupants = [o for o in (*plan.overlaps, index) if self._valid[o]]
+            occupants = [o for o in (*plan.overlaps, position) if self._valid[o]]
             if any(self._in_use[o] for o in occupants):
                 return False
             for other in occupants:
                 self._valid[other] = False
-            self._copy(index, occupants)
-            self._valid[index] = True
+            self._copy(position, occupants)
+            self._valid[position] = True
             copied = True
             self.bytes_streamed += plan.nbytes
             self._pass_bytes += plan.nbytes
-        self._in_use[index] = True
-        self._copied[index] = copied
-        self.placements.append(Placement(index, plan.ring_offset, plan.nbytes, copied))
-        self._next_issue = index + 1
+        self._in_use[position] = True
+        self._copied[position] = copied
+        self.placements.append(Placement(plan.layer, plan.ring_offset, plan.nbytes, copied))
+        self._next_issue = position + 1
         return True
 
-    def _copy(self, index: int, occupants: list[int]) -> None:
-        """Copy layer ``index`` into its ring place, chunk by chunk."""
+    def _copy(self, position: int, occupants: list[int]) -> None:
+        """Copy the streamed layer at ``position`` into its ring place, chunk by chunk."""
         import torch
 
-        plan = self._plans[index]
+        plan = self._plans[position]
         source = self._arena[plan.host_offset : plan.host_offset + plan.nbytes]  # [nbytes]
         target = self._ring[plan.ring_offset : plan.ring_offset + plan.nbytes]  # [nbytes]
         if not self._use_cuda:
@@ -460,7 +619,7 @@ class RingbufferStreamer(Streamer):
             token = self._clock.start(stream)
             # non_blocking is asynchronous only because the arena is pinned
             self._copy_chunks(source, target, non_blocking=True)
-            self._ready[index].record(stream)
+            self._ready[position].record(stream)
             self._clock.stop(token, stream, "copy", plan.nbytes)
 
     def _copy_chunks(self, source: torch.Tensor, target: torch.Tensor, non_blocking: bool) -> None:
@@ -470,13 +629,13 @@ class RingbufferStreamer(Streamer):
 
     def _release_staged(self) -> None:
         """Release layers staged in a pass that did not run them (on the compute stream)."""
-        for index, staged in enumerate(self._in_use):
+        for position, staged in enumerate(self._in_use):
             if staged:
-                for slot in self._plans[index].slots:
+                for slot in self._plans[position].slots:
                     slot.tensor.data = slot.host
                 if self._use_cuda:
-                    self._release[index].record(self._compute_stream)
-                self._in_use[index] = False
+                    self._release[position].record(self._compute_stream)
+                self._in_use[position] = False
 
     # ------------------------------------------------------------------ figures
 
@@ -489,19 +648,28 @@ class RingbufferStreamer(Streamer):
 
     @property
     def arena(self) -> torch.Tensor:
-        """The host arena holding every layer's weights: a 1-D uint8 tensor."""
+        """The host arena holding the streamed layers' weights: a 1-D uint8 tensor."""
         if self._arena is None:
             raise RuntimeError("the ringbuffer streamer is not prepared")
         return self._arena
 
     @property
     def layer_nbytes(self) -> list[int]:
-        """Bytes copied for each layer when it is streamed."""
-        return [plan.nbytes for plan in self._plans]
+        """Bytes of each layer (resident or streamed), as a copy of it moves them."""
+        return list(self._layer_nbytes)
 
-    def device_bytes(self) -> int:
+    @property
+    def pass_bytes(self) -> int:
+        """Bytes a pass streams when it reuses nothing: the streamed layers' bytes."""
+        return sum(plan.nbytes for plan in self._plans)
+
+    def ring_bytes(self) -> int:
         """Bytes of the device ring (0 before ``prepare``)."""
         return 0 if self._ring is None else self._ring.numel()
+
+    def device_bytes(self) -> int:
+        """Bytes of the device ring plus the resident layers (0 before ``prepare``)."""
+        return self.ring_bytes() + self._resident_bytes
 
     def stats(self) -> StreamerStats:
         """Bytes streamed and reused, passes, and times of finished work.
@@ -514,9 +682,9 @@ class RingbufferStreamer(Streamer):
         stall = seconds["stall"] if self._use_cuda else seconds["copy"]
         return StreamerStats(
             device_bytes=self.device_bytes(),
-            ring_bytes=self.device_bytes(),
+            ring_bytes=self.ring_bytes(),
             arena_bytes=0 if self._arena is None else self._arena.numel(),
-            layers=len(self._plans),
+            layers=len(self._layer_nbytes),
             passes=self.passes,
             bytes_streamed=self.bytes_streamed,
             bytes_reused=self.bytes_reused,
