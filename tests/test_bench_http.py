@@ -12,7 +12,7 @@ pytest.importorskip("openai")
 from eval import bench_http  # noqa: E402 - after the skip: the benchmark needs the openai client
 
 SUMMARY_KEYS = {
-    "endpoint", "streams", "ttft_p50_ratio", "goal_ttft_p50_ratio_max", "goal_met",
+    "endpoint", "streams", "ttft_p50_ratio", "http_prepare_p50_s", "http_ttft_from_sent_p50_s", "goal_ttft_p50_ratio_max", "goal_met",
     *(f"{way}_{what}" for way in ("http", "native")
       for what in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "streams_complete")),
 }
@@ -39,6 +39,7 @@ def check(report: dict, endpoint: str) -> None:
         for stream in streams:
             assert stream["tokens"] == 4 and stream["finish_reason"] == "length"
             assert stream["ttft_s"] > 0 and len(stream["itl_s"]) == stream["tokens_seen"] - 1
+        assert all((s["prepare_s"] is not None) == (way == "http") for s in streams)
         assert summary[f"{way}_ttft_p50_s"] > 0 and summary[f"{way}_itl_p99_s"] >= 0
     assert summary["ttft_p50_ratio"] > 0
 
