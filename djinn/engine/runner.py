@@ -380,6 +380,12 @@ def _unique_nbytes(modules: Sequence[torch.nn.Module]) -> int:
     return sum(storages.values())
 
 
+def outside_layers_bytes(loaded: LoadedModel) -> int:
+    """Device bytes the runner keeps outside the decoder layers: embeddings, final norm and head
+    (tied weights once). Of a GPU budget, what is left after them is the decoder layers'."""
+    return _unique_nbytes(family_of(loaded).outside_layers)
+
+
 class ModelRunner:
     """Runs forward passes layer by layer over sessions' KV in one ``KVPool`` (``self.pool``).
 
@@ -387,6 +393,8 @@ class ModelRunner:
     final norm and head are moved there. The decoder layers are moved there too, unless a
     ``streamer`` is given: the runner then hands them to ``streamer.prepare(layers, device,
     budget_bytes)`` once, here, and calls its per-pass and per-layer methods on every pass.
+    ``budget_bytes`` is the device memory the decoder layers may take, the embeddings, norm and
+    head not included (``outside_layers_bytes``); None: no limit.
     ``cuda_graphs``: capture decode steps on CUDA (never with a streamer that moves weights), for
     padded batches of at most ``graph_max_batch`` rows; larger steps are long enough to run eagerly.
     ``decode_attention`` (one of ``DECODE_ATTENTION``; default ``"paged"`` on CUDA, ``"masked"``

@@ -29,7 +29,7 @@ import torch
 from djinn.engine.batch import BatchEngine, EngineRequest
 from djinn.engine.kvpool import SessionKV
 from djinn.engine.models import load_model, weight_bytes
-from djinn.engine.runner import ForwardCursor, ModelRunner
+from djinn.engine.runner import ForwardCursor, ModelRunner, outside_layers_bytes
 from djinn.kernel.backend import KVBackend
 from djinn.kernel.errors import AdmissionError, DjinnError, SessionError
 from djinn.kernel.kernel import Kernel, Session, settled
@@ -147,9 +147,10 @@ class ModelService(KVBackend):
         )
         weights = self.runner.device_weight_bytes()
         if not self.memory.try_reserve("weights", weights):
+            hint = "" if self.streamer.streams_weights else "; select --plugins ringbuffer to stream them"
             raise AdmissionError(
                 f"the model's resident weights ({weights / GiB:.2f} GiB) exceed the GPU budget "
-                f"({self.memory.budget_bytes / GiB:.2f} GiB); select --plugins ringbuffer to stream them"
+                f"({self.memory.budget_bytes / GiB:.2f} GiB){hint}"
             )
         if self.use_cuda:
             report("sizing the KV pool")
@@ -196,8 +197,23 @@ class ModelService(KVBackend):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
     def _weights_budget(self) -> int | None:
-        cap = self.kernel.config.memory.gpu_memory_budget_gb
-        return int(cap * GiB) if cap else (self.memory.budget_bytes if self.use_cuda else None)
+        """Device bytes the streamer may give the decoder layers: the GPU budget less what the
+        runner keeps on the device besides them (embeddings, final norm, head) and, on CUDA, the
+        workspace reserved next; the streamer keeps its own share of it for KV (the ringbuffer's
+        ``kv_reserve_*``). None on CPU without a budget: no limit."""
+        if not self.kernel.config.memory.gpu_memory_budget_gb and not self.use_cuda:
+            return None
+        outside = outside_layers_bytes(self.loaded)
+        workspace = int(self.kernel.config.memory.workspace_gb * GiB) if self.use_cuda else 0
+        left = self.memory.budget_bytes - outside - workspace
+        if left <= 0:
+            also = f" and the {workspace / GiB:.2f} GiB workspace" if workspace else ""
+            raise AdmissionError(
+                f"the embeddings, final norm and head ({outside / GiB:.2f} GiB){also} leave nothing "
+                f"of the GPU budget ({self.memory.budget_bytes / GiB:.2f} GiB) for the decoder layers; "
+                f"raise [memory] gpu_memory_budget_gb"
+            )
+        return left
 
     def _size_kv_pool(self) -> None:
         """Allocate the whole KV pool once: the budget left after weights and the workspace."""
