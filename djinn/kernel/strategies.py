@@ -234,6 +234,7 @@ class Tier(ABC):
 class StreamerStats:
     """A streamer's figures for metrics. A resident streamer fills only ``device_bytes``."""
 
+    #: device memory held for layer weights: the ring plus the layers kept resident
     device_bytes: int = 0
     #: the device ring weights stream through (0: nothing streams)
     ring_bytes: int = 0
@@ -274,8 +275,12 @@ class Streamer(ABC):
     ) -> None:
         """Take ownership of ``layers`` (on CPU) and place or stage them for ``device``.
 
-        Raise ``ModelError`` here (not at run time) when the layers cannot be served within
-        ``budget_bytes`` of device memory.
+        ``budget_bytes`` is the device memory the engine leaves for the decoder layers: the GPU
+        budget less what the runner keeps on the device besides them (embeddings, final norm,
+        head) and, on CUDA, the workspace; None: no limit. What the streamer does not take
+        (``device_bytes``) goes to the KV cache, so a streamer may keep part of it free on
+        purpose. Raise ``ModelError`` here (not at run time) when the layers cannot be served
+        within ``budget_bytes``.
         """
 
     def begin_pass(self) -> None:
@@ -291,7 +296,7 @@ class Streamer(ABC):
         """The forward pass is over."""
 
     def device_bytes(self) -> int:
-        """Device memory this streamer holds for weights (resident copies or its ring)."""
+        """Device memory this streamer holds for weights (resident layers, its ring, or both)."""
         return 0
 
     def stats(self) -> StreamerStats:
