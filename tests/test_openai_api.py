@@ -285,3 +285,17 @@ def test_native_generate_stops_at_eos_unless_ignored_and_at_stop_strings(server)
         assert longer.tokens[: len(out.tokens)] == out.tokens
         text = client.model().session().generate("the", max_new_tokens=10, stop=["world"])
         assert text.finish_reason == "stop" and text.text.endswith("world") and len(text.tokens) == 2
+
+
+def test_a_streamed_completion_of_a_model_without_a_tokenizer_carries_every_token_id():
+    srv = start_server(serving_config("random:tiny-llama"), overrides=["tcp"], http_port=0)
+    try:
+        client = openai.OpenAI(base_url=srv.http_url, api_key="unused", max_retries=0)
+        whole = client.completions.create(model="random:tiny-llama", prompt=[5, 6, 7], max_tokens=5, temperature=0)
+        chunks = list(client.completions.create(model="random:tiny-llama", prompt=[5, 6, 7], max_tokens=5,
+                                                temperature=0, stream=True))
+        streamed = [t for c in chunks if c.choices for t in (c.choices[0].model_extra.get("token_ids") or [])]
+        assert streamed == whole.choices[0].model_extra["token_ids"] == native(srv, [5, 6, 7], 5)
+        assert sum(1 for c in chunks if c.choices and c.choices[0].model_extra.get("token_ids")) == 5
+    finally:
+        srv.stop()

@@ -541,7 +541,8 @@ class OpenAIServer:
 
     async def _stream(self, request: web.Request, entry: HttpSession, req: _Request, *, chat: bool) -> web.StreamResponse:
         """Server-sent events: a chunk per picked token (text held back while it may still be a
-        stop string or a tool call), then the finish reason, the usage when asked, ``[DONE]``."""
+        stop string or a tool call; a completion's chunks carry the token's id too, so a model
+        without a tokenizer streams), then the finish reason, the usage when asked, ``[DONE]``."""
         picked: asyncio.Queue = asyncio.Queue()
         work = asyncio.create_task(self.model.generate(
             entry.session, req.prompt, req.params, whole_context=True,
@@ -563,12 +564,14 @@ class OpenAIServer:
         async def send(payload: dict[str, Any]) -> None:
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
 
-        def chunk(delta: dict[str, Any] | str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any] | str, finish: str | None, logprobs: Any = None,
+                  token_ids: list[int] | None = None) -> dict[str, Any]:
             choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": finish}
             if chat:
                 choice["delta"] = delta
             else:
                 choice["text"] = delta
+                choice["token_ids"] = token_ids or []  # as in a whole completion's choice
             return {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
 
         try:
@@ -589,8 +592,8 @@ class OpenAIServer:
                 lp = None
                 if req.params.logprobs is not None and logprob is not None:
                     lp = self._logprobs(GenerateResult(tokens=[token], logprobs=[logprob]), chat=chat)
-                if delta or lp is not None:
-                    await send(chunk({"content": delta} if chat else delta, None, lp))
+                if delta or lp is not None or not chat:  # a completion streams every token's id
+                    await send(chunk({"content": delta} if chat else delta, None, lp, [token]))
                     sent += delta
                 item = await picked.get()
             result = await work
