@@ -47,7 +47,7 @@ class LlamaStack:
         self.rotary = model.model.rotary_emb
 
     def forward_kwargs(self, hidden: torch.Tensor) -> dict:
-        positions = torch.arange(hidden.shape[1])[None]  # [1, T]
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # [1, T]
         return {
             "attention_mask": None,
             "position_ids": positions,
@@ -342,6 +342,25 @@ def test_resident_layers_fit_beside_the_ring_and_are_never_streamed(budget_layer
     stats = streamer.stats()
     assert stats.passes == 3 and stats.layers == 4
     assert stats.bytes_streamed == 3 * streamer.pass_bytes  # reuse=False: streamed layers only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resident_layers_and_the_ring_on_cuda_match_resident_bitwise():
+    mine, reference = pair_of_stacks()
+    cuda = torch.device("cuda")
+    streamer = RingbufferStreamer(RingbufferSettings(kv_reserve_fraction=0.0, chunk_mb=mib(4096)))
+    streamer.prepare(mine.layers, cuda, int(3.9 * LAYER_BYTES))
+    baseline = ResidentStreamer()
+    baseline.prepare(reference.layers, cuda, None)
+    mine.rotary.to(cuda)
+    reference.rotary.to(cuda)
+    assert streamer.resident_layers == 1
+    for hidden in inputs(4):
+        hidden = hidden.to(cuda)
+        assert torch.equal(full_pass(streamer, mine, hidden), full_pass(baseline, reference, hidden))
+    torch.cuda.synchronize()
+    stats = streamer.stats()
+    assert stats.passes == 4 and stats.bytes_streamed + stats.bytes_reused == 4 * streamer.pass_bytes
 
 
 def test_everything_resident_when_the_budget_holds_every_layer():
