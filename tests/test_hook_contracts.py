@@ -24,9 +24,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(probes: dict[str, object], *names: str, metrics: bool = False) -> BackgroundServer:
+def start(probes: dict[str, object], *names: str, metrics: bool = False, settings: dict | None = None) -> BackgroundServer:
     """A started server over tcp with ``probes`` registered as local plugins and selected."""
-    config = serving_config()
+    config = serving_config(settings=settings)
     if metrics:
         config = attrs.evolve(config, server=attrs.evolve(config.server, metrics_port=free_port()))
     plugins = get_plugin_manager(config, ["tcp", *names, *probes], extra_plugins=probes)
@@ -154,7 +154,8 @@ class PlanProbe:
 
 def test_stream_plan_is_called_once_at_load_when_the_streamer_streams():
     probe = PlanProbe()
-    server = start({"probe": probe}, "ringbuffer")
+    # every layer through the ring, also where the budget would keep them all resident (CUDA)
+    server = start({"probe": probe}, "ringbuffer", settings={"ringbuffer": {"resident_layers": 0}})
     try:
         assert len(probe.plans) == 1
         with connect(server.url("tcp")) as client, client.model().session() as session:
