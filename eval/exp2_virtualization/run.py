@@ -262,7 +262,9 @@ def measure_ringbuffer(
     _send_home(homes)
     _fresh_device(device)
     streamer = RingbufferStreamer(
-        RingbufferSettings(chunk_mb=chunk_mb, prefetch_layers=settings.prefetch_layers, reuse=False)
+        # every layer streams through a ring of the whole budget: what this experiment measures
+        RingbufferSettings(chunk_mb=chunk_mb, prefetch_layers=settings.prefetch_layers, reuse=False,
+                           resident_layers=0, kv_reserve_fraction=0.0)
     )
     try:
         prepare_s, runner = _timed(
