@@ -434,7 +434,13 @@ class Kernel:
         if not self._movable(session) or not session.info.backed:
             return False
         nbytes = self.backend.held_bytes(session.kv)
-        await self.backend.release(session.kv, keep_capacity=True)
+        session.update(residency=Residency.EVICTING)  # no second move starts while the blocks go
+        try:
+            await self.backend.release(session.kv, keep_capacity=True)
+        except BaseException:
+            if self.backend.held_bytes(session.kv):
+                session.update(residency=Residency.RESIDENT)
+                raise
         self.memory.release("kv", nbytes)
         session.update(residency=Residency.EVICTED, backed=False)
         self.counters["evictions"] += 1
@@ -612,7 +618,9 @@ class Kernel:
         session = self.sessions.get(session_id)
         if session is None:
             return False
-        if session.moving is not None and not session.moving.done():
+        # a loop, not an if: another waiter may start a move first, and two moves of one session
+        # at once would free its blocks twice
+        while session.moving is not None and not session.moving.done():
             await asyncio.wait({session.moving})
         session.moving = asyncio.create_task(self._free_device(session))
         return await session.moving
