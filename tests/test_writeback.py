@@ -252,3 +252,30 @@ def test_the_server_setting_reaches_the_engine():
         assert runtime.model.engine.prefill_tokens_while_decoding == 32
     finally:
         runtime.kernel.stop()
+
+
+def test_two_requesters_freeing_one_backed_victim_free_it_once():
+    """Both wait for the victim's move in flight, then each asks to free it: the first reclaims,
+    the second finds it evicted. (Both once started a reclaim and freed its bytes twice.)"""
+    import asyncio
+
+    server = serve_with(serving_config(settings=WRITE_BACK), ["semantic", "tcp"])
+    kernel = server.kernel
+    try:
+        with connect(server.url("tcp")) as client, client.model().session() as session:
+            session.generate(PROMPT, max_new_tokens=2)
+            session.signal_phase("IO_WAIT", expected_s=30)
+            assert wait_for(lambda: server.call(lambda: kernel.get(session.id).info.backed))
+
+            async def race():
+                record = kernel.get(session.id)
+                record.moving = asyncio.ensure_future(asyncio.sleep(0.05))  # a move in flight
+                return await asyncio.gather(kernel._evict_now(session.id), kernel._evict_now(session.id))
+
+            freed = asyncio.run_coroutine_threadsafe(race(), server._loop).result(30)
+            assert sorted(freed) == [False, True]
+            assert server.call(lambda: kernel.memory.device_bytes("kv")) == 0
+            assert server.call(lambda: server.model.runner.pool.used_blocks) == 0
+            assert server.call(lambda: kernel.counters["reclaims"]) == 1
+    finally:
+        server.stop()

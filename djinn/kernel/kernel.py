@@ -10,14 +10,15 @@ The states, and the method that makes each move::
 
     RESIDENT --_evict--> EVICTING --> EVICTED          copy to a tier, then free the GPU blocks
     RESIDENT --_write_back--> EVICTING --> RESIDENT+backed   copy to a tier, keep the GPU blocks
-    RESIDENT+backed --_reclaim--> EVICTED              free the GPU blocks, no copy
+    RESIDENT+backed --_reclaim--> EVICTING --> EVICTED free the GPU blocks, no copy
     RESIDENT+backed --_free_copy--> RESIDENT           a request changes the KV: the copy is stale
     RESIDENT --_drop--> EVICTED (dropped)              free the GPU blocks, no copy, no tier
     EVICTED --_restore--> RESTORING --> RESIDENT       copy back from the tier (or _recompute)
     EVICTED --_demote--> EVICTED                       its tier copy moves to a later tier
 
 ``session.tier``/``session.block`` hold the tier copy of an EVICTED session and of a backed
-one; a backed session is accounted twice, device bytes and tier bytes, until one goes.
+one; a backed session is accounted twice, device bytes and tier bytes, until one goes. A session
+has at most one move in flight (``session.moving``); a request waits for it, never cancels it.
 Counters: ``evictions`` counts KV leaving the GPU (an eviction's copy or a reclaim),
 ``write_backs`` the copies that kept the GPU blocks, ``reclaims`` the frees that needed none.
 """
