@@ -695,12 +695,7 @@ class ModelRunner:
         for kv in kvs:
             kv.ensure_capacity(kv.length + 1)
         rows = len(kvs)
-        bt = self.pool.block_tokens
-        pool_slots = self.pool.tensor.shape[2]
-        if self.decode_attention == "paged":
-            span = pool_slots  # rows read their own blocks only; one shape for the compiled kernel
-        else:
-            span = min(_round_up(slot_bucket(self.pool.high_water_slots()), bt), pool_slots)
+        span = self._decode_span()
         inputs = self._graph_inputs(batch_bucket(rows), span) if self.cuda_graphs else None
         if inputs is None:
             inputs = _StepInputs.empty(rows, span, self.pool.block_tokens, self.device)
@@ -713,6 +708,14 @@ class ModelRunner:
         for kv in kvs:
             kv.length += 1
         return logits[:rows]
+
+    def _decode_span(self) -> int:
+        """The pool slots a decode step beginning now attends over (its keys' length)."""
+        pool_slots = self.pool.tensor.shape[2]
+        if self.decode_attention == "paged":
+            return pool_slots  # rows read their own blocks only; one shape for the compiled kernel
+        bt = self.pool.block_tokens
+        return min(_round_up(slot_bucket(self.pool.high_water_slots()), bt), pool_slots)
 
     @torch.inference_mode()
     def warm_up(self, max_batch: int, prefill_tokens: int = 0, report: Callable[[str], None] | None = None) -> None:
@@ -856,6 +859,11 @@ class ModelRunner:
 
     def _decode_forward(self, inputs: _StepInputs) -> torch.Tensor:
         """The decode step itself, eager (or being captured): float32 logits ``[B, vocab]``."""
+        step = self._decode_pass(inputs)
+        return self._decode_head(self._decode_layers(step, step.hidden))
+
+    def _decode_pass(self, inputs: _StepInputs) -> _DecodePass:
+        """A decode step's masks (one per window) and embedded tokens, from its ``inputs``."""
         batch, span = inputs.ids.shape[0], inputs.blocks.shape[1] * self.pool.block_tokens
         positions = inputs.positions[:, None]  # [B, 1]
         if self.decode_attention == "masked":
@@ -879,17 +887,65 @@ class ModelRunner:
                 mask = _SharedKeysMask(allowed.repeat(group, 1)[None, None])  # [1, 1, g*B, S]
             masks[window] = mask
         if self.fused_decode:
-            hidden, (cos, sin) = self.family.embed(inputs.ids[:, None], positions)  # [B, 1, E]; [B, 1, D] each
-            pool = self.pool.tensor  # [L, 2, S, H_kv, D]
-            for i, layer in enumerate(self.layers):
-                hidden = self._decode_layer(
-                    layer, hidden, cos, sin, pool[i, 0], pool[i, 1], inputs.write, masks[self._windows[i]]
-                )
-        else:
-            cache = _BatchCache(self.pool, inputs.write, span)
-            hidden, layer_kwargs = self._layer_inputs(inputs.ids[:, None], positions, cache, masks)  # [B, 1, E]
-            hidden = self._run_layers(hidden, layer_kwargs)
-        return self.family.head(self.family.norm(hidden))[:, -1].float()  # [B, vocab]
+            hidden, rope = self.family.embed(inputs.ids[:, None], positions)  # [B, 1, E]; [B, 1, D] each
+            return _DecodePass(inputs, span, hidden, masks, rope=rope)
+        cache = _BatchCache(self.pool, inputs.write, span)
+        hidden, layer_kwargs = self._layer_inputs(inputs.ids[:, None], positions, cache, masks)  # [B, 1, E]
+        return _DecodePass(inputs, span, hidden, masks, layer_kwargs=layer_kwargs)
+
+    def _decode_layers(
+        self, step: _DecodePass, hidden: torch.Tensor, first: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Decoder layers ``[first, stop)`` (all by default) of a decode step over ``hidden``
+        ``[B, 1, E]``: the one per-layer loop of the captured step and of ``DecodeCursor``."""
+        stop = self.num_layers if stop is None else stop
+        if step.layer_kwargs is not None:
+            return self._run_layers(hidden, step.layer_kwargs, first, stop)
+        cos, sin = step.rope
+        # looked up here, not when the step began: a paused step's pool may have grown (CPU).
+        # Sliced to the step's span, which for a step just begun is the whole pool (same view)
+        pool = self.pool.tensor  # [L, 2, S, H_kv, D]
+        span = step.span
+        for i in range(first, stop):
+            hidden = self._decode_layer(
+                self.layers[i], hidden, cos, sin, pool[i, 0, :span], pool[i, 1, :span], step.inputs.write,
+                step.masks[self._windows[i]],
+            )
+        return hidden
+
+    def _decode_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and head of a decode step: float32 logits ``[B, vocab]``."""
+        return self.family.head(self.family.norm(hidden))[:, -1].float()
+
+    @torch.inference_mode()
+    def begin_decode(self, kv: SessionKV, token: int) -> DecodeCursor:
+        """Start one decode step of ``token`` after ``kv``'s context, as a pass that may pause.
+
+        It computes what ``decode([kv], [token])`` computes, the same function of the same inputs
+        (a step of batch bucket 1 over the same slot span, the same masks, the same per-layer
+        function and head), but eagerly (never a graph replay) and layer by layer. On CUDA a
+        graph's replay and an eager run of its kernels give the same bits, so an unedited cursor's
+        logits equal the plain step's. Nothing is committed to ``kv.length`` until ``finish()``.
+        """
+        self.check_positions(kv.length + 1)
+        kv.ensure_capacity(kv.length + 1)
+        inputs = _StepInputs.empty(batch_bucket(1), self._decode_span(), self.pool.block_tokens, self.device)
+        self._fill_inputs(inputs, [kv], [token])
+        return DecodeCursor(self, kv, self._decode_pass(inputs))
+
+
+@attrs.define(eq=False)
+class _DecodePass:
+    """A decode step under way: its inputs, slot span, masks (by window) and embedded tokens
+    ``hidden`` ``[B, 1, E]``, with what its layers take: the rotary ``(cos, sin)`` of the fused
+    layer, or the model's own layers' keyword arguments (their cache included)."""
+
+    inputs: _StepInputs
+    span: int
+    hidden: torch.Tensor
+    masks: dict[int | None, Any]
+    rope: Any = None
+    layer_kwargs: list[dict[str, Any]] | None = None
 
 
 class ForwardCursor:
@@ -942,8 +998,14 @@ class ForwardCursor:
                 f"cannot run to layer {stop}: the pass is at layer {self.layer} of "
                 f"{self.num_layers}{' and finished' if self.finished else ''}"
             )
-        self._hidden = self.runner._run_layers(self._hidden, self._layer_kwargs, self.layer, stop)
+        self._hidden = self._layers(self._hidden, self.layer, stop)
         self.layer = stop
+
+    def _layers(self, hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        return self.runner._run_layers(hidden, self._layer_kwargs, first, stop)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.runner.last_logits(hidden)
 
     @torch.inference_mode()
     def finish(self) -> torch.Tensor:
@@ -957,10 +1019,28 @@ class ForwardCursor:
             raise RuntimeError(
                 f"the KV went from {self.start} to {self.kv.length} tokens during this forward pass"
             )
-        logits = self.runner.last_logits(self._hidden)
+        logits = self._logits(self._hidden)
         self.kv.length = self.start + self.positions.shape[1]
         self.finished = True
         return logits
+
+
+class DecodeCursor(ForwardCursor):
+    """One decode step of one session in progress (``ModelRunner.begin_decode``): the API of
+    ``ForwardCursor``, with ``hidden`` ``[1, 1, hidden]``, over the batched decode step's own
+    computation: its layers run through ``ModelRunner._decode_layers`` and its logits through
+    the step's head, so an unedited cursor is the step ``decode([kv], [token])`` would run.
+    """
+
+    def __init__(self, runner: ModelRunner, kv: SessionKV, step: _DecodePass) -> None:
+        super().__init__(runner, kv, step.hidden, step.inputs.positions[:1, None], [])
+        self._step = step
+
+    def _layers(self, hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+        return self.runner._decode_layers(self._step, hidden, first, stop)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.runner._decode_head(hidden)[0]  # [vocab]
 
 
 def _generate(
