@@ -93,7 +93,8 @@ def djinn_phase_changed(session: SessionInfo, old: Phase, new: Phase) -> None:
 def djinn_session_evicted(session: SessionInfo, tier: str, nbytes: int, seconds: float) -> None:
     """A session's KV has left the GPU for ``tier``; ``seconds`` is the copy's duration. Once
     per eviction, when the copy has completed. ``tier`` is ``"dropped"`` when a scheduler with
-    ``drops_kv`` freed the KV without a copy."""
+    ``drops_kv`` freed the KV without a copy; a reclaim of a written-back session (its copy was
+    already in ``tier``) frees the GPU blocks with no copy and reports ``seconds`` 0."""
 
 
 @hookspec
