@@ -576,23 +576,39 @@ class ModelService(KVBackend):
         layers: list[int], on_break: BreakHandler | None, result: GenerateResult,
         on_token: TokenHandler | None = None,
     ) -> None:
-        """Generate step by step, pausing after each armed layer; the model thread is free while paused."""
+        """Generate step by step, pausing after each armed layer; the model thread is free while paused.
+
+        The computation is a lone plain generate's: the prompt in the batch engine's chunks of
+        ``prefill_chunk_tokens``, each a one-session pass (``runner.begin``, what
+        ``runner.prefill([kv], [chunk])`` runs for one session), then every further token one
+        decode step (``runner.begin_decode``, what ``runner.decode([kv], [token])`` runs). Each
+        prompt chunk pauses at the armed layers (step 0, phase "prefill"), then each decode step.
+        """
         picker = self.runner.token_picker(params.temperature, params.top_k, params.seed, params.top_p)
         stop = self._stopper(params, result)
+        runner, kv = self.runner, session.kv
         ids = list(input_ids)
+        chunk = self.engine.prefill_chunk_tokens
         started = time.perf_counter()
         for step in range(params.max_new_tokens):
-            cursor = await self.run_model(self.runner.begin, session.kv, self.runner.ids_tensor(ids))
-            phase = "prefill" if step == 0 else "decode"
-            for layer in layers:
-                await self.run_model(cursor.run, layer + 1)
-                if on_break is not None:
-                    self.kernel.plugins.notify(
-                        "djinn_breakpoint_hit", session=session.info, layer=layer, step=step, phase=phase,
-                    )
-                    await on_break(session, cursor, layer, step, phase)
-            await self.run_model(cursor.run)
-            logits = await self.run_model(cursor.finish)
+            if step == 0:
+                phase = "prefill"
+                passes = [lambda part=ids[i : i + chunk]: runner.begin(kv, runner.ids_tensor(part))
+                          for i in range(0, len(ids), chunk)]
+            else:
+                phase = "decode"
+                passes = [lambda token=result.tokens[-1]: runner.begin_decode(kv, token)]
+            for begin in passes:
+                cursor = await self.run_model(begin)
+                for layer in layers:
+                    await self.run_model(cursor.run, layer + 1)
+                    if on_break is not None:
+                        self.kernel.plugins.notify(
+                            "djinn_breakpoint_hit", session=session.info, layer=layer, step=step, phase=phase,
+                        )
+                        await on_break(session, cursor, layer, step, phase)
+                await self.run_model(cursor.run)
+                logits = await self.run_model(cursor.finish)
             token = picker(logits)
             result.tokens.append(token)
             logprob = None
@@ -601,7 +617,6 @@ class ModelService(KVBackend):
                 result.logprobs.append(logprob)
             if on_token is not None:
                 on_token(token, logprob)
-            ids = [token]
             if step == 0:
                 result.first_token_s = result.prefill_s = time.perf_counter() - started
             if stop is not None and stop(result.tokens):
