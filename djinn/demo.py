@@ -2,13 +2,18 @@
 
 Each agent runs the loop Djinn is built for: generate -> tool call (IO_WAIT, its KV leaves the
 GPU) -> resume (COMPUTE, its KV comes back) -> generate, and the demo prints what happened.
+Then one agent speaks the OpenAI API to a model that answers with a tool call: the server puts
+its session in IO_WAIT by itself, and the request bringing the tool's result resumes it.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -71,3 +76,45 @@ def run_demo(config: DjinnConfig, plugins: DjinnPlugins, *, agents: int, turns: 
         f"device peak: {mem['device_peak_bytes'] / 2**20:.2f} MiB of which weights "
         f"{mem['device']['weights'] / 2**20:.2f} MiB  sessions left open: {vmu['sessions']['total']}"
     )
+    run_tool_agent(config, plugins, echo)
+
+
+def _post(url: str, body: dict[str, Any], session_id: str) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+        "Content-Type": "application/json", "X-Djinn-Session-Id": session_id})
+    with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 (the demo's own loopback server)
+        return json.load(reply)
+
+
+def _get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=60) as reply:  # noqa: S310 (the demo's own loopback server)
+        return json.load(reply)
+
+
+def run_tool_agent(config: DjinnConfig, plugins: DjinnPlugins, echo: Callable[[str], None]) -> None:
+    """One agent over the OpenAI API: its model calls a tool, which is the phase signal."""
+    import attrs
+
+    from djinn.testing.scripted import TOOLS, build_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="djinn-demo-") as home:
+        model = build_model_dir(f"{home}/scripted")
+        scripted = attrs.evolve(config, model=attrs.evolve(config.model, name=model))
+        echo("an agent over the OpenAI API, on a tiny model whose answer is a tool call:")
+        with BackgroundServer(scripted, plugins, http_port=0) as server:
+            base, session = server.http_url, "demo-agent"
+            messages = [{"role": "user", "content": "what is the weather in paris"}]
+            answer = _post(f"{base}/chat/completions", {"model": model, "messages": messages, "tools": TOOLS,
+                                                         "max_tokens": 20, "temperature": 0}, session)
+            choice = answer["choices"][0]
+            call = choice["message"]["tool_calls"][0]["function"]
+            state = _get(f"{base}/djinn/sessions/{session}")
+            echo(f"  finish_reason {choice['finish_reason']!r}: {call['name']}({call['arguments']}); "
+                 f"the session is now {state['phase']} ({state['residency']}, {state['tokens']} tokens)")
+            messages += [choice["message"], {"role": "tool", "content": "sunny"}]
+            again = _post(f"{base}/chat/completions", {"model": model, "messages": messages, "tools": TOOLS,
+                                                        "max_tokens": 4, "temperature": 0}, session)
+            state = _get(f"{base}/djinn/sessions/{session}")
+            cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            echo(f"  the tool's result resumed it: {state['phase']}, {cached} of "
+                 f"{again['usage']['prompt_tokens']} prompt tokens reused from its KV")

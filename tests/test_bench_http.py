@@ -55,7 +55,7 @@ def test_random_model_streams_token_ids_through_completions(tmp_path, capsys):
 
 
 def test_model_with_a_chat_template_streams_through_chat(tmp_path):
-    from tests.test_openai_api import build_model_dir
+    from djinn.testing.scripted import build_model_dir
 
     report = run(tmp_path, build_model_dir(tmp_path / "scripted"))
     check(report, "/v1/chat/completions")

@@ -11,8 +11,8 @@ import attrs
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
+from djinn.testing.scripted import build_model_dir
 from tests.serving import serving_config, start_server
-from tests.test_openai_api import build_model_dir
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 NATIVE_URL = "tcp://127.0.0.1:7070"
