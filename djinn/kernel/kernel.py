@@ -366,19 +366,19 @@ class Kernel:
         self.counters["demote_seconds"] += time.perf_counter() - started
         return True
 
-    async def _evict(self, session: Session) -> bool:
-        """RESIDENT -> EVICTING -> EVICTED: copy the KV to a tier. False when it cannot (busy, tiers full)."""
-        if not self._movable(session):
-            return False
+    async def _copy_to_tier(self, session: Session, otherwise: str) -> tuple[str, TierBlock, int, float] | None:
+        """Place a resident session's KV in a tier and copy it there (EVICTING while it copies):
+        the tier, block, bytes and seconds; None when no tier holds it (counted and logged, with
+        what happens ``otherwise``) or a request took the session meanwhile."""
         nbytes = self.backend.held_bytes(session.kv)
         placed = await self._placed(nbytes, session)
         if placed is None or not self._movable(session):
             if placed is not None:  # a request took the session while older copies were demoted
                 self.tiers[placed[0]].free(placed[1])
-                return False
+                return None
             self.counters["evict_failures"] += 1
-            log.warning("no tier can hold session %d's %d KV bytes; it stays resident", session.info.id, nbytes)
-            return False
+            log.warning("no tier can hold session %d's %d KV bytes; %s", session.info.id, nbytes, otherwise)
+            return None
         tier_name, block = placed
         session.update(residency=Residency.EVICTING)
         started = time.perf_counter()
@@ -388,7 +388,16 @@ class Kernel:
             self.tiers[tier_name].free(block)
             session.update(residency=Residency.RESIDENT)
             raise
-        seconds = time.perf_counter() - started
+        return tier_name, block, nbytes, time.perf_counter() - started
+
+    async def _evict(self, session: Session) -> bool:
+        """RESIDENT -> EVICTING -> EVICTED: copy the KV to a tier. False when it cannot (busy, tiers full)."""
+        if not self._movable(session):
+            return False
+        copied = await self._copy_to_tier(session, "it stays resident")
+        if copied is None:
+            return False
+        tier_name, block, nbytes, seconds = copied
         session.tier, session.block = tier_name, block
         await self.backend.release(session.kv, keep_capacity=True)
         self.memory.release("kv", nbytes)
@@ -405,29 +414,15 @@ class Kernel:
         False when it cannot (busy, already backed, tiers full)."""
         if not self._movable(session) or session.info.backed:
             return False
-        nbytes = self.backend.held_bytes(session.kv)
-        placed = await self._placed(nbytes, session)
-        if placed is None or not self._movable(session):
-            if placed is not None:
-                self.tiers[placed[0]].free(placed[1])
-                return False
-            self.counters["evict_failures"] += 1
-            log.warning("no tier can hold session %d's %d KV bytes; it is not written back", session.info.id, nbytes)
+        copied = await self._copy_to_tier(session, "it is not written back")
+        if copied is None:
             return False
-        tier_name, block = placed
-        session.update(residency=Residency.EVICTING)
-        started = time.perf_counter()
-        try:
-            await self.backend.copy_out(session.kv, self.tiers[tier_name].view(block))
-        except BaseException:
-            self.tiers[tier_name].free(block)
-            session.update(residency=Residency.RESIDENT)
-            raise
+        tier_name, block, nbytes, seconds = copied
         session.tier, session.block = tier_name, block
         self.memory.tier_add(tier_name, nbytes)
         session.update(residency=Residency.RESIDENT, backed=True)
         self.counters["write_backs"] += 1
-        self.counters["write_back_seconds"] += time.perf_counter() - started
+        self.counters["write_back_seconds"] += seconds
         return True
 
     async def _reclaim(self, session: Session) -> bool:
