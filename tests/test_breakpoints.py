@@ -126,6 +126,19 @@ def test_edits_change_the_output(server, client, edit):
     assert edited != plain
 
 
+def test_an_edit_in_a_decode_step_changes_the_tokens_from_that_step_on(server, client):
+    edit_step = 3
+
+    def on_break(hit):
+        if hit.phase == "decode" and hit.step == edit_step:
+            hit.scale(-1.0)  # a flipped residual stream changes the step's token on any model here
+
+    plain = client.model().session().generate(PROMPT, 8, ignore_eos=True).tokens
+    edited = client.model().session().generate(PROMPT, 8, ignore_eos=True, breakpoints=[1], on_break=on_break).tokens
+    assert edited[:edit_step] == plain[:edit_step]
+    assert edited[edit_step] != plain[edit_step]
+
+
 def test_stats_match_the_fetched_activation(server, client):
     session = client.model().session()
     for hit in session.trace(PROMPT, 2, breakpoints=[1]):

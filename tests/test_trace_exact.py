@@ -167,20 +167,17 @@ def test_a_trace_without_edits_equals_plain_generate_in_the_service(spec, attent
 def test_an_edit_in_a_decode_step_changes_the_tokens_after_it(spec):
     edit_step = 3
     with runtime(spec, "masked") as rt:
-        vector = torch.linspace(-8.0, 8.0, rt.model.runner.hidden_size)
-
         async def on_break(session, cursor, layer, step, phase):
             if phase == "decode" and step == edit_step:
                 with torch.inference_mode():
-                    cursor.hidden.add_(vector.to(cursor.hidden.dtype))
+                    cursor.hidden.neg_()
 
         params = SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
         plain = _generate(rt, params)
         edited = _generate(rt, params, [1], on_break)
     assert edited.tokens[:edit_step] == plain.tokens[:edit_step]
     assert edited.logprobs[:edit_step] == plain.logprobs[:edit_step]
-    assert edited.logprobs[edit_step] != plain.logprobs[edit_step]
-    assert edited.tokens[edit_step:] != plain.tokens[edit_step:]
+    assert edited.tokens[edit_step] != plain.tokens[edit_step]
 
 
 # ---------------------------------------------------------------------------- server
