@@ -3,8 +3,8 @@
 Every session's KV lives in blocks of one ``KVPool`` (see ``kvpool``). ``ModelRunner.begin``
 embeds a chunk of one session's tokens and returns a ``ForwardCursor``; ``run(until=k)`` runs
 decoder layers up to ``k`` and stops there (a breakpoint: ``.hidden`` may be read or edited),
-``finish()`` runs the rest, the final norm and the head, and commits the chunk to the KV. Prompts,
-prompt chunks and breakpoint passes go this way.
+``finish()`` runs the rest, the final norm and the head, and commits the chunk to the KV. Prompts
+and prompt chunks go this way (``prefill`` of one session is ``begin(...).finish()``).
 
 ``ModelRunner.decode`` runs one decode step for many sessions at once: every row's new key is
 written to its slot and all rows attend in one attention call per layer: on CUDA
@@ -14,6 +14,23 @@ own session). On CUDA the step is captured as a CUDA graph per padded batch size
 and replayed. The layers reach these through ``runner_attention``, the one function registered
 with transformers' attention registry and set on the model's config once, when the runner is
 built: the mask a pass hands the layers says which kernel runs.
+
+``ModelRunner.begin_decode`` is that step for one session as a ``DecodeCursor``: the same API
+as ``ForwardCursor`` (``run``, ``hidden`` ``[1, 1, E]``, ``finish``) over the same computation as
+``decode([kv], [token])``: inputs of batch bucket 1 and the same slot span, the same masks, the same
+per-layer loop (``_decode_layers``: the fused layer or the model's own), norm and head, run
+eagerly and paused between layers. A breakpoint request prefills as the batch engine does (its
+chunks, one-session passes) and decodes through ``begin_decode``.
+
+What the default mode guarantees: a request with breakpoints and no edit is token-exact with,
+and has the bit-identical logits of, the same request run alone by the batch engine, since both
+run the same kernels on the same inputs. tests/test_trace_exact.py shows it for every family and
+both decode attentions on the CPU (where the one-session pass and the decode step differ in the
+last bits, so the tests tell them apart); on CUDA it rests on a graph's replay and an eager run
+of its kernels giving the same bits. A session decoded in a batch with others is another
+computation (other GEMM shapes, other rows beside it): on CUDA in bf16 it is reproduced exactly
+only by the same batch composition, so a trace equals a plain request that ran alone, not one
+that shared its steps.
 
 The runner calls the model's own modules (embedding, decoder layers, norm, head). Per layer it
 does nothing but call the layer, plus the streamer's ``before_layer``/``after_layer``.
