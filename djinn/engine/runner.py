@@ -27,9 +27,7 @@ and has the bit-identical logits of, the same request run alone by the batch eng
 run the same kernels on the same inputs. tests/test_trace_exact.py shows it for every family and
 both decode attentions on the CPU (where the one-session pass and the decode step differ in the
 last bits, so the tests tell them apart); on CUDA it rests on a graph's replay and an eager run
-of its kernels giving the same bits (seen on an H200 in bf16, graphs and fused decode on: 10 of 10
-traces of 32 tokens bit-identical for tiny-llama, tiny-gpt2 and gpt2, where decoding through
-``begin`` had been token-exact for 2, 8 and 5 of 10). A session decoded in a batch with others is another
+of its kernels giving the same bits. A session decoded in a batch with others is another
 computation (other GEMM shapes, other rows beside it): on CUDA in bf16 it is reproduced exactly
 only by the same batch composition, so a trace equals a plain request that ran alone, not one
 that shared its steps.
