@@ -402,23 +402,8 @@ class AsyncTrace:
         return self
 
     async def _start(self) -> None:
-        client = self.session.client
-        request_id, future = client._new_request()
-        self._queue = asyncio.Queue()
-        client._breaks[request_id] = self._queue
-
-        async def finish() -> Frame:
-            try:
-                await client.send(Op.GENERATE, session_id=self.session.id, meta=self._meta,
-                                  tensors=self._tensors, request_id=request_id)
-                return await future
-            finally:
-                client._pending.pop(request_id, None)
-
-        self._reply = asyncio.create_task(finish())
-        self._reply.add_done_callback(_retrieve)
-        self._reply.add_done_callback(lambda _t: self._queue.put_nowait(None))
-        self._request_id = request_id
+        self._request_id, self._queue, self._reply = _start_generate(
+            self.session, self.session.client._breaks, self._meta, self._tensors)
 
     async def __anext__(self) -> AsyncBreakpoint:
         if self._queue is None:
@@ -440,6 +425,30 @@ class AsyncTrace:
         raise_for_error(reply)
         self._result = _generation(reply)
         raise StopAsyncIteration
+
+
+def _start_generate(
+    session: AsyncSession, queues: dict[int, asyncio.Queue], meta: dict[str, Any], tensors: tuple[torch.Tensor, ...],
+) -> tuple[int, asyncio.Queue, asyncio.Task]:
+    """Send a GENERATE whose in-between frames (BREAK or TOKEN) go to a queue of its own in
+    ``queues``; the queue gets None once the reply task is done. Returns the request id, the
+    queue and the reply task."""
+    client = session.client
+    request_id, future = client._new_request()
+    queue: asyncio.Queue = asyncio.Queue()
+    queues[request_id] = queue
+
+    async def finish() -> Frame:
+        try:
+            await client.send(Op.GENERATE, session_id=session.id, meta=meta, tensors=tensors, request_id=request_id)
+            return await future
+        finally:
+            client._pending.pop(request_id, None)
+
+    reply = asyncio.create_task(finish())
+    reply.add_done_callback(_retrieve)
+    reply.add_done_callback(lambda _t: queue.put_nowait(None))
+    return request_id, queue, reply
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -471,23 +480,8 @@ class AsyncTokenStream:
         return self
 
     async def _start(self) -> None:
-        client = self.session.client
-        request_id, future = client._new_request()
-        self._queue = queue = asyncio.Queue()
-        client._streams[request_id] = queue
-        self._request_id = request_id
-
-        async def finish() -> Frame:
-            try:
-                await client.send(Op.GENERATE, session_id=self.session.id, meta=self._meta,
-                                  tensors=self._tensors, request_id=request_id)
-                return await future
-            finally:
-                client._pending.pop(request_id, None)
-
-        self._reply = asyncio.create_task(finish())
-        self._reply.add_done_callback(_retrieve)
-        self._reply.add_done_callback(lambda _t: queue.put_nowait(None))
+        self._request_id, self._queue, self._reply = _start_generate(
+            self.session, self.session.client._streams, self._meta, self._tensors)
 
     async def __anext__(self) -> int:
         if self._queue is None:
