@@ -7,6 +7,7 @@ import os
 import attrs
 import torch
 
+from djinn.engine.models import LoadedModel
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
 from djinn.server.launch import BackgroundServer
@@ -42,3 +43,18 @@ def start_server(config: DjinnConfig, overrides=(), **kwargs) -> BackgroundServe
     """A started server with the environment's plugin selection (DJINN_PLUGINS) plus ``overrides``."""
     names = split_plugin_names(os.environ.get("DJINN_PLUGINS")) + list(overrides)
     return BackgroundServer(config, get_plugin_manager(config, names), **kwargs).start()
+
+
+def tiny_qwen2(name: str = "tiny-qwen2") -> LoadedModel:
+    """A tiny Qwen2 with sliding-window layers (the one supported family without a random:NAME shape)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=512, use_sliding_window=True, sliding_window=8,
+        max_window_layers=2, initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return LoadedModel(name=name, model=model, config=model.config, family="qwen2", dtype=torch.float32,
+                       device=torch.device("cpu"))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from djinn.client import connect
 from djinn.engine.batch import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.errors import ModelError
 from djinn.engine.models import LoadedModel, load_model
 from djinn.engine.runner import BATCH_BUCKETS, DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
-from tests.serving import serving_config, start_server
+from tests.serving import serving_config, start_server, tiny_qwen2
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
 #: lengths on both sides of tiny-mistral's 16-token window and of a 64-token block
@@ -21,17 +20,7 @@ PROMPT_LENGTHS = [3, 9, 15, 30, 70]
 @pytest.fixture(scope="module")
 def models() -> dict[str, LoadedModel]:
     loaded = {spec: load_model(spec) for spec in TINY}
-    config = Qwen2Config(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=512, use_sliding_window=True, sliding_window=8,
-        max_window_layers=2, initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    loaded["tiny-qwen2"] = LoadedModel(
-        name="tiny-qwen2", model=model, config=model.config, family="qwen2",
-        dtype=torch.float32, device=torch.device("cpu"),
-    )
+    loaded["tiny-qwen2"] = tiny_qwen2()
     return loaded
 
 

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from djinn.client import connect
 from djinn.engine import service as service_module
@@ -26,7 +25,7 @@ from djinn.engine.runner import DECODE_ATTENTION, ModelRunner
 from djinn.engine.service import SamplingParams
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import build_runtime
-from tests.serving import serving_config, start_server
+from tests.serving import serving_config, start_server, tiny_qwen2
 
 QWEN2 = "tiny-qwen2"
 SPECS = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2", QWEN2]
@@ -38,23 +37,8 @@ CHUNK_TOKENS = 24
 LOGPROBS = 3
 
 
-def tiny_qwen2() -> LoadedModel:
-    """A tiny Qwen2 with sliding-window layers, as tests/test_engine.py builds it."""
-    config = Qwen2Config(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=512, use_sliding_window=True, sliding_window=8,
-        max_window_layers=2, initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    return LoadedModel(
-        name=QWEN2, model=model, config=model.config, family="qwen2", dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-
-
 def load(spec: str) -> LoadedModel:
-    return tiny_qwen2() if spec == QWEN2 else load_model(spec)
+    return tiny_qwen2(QWEN2) if spec == QWEN2 else load_model(spec)
 
 
 @contextmanager
@@ -62,7 +46,7 @@ def served_model(spec: str) -> Iterator[None]:
     """While open, a service configured with ``spec`` loads it (``tiny-qwen2`` has no ``random:`` shape)."""
     with pytest.MonkeyPatch.context() as patch:
         if spec == QWEN2:
-            patch.setattr(service_module, "load_model", lambda *args, **kwargs: tiny_qwen2())
+            patch.setattr(service_module, "load_model", lambda *args, **kwargs: tiny_qwen2(QWEN2))
         yield
 
 
