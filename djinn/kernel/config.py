@@ -106,6 +106,9 @@ class ServerSettings:
     #: paged decode steps of rotary families (llama, mistral, qwen2) run one written-out decoder
     #: layer compiled into a few fused kernels (CUDA), instead of the model's own layers
     fused_decode: bool = True
+    #: every kernel computes a session's rows independently of the batch: its greedy tokens are
+    #: the same alone or beside others, with or without breakpoints, evictions or chunking
+    deterministic: bool = False
 
 
 @attrs.frozen
