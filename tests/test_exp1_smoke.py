@@ -44,13 +44,13 @@ def test_exp1_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert [(p["summary"]["scheduler"], p["summary"]["agents"]) for p in report["points"]] == [
         (s, n) for s in ("semantic", "static", "recompute") for n in (2, 4)
     ]
-    # one server serves both points of a scheduler; each point counts only its own evictions (the
-    # moves its own trace saw): semantic evicts at every IO_WAIT, one per agent here (K = 2), and
-    # memory pressure may add some (a restored session evicted again before its agent returns)
+    # one server serves both points of a scheduler; each point counts only its own moves (those
+    # its own trace saw): semantic writes the KV back at every IO_WAIT, one per agent here (K = 2),
+    # unless memory pressure has freed its GPU blocks first (a reclaim or an eviction)
     for point in report["points"][:2]:
         moves = [dict(zip(point["trace"]["move_columns"], row)) for row in point["trace"]["moves"]]
         assert point["counters"]["evictions"] == sum(m["kind"] == "evict" for m in moves)
-        assert point["counters"]["evictions"] >= point["summary"]["agents"]
+        assert point["counters"]["write_backs"] + point["counters"]["evictions"] >= point["summary"]["agents"]
     by_scheduler = {p["summary"]["scheduler"]: p for p in report["points"] if p["summary"]["agents"] == 4}
     for point in by_scheduler.values():
         summary = point["summary"]
@@ -86,8 +86,10 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert all(s["prefill_keys"] >= s["prefill_tokens"] and s["prefill_s"] >= 0 for s in steps)
     assert [s["t_s"] for s in steps] == sorted(s["t_s"] for s in steps)
     moves = [dict(zip(trace["move_columns"], row)) for row in trace["moves"]]
-    # one eviction at every IO_WAIT (3 agents, K = 2), more if memory pressure evicts a restored session again
-    assert sum(m["kind"] == "evict" for m in moves) == counters["evictions"] >= 3
+    # a write-back at every IO_WAIT (3 agents, K = 2) unless memory pressure freed the blocks first;
+    # GPU blocks leave (evictions, reclaims included) only under pressure, each reported by its hook
+    assert counters["write_backs"] + counters["evictions"] >= 3
+    assert sum(m["kind"] == "evict" for m in moves) == counters["evictions"]
     assert sum(m["kind"] == "restore" for m in moves) == counters["restores"]
     assert trace["loop_stall_columns"] == ["t_s", "late_s"]
     starts = {(s["agent"], s["iteration"]): s["started_s"] for s in point["samples"]}

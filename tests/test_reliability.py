@@ -443,6 +443,20 @@ def test_a_soak_keeps_memory_flat_and_the_books_balanced(server):
     assert report["rss_end_bytes"] - report["rss_mid_bytes"] < 64 << 20, report
 
 
+def test_a_soak_with_write_back_balances_the_books():
+    """The semantic scheduler's default: every IO_WAIT copies the KV to the tier and keeps the
+    GPU blocks; the next turn frees the copy. 40 lives leave no byte behind."""
+    srv = start_server(server_config(budget_gb=default_budget_gb(), settings={"semantic": {"write_back": True}}),
+                       ["semantic", "tcp"])
+    try:
+        report = soak(srv, 40, concurrency=2)
+        assert report["other"] == {} and report["correct"] == 40
+        assert report["write_backs"] >= 40
+        assert report["leaks"] == NO_LEAKS
+    finally:
+        srv.stop()
+
+
 def test_the_full_run_writes_its_report_at_a_small_size(tmp_path):
     from click.testing import CliRunner
 

@@ -124,7 +124,7 @@ def faulty_server():
     faulty = _Faulty()
     entry_points = [*importlib.metadata.entry_points(group="djinn.plugins"),
                     FakeEntryPoint("faulty", lambda: faulty, dist="faulty-pkg", version="0.3")]
-    config = serving_config()
+    config = serving_config(settings={"semantic": {"write_back": False}})  # IO_WAIT evicts
     plugins = get_plugin_manager(config, ["semantic", "tcp", "faulty"], entry_points=entry_points)
     srv = BackgroundServer(config, plugins).start()
     yield srv, faulty

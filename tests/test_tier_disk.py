@@ -71,7 +71,8 @@ def test_a_full_host_tier_demotes_the_coldest_session_to_disk_and_it_comes_back_
     _weights, kv = kv_sizes("random:tiny-llama", 64)
     config = serving_config(
         budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), tier_gb=kv / 2**30,
-        settings={"disk": {"path": str(tmp_path / "kv.bin"), "capacity_gb": 4 * kv / 2**30}},
+        settings={"disk": {"path": str(tmp_path / "kv.bin"), "capacity_gb": 4 * kv / 2**30},
+                  "semantic": {"write_back": False}},
     )
     server = serve_with(config, ["semantic", "disk", "tcp"])
     kernel = server.kernel

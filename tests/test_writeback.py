@@ -150,10 +150,12 @@ def test_io_wait_writes_back_and_prefetches_from_the_hint_else_from_the_learned_
     assert [a.kind for a in scheduler.on_phase(evicted, _view(303.0))] == [ActionKind.RESTORE]
 
 
-def test_without_write_back_io_wait_evicts_as_before():
-    scheduler = SemanticScheduler(SemanticSettings())
-    actions = scheduler.on_phase(_info(1, phase=Phase.IO_WAIT), _view(1.0))
-    assert [a.kind for a in actions] == [ActionKind.EVICT]
+def test_io_wait_writes_back_by_default_and_evicts_without_write_back():
+    waiting = _info(1, phase=Phase.IO_WAIT)
+    assert [a.kind for a in SemanticScheduler(SemanticSettings()).on_phase(waiting, _view(1.0))] == [
+        ActionKind.WRITE_BACK]
+    scheduler = SemanticScheduler(SemanticSettings(write_back=False))
+    assert [a.kind for a in scheduler.on_phase(waiting, _view(1.0))] == [ActionKind.EVICT]
 
 
 def test_victims_are_backed_sessions_first_then_waiting_then_least_recently_used():

@@ -71,14 +71,15 @@ DJINN_ROOT = Path(__file__).resolve().parents[2] / "djinn"
 
 def server_config(model: str = "random:tiny-llama", *, budget_gb: float = 0.0, tier_gb: float = 0.0625,
                   admission_queue: int = 256, settings: dict | None = None) -> DjinnConfig:
-    """Defaults with free ports, a fast tick, a small host tier and the given GPU budget."""
+    """Defaults with free ports, a fast tick, a small host tier and the given GPU budget. The
+    semantic scheduler evicts at every IO_WAIT (no write-back), so every KV move path runs."""
     base = DjinnConfig()
     return attrs.evolve(
         base,
         server=attrs.evolve(base.server, port=0, metrics_port=0, tick_s=0.01),
         model=attrs.evolve(base.model, name=model),
         memory=attrs.evolve(base.memory, gpu_memory_budget_gb=budget_gb, admission_queue=admission_queue),
-        settings={"pinned_host": {"capacity_gb": tier_gb}, **(settings or {})},
+        settings={"pinned_host": {"capacity_gb": tier_gb}, "semantic": {"write_back": False}, **(settings or {})},
     )
 
 
@@ -757,6 +758,7 @@ def soak(server: BackgroundServer, sessions: int, *, concurrency: int = 4, progr
         "other": {k: v for k, v in outcomes.items() if k != "correct"},
         "evictions": counters["evictions"] - counters_before["evictions"],
         "restores": counters["restores"] - counters_before["restores"],
+        "write_backs": counters["write_backs"] - counters_before["write_backs"],
         "rss_start_bytes": rss_start,
         "rss_mid_bytes": mid.get("rss", rss_start),
         "rss_peak_bytes": max(sampler.peak, rss_bytes()),

@@ -49,7 +49,7 @@ class SemanticSettings:
     idle_threshold_s: float = attrs.field(default=30.0, validator=_non_negative)
     #: at IO_WAIT copy the KV to a tier and keep the GPU blocks until memory is needed (True),
     #: or evict it at once (False, the behaviour before write-back)
-    write_back: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    write_back: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     #: prefill deadline of a request that resumes after a tool call, from its arrival
     resume_latency_s: float = attrs.field(default=0.25, validator=_non_negative)
     #: prefill deadline of any other request, from its arrival
