@@ -13,7 +13,7 @@ The states, and the method that makes each move::
     RESIDENT+backed --_reclaim--> EVICTING --> EVICTED free the GPU blocks, no copy
     RESIDENT+backed --_free_copy--> RESIDENT           a request changes the KV: the copy is stale
     RESIDENT --_drop--> EVICTED (dropped)              free the GPU blocks, no copy, no tier
-    EVICTED --_restore--> RESTORING --> RESIDENT       copy back from the tier (or _recompute)
+    EVICTED --_restore--> RESTORING --> RESIDENT       copy back from the tier (dropped: prefill again)
     EVICTED --_demote--> EVICTED                       its tier copy moves to a later tier
 
 ``session.tier``/``session.block`` hold the tier copy of an EVICTED session and of a backed
@@ -31,7 +31,8 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -42,22 +43,14 @@ from djinn.kernel.errors import AdmissionError, SessionError, TierFullError
 from djinn.kernel.memory import MemoryAccounting
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.kernel.strategies import (
-    Action,
-    ActionKind,
-    MemoryView,
-    Phase,
-    Residency,
-    SchedulerView,
-    SessionInfo,
-    TierBlock,
+    Action, ActionKind, MemoryView, Phase, Residency, SchedulerView, SessionInfo, TierBlock,
 )
 
 log = logging.getLogger(__name__)
 
 COUNTERS = (
-    "evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds",
-    "evict_failures", "admission_waits", "admission_refusals", "requests", "tokens",
-    "drops", "recomputes", "recompute_seconds",
+    "evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds", "evict_failures",
+    "admission_waits", "admission_refusals", "requests", "tokens", "drops", "recomputes", "recompute_seconds",
     "write_backs", "write_back_seconds", "reclaims", "demotions", "demote_seconds",
 )
 
@@ -88,6 +81,10 @@ class Session:
     def update(self, **changes: Any) -> None:
         """Replace ``info`` with a copy carrying ``changes``."""
         self.info = attrs.evolve(self.info, **changes)
+
+    def move_in_flight(self) -> bool:
+        """Whether a move of this session's KV is running now."""
+        return self.moving is not None and not self.moving.done()
 
 
 class Kernel:
@@ -179,10 +176,10 @@ class Kernel:
             raise
         return session
 
-    def get(self, session_id: int, owner: object = None) -> Session:
-        """The open session with this id (owned by ``owner`` when given)."""
+    def get(self, session_id: int) -> Session:
+        """The open session with this id."""
         session = self.sessions.get(session_id)
-        if session is None or (owner is not None and session.owner is not owner):
+        if session is None:
             raise SessionError(f"no open session {session_id}")
         return session
 
@@ -203,13 +200,11 @@ class Kernel:
         self.plugins.notify("djinn_session_closed", session=session.info, reason=reason)
 
     def _free_session_memory(self, session: Session, device_bytes: int) -> None:
-        """Return the session's accounted bytes: ``device_bytes`` of KV, or its tier block."""
+        """Return the session's accounted bytes: ``device_bytes`` of KV, and its tier copy."""
         if device_bytes:
             self.memory.release("kv", device_bytes)
         if session.block is not None:
-            self.tiers[session.tier].free(session.block)
-            self.memory.tier_add(session.tier, -session.block.nbytes)
-            session.block = session.tier = None
+            self._free_copy(session)
         session.update(kv_bytes=0, backed=False)
 
     @contextlib.asynccontextmanager
@@ -259,24 +254,20 @@ class Kernel:
         self.plugins.notify("djinn_phase_changed", session=session.info, old=old, new=phase)
 
     def _schedule(self, action: Action, now: float) -> None:
+        """Start ``action``'s move in the background, or keep it until its time comes."""
         if action.at is not None and action.at > now:
             heapq.heappush(self._timed, (action.at, next(self._timed_seq), action))
             return
         session = self.sessions.get(action.session_id)
-        if session is None or session.closed:
-            return
+        if session is None or session.closed or session.move_in_flight():
+            return  # one move at a time; the scheduler will ask again if it still wants it
         if action.kind is ActionKind.EVICT:
-            self._start_move(session, self._free_device(session))
+            move = self._free_device(session)
         elif action.kind is ActionKind.WRITE_BACK:
-            self._start_move(session, self._write_back(session))
+            move = self._write_back(session)
         else:
-            self._start_move(session, self._restore(session, critical=False))
-
-    def _start_move(self, session: Session, coro: Awaitable[bool]) -> None:
-        if session.moving is not None and not session.moving.done():
-            coro.close()  # one move at a time; the scheduler will ask again if it still wants it
-            return
-        session.moving = asyncio.create_task(coro)
+            move = self._restore(session, critical=False)
+        session.moving = asyncio.create_task(move)
         session.moving.add_done_callback(_log_failed_move)
 
     async def _tick_loop(self) -> None:
@@ -300,14 +291,26 @@ class Kernel:
         return (info.residency is Residency.RESIDENT and not info.busy and not session.closed
                 and self.backend.held_bytes(session.kv) > 0)
 
-    def _free_device(self, session: Session) -> Awaitable[bool]:
+    def _count(self, **amounts: float) -> None:
+        for name, amount in amounts.items():
+            self.counters[name] += amount
+
+    async def _free_device(self, session: Session) -> bool:
         """RESIDENT -> EVICTED the scheduler's way: a drop, a reclaim (backed), or a copy to a tier."""
         if self.scheduler.drops_kv:
-            return self._drop(session)
-        return self._reclaim(session) if session.info.backed else self._evict(session)
+            return await self._drop(session)
+        return await (self._reclaim(session) if session.info.backed else self._evict(session))
 
-    def _allocate(self, nbytes: int, tiers: list[str] | None = None) -> tuple[str, TierBlock] | None:
-        for name in self.tiers if tiers is None else tiers:
+    async def _left_device(self, session: Session, nbytes: int, tier: str, seconds: float, **changes: Any) -> None:
+        """The end of every move that frees a session's GPU blocks: their bytes back, the session
+        EVICTED (with ``changes``), waiters for memory woken, ``djinn_session_evicted``."""
+        self.memory.release("kv", nbytes)
+        session.update(residency=Residency.EVICTED, **changes)
+        await self._notify_freed()
+        self.plugins.notify("djinn_session_evicted", session=session.info, tier=tier, nbytes=nbytes, seconds=seconds)
+
+    def _allocate(self, nbytes: int, tiers: list[str]) -> tuple[str, TierBlock] | None:
+        for name in tiers:
             try:
                 return name, self.tiers[name].allocate(nbytes)
             except TierFullError:
@@ -333,7 +336,7 @@ class Kernel:
         candidates = sorted(
             (s for s in self.sessions.values()
              if s.tier == source and s.info.residency is Residency.EVICTED and not s.closed
-             and (s.moving is None or s.moving.done()) and _coldness(s) < than),
+             and not s.move_in_flight() and _coldness(s) < than),
             key=_coldness,
         )
         for session in candidates:
@@ -347,8 +350,7 @@ class Kernel:
     async def _demote(self, session: Session, tier_name: str, block: TierBlock) -> bool:
         """EVICTED -> EVICTED: copy the session's tier copy into ``block`` of ``tier_name``, off the
         event loop (on the model thread), then free the old block."""
-        old_name, old = session.tier, session.block
-        source, target = self.tiers[old_name].view(old), self.tiers[tier_name].view(block)
+        source, target = self.tiers[session.tier].view(session.block), self.tiers[tier_name].view(block)
         started = time.perf_counter()
         try:
             await self.backend.run_model(target.copy_, source)
@@ -358,28 +360,39 @@ class Kernel:
                 raise
             log.error("demoting session %d's KV to %s failed: %s", session.info.id, tier_name, exc)
             return False
-        self.tiers[old_name].free(old)
-        self.memory.tier_add(old_name, -old.nbytes)
-        self.memory.tier_add(tier_name, block.nbytes)
-        session.tier, session.block = tier_name, block
-        self.counters["demotions"] += 1
-        self.counters["demote_seconds"] += time.perf_counter() - started
+        self._free_copy(session)
+        self._keep_copy(session, tier_name, block)
+        self._count(demotions=1, demote_seconds=time.perf_counter() - started)
         return True
 
-    async def _copy_to_tier(self, session: Session, otherwise: str) -> tuple[str, TierBlock, int, float] | None:
-        """Place a resident session's KV in a tier and copy it there (EVICTING while it copies):
-        the tier, block, bytes and seconds; None when no tier holds it (counted and logged, with
-        what happens ``otherwise``) or a request took the session meanwhile."""
+    def _keep_copy(self, session: Session, tier_name: str, block: TierBlock) -> None:
+        """Hold ``block`` of ``tier_name`` as the session's tier copy, and account for it."""
+        session.tier, session.block = tier_name, block
+        self.memory.tier_add(tier_name, block.nbytes)
+
+    def _free_copy(self, session: Session) -> None:
+        """Free the session's tier copy and its bytes (RESIDENT+backed -> RESIDENT: the KV is about to change)."""
+        self.tiers[session.tier].free(session.block)
+        self.memory.tier_add(session.tier, -session.block.nbytes)
+        session.tier = session.block = None
+        session.update(backed=False)
+
+    async def _copy_to_tier(self, session: Session, otherwise: str) -> float | None:
+        """Copy a resident session's KV to a tier (EVICTING while it copies) and keep it as the
+        session's tier copy: the copy's seconds. None when the session cannot move or no tier
+        holds it (counted and logged, with what happens ``otherwise``)."""
+        if not self._movable(session):
+            return None
         nbytes = self.backend.held_bytes(session.kv)
         placed = await self._placed(nbytes, session)
-        if placed is None or not self._movable(session):
-            if placed is not None:  # a request took the session while older copies were demoted
-                self.tiers[placed[0]].free(placed[1])
-                return None
+        if placed is None:
             self.counters["evict_failures"] += 1
             log.warning("no tier can hold session %d's %d KV bytes; %s", session.info.id, nbytes, otherwise)
             return None
         tier_name, block = placed
+        if not self._movable(session):  # a request took the session while older copies were demoted
+            self.tiers[tier_name].free(block)
+            return None
         session.update(residency=Residency.EVICTING)
         started = time.perf_counter()
         try:
@@ -388,45 +401,34 @@ class Kernel:
             self.tiers[tier_name].free(block)
             session.update(residency=Residency.RESIDENT)
             raise
-        return tier_name, block, nbytes, time.perf_counter() - started
+        self._keep_copy(session, tier_name, block)
+        return time.perf_counter() - started
 
     async def _evict(self, session: Session) -> bool:
         """RESIDENT -> EVICTING -> EVICTED: copy the KV to a tier. False when it cannot (busy, tiers full)."""
-        if not self._movable(session):
+        seconds = await self._copy_to_tier(session, "it stays resident")
+        if seconds is None:
             return False
-        copied = await self._copy_to_tier(session, "it stays resident")
-        if copied is None:
-            return False
-        tier_name, block, nbytes, seconds = copied
-        session.tier, session.block = tier_name, block
         await self.backend.release(session.kv, keep_capacity=True)
-        self.memory.release("kv", nbytes)
-        self.memory.tier_add(tier_name, nbytes)
-        session.update(residency=Residency.EVICTED)  # kv_bytes stays: the session's size, wherever it is
-        self.counters["evictions"] += 1
-        self.counters["evict_seconds"] += seconds
-        await self._notify_freed()
-        self.plugins.notify("djinn_session_evicted", session=session.info, tier=tier_name, nbytes=nbytes, seconds=seconds)
+        self._count(evictions=1, evict_seconds=seconds)
+        # kv_bytes stays: the session's size, wherever it is
+        await self._left_device(session, session.block.nbytes, session.tier, seconds)
         return True
 
     async def _write_back(self, session: Session) -> bool:
         """RESIDENT -> EVICTING -> RESIDENT+backed: copy the KV to a tier and keep the GPU blocks.
         False when it cannot (busy, already backed, tiers full)."""
-        if not self._movable(session) or session.info.backed:
+        if session.info.backed:
             return False
-        copied = await self._copy_to_tier(session, "it is not written back")
-        if copied is None:
+        seconds = await self._copy_to_tier(session, "it is not written back")
+        if seconds is None:
             return False
-        tier_name, block, nbytes, seconds = copied
-        session.tier, session.block = tier_name, block
-        self.memory.tier_add(tier_name, nbytes)
         session.update(residency=Residency.RESIDENT, backed=True)
-        self.counters["write_backs"] += 1
-        self.counters["write_back_seconds"] += seconds
+        self._count(write_backs=1, write_back_seconds=seconds)
         return True
 
     async def _reclaim(self, session: Session) -> bool:
-        """RESIDENT+backed -> EVICTED: free the GPU blocks; the tier copy is the KV now. No copy."""
+        """RESIDENT+backed -> EVICTING -> EVICTED: free the GPU blocks; the tier copy is the KV now. No copy."""
         if not self._movable(session) or not session.info.backed:
             return False
         nbytes = self.backend.held_bytes(session.kv)
@@ -437,20 +439,9 @@ class Kernel:
             if self.backend.held_bytes(session.kv):
                 session.update(residency=Residency.RESIDENT)
                 raise
-        self.memory.release("kv", nbytes)
-        session.update(residency=Residency.EVICTED, backed=False)
-        self.counters["evictions"] += 1
-        self.counters["reclaims"] += 1
-        await self._notify_freed()
-        self.plugins.notify("djinn_session_evicted", session=session.info, tier=session.tier, nbytes=nbytes, seconds=0.0)
+        self._count(evictions=1, reclaims=1)
+        await self._left_device(session, nbytes, session.tier, 0.0, backed=False)
         return True
-
-    def _free_copy(self, session: Session) -> None:
-        """RESIDENT+backed -> RESIDENT: free the tier copy (the KV is about to change)."""
-        self.tiers[session.tier].free(session.block)
-        self.memory.tier_add(session.tier, -session.block.nbytes)
-        session.tier = session.block = None
-        session.update(backed=False)
 
     async def _drop(self, session: Session) -> bool:
         """RESIDENT -> EVICTED without a copy; the session's tokens are prefilled again later."""
@@ -460,21 +451,18 @@ class Kernel:
         if session.info.backed:
             self._free_copy(session)
         await self.backend.release(session.kv, keep_capacity=False)
-        self.memory.release("kv", nbytes)
         session.dropped = True
-        session.update(residency=Residency.EVICTED, kv_bytes=0)
-        self.counters["drops"] += 1
-        await self._notify_freed()
-        self.plugins.notify("djinn_session_evicted", session=session.info, tier="dropped", nbytes=nbytes, seconds=0.0)
+        self._count(drops=1)
+        await self._left_device(session, nbytes, "dropped", 0.0, kv_bytes=0)
         return True
 
     async def _restore(self, session: Session, critical: bool) -> bool:
-        """EVICTED -> RESTORING -> RESIDENT: make room, then copy the KV back from its tier."""
+        """EVICTED -> RESTORING -> RESIDENT: make room, then copy the KV back from its tier, or
+        prefill a dropped session's tokens again (a recompute, always on the critical path)."""
         if session.info.residency is not Residency.EVICTED or session.closed:
             return False
-        if session.dropped:
-            return await self._recompute(session)
-        nbytes = session.block.nbytes
+        dropped, tokens = session.dropped, len(session.history)
+        nbytes = self.backend.kv_bytes(tokens) if dropped else session.block.nbytes
         session.update(residency=Residency.RESTORING)
         started = time.perf_counter()
         try:
@@ -482,56 +470,33 @@ class Kernel:
         except BaseException:
             session.update(residency=Residency.EVICTED)
             raise
-        tier_name, block = session.tier, session.block
         try:
-            await self.backend.copy_in(session.kv, self.tiers[tier_name].view(block))
+            if dropped:
+                await self.backend.grow(session.kv, tokens)
+                await self.backend.recompute(session.kv, list(session.history))
+            else:
+                await self.backend.copy_in(session.kv, self.tiers[session.tier].view(session.block))
         except BaseException:
-            if self.backend.held_bytes(session.kv):
-                await self.backend.release(session.kv, keep_capacity=True)
+            if dropped or self.backend.held_bytes(session.kv):
+                await self.backend.release(session.kv, keep_capacity=not dropped)
             self.memory.release("kv", nbytes)
             session.update(residency=Residency.EVICTED)
             raise
         seconds = time.perf_counter() - started
-        self.tiers[tier_name].free(block)
-        self.memory.tier_add(tier_name, -nbytes)
-        session.block = session.tier = None
-        session.update(residency=Residency.RESIDENT)
-        self.counters["restores"] += 1
-        self.counters["restore_seconds"] += seconds
+        tier = "dropped" if dropped else session.tier
+        if dropped:
+            session.dropped = False
+            session.update(kv_bytes=self.backend.held_bytes(session.kv))
+            self._count(recomputes=1, recompute_seconds=seconds)
+        else:
+            self._free_copy(session)
+            self._count(restores=1, restore_seconds=seconds)
+        critical = critical or dropped
         self.counters["restores_on_critical_path"] += critical
+        session.update(residency=Residency.RESIDENT)
         self.plugins.notify(
-            "djinn_session_restored", session=session.info, tier=tier_name, nbytes=nbytes, seconds=seconds,
+            "djinn_session_restored", session=session.info, tier=tier, nbytes=nbytes, seconds=seconds,
             on_critical_path=critical,
-        )
-        return True
-
-    async def _recompute(self, session: Session) -> bool:
-        """A dropped session back to RESIDENT by prefilling its tokens again (on the critical path)."""
-        session.update(residency=Residency.RESTORING)
-        started = time.perf_counter()
-        nbytes = self.backend.kv_bytes(len(session.history))
-        try:
-            await self._reserve_kv(nbytes, requester=session)
-        except BaseException:
-            session.update(residency=Residency.EVICTED)
-            raise
-        try:
-            await self.backend.grow(session.kv, len(session.history))
-            await self.backend.recompute(session.kv, list(session.history))
-        except BaseException:
-            await self.backend.release(session.kv, keep_capacity=False)
-            self.memory.release("kv", nbytes)
-            session.update(residency=Residency.EVICTED)
-            raise
-        seconds = time.perf_counter() - started
-        session.dropped = False
-        session.update(residency=Residency.RESIDENT, kv_bytes=self.backend.held_bytes(session.kv))
-        self.counters["recomputes"] += 1
-        self.counters["restores_on_critical_path"] += 1
-        self.counters["recompute_seconds"] += seconds
-        self.plugins.notify(
-            "djinn_session_restored", session=session.info, tier="dropped", nbytes=nbytes, seconds=seconds,
-            on_critical_path=True,
         )
         return True
 
@@ -540,7 +505,7 @@ class Kernel:
         started = time.perf_counter()
         attempt: asyncio.Task | None = None
         while True:
-            if session.moving is not None and not session.moving.done():
+            if session.move_in_flight():
                 # wait, never cancel: a move cut short between its pool and memory steps would leak
                 await asyncio.wait({session.moving})
                 continue
@@ -554,7 +519,7 @@ class Kernel:
             if residency is Residency.EVICTED:
                 session.moving = attempt = asyncio.create_task(self._restore(session, critical=True))
                 continue
-            if session.moving is not None and session.moving.done() and not session.moving.cancelled():
+            if session.moving is not None and not session.moving.cancelled():
                 exc = session.moving.exception()
                 own = session.moving is attempt
                 session.moving = None
@@ -616,7 +581,7 @@ class Kernel:
             return False
         # a loop, not an if: another waiter may start a move first, and two moves of one session
         # at once would free its blocks twice
-        while session.moving is not None and not session.moving.done():
+        while session.move_in_flight():
             await asyncio.wait({session.moving})
         session.moving = asyncio.create_task(self._free_device(session))
         return await session.moving
@@ -641,30 +606,25 @@ class Kernel:
 
     def vmu(self) -> dict[str, Any]:
         """Memory and session view for ``/metrics/vmu`` and ``djinn status``."""
-        phases: dict[str, int] = {}
-        residency: dict[str, int] = {}
-        for s in list(self.sessions.values()):
-            phases[s.info.phase.value] = phases.get(s.info.phase.value, 0) + 1
-            residency[s.info.residency.value] = residency.get(s.info.residency.value, 0) + 1
+        infos = [s.info for s in list(self.sessions.values())]
+        plugins: dict[str, Any] = {}
+        for contribution in self.plugins.notify("djinn_metrics", kernel=self):
+            plugins.update(contribution or {})
         return {
             "model": self.config.model.name,
             "memory": self.memory.snapshot(),
             "tiers": {name: attrs.asdict(t.stats()) for name, t in self.tiers.items()},
-            "sessions": {"total": len(self.sessions), "by_phase": phases, "by_residency": residency},
+            "sessions": {
+                "total": len(infos),
+                "by_phase": dict(Counter(i.phase.value for i in infos)),
+                "by_residency": dict(Counter(i.residency.value for i in infos)),
+            },
             "admission_queue": self._waiting,
             "counters": dict(self.counters),
             "streamer": attrs.asdict(self.streamer.stats()),
             "engine": self.backend.stats(),
-            "plugins": self.plugin_metrics(),
+            "plugins": plugins,
         }
-
-    def plugin_metrics(self) -> dict[str, Any]:
-        """The selected plugins' ``djinn_metrics`` contributions, merged into one table."""
-        out: dict[str, Any] = {}
-        for contribution in self.plugins.notify("djinn_metrics", kernel=self):
-            if contribution:
-                out.update(contribution)
-        return out
 
 
 def _coldness(session: Session) -> tuple[int, float]:
