@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -24,21 +23,18 @@ import pluggy
 from djinn.kernel import hookspecs
 from djinn.kernel.config import DjinnConfig, PluginSelection, build_settings
 from djinn.kernel.errors import ConfigError, PluginError
-from djinn.kernel.strategies import SLOTS
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "djinn.plugins"
-
-#: PluginSelection field for each slot
-_SELECTION_FIELD = {
-    "scheduler": "scheduler",
-    "tier": "tiers",
-    "streamer": "streamer",
-    "transport": "transports",
-    "serializer": "serializer",
-    "extension": "extensions",
+#: every slot, and the ``PluginSelection`` field that names what fills it; ``extension`` plugins
+#: implement hooks only, with no strategy
+SLOTS = {
+    "scheduler": "scheduler", "tier": "tiers", "streamer": "streamer",
+    "transport": "transports", "serializer": "serializer", "extension": "extensions",
 }
+#: the slots that take any number of names; the others take exactly one
+MULTIPLE = frozenset({"tier", "transport", "extension"})
 
 
 @attrs.frozen
@@ -47,7 +43,7 @@ class StrategySpec:
 
     slot: str
     name: str
-    factory: Callable[[Any], Any]
+    factory: Callable[..., Any]
     settings_cls: type | None
     plugin: str
 
@@ -79,40 +75,21 @@ class StrategyRegistry:
 
     def __init__(self) -> None:
         self.specs: dict[str, StrategySpec] = {}
-        self._owner: str | None = None
+        #: the plugin whose ``djinn_register_strategies`` is running
+        self.plugin = "?"
 
-    @contextmanager
-    def owned_by(self, plugin: str) -> Iterator[None]:
-        """Attribute every ``add`` inside the block to ``plugin``."""
-        self._owner = plugin
-        try:
-            yield
-        finally:
-            self._owner = None
-
-    def add(
-        self,
-        slot: str,
-        name: str,
-        factory: Callable[[Any], Any],
-        *,
-        settings: type | None = None,
-    ) -> None:
+    def add(self, slot: str, name: str, factory: Callable[..., Any], *, settings: type | None = None) -> None:
         """Offer a strategy for ``slot`` under ``name``: ``factory(settings_instance)`` builds it,
         or ``factory()`` for a strategy without ``settings``."""
         if slot not in SLOTS or slot == "extension":
             allowed = ", ".join(s for s in SLOTS if s != "extension")
-            raise PluginError(f"plugin {self._owner!r} registers unknown slot {slot!r}; slots: {allowed}")
+            raise PluginError(f"plugin {self.plugin!r} registers unknown slot {slot!r}; slots: {allowed}")
         if settings is not None and not attrs.has(settings):
-            raise PluginError(f"plugin {self._owner!r}: settings of {name!r} must be an attrs class")
+            raise PluginError(f"plugin {self.plugin!r}: settings of {name!r} must be an attrs class")
         if name in self.specs:
             other = self.specs[name].plugin
-            raise PluginError(f"strategy name {name!r} is registered by both {other!r} and {self._owner!r}")
-        self.specs[name] = StrategySpec(slot, name, factory, settings, self._owner or "?")
-
-
-def _hooks_of(pm: pluggy.PluginManager, plugin: object) -> tuple[str, ...]:
-    return tuple(sorted(h.name for h in (pm.get_hookcallers(plugin) or ())))
+            raise PluginError(f"strategy name {name!r} is registered by both {other!r} and {self.plugin!r}")
+        self.specs[name] = StrategySpec(slot, name, factory, settings, self.plugin)
 
 
 class DjinnPlugins:
@@ -135,14 +112,37 @@ class DjinnPlugins:
 
     # ------------------------------------------------------------------ discovery
 
+    def discover(
+        self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
+        extra_plugins: Mapping[str, object] | None = None,
+    ) -> None:
+        """Load every entry point of ``djinn.plugins`` (and ``extra_plugins``), then collect strategies.
+
+        A plugin that fails to import is recorded with its distribution, version and error; the
+        others still load.
+        """
+        if entry_points is None:
+            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for ep in sorted(entry_points, key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            origin, version = (dist.name, dist.version) if dist is not None else ("?", "?")
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
+                self.catalog[ep.name] = PluginInfo(ep.name, origin, version, ep.value, error=error)
+                log.warning("plugin %s (%s %s) failed to load: %s", ep.name, origin, version, exc)
+                continue
+            self._add(ep.name, obj, origin, version)
+        for name, obj in (extra_plugins or {}).items():
+            self._add(name, obj, "local", "-")
+        self._collect_strategies()
+
     def _add(self, name: str, obj: object, origin: str, version: str) -> None:
         module = getattr(obj, "__name__", type(obj).__name__)
         if name in self.catalog:
-            prior = self.catalog[name]
-            self.catalog[name + f"@{origin}"] = PluginInfo(
-                name, origin, version, module,
-                error=f"name {name!r} is already taken by {prior.describe()}",
-            )
+            error = f"name {name!r} is already taken by {self.catalog[name].describe()}"
+            self.catalog[f"{name}@{origin}"] = PluginInfo(name, origin, version, module, error=error)
             return
         try:
             self.pm.register(obj, name=name)
@@ -153,55 +153,22 @@ class DjinnPlugins:
             self.catalog[name] = PluginInfo(name, origin, version, module, error=f"{exc}")
             return
         self._objects[name] = obj
-        self.catalog[name] = PluginInfo(name, origin, version, module, hooks=_hooks_of(self.pm, obj))
-
-    def discover(
-        self,
-        entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
-        extra_plugins: Mapping[str, object] | None = None,
-    ) -> None:
-        """Load every entry point of ``djinn.plugins`` (and ``extra_plugins``), then collect strategies.
-
-        A plugin that fails to import is recorded with its distribution, version and error; the
-        others still load.
-        """
-        eps = entry_points if entry_points is not None else importlib.metadata.entry_points(
-            group=ENTRY_POINT_GROUP
-        )
-        for ep in sorted(eps, key=lambda e: e.name):
-            dist = getattr(ep, "dist", None)
-            origin = dist.name if dist is not None else "?"
-            version = dist.version if dist is not None else "?"
-            try:
-                obj = ep.load()
-            except Exception as exc:
-                self.catalog[ep.name] = PluginInfo(
-                    ep.name, origin, version, ep.value,
-                    error=f"failed to import {ep.value}: {type(exc).__name__}: {exc}",
-                )
-                log.warning("plugin %s (%s %s) failed to load: %s", ep.name, origin, version, exc)
-                continue
-            self._add(ep.name, obj, origin, version)
-        for name, obj in (extra_plugins or {}).items():
-            self._add(name, obj, "local", "-")
-        self._collect_strategies()
+        hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(obj) or ()))
+        self.catalog[name] = PluginInfo(name, origin, version, module, hooks=hooks)
 
     def _collect_strategies(self) -> None:
         registry = StrategyRegistry()
         for impl in self.pm.hook.djinn_register_strategies.get_hookimpls():
-            name = impl.plugin_name
-            before = set(registry.specs)
+            name, before = impl.plugin_name, dict(registry.specs)
+            registry.plugin = name
             try:
-                with registry.owned_by(name):
-                    impl.function(**{arg: registry for arg in impl.argnames})
+                impl.function(**{arg: registry for arg in impl.argnames})
             except Exception as exc:
-                for key in set(registry.specs) - before:
-                    del registry.specs[key]
+                registry.specs = before
                 self._mark_broken(name, f"raised in djinn_register_strategies: {type(exc).__name__}: {exc}")
                 continue
-            info = self.catalog[name]
-            added = tuple(registry.specs[k] for k in registry.specs if k not in before)
-            self.catalog[name] = attrs.evolve(info, strategies=added)
+            added = tuple(spec for key, spec in registry.specs.items() if key not in before)
+            self.catalog[name] = attrs.evolve(self.catalog[name], strategies=added)
         self.strategies = registry.specs
 
     def _mark_broken(self, name: str, error: str) -> None:
@@ -213,15 +180,12 @@ class DjinnPlugins:
 
     # ------------------------------------------------------------------ selection
 
-    def available(self, slot: str | None = None) -> list[PluginInfo]:
-        """Working plugins, optionally only those of one slot."""
-        return [p for p in self.catalog.values() if p.error is None and (slot is None or p.slot == slot)]
-
     def _unknown(self, name: str) -> PluginError:
-        rows = ", ".join(f"{p.name} [{p.slot}] ({p.origin} {p.version})" for p in self.available())
         broken = self.catalog.get(name)
         if broken is not None and broken.error:
             return PluginError(f"plugin {broken.describe()} cannot be used: {broken.error}")
+        working = (p for p in self.catalog.values() if p.error is None)
+        rows = ", ".join(f"{p.name} [{p.slot}] ({p.origin} {p.version})" for p in working)
         return PluginError(f"unknown plugin {name!r}; available: {rows}")
 
     def _slot_of(self, name: str) -> str:
@@ -242,48 +206,39 @@ class DjinnPlugins:
         A name for a single-choice slot replaces the configured one; naming two for the same
         single-choice slot is an error. A name for a multi-choice slot is added.
         """
-        chosen: dict[str, list[str]] = {
-            slot: list(getattr(self.config.plugins, fld)) if SLOTS[slot].multiple
-            else [getattr(self.config.plugins, fld)]
-            for slot, fld in _SELECTION_FIELD.items()
-        }
-        named_single: dict[str, str] = {}
+        configured = {slot: getattr(self.config.plugins, field) for slot, field in SLOTS.items()}
+        chosen = {slot: list(names) if slot in MULTIPLE else [names] for slot, names in configured.items()}
+        named: dict[str, str] = {}
         blocked: set[str] = set()
-        for raw in overrides:
-            name = raw.strip()
-            if not name:
-                continue
+        for name in filter(None, (raw.strip() for raw in overrides)):
             if name.startswith("no:"):
-                target = name[3:]
-                if target not in self.catalog and target not in self.strategies:
-                    raise self._unknown(target)
-                blocked.add(target)
+                if name[3:] not in self.catalog and name[3:] not in self.strategies:
+                    raise self._unknown(name[3:])
+                blocked.add(name[3:])
                 continue
             slot = self._slot_of(name)
-            if SLOTS[slot].multiple:
+            if slot in MULTIPLE:
                 if name not in chosen[slot]:
                     chosen[slot].append(name)
-            else:
-                if slot in named_single and named_single[slot] != name:
-                    raise PluginError(
-                        f"--plugins names two {slot}s, {named_single[slot]!r} and {name!r}; choose one"
-                    )
-                named_single[slot] = name
-                chosen[slot] = [name]
+                continue
+            if named.setdefault(slot, name) != name:
+                raise PluginError(f"--plugins names two {slot}s, {named[slot]!r} and {name!r}; choose one")
+            chosen[slot] = [name]
         for slot, names in chosen.items():
-            kept = [n for n in names if n not in blocked and self._owner(n) not in blocked]
-            if not SLOTS[slot].multiple and not kept:
+            chosen[slot] = [n for n in names if n not in blocked and self._owner(n) not in blocked]
+            if slot not in MULTIPLE and not chosen[slot]:
                 raise PluginError(f"the {slot} slot is empty (blocked: {', '.join(sorted(blocked))}); select one")
-            for n in kept:
+            for n in chosen[slot]:
                 if self._slot_of(n) != slot:
                     raise PluginError(f"{n!r} is a {self._slot_of(n)}, not a {slot}")
-            chosen[slot] = kept
         self.selection = PluginSelection(**{
-            fld: tuple(chosen[slot]) if SLOTS[slot].multiple else chosen[slot][0]
-            for slot, fld in _SELECTION_FIELD.items()
+            field: tuple(chosen[slot]) if slot in MULTIPLE else chosen[slot][0] for slot, field in SLOTS.items()
         })
         self._validate_settings()
-        self._unregister_unselected()
+        keep = self.selected_plugins()
+        for name, obj in self._objects.items():
+            if name not in keep and self.pm.is_registered(obj):
+                self.pm.unregister(obj)
         return self.selection
 
     def _validate_settings(self) -> None:
@@ -291,19 +246,15 @@ class DjinnPlugins:
         for name, table in self.config.settings.items():
             spec = self.strategies.get(name)
             if spec is None and name not in self.catalog:
-                raise ConfigError(
-                    f"{source}: [settings.{name}] names no installed plugin; installed: "
-                    + ", ".join(sorted(self.strategies))
-                )
+                installed = ", ".join(sorted(self.strategies))
+                raise ConfigError(f"{source}: [settings.{name}] names no installed plugin; installed: {installed}")
             if spec is not None and spec.settings_cls is None and table:
                 raise ConfigError(f"{source}: plugin {name!r} takes no settings, but [settings.{name}] has some")
         for name in self.selected_names():
             spec = self.strategies.get(name)
             if spec is not None and spec.settings_cls is not None:
-                self.settings[name] = build_settings(
-                    spec.settings_cls, self.config.settings.get(name, {}),
-                    source=source, where=f"settings.{name}",
-                )
+                table = self.config.settings.get(name, {})
+                self.settings[name] = build_settings(spec.settings_cls, table, source=source, where=f"settings.{name}")
 
     def selected_names(self) -> tuple[str, ...]:
         """Every selected strategy or extension name."""
@@ -313,13 +264,7 @@ class DjinnPlugins:
         """Names of plugins that own a selected strategy or are selected extensions."""
         return {self._owner(name) for name in self.selected_names()}
 
-    def _unregister_unselected(self) -> None:
-        keep = self.selected_plugins()
-        for name, obj in list(self._objects.items()):
-            if name not in keep and self.pm.is_registered(obj):
-                self.pm.unregister(obj)
-
-    # ------------------------------------------------------------------ building strategies
+    # ------------------------------------------------------------------ building strategies and calling hooks
 
     def build(self, name: str) -> Any:
         """Build the strategy ``name`` with its validated settings."""
@@ -337,12 +282,8 @@ class DjinnPlugins:
 
     def build_slot(self, slot: str) -> list[Any]:
         """Build every selected strategy of ``slot`` in selection order."""
-        fld = _SELECTION_FIELD[slot]
-        value = getattr(self.selection, fld)
-        names = value if isinstance(value, tuple) else (value,)
-        return [self.build(n) for n in names]
-
-    # ------------------------------------------------------------------ calling hooks
+        names = getattr(self.selection, SLOTS[slot])
+        return [self.build(n) for n in (names if slot in MULTIPLE else (names,))]
 
     def notify(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Call a hook; if an implementation raises, re-raise as ``PluginError`` naming its plugin."""
@@ -350,39 +291,32 @@ class DjinnPlugins:
         try:
             return caller(**kwargs)
         except Exception as exc:
-            culprit = self._plugin_in_traceback(caller, exc)
+            culprit = _plugin_in_traceback(caller, exc)
             where = self.catalog[culprit].describe() if culprit in self.catalog else "a plugin"
             raise PluginError(f"plugin {where} raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
-
-    @staticmethod
-    def _plugin_in_traceback(caller: Any, exc: BaseException) -> str | None:
-        codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()
-                 if hasattr(impl.function, "__code__")}
-        tb = exc.__traceback__
-        found = None
-        while tb is not None:
-            found = codes.get(tb.tb_frame.f_code, found)
-            tb = tb.tb_next
-        return found
-
-    # ------------------------------------------------------------------ listing
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per installed plugin for ``djinn plugins``."""
         selected = self.selected_plugins()
-        out = []
-        for info in sorted(self.catalog.values(), key=lambda p: (p.slot, p.name)):
-            out.append({
-                "name": info.name,
-                "slot": info.slot,
-                "strategies": [s.name for s in info.strategies],
-                "origin": info.origin,
-                "version": info.version,
-                "hooks": [h for h in info.hooks],
-                "selected": info.name in selected and info.error is None,
-                "error": info.error,
-            })
-        return out
+        return [
+            {
+                "name": info.name, "slot": info.slot, "strategies": [s.name for s in info.strategies],
+                "origin": info.origin, "version": info.version, "hooks": list(info.hooks),
+                "selected": info.name in selected and info.error is None, "error": info.error,
+            }
+            for info in sorted(self.catalog.values(), key=lambda p: (p.slot, p.name))
+        ]
+
+
+def _plugin_in_traceback(caller: Any, exc: BaseException) -> str | None:
+    """The plugin whose hook implementation is the innermost frame of ``exc``'s traceback."""
+    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()
+             if hasattr(impl.function, "__code__")}
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        found = codes.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    return found
 
 
 def get_plugin_manager(

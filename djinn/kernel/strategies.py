@@ -4,8 +4,7 @@ Hooks (``hookspecs.py``) announce events and let plugins register; anything that
 per copy, per frame or per layer is a method on one of these objects, called directly (a pluggy
 call costs microseconds). A plugin registers a factory for one slot through the
 ``djinn_register_strategies`` hook; the kernel builds the selected one with the plugin's settings.
-
-Asynchronous work is split into ``start_*`` / ``wait_*`` pairs where a caller may overlap it.
+Required methods are abstract; optional ones default to doing nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
@@ -21,35 +20,9 @@ if TYPE_CHECKING:  # torch stays out of the CLI's start-up path
     import torch
 
 
-@attrs.frozen
-class SlotSpec:
-    """One kind of strategy: how many may be selected at once and what they are for."""
-
-    name: str
-    multiple: bool
-    summary: str
-
-
-#: every slot the kernel knows; ``extension`` plugins implement hooks only, with no strategy
-SLOTS: dict[str, SlotSpec] = {
-    s.name: s
-    for s in (
-        SlotSpec("scheduler", False, "who runs, who is evicted, what is prefetched"),
-        SlotSpec("tier", True, "where evicted tensors live"),
-        SlotSpec("streamer", False, "how layer weights reach the GPU"),
-        SlotSpec("transport", True, "how frames travel (chosen by URL scheme)"),
-        SlotSpec("serializer", False, "how tensors become bytes (never pickle)"),
-        SlotSpec("extension", True, "hooks only: observers, metrics, policies"),
-    )
-}
-
-
-# --------------------------------------------------------------------------- sessions
-
-
+# --------------------------------------------------------------------------- sessions and schedulers
 class Phase(enum.Enum):
     """What a client says its session is doing."""
-
     COMPUTE = "COMPUTE"
     IO_WAIT = "IO_WAIT"
 
@@ -57,7 +30,6 @@ class Phase(enum.Enum):
 class Residency(enum.Enum):
     """Where a session's KV is, and whether it is moving. A RESIDENT session may also hold a
     clean copy in a tier (``SessionInfo.backed``, after a write-back)."""
-
     RESIDENT = "RESIDENT"
     EVICTING = "EVICTING"
     EVICTED = "EVICTED"
@@ -67,7 +39,6 @@ class Residency(enum.Enum):
 @attrs.frozen
 class SessionInfo:
     """A session as schedulers and hooks see it: a frozen snapshot, replaced whenever it changes."""
-
     id: int
     created_at: float
     phase: Phase = Phase.COMPUTE
@@ -89,19 +60,17 @@ class SessionInfo:
 
 @attrs.frozen
 class MemoryView:
-    """Memory pressure when a scheduler is asked: device bytes and each tier's free bytes."""
-
+    """Memory pressure when a scheduler is asked: device bytes, each tier's free bytes, and the
+    requests waiting in the admission queue."""
     device_budget_bytes: int
     device_free_bytes: int
     tier_free_bytes: Mapping[str, int]
-    #: requests waiting in the admission queue for device memory
     queued_requests: int
 
 
 @attrs.frozen
 class SchedulerView:
     """Everything a scheduler may look at, frozen at the moment it is asked."""
-
     now: float  # time.monotonic()
     sessions: tuple[SessionInfo, ...]
     memory: MemoryView
@@ -109,7 +78,6 @@ class SchedulerView:
 
 class ActionKind(enum.Enum):
     """What a scheduler may ask the kernel to do with one session's KV."""
-
     EVICT = "evict"
     RESTORE = "restore"
     #: copy the KV to a tier but keep its GPU blocks (the session stays RESIDENT, ``backed``)
@@ -119,7 +87,6 @@ class ActionKind(enum.Enum):
 @attrs.frozen
 class Action:
     """A scheduler's decision: move one session's KV, now (``at`` None) or at monotonic time ``at``."""
-
     kind: ActionKind = attrs.field(validator=attrs.validators.instance_of(ActionKind))
     session_id: int
     at: float | None = None
@@ -127,9 +94,7 @@ class Action:
 
 def take_until(ordered: Iterable[SessionInfo], need_bytes: int) -> list[SessionInfo]:
     """Sessions from ``ordered`` until their KV adds up to ``need_bytes``; [] if it never does.
-
-    The usual body of ``Scheduler.select_victims``: sort the candidates by preference, take these.
-    """
+    The usual body of ``Scheduler.select_victims``: sort the candidates by preference, take these."""
     chosen: list[SessionInfo] = []
     freed = 0
     for session in ordered:
@@ -179,12 +144,9 @@ class Scheduler(ABC):
 
 
 # --------------------------------------------------------------------------- memory tiers
-
-
 @attrs.frozen
 class TierBlock:
     """A range inside a tier's arena."""
-
     offset: int
     nbytes: int
 
@@ -192,7 +154,6 @@ class TierBlock:
 @attrs.frozen
 class TierStats:
     """A tier's occupancy, for accounting and metrics."""
-
     capacity_bytes: int
     used_bytes: int
     largest_free_bytes: int
@@ -228,17 +189,13 @@ class Tier(ABC):
 
 
 # --------------------------------------------------------------------------- weight streaming
-
-
 @attrs.frozen
 class StreamerStats:
     """A streamer's figures for metrics. A resident streamer fills only ``device_bytes``."""
-
     #: device memory held for layer weights: the ring plus the layers kept resident
     device_bytes: int = 0
-    #: the device ring weights stream through (0: nothing streams)
+    #: the device ring weights stream through (0: nothing streams), and the host arena they stream from
     ring_bytes: int = 0
-    #: the host arena they stream from
     arena_bytes: int = 0
     layers: int = 0
     passes: int = 0
@@ -261,18 +218,13 @@ class Streamer(ABC):
     plain method calls, no hooks. ``prepare`` runs once when the model is loaded.
     """
 
-    #: True when weights move while passes run (a ring on the device): the kernel then loads the
+    #: True when weights move while passes run (a ring on the device): the engine then loads the
     #: model on the host, and the runner replays no captured CUDA graphs (they would freeze the
     #: weights' addresses at capture time)
     streams_weights: bool = False
 
     @abstractmethod
-    def prepare(
-        self,
-        layers: Sequence[torch.nn.Module],
-        device: torch.device,
-        budget_bytes: int | None,
-    ) -> None:
+    def prepare(self, layers: Sequence[torch.nn.Module], device: torch.device, budget_bytes: int | None) -> None:
         """Take ownership of ``layers`` (on CPU) and place or stage them for ``device``.
 
         ``budget_bytes`` is the device memory the engine leaves for the decoder layers: the GPU
@@ -305,7 +257,6 @@ class Streamer(ABC):
 
 
 # --------------------------------------------------------------------------- wire
-
 Buffer = bytes | bytearray | memoryview
 
 
@@ -362,9 +313,7 @@ class Transport(ABC):
         return f"{self.scheme}://{host}:{port}"
 
     @abstractmethod
-    async def listen(
-        self, url: str, handler: ConnectionHandler, *, max_frame_bytes: int
-    ) -> Listener:
+    async def listen(self, url: str, handler: ConnectionHandler, *, max_frame_bytes: int) -> Listener:
         """Bind ``url``; run ``handler(conn)`` as a task for every accepted connection."""
 
     @abstractmethod
