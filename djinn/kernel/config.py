@@ -1,8 +1,9 @@
 """Configuration: ``plugins.toml`` parsed with tomllib into frozen attrs records, validated at load.
 
-Every error names the file, the table and the key, and the allowed keys or values.
+Every error names the file, the table and the key, and the allowed keys or values. The
+repository's ``plugins.toml`` equals the built-in defaults and says what each key does.
 Lookup order for the file: ``--config PATH``, then ``$DJINN_CONFIG``, then ``./plugins.toml``,
-then the built-in defaults (which equal the repository's ``plugins.toml``).
+then the built-in defaults.
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+from attrs.validators import ge, gt, in_
 
 from djinn.kernel.errors import ConfigError
 
 CONFIG_ENV = "DJINN_CONFIG"
 DEFAULT_FILE = "plugins.toml"
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _names(value: Any) -> tuple[str, ...]:
     """Accept a string or a list of strings for a multi-choice slot."""
-    if isinstance(value, str):
-        return (value,)
-    return tuple(value)
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @attrs.frozen
@@ -45,64 +43,47 @@ class PluginSelection:
 
     def names(self) -> tuple[str, ...]:
         """Every selected name, in slot order."""
-        return (
-            self.scheduler,
-            *self.tiers,
-            self.streamer,
-            *self.transports,
-            self.serializer,
-            *self.extensions,
-        )
-
-
-def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"must be > 0, not {value!r}")
-
-
-def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"must be >= 0, not {value!r}")
+        return self.scheduler, *self.tiers, self.streamer, *self.transports, self.serializer, *self.extensions
 
 
 @attrs.frozen
 class ServerSettings:
-    """Where the server listens and how much it accepts."""
+    """Where the server listens, how much it accepts, and how the engine batches its steps."""
 
     host: str = "127.0.0.1"
-    port: int = attrs.field(default=7070, validator=_non_negative)
+    port: int = attrs.field(default=7070, validator=ge(0))
     #: Prometheus ``/metrics`` and JSON ``/metrics/vmu``; 0 disables the endpoint
-    metrics_port: int = attrs.field(default=9095, validator=_non_negative)
+    metrics_port: int = attrs.field(default=9095, validator=ge(0))
     #: the OpenAI-compatible HTTP API (and /health, /metrics); 0 disables it
-    http_port: int = attrs.field(default=8000, validator=_non_negative)
+    http_port: int = attrs.field(default=8000, validator=ge(0))
     #: an HTTP API session unused this long is closed and its KV freed
-    http_session_ttl_s: float = attrs.field(default=600.0, validator=_positive)
-    max_frame_mb: int = attrs.field(default=1024, validator=_positive)
+    http_session_ttl_s: float = attrs.field(default=600.0, validator=gt(0))
+    max_frame_mb: int = attrs.field(default=1024, validator=gt(0))
     #: a paused forward pass abandoned this long is cleaned up and its memory returned
-    pause_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    pause_timeout_s: float = attrs.field(default=300.0, validator=gt(0))
     #: a connection that has not sent its HELLO this long after connecting is closed
-    hello_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    hello_timeout_s: float = attrs.field(default=10.0, validator=gt(0))
     #: requests of one connection served at once; the server reads no further frame from it
     #: until one ends, so a client that never reads its replies holds no more than this
-    max_requests_per_connection: int = attrs.field(default=256, validator=_positive)
+    max_requests_per_connection: int = attrs.field(default=256, validator=gt(0))
     #: how often the scheduler's ``on_tick`` runs (timed prefetch, idle fallback)
-    tick_s: float = attrs.field(default=0.05, validator=_positive)
+    tick_s: float = attrs.field(default=0.05, validator=gt(0))
     #: prompt tokens prefilled per engine step, so a long prompt does not stall the decoders for
     #: long; larger chunks read the weights fewer times per prompt
-    prefill_chunk_tokens: int = attrs.field(default=2048, validator=_positive)
+    prefill_chunk_tokens: int = attrs.field(default=2048, validator=gt(0))
     #: prompt tokens prefilled per engine step while decode rows wait for that step (0: the same
     #: as ``prefill_chunk_tokens``); lower bounds how long a step holds the decoders back
-    prefill_tokens_while_decoding: int = attrs.field(default=0, validator=_non_negative)
+    prefill_tokens_while_decoding: int = attrs.field(default=0, validator=ge(0))
     #: sessions decoded together in one step at most
-    max_batch: int = attrs.field(default=256, validator=_positive)
+    max_batch: int = attrs.field(default=256, validator=gt(0))
     #: capture decode steps as CUDA graphs (one per padded batch size and KV span)
     cuda_graphs: bool = True
     #: larger decode steps run eagerly (their launch overhead is small beside their work)
-    graph_max_batch: int = attrs.field(default=512, validator=_positive)
+    graph_max_batch: int = attrs.field(default=512, validator=gt(0))
     #: how batched decode steps attend: "paged" (each row reads its own KV blocks, a compiled
     #: flex_attention kernel), "masked" (SDPA over all slots under a mask), or "auto" (paged on
     #: CUDA, masked elsewhere)
-    decode_attention: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "paged", "masked")))
+    decode_attention: str = attrs.field(default="auto", validator=in_(("auto", "paged", "masked")))
     #: paged decode steps of rotary families (llama, mistral, qwen2) run one written-out decoder
     #: layer compiled into a few fused kernels (CUDA), instead of the model's own layers
     fused_decode: bool = True
@@ -116,8 +97,8 @@ class ModelSettings:
     """The model every session of this server shares."""
 
     name: str = "random:tiny-llama"
-    dtype: str = attrs.field(default="float32", validator=attrs.validators.in_(DTYPES))
-    device: str = attrs.field(default="auto", validator=attrs.validators.in_(DEVICES))
+    dtype: str = attrs.field(default="float32", validator=in_(("float32", "bfloat16", "float16")))
+    device: str = attrs.field(default="auto", validator=in_(("auto", "cpu", "cuda")))
     seed: int = 0
 
 
@@ -126,13 +107,18 @@ class MemorySettings:
     """Budgets that the kernel's accounting enforces."""
 
     #: cap on GPU bytes the kernel may use (weights + KV + workspace); 0 means the device's free memory
-    gpu_memory_budget_gb: float = attrs.field(default=0.0, validator=_non_negative)
+    gpu_memory_budget_gb: float = attrs.field(default=0.0, validator=ge(0))
     #: requests that may wait for memory at once; one more fails with AdmissionError
-    admission_queue: int = attrs.field(default=256, validator=_non_negative)
+    admission_queue: int = attrs.field(default=256, validator=ge(0))
     #: KV is allocated in blocks of this many tokens
-    kv_block_tokens: int = attrs.field(default=64, validator=_positive)
+    kv_block_tokens: int = attrs.field(default=64, validator=gt(0))
     #: GPU memory kept out of the KV pool for activations and captured graphs (CUDA only)
-    workspace_gb: float = attrs.field(default=1.5, validator=_non_negative)
+    workspace_gb: float = attrs.field(default=1.5, validator=ge(0))
+
+
+_TABLES: dict[str, type] = {
+    "plugins": PluginSelection, "server": ServerSettings, "model": ModelSettings, "memory": MemorySettings,
+}
 
 
 @attrs.frozen
@@ -149,43 +135,32 @@ class DjinnConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as TOML-ready tables."""
-        out: dict[str, Any] = {}
-        for table in ("plugins", "server", "model", "memory"):
-            out[table] = {k: list(v) if isinstance(v, tuple) else v
-                          for k, v in attrs.asdict(getattr(self, table)).items()}
+        out: dict[str, Any] = {
+            table: {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(getattr(self, table)).items()}
+            for table in _TABLES
+        }
         out["settings"] = {k: dict(v) for k, v in self.settings.items()}
         return out
 
-
-_TABLES: dict[str, type] = {
-    "plugins": PluginSelection,
-    "server": ServerSettings,
-    "model": ModelSettings,
-    "memory": MemorySettings,
-}
 
 T = TypeVar("T")
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
     """Whether a TOML value fits a field's annotation (str, int, float, bool, tuple[T, ...], unions)."""
-    origin = typing.get_origin(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+        return any(_type_ok(value, a) for a in args)
     if annotation is type(None):
         return value is None
     if origin is tuple:
-        item = typing.get_args(annotation)[0] if typing.get_args(annotation) else Any
+        item = args[0] if args else Any
         if item is str and isinstance(value, str):
             return True  # a single name for a multi-choice slot
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
+    if annotation in (int, float):  # an int fits a float field; a bool fits neither
+        return isinstance(value, (int, annotation)) and not isinstance(value, bool)
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
 
 
 def build_settings(cls: type[T], table: Mapping[str, Any], *, source: str, where: str) -> T:
@@ -200,9 +175,8 @@ def build_settings(cls: type[T], table: Mapping[str, Any], *, source: str, where
             allowed = ", ".join(sorted(fields)) or "(none)"
             raise ConfigError(f"{source}: unknown key {key!r} in [{where}]; allowed keys: {allowed}")
         if not _type_ok(value, hints.get(key, Any)):
-            raise ConfigError(
-                f"{source}: [{where}] {key} = {value!r} has the wrong type; expected {_describe(hints[key])}"
-            )
+            expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
+            raise ConfigError(f"{source}: [{where}] {key} = {value!r} has the wrong type; expected {expected}")
     for key, value in table.items():  # validators one by one, so a bad value is named with its key
         f = fields[key]
         if f.validator is not None:
@@ -216,18 +190,12 @@ def build_settings(cls: type[T], table: Mapping[str, Any], *, source: str, where
         raise ConfigError(f"{source}: bad value in [{where}]: {_explain(exc)}") from None
 
 
-def _describe(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
 def _explain(exc: Exception) -> str:
     # attrs' in_ validator raises ValueError(msg, attribute, options, value)
     if len(exc.args) == 4 and isinstance(exc.args[1], attrs.Attribute):
         _msg, attribute, options, value = exc.args
         return f"{attribute.name} = {value!r}; allowed values: {', '.join(map(str, options))}"
-    if len(exc.args) >= 1:
-        return str(exc.args[0])
-    return str(exc)
+    return str(exc.args[0]) if exc.args else str(exc)
 
 
 def parse_config(data: Mapping[str, Any], *, source: str) -> DjinnConfig:
@@ -248,22 +216,13 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> DjinnConfig:
     return DjinnConfig(source=source, settings=settings, **tables)
 
 
-def resolve_config_path(path: str | os.PathLike[str] | None) -> Path | None:
-    """The file to read: the given path, ``$DJINN_CONFIG``, ``./plugins.toml``, or None for defaults."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return Path(env)
-    local = Path.cwd() / DEFAULT_FILE
-    return local if local.is_file() else None
-
-
 def load_config(path: str | os.PathLike[str] | None = None) -> DjinnConfig:
     """Load and validate the configuration (see the module docstring for the lookup order)."""
-    resolved = resolve_config_path(path)
-    if resolved is None:
-        return DjinnConfig()
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or Path.cwd() / DEFAULT_FILE
+        if isinstance(path, Path) and not path.is_file():
+            return DjinnConfig()  # no file named and none here: the built-in defaults
+    resolved = Path(path)
     try:
         data = tomllib.loads(resolved.read_text(encoding="utf-8"))
     except FileNotFoundError:
