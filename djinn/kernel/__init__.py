@@ -1,4 +1,4 @@
-"""The mechanism: hookspecs, plugin manager, config, sessions, memory accounting, runner, server.
+"""Mechanism and contracts: hookspecs, plugin manager, config, strategies, sessions, residency, memory.
 
-Nothing in this package imports ``djinn.plugins``; plugins are found through entry points.
+Nothing in this package imports ``djinn.plugins``, ``djinn.engine`` or ``djinn.server``, nor torch at run time.
 """

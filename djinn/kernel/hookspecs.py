@@ -18,8 +18,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from djinn.kernel.config import DjinnConfig
-    from djinn.kernel.plugins import StrategyRegistry
     from djinn.kernel.kernel import Kernel
+    from djinn.kernel.plugins import StrategyRegistry
     from djinn.kernel.strategies import Phase, SessionInfo
 
 PROJECT = "djinn"
@@ -28,36 +28,29 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # =========================================================================== registration
-
-
 @hookspec
 def djinn_register_strategies(registry: StrategyRegistry) -> None:
     """Register the strategies this plugin offers: ``registry.add(slot, name, factory, settings=...)``.
 
     Called once per plugin manager, at discovery, for every installed plugin (selected or not),
-    so ``djinn plugins`` can list slots. ``factory(settings)`` (``factory()`` without settings) builds the strategy later, only if
-    it is selected; ``settings`` is an attrs class whose fields are the plugin's keys in
-    ``plugins.toml`` (``[settings.NAME]``). A plugin that registers nothing is an extension.
+    so ``djinn plugins`` can list slots. ``factory(settings)`` (``factory()`` without settings)
+    builds the strategy later, only if it is selected; ``settings`` is an attrs class whose fields
+    are the plugin's keys in ``plugins.toml`` (``[settings.NAME]``). A plugin that registers
+    nothing is an extension.
     """
 
 
 # =========================================================================== lifecycle
-
-
 @hookspec
 def djinn_configure(config: DjinnConfig) -> None:
-    """The configuration is loaded and validated and the selection is final.
-
-    Called once, before start-up, for selected plugins only. Raise ``ConfigError`` to refuse it.
-    """
+    """The configuration is loaded and validated and the selection is final. Called once, before
+    start-up, for selected plugins only. Raise ``ConfigError`` to refuse it."""
 
 
 @hookspec
 def djinn_startup(kernel: Kernel) -> None:
-    """The kernel has built its strategies, allocated its tiers and loaded its models.
-
-    Called once, after ``djinn_configure``, on the thread that starts the kernel.
-    """
+    """The kernel has built its strategies, allocated its tiers and loaded its models. Called once,
+    after ``djinn_configure``, on the thread that starts the kernel."""
 
 
 @hookspec
@@ -68,8 +61,6 @@ def djinn_shutdown(kernel: Kernel) -> None:
 
 
 # =========================================================================== sessions and phases
-
-
 @hookspec
 def djinn_session_created(session: SessionInfo) -> None:
     """A client opened a session. Once per session."""
@@ -77,7 +68,8 @@ def djinn_session_created(session: SessionInfo) -> None:
 
 @hookspec
 def djinn_session_closed(session: SessionInfo, reason: str) -> None:
-    """A session ended (``reason``: "closed", "disconnected", "error"); its memory is freed."""
+    """A session ended (``reason``: "closed", "disconnected"; an HTTP API session: "expired",
+    "shutdown"); its memory is freed."""
 
 
 @hookspec
@@ -87,8 +79,6 @@ def djinn_phase_changed(session: SessionInfo, old: Phase, new: Phase) -> None:
 
 
 # =========================================================================== eviction / prefetch
-
-
 @hookspec
 def djinn_session_evicted(session: SessionInfo, tier: str, nbytes: int, seconds: float) -> None:
     """A session's KV has left the GPU for ``tier``; ``seconds`` is the copy's duration. Once
@@ -98,9 +88,7 @@ def djinn_session_evicted(session: SessionInfo, tier: str, nbytes: int, seconds:
 
 
 @hookspec
-def djinn_session_restored(
-    session: SessionInfo, tier: str, nbytes: int, seconds: float, on_critical_path: bool
-) -> None:
+def djinn_session_restored(session: SessionInfo, tier: str, nbytes: int, seconds: float, on_critical_path: bool) -> None:
     """A session's KV is back on the GPU. ``on_critical_path`` is True when a request had to
     wait for this restore (a prefetch that finished in time is not on the critical path).
     ``tier`` is ``"dropped"`` when the KV was recomputed by prefilling the session's tokens again."""
@@ -113,8 +101,6 @@ def djinn_admission_blocked(need_bytes: int, free_bytes: int, queued: int) -> No
 
 
 # =========================================================================== weight streaming
-
-
 @hookspec
 def djinn_stream_plan(model: str, layers: int, layer_bytes: list[int], ring_bytes: int) -> None:
     """A model's layers will be streamed through a ring of ``ring_bytes``. Once per model load."""
@@ -127,12 +113,10 @@ def djinn_stream_pass(model: str, bytes_streamed: int, seconds: float, stall_sec
 
 
 # =========================================================================== breakpoints
-
-
 @hookspec
 def djinn_breakpoint_hit(session: SessionInfo, layer: int, step: int, phase: str) -> None:
     """A forward pass paused at an armed layer (``phase``: "prefill" or "decode"). Called only
-    when a breakpoint is armed, once per hit, on the event-loop thread."""
+    when a breakpoint is armed, once per hit."""
 
 
 @hookspec
@@ -141,8 +125,6 @@ def djinn_breakpoint_resumed(session: SessionInfo, layer: int, edited: bool, wai
 
 
 # =========================================================================== transports
-
-
 @hookspec
 def djinn_connection_opened(peer: str, transport: str) -> None:
     """A client connected (after authentication). Once per connection."""
@@ -159,14 +141,12 @@ def djinn_request_failed(op: str, session_id: int | None, error: BaseException) 
 
 
 # =========================================================================== metrics
-
-
 @hookspec
 def djinn_metrics(kernel: Kernel) -> dict[str, Any] | None:
     """Contribute figures to ``/metrics/vmu`` when it is read: a dict, conventionally
     ``{plugin_name: {...}}``, merged with the other plugins' into its ``plugins`` table.
 
-    Called per metrics read, on the event-loop thread. Plugins that want Prometheus series
-    register collectors with ``prometheus_client`` on ``kernel.metrics_registry`` (served at
-    ``/metrics``) in ``djinn_startup`` instead.
+    Called per metrics read. Plugins that want Prometheus series register collectors with
+    ``prometheus_client`` on ``kernel.metrics_registry`` (served at ``/metrics``) in
+    ``djinn_startup`` instead.
     """

@@ -72,9 +72,6 @@ class MemoryAccounting:
         """A consistent copy for metrics."""
         with self._lock:
             return {
-                "budget_bytes": self.budget_bytes,
-                "device": dict(self._device),
-                "device_used_bytes": self.device_used,
-                "device_peak_bytes": self._peak,
-                "tiers": dict(self._tiers),
+                "budget_bytes": self.budget_bytes, "device": dict(self._device), "device_used_bytes": self.device_used,
+                "device_peak_bytes": self._peak, "tiers": dict(self._tiers),
             }
