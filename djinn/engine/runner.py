@@ -38,6 +38,7 @@ does nothing but call the layer, plus the streamer's ``before_layer``/``after_la
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import sys
@@ -54,6 +55,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
 from djinn.engine.families import family_of, pack_projections, rotary_decode_layer
+from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.kernel.strategies import Streamer
 
@@ -84,20 +86,24 @@ class _PoolCache:
     sees the KV wherever it is.
     """
 
-    def __init__(self, kv: SessionKV, start: int, end: int) -> None:
+    def __init__(self, kv: SessionKV, start: int, end: int, gather: bool = True) -> None:
         self.kv = kv
         self.pool = kv.pool
         self.start = start
         self.end = end
+        self.gather = gather
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``[1, H_kv, T, D]`` keys and values; return the session's ``[1, H_kv, start + T, D]``."""
+        """Store ``[1, H_kv, T, D]`` keys and values; return the session's ``[1, H_kv, start + T, D]``
+        (without ``gather``: the given states, for an attention that reads the pool itself)."""
         new, slots = self._slots()
         layer = self.pool.tensor[layer_idx]  # [2, slots, H_kv, D]
         layer[0].index_copy_(0, new, key_states[0].transpose(0, 1))
         layer[1].index_copy_(0, new, value_states[0].transpose(0, 1))
+        if not self.gather:
+            return key_states, value_states
         keys = layer[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)
         values = layer[1].index_select(0, slots).transpose(0, 1).unsqueeze(0)
         return keys, values
@@ -118,8 +124,8 @@ class _PackedCache(_PoolCache):
     written to slot ``write[t]``, and every layer reads the keys of slots ``read`` (each session's
     context and chunk, one after another); the mask keeps each chunk to its own session's keys."""
 
-    def __init__(self, pool: KVPool, write: torch.Tensor, read: torch.Tensor) -> None:
-        self.pool, self.write, self.read = pool, write, read
+    def __init__(self, pool: KVPool, write: torch.Tensor, read: torch.Tensor, gather: bool = True) -> None:
+        self.pool, self.write, self.read, self.gather = pool, write, read, gather
 
     def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.write, self.read
@@ -261,12 +267,17 @@ def runner_attention(
     """The attention function of every layer a runner drives, set once when the runner is built.
 
     The mask says which pass this is: a ``BlockMask`` is a paged decode step, a
-    ``_SharedKeysMask`` a masked one; anything else (a prefill's boolean or additive mask, or
+    ``_SharedKeysMask`` a masked one, ``invariant.DecodeRows`` / ``PrefillRows`` a deterministic
+    decode step / prefill (which read the pool themselves); anything else (a prefill's boolean or additive mask, or
     None) goes to the implementation the model was loaded with (``djinn_base_attention`` on the
     layers' config: sdpa or eager), so the model's own forward works unchanged.
     """
     if isinstance(attention_mask, BlockMask):
         return paged_decode_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if isinstance(attention_mask, invariant.DecodeRows):
+        return invariant.decode_attention(module, query, attention_mask, scaling), None
+    if isinstance(attention_mask, invariant.PrefillRows):
+        return invariant.prefill_attention(module, query, attention_mask, scaling), None
     if isinstance(attention_mask, _SharedKeysMask):
         return batched_decode_attention(module, query, key, value, attention_mask.mask, dropout, scaling, **kwargs)
     base = getattr(module.config, "djinn_base_attention", "sdpa")
@@ -419,6 +430,9 @@ class ModelRunner:
     ``batched_decode_attention``. ``fused_decode`` (default: wherever it applies): paged decode
     steps of rotary families run ``Family.decode_layer``, compiled on CUDA into a few fused
     kernels per layer, instead of the model's own layers; never with a streamer that moves weights.
+    ``deterministic``: every pass runs batch-invariant (``invariant``): the model's own layers under
+    ``BatchInvariantMode``, attention by ``invariant.decode_attention`` / ``prefill_attention``,
+    so a session's tokens do not depend on what else shares its passes.
     """
 
     def __init__(
@@ -433,6 +447,7 @@ class ModelRunner:
         graph_max_batch: int = 512,
         decode_attention: str | None = None,
         fused_decode: bool | None = None,
+        deterministic: bool = False,
     ) -> None:
         self.family = family = family_of(loaded)
         model, config = loaded.model, loaded.config
@@ -444,11 +459,15 @@ class ModelRunner:
                 f"load the model with one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
             )
         self.device = torch.device(device) if device is not None else loaded.device
+        self.deterministic = deterministic
+        if deterministic and (decode_attention is not None or fused_decode):
+            raise ModelError("deterministic mode runs its own batch-invariant attention and the model's own "
+                             "layers: leave decode_attention and fused_decode unset")
         if decode_attention is None:
             decode_attention = "paged" if self.device.type == "cuda" else "masked"
         if decode_attention not in DECODE_ATTENTION:
             raise ModelError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, not {decode_attention!r}")
-        self.decode_attention = decode_attention
+        self.decode_attention = "invariant" if deterministic else decode_attention
         self.config = config
         self.streamer = streamer
         self.layers: list[torch.nn.Module] = family.layers
@@ -468,7 +487,7 @@ class ModelRunner:
         )
         moves_weights = streamer is not None and streamer.streams_weights
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
-        fusable = family.decode_layer is not None and decode_attention == "paged" and not moves_weights
+        fusable = (family.decode_layer is not None and self.decode_attention == "paged" and not moves_weights)
         if fused_decode and not fusable:
             raise ModelError(
                 f"fused decode needs a rotary family ({family.name!r} given), paged decode attention "
@@ -479,6 +498,9 @@ class ModelRunner:
             _compiled_decode_layer if self.device.type == "cuda" else family.decode_layer
         ) if self.fused_decode else None
         self.graph_max_batch = graph_max_batch
+        self._mode = invariant.BatchInvariantMode if deterministic else contextlib.nullcontext
+        self._decode_key_tokens = invariant.key_tile(invariant.DECODE_KEY_TOKENS, block_tokens)
+        self._prefill_key_tokens = invariant.key_tile(invariant.PREFILL_KEY_TOKENS, block_tokens)
         self._graphs: dict[tuple[int, int], _StepInputs] = {}
         self._uses: dict[tuple[int, int], int] = {}
         self.captures = 0
@@ -599,10 +621,28 @@ class ModelRunner:
         kv.ensure_capacity(end)
         ids = input_ids.to(self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
-        cache = _PoolCache(kv, start, end)
-        masks = {w: _attention_mask(start, tokens, w, self.device, self._additive_mask) for w in set(self._windows)}
+        cache = _PoolCache(kv, start, end, gather=not self.deterministic)
+        if self.deterministic:
+            masks = self._prefill_rows([kv], [start], [tokens], [end])
+        else:
+            masks = {w: _attention_mask(start, tokens, w, self.device, self._additive_mask) for w in set(self._windows)}
         hidden, layer_kwargs = self._layer_inputs(ids, positions, cache, masks)
         return ForwardCursor(self, kv, hidden, positions, layer_kwargs)
+
+    def _prefill_rows(
+        self, kvs: Sequence[SessionKV], starts: Sequence[int], lengths: Sequence[int], ends: Sequence[int]
+    ) -> dict[int | None, invariant.PrefillRows]:
+        """A deterministic prefill's attention inputs, one per window: each chunk's start and length
+        and its session's block table ``[n, W]``, ``W`` whole key tiles (padding: the scratch block)."""
+        bt = self.pool.block_tokens
+        width = _round_up(-(-max(ends) // bt), self._prefill_key_tokens // bt)
+        tables = torch.full((len(kvs), width), SCRATCH_BLOCK, dtype=torch.long)
+        for i, (kv, end) in enumerate(zip(kvs, ends)):
+            used = -(-end // bt)
+            tables[i, :used] = torch.tensor(kv.blocks[:used], dtype=torch.long)
+        tables = tables.to(self.device, non_blocking=True)
+        return {w: invariant.PrefillRows(self.pool, tuple(starts), tuple(lengths), tables, w, self._prefill_key_tokens)
+                for w in set(self._windows)}
 
     def _layer_inputs(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, masks: dict[int | None, Any]
@@ -655,7 +695,7 @@ class ModelRunner:
         same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
         causal = same & (key_position[None, :] <= positions[0, :, None])
         masks: dict[int | None, Any] = {}
-        for window in set(self._windows):
+        for window in set(self._windows) if not self.deterministic else ():
             allowed = causal if window is None else causal & (positions[0, :, None] - key_position[None, :] < window)
             mask = allowed[None, None]  # [1, 1, sum T, keys]
             if self._additive_mask is not None:
@@ -663,10 +703,13 @@ class ModelRunner:
                     ~mask, torch.finfo(self._additive_mask).min
                 )
             masks[window] = mask
-        cache = _PackedCache(self.pool, write, read)
-        hidden, layer_kwargs = self._layer_inputs(ids[None], positions, cache, masks)  # [1, sum T, hidden]
-        hidden = self._run_layers(hidden, layer_kwargs)
-        logits = self.family.head(self.family.norm(hidden[:, last]))[0].float()  # [n, vocab]
+        if self.deterministic:
+            masks = self._prefill_rows(kvs, starts, [len(c) for c in chunks], ends)
+        cache = _PackedCache(self.pool, write, read, gather=not self.deterministic)
+        with self._mode():
+            hidden, layer_kwargs = self._layer_inputs(ids[None], positions, cache, masks)  # [1, sum T, hidden]
+            hidden = self._run_layers(hidden, layer_kwargs)
+            logits = self.family.head(self.family.norm(hidden[:, last]))[0].float()  # [n, vocab]
         for kv, end in zip(kvs, ends):
             kv.length = end
         return logits
@@ -712,7 +755,7 @@ class ModelRunner:
         for kv in kvs:
             kv.ensure_capacity(kv.length + 1)
         rows = len(kvs)
-        span = self._decode_span()
+        span = self._decode_span(max(kv.length for kv in kvs) + 1)
         inputs = self._graph_inputs(batch_bucket(rows), span) if self.cuda_graphs else None
         if inputs is None:
             inputs = _StepInputs.empty(rows, span, self.pool.block_tokens, self.device)
@@ -726,9 +769,12 @@ class ModelRunner:
             kv.length += 1
         return logits[:rows]
 
-    def _decode_span(self) -> int:
-        """The pool slots a decode step beginning now attends over (its keys' length)."""
+    def _decode_span(self, tokens: int) -> int:
+        """The pool slots a decode step beginning now attends over (its keys' length), for rows of
+        at most ``tokens`` tokens. A deterministic step's block tables span whole key tiles."""
         pool_slots = self.pool.tensor.shape[2]
+        if self.decode_attention == "invariant":
+            return _round_up(slot_bucket(tokens), self._decode_key_tokens)
         if self.decode_attention == "paged":
             return pool_slots  # rows read their own blocks only; one shape for the compiled kernel
         bt = self.pool.block_tokens
@@ -824,10 +870,11 @@ class ModelRunner:
         row_of_block = torch.repeat_interleave(torch.arange(rows, device=device), count, output_size=total)
         first = torch.cumsum(count, 0) - count
         rank = torch.arange(total, device=device) - torch.repeat_interleave(first, count, output_size=total)
-        inputs.block_owner.fill_(-1)
-        inputs.block_owner.index_copy_(0, blocks, row_of_block)
-        inputs.block_rank.index_copy_(0, blocks, rank)
-        if self.decode_attention != "paged":
+        if self.decode_attention != "invariant":  # it reads the block tables only
+            inputs.block_owner.fill_(-1)
+            inputs.block_owner.index_copy_(0, blocks, row_of_block)
+            inputs.block_rank.index_copy_(0, blocks, rank)
+        if self.decode_attention == "masked":
             return  # the masked step reads the per-block maps only
         inputs.block_count[:rows].copy_(count)
         inputs.block_count[padded].fill_(1)
@@ -876,8 +923,9 @@ class ModelRunner:
 
     def _decode_forward(self, inputs: _StepInputs) -> torch.Tensor:
         """The decode step itself, eager (or being captured): float32 logits ``[B, vocab]``."""
-        step = self._decode_pass(inputs)
-        return self._decode_head(self._decode_layers(step, step.hidden))
+        with self._mode():
+            step = self._decode_pass(inputs)
+            return self._decode_head(self._decode_layers(step, step.hidden))
 
     def _decode_pass(self, inputs: _StepInputs) -> _DecodePass:
         """A decode step's masks (one per window) and embedded tokens, from its ``inputs``."""
@@ -893,7 +941,9 @@ class ModelRunner:
         group = self.family.query_group
         masks: dict[int | None, Any] = {}
         for window in set(self._windows):
-            if self.decode_attention == "paged":
+            if self.decode_attention == "invariant":
+                mask = invariant.DecodeRows(self.pool, inputs.positions, inputs.blocks, window, self._decode_key_tokens)
+            elif self.decode_attention == "paged":
                 mask = BlockMask.from_kv_blocks(
                     inputs.block_count[:, None, None], inputs.blocks[:, None, None, :],
                     BLOCK_SIZE=(_FLEX_QUERY_BLOCK, self.pool.block_tokens),
@@ -946,7 +996,8 @@ class ModelRunner:
         """
         self.check_positions(kv.length + 1)
         kv.ensure_capacity(kv.length + 1)
-        inputs = _StepInputs.empty(batch_bucket(1), self._decode_span(), self.pool.block_tokens, self.device)
+        inputs = _StepInputs.empty(batch_bucket(1), self._decode_span(kv.length + 1), self.pool.block_tokens,
+                                   self.device)
         self._fill_inputs(inputs, [kv], [token])
         return DecodeCursor(self, kv, self._decode_pass(inputs))
 
@@ -1015,7 +1066,8 @@ class ForwardCursor:
                 f"cannot run to layer {stop}: the pass is at layer {self.layer} of "
                 f"{self.num_layers}{' and finished' if self.finished else ''}"
             )
-        self._hidden = self._layers(self._hidden, self.layer, stop)
+        with self.runner._mode():
+            self._hidden = self._layers(self._hidden, self.layer, stop)
         self.layer = stop
 
     def _layers(self, hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
@@ -1036,7 +1088,8 @@ class ForwardCursor:
             raise RuntimeError(
                 f"the KV went from {self.start} to {self.kv.length} tokens during this forward pass"
             )
-        logits = self._logits(self._hidden)
+        with self.runner._mode():
+            logits = self._logits(self._hidden)
         self.kv.length = self.start + self.positions.shape[1]
         self.finished = True
         return logits

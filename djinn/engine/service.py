@@ -143,7 +143,8 @@ class ModelService(KVBackend):
             block_tokens=config.memory.kv_block_tokens, cuda_graphs=config.server.cuda_graphs,
             graph_max_batch=config.server.graph_max_batch,
             decode_attention=None if config.server.decode_attention == "auto" else config.server.decode_attention,
-            fused_decode=None if config.server.fused_decode else False,
+            fused_decode=None if config.server.fused_decode or config.server.deterministic else False,
+            deterministic=config.server.deterministic,
         )
         weights = self.runner.device_weight_bytes()
         if not self.memory.try_reserve("weights", weights):
