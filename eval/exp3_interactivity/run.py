@@ -64,6 +64,8 @@ class Exp3Config:
     isolation_samples: int = 10
     dtype: str = "bfloat16"
     seed: int = 0
+    #: serve in deterministic mode (``[server] deterministic``)
+    deterministic: bool = False
 
     @classmethod
     def smoke(cls) -> Exp3Config:
@@ -73,21 +75,21 @@ class Exp3Config:
                    isolation_samples=5, dtype="float32")
 
 
-def djinn_config(model: str, dtype: str) -> DjinnConfig:
-    """Defaults with free ports, no metrics endpoint, and the given model."""
+def djinn_config(model: str, dtype: str, deterministic: bool = False) -> DjinnConfig:
+    """Defaults with free ports, no metrics endpoint, and the given model and mode."""
     base = DjinnConfig()
     if not torch.cuda.is_available():
         dtype = "float32"
     return attrs.evolve(
         base,
-        server=attrs.evolve(base.server, port=0, metrics_port=0),
+        server=attrs.evolve(base.server, port=0, metrics_port=0, http_port=0, deterministic=deterministic),
         model=attrs.evolve(base.model, name=model, dtype=dtype),
     )
 
 
-def model_server(model: str, dtype: str) -> BackgroundServer:
+def model_server(model: str, dtype: str, deterministic: bool = False) -> BackgroundServer:
     """A server for one model with the default plugin selection (starts on ``with``)."""
-    config = djinn_config(model, dtype)
+    config = djinn_config(model, dtype, deterministic)
     return BackgroundServer(config, get_plugin_manager(config))
 
 
@@ -264,13 +266,13 @@ def guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def measure(cfg: Exp3Config) -> dict[str, Any]:
     """Every part: one server for the robustness model, then one for the steering model."""
     parts: dict[str, Any] = {}
-    with model_server(cfg.robust_model, cfg.dtype) as server, connect(server.url("tcp")) as client:
+    with model_server(cfg.robust_model, cfg.dtype, cfg.deterministic) as server, connect(server.url("tcp")) as client:
         prompts = random_prompts(cfg.sequences, cfg.prompt_tokens, client.info["vocab_size"], cfg.seed)
         parts["model_info"] = {"robust": dict(client.info)}
         parts["robustness"] = guarded("robustness", lambda: robustness(server, client, cfg, prompts))
         parts["isolation"] = guarded("isolation", lambda: isolation(server, cfg, prompts[0]))
         parts["hot_path"] = guarded("hot_path", lambda: hot_path_overhead(server, client, cfg, prompts))
-    with model_server(cfg.steer_model, cfg.dtype) as server, connect(server.url("tcp")) as client:
+    with model_server(cfg.steer_model, cfg.dtype, cfg.deterministic) as server, connect(server.url("tcp")) as client:
         prompts = random_prompts(cfg.sequences, cfg.prompt_tokens, client.info["vocab_size"], cfg.seed + 1)
         parts["model_info"]["steer"] = dict(client.info)
         parts["steering"] = guarded("steering", lambda: steering(server, client, cfg, prompts))
@@ -352,8 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models, short sequences (CPU, seconds)")
     parser.add_argument("--sequences", type=int, help="random sequences per part")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per request")
+    parser.add_argument("--deterministic", action="store_true", help="serve in deterministic mode")
     args = parser.parse_args(argv)
     cfg = Exp3Config.smoke() if args.smoke else Exp3Config()
+    cfg = attrs.evolve(cfg, deterministic=args.deterministic)
     if args.sequences is not None:
         cfg = attrs.evolve(cfg, sequences=args.sequences)
     if args.new_tokens is not None:
