@@ -200,6 +200,90 @@ def _check_before_loading(config, token: str | None) -> None:
         )
 
 
+@main.command("cluster")
+@_selection_options
+@click.option("--model", "model_name", default=None, help="A local model directory or random:NAME, served by every server.")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--servers", default=None, type=click.IntRange(min=1),
+              help="Servers to start (default: one per GPU of the Ray cluster, one without GPUs).")
+@click.option("--gpus-per-server", default=None, type=click.FloatRange(min=0),
+              help="GPUs each server holds (default 1 with GPUs, 0 without; 0.5 puts two on one GPU).")
+@click.option("--cpus-per-server", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--gpu-memory-gb", default=None, type=click.FloatRange(min=0),
+              help="Each server's GPU budget ([memory] gpu_memory_budget_gb; set it when servers share a GPU).")
+@click.option("--address", default=None, help="A running Ray cluster to join (default: start Ray on this machine).")
+@click.option("--strategy", default="PACK", show_default=True,
+              type=click.Choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]),
+              help="How Ray places the servers' bundles across hosts.")
+@click.option("--host", default=None, help="Address the router binds (non-loopback needs --token or $DJINN_TOKEN).")
+@click.option("--port", default=None, type=int, help="The router's port (default: [server] port).")
+@click.option("--server-host", default="127.0.0.1", show_default=True,
+              help="Where each server listens; 'node' for its Ray node's address (servers on other hosts).")
+@click.option("--token", envvar="DJINN_TOKEN", default=None, help="Shared secret clients must present to the router.")
+@click.option("--migrate/--no-migrate", default=True, show_default=True,
+              help="Move idle sessions off a server that runs out of memory.")
+@click.option("--low-water", default=0.1, show_default=True, type=click.FloatRange(0, 0.5, max_open=True),
+              help="A server is out of memory below this share of its capacity free.")
+@_fail_cleanly
+def cluster_command(config_path, plugin_names, model_name, dtype, servers, gpus_per_server, cpus_per_server,
+                    gpu_memory_gb, address, strategy, host, port, server_host, token, migrate, low_water) -> None:
+    """Start one server per GPU as Ray actors and a router in front; serve until interrupted.
+
+    Clients connect to the router as to one server. Needs Ray: pip install 'djinn[cluster]'.
+    """
+    import signal
+    import threading
+
+    import attrs
+
+    config, _plugins = _load(config_path, plugin_names, name=model_name, dtype=dtype, host=host, port=port)
+    if gpu_memory_gb is not None:
+        config = attrs.evolve(config, memory=attrs.evolve(config.memory, gpu_memory_budget_gb=gpu_memory_gb))
+    _check_router_address(config.server.host, config.server.port, token)
+    from djinn.cluster.launch import start_cluster
+    from djinn.cluster.router import RouterSettings
+    from djinn.kernel.plugins import split_plugin_names
+
+    cluster = start_cluster(
+        config, split_plugin_names(plugin_names), servers=servers, gpus_per_server=gpus_per_server,
+        cpus_per_server=cpus_per_server, address=address, strategy=strategy, host=config.server.host,
+        port=config.server.port, token=token, server_host=server_host,
+        settings=RouterSettings(migrate=migrate, low_water=low_water),
+    )
+    try:
+        router = cluster.router.router
+        for name, backend in router.backends.items():
+            click.echo(f"server {name}: {backend.url}")
+        click.echo(f"djinn {__version__} cluster of {len(router.backends)} serving {config.model.name}; "
+                   f"router on {', '.join(cluster.router.urls)}")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        cluster.stop()
+        click.echo("djinn cluster stopped")
+
+
+def _check_router_address(host: str, port: int, token: str | None) -> None:
+    """A router address that cannot work, refused before any server starts."""
+    import socket
+
+    from djinn.server.loop import is_loopback
+
+    if not 0 <= port <= 65535:
+        raise DjinnError(f"--port {port} is not a port number (0-65535)")
+    if not is_loopback(host) and not token:
+        raise DjinnError(f"binding {host} (not loopback) requires a token: --token or $DJINN_TOKEN")
+    if port:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise DjinnError(f"cannot listen on {host}:{port} (--port): {exc.strerror}") from None
+
+
 @main.command("demo")
 @_selection_options
 @click.option("--model", "model_name", default=None, help="Model to serve (default: the configured one).")

@@ -1,0 +1,265 @@
+"""Starting a cluster on Ray: one Djinn server per GPU as a Ray actor, and the router in front.
+
+Ray places and supervises the servers; nothing here manages machines. ``start_cluster``
+connects to a Ray cluster (``address``) or starts a local one, reserves one bundle per server in
+a placement group (``{"GPU": gpus_per_server, "CPU": cpus_per_server}``; ``PACK`` keeps them on
+as few hosts as possible, ``SPREAD`` puts them on as many), starts a ``DjinnNode`` actor in each
+bundle, and serves the router on a thread of its own. Ray sets ``CUDA_VISIBLE_DEVICES`` for
+each actor, so each server's ``cuda`` is its own GPU; a fraction (``gpus_per_server=0.5``) puts
+two servers on one GPU, each with the ``gpu_memory_budget_gb`` it is given.
+
+Between servers only control calls travel through Ray (load, export, import); a session's KV
+goes from the exporting actor into Ray's object store and is read by the importing actor, never
+through the router. Clients' frames travel over Djinn's own transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from djinn.cluster.node import DjinnNode
+from djinn.cluster.router import Backend, Router, RouterSettings
+from djinn.kernel.config import DjinnConfig
+from djinn.kernel.errors import ConfigError, DjinnError
+from djinn.kernel.plugins import get_plugin_manager
+
+
+def import_ray() -> Any:
+    """``ray``, or a ``ConfigError`` that names the extra to install."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"a cluster needs Ray, which is not installed ({exc}): pip install 'djinn[cluster]'") from None
+    return ray
+
+
+class RayNode:
+    """The router's handle on one ``DjinnNode`` actor: its calls, awaited on the router's loop."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    async def load(self) -> dict[str, Any]:
+        return await self.actor.load.remote()
+
+    async def export_session(self, session_id: int) -> tuple[dict[str, Any], Any]:
+        # two results: the router reads the small state; the bytes stay in the object store and
+        # are handed to the importing actor by reference
+        state, kv = self.actor.export_session.options(num_returns=2).remote(session_id)
+        return await state, kv
+
+    async def import_session(self, session_id: int, state: dict[str, Any], kv: Any) -> float:
+        return await self.actor.import_session.remote(session_id, state, kv)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await self.actor.tokenize.remote(text)
+
+
+class LocalNode:
+    """A ``DjinnNode`` in this process behind the same calls (each on a worker thread): for a
+    cluster on one machine without Ray (the benchmark on a machine that has none)."""
+
+    def __init__(self, node: DjinnNode) -> None:
+        self.node = node
+
+    async def load(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.node.load)
+
+    async def export_session(self, session_id: int) -> tuple[dict[str, Any], Any]:
+        return await asyncio.to_thread(self.node.export_session, session_id)
+
+    async def import_session(self, session_id: int, state: dict[str, Any], kv: Any) -> float:
+        return await asyncio.to_thread(self.node.import_session, session_id, state, kv)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self.node.tokenize, text)
+
+
+class BackgroundRouter:
+    """A router on its own event-loop thread (as ``BackgroundServer`` runs a server)."""
+
+    def __init__(self, router: Router, urls: Sequence[str]) -> None:
+        self.router, self._urls = router, list(urls)
+        self.urls: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="djinn-router", daemon=True)
+
+    def start(self) -> BackgroundRouter:
+        """Start and wait until it listens (re-raising a start-up error)."""
+        self._thread.start()
+        self.urls = self.call(self.router.start(self._urls))
+        return self
+
+    def call(self, coro: Any, timeout: float | None = 600.0) -> Any:
+        """Run ``coro`` on the router's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def url(self, scheme: str = "tcp") -> str:
+        """The bound URL of one transport."""
+        for url in self.urls:
+            if url.startswith(scheme + "://"):
+                return url
+        raise KeyError(f"the router does not listen on {scheme}://; it listens on {self.urls}")
+
+    def stop(self) -> None:
+        """Close the router and its loop."""
+        if self._loop.is_running():
+            try:
+                self.call(self.router.close(), timeout=30)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=30)
+        if not self._loop.is_closed() and not self._loop.is_running():
+            self._loop.close()
+
+
+def build_router(config: DjinnConfig, plugin_names: Sequence[str], backends: Sequence[Backend], *,
+                 token: str | None, server_token: str | None, settings: RouterSettings) -> Router:
+    """A router with the configuration's transports and serializer (as a server selects them)."""
+    plugins = get_plugin_manager(config, list(plugin_names))
+    transports = {t.scheme: t for t in plugins.build_slot("transport")}
+    serializer = plugins.build_slot("serializer")[0]
+    return Router(backends, transports=transports, serializer=serializer, token=token,
+                  server_token=server_token, settings=settings)
+
+
+def router_urls(router: Router, host: str, port: int) -> list[str]:
+    """Where a router listens: every selected transport's default URL for ``host:port``, the
+    in-process one excepted when the port is fixed (one of them per process and name)."""
+    return [t.default_url(host, port) for t in router.transports.values()]
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """A started cluster: the server actors, their placement group and the router."""
+
+    ray: Any
+    actors: dict[str, Any]
+    placement_group: Any
+    router: BackgroundRouter
+    owns_ray: bool
+    #: how each server actor is started: (config, plugin names, DjinnNode keywords, Ray options)
+    recipe: tuple[DjinnConfig, list[str], dict[str, Any], dict[str, Any]]
+
+    def add_server(self, name: str, timeout_s: float = 600.0) -> None:
+        """Start one more server actor (outside the placement group, with the same resources
+        each of the others has) and put it behind the router."""
+        if name in self.actors:
+            raise ValueError(f"a server named {name!r} exists already")
+        config, plugin_names, keywords, options = self.recipe
+        actor = self.ray.remote(DjinnNode).options(**options).remote(config, plugin_names, name=name, **keywords)
+        self.actors[name] = actor
+        described = self.ray.get(actor.describe.remote(), timeout=timeout_s)
+        backend = Backend(name, _tcp_url(described["urls"]), RayNode(actor))
+        self.router.call(self.router.router.add_backend(backend))
+
+    @property
+    def url(self) -> str:
+        """The router's TCP URL: what clients connect to."""
+        return self.router.url("tcp")
+
+    def kill(self, name: str) -> None:
+        """Kill one server's actor at once (its process ends; its sessions are lost)."""
+        self.ray.kill(self.actors[name], no_restart=True)
+
+    def stop(self) -> None:
+        """Stop the router, the servers and their placement group (and Ray, if this started it)."""
+        try:
+            self.router.stop()
+        finally:
+            for actor in self.actors.values():
+                try:
+                    self.ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - an actor already gone
+                    pass
+            if self.placement_group is not None:
+                from ray.util.placement_group import remove_placement_group
+
+                remove_placement_group(self.placement_group)
+            if self.owns_ray:
+                self.ray.shutdown()
+
+
+def start_cluster(
+    config: DjinnConfig, plugin_names: Sequence[str] = (), *, servers: int | None = None,
+    gpus_per_server: float | None = None, cpus_per_server: float = 1.0, address: str | None = None,
+    strategy: str = "PACK", host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+    server_host: str = "127.0.0.1", settings: RouterSettings = RouterSettings(),
+    ray_init: dict[str, Any] | None = None, start_timeout_s: float = 600.0,
+) -> Cluster:
+    """Start ``servers`` Djinn servers as Ray actors and a router on ``host:port``.
+
+    Without ``servers``: one per GPU of the Ray cluster (one, on a cluster without GPUs).
+    Without ``gpus_per_server``: one GPU each where the cluster has a GPU per server, none on a
+    cluster without GPUs. ``server_host`` is where each server listens; ``"node"`` means each
+    actor's own node address (needed when the router and the servers are on different hosts).
+    ``ray_init`` are extra ``ray.init`` arguments when this starts Ray.
+    """
+    ray = import_ray()
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        options = {"include_dashboard": False, **(ray_init or {})}
+        if address is None:
+            # a new Ray of this machine alone (never one another process started here): its
+            # processes talk over loopback (by default Ray binds the address other hosts would
+            # reach it at), and it reports no usage statistics
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            options.setdefault("_node_ip_address", "127.0.0.1")
+        ray.init(address=address or "local", **options)
+    try:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        count = servers if servers is not None else max(1, int(gpus))
+        if count < 1:
+            raise ConfigError(f"--servers must be at least 1, not {count}")
+        per_gpu = gpus_per_server if gpus_per_server is not None else (1.0 if gpus >= count else 0.0)
+        if per_gpu * count > gpus + 1e-9:
+            raise ConfigError(f"{count} servers x {per_gpu:g} GPU need {per_gpu * count:g} GPUs; "
+                              f"the Ray cluster has {gpus:g}")
+        bundle = {"CPU": cpus_per_server, **({"GPU": per_gpu} if per_gpu else {})}
+        group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy)
+        try:
+            ray.get(group.ready(), timeout=start_timeout_s)
+        except Exception as exc:
+            remove_placement_group(group)
+            raise DjinnError(f"Ray could not reserve {count} x {bundle} ({strategy}): {exc}") from None
+        server_token = secrets.token_hex(16)
+        actor_class = ray.remote(DjinnNode)
+        names = [f"djinn-{i}" for i in range(count)]
+        keywords = {"token": server_token, "host": server_host}
+        # a server's calls wait on its own loop, so a few at once (a load during an export) is safe
+        options = {"num_cpus": cpus_per_server, "num_gpus": per_gpu, "max_concurrency": 16}
+        actors = {}
+        for index, name in enumerate(names):
+            actors[name] = actor_class.options(
+                **options,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+            ).remote(config, list(plugin_names), name=name, **keywords)
+        described = ray.get([actors[n].describe.remote() for n in names], timeout=start_timeout_s)
+        backends = [Backend(d["name"], _tcp_url(d["urls"]), RayNode(actors[d["name"]])) for d in described]
+        router = build_router(config, plugin_names, backends, token=token, server_token=server_token,
+                              settings=settings)
+        urls = [url for url in router_urls(router, host, port) if not url.startswith("inproc://")]
+        background = BackgroundRouter(router, urls).start()
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        raise
+    return Cluster(ray, actors, group, background, owns_ray, (config, list(plugin_names), keywords, options))
+
+
+def _tcp_url(urls: Sequence[str]) -> str:
+    for url in urls:
+        if url.startswith("tcp://"):
+            return url
+    raise ConfigError(f"a cluster server must listen on tcp://; it listens on {', '.join(urls)}")
