@@ -100,6 +100,9 @@ class ModelSettings:
     dtype: str = attrs.field(default="float32", validator=in_(("float32", "bfloat16", "float16")))
     device: str = attrs.field(default="auto", validator=in_(("auto", "cpu", "cuda")))
     seed: int = 0
+    #: how decoder-layer weight matrices are stored: "auto" (in ``dtype``) or "fp8_e4m3" (e4m3 with a
+    #: scale per output channel: half the bytes of bf16; served by the ringbuffer streamer)
+    weight_dtype: str = attrs.field(default="auto", validator=in_(("auto", "fp8_e4m3")))
 
 
 @attrs.frozen
