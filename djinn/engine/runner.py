@@ -486,7 +486,9 @@ class ModelRunner:
             dtype=self.dtype, device=self.device, block_tokens=block_tokens,
         )
         moves_weights = streamer is not None and streamer.streams_weights
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
+        # a captured step's GEMMs get their cuBLAS workspace at capture, an eager one's at run time,
+        # and cuBLAS picks its algorithm by workspace too: deterministic steps all run eagerly
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights and not deterministic
         fusable = (family.decode_layer is not None and self.decode_attention == "paged" and not moves_weights)
         if fused_decode and not fusable:
             raise ModelError(
@@ -691,10 +693,13 @@ class ModelRunner:
         last = torch.cumsum(length, 0) - 1  # [n] each chunk's last token in the packed sequence
         query_rank = torch.arange(total, device=device) - (last + 1 - length)[query_segment]
         positions = (start[query_segment] + query_rank)[None]  # [1, sum T]
-        key_position = torch.arange(keys, device=device) - (torch.cumsum(end, 0) - end)[key_segment]  # [keys]
-        same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
-        causal = same & (key_position[None, :] <= positions[0, :, None])
         masks: dict[int | None, Any] = {}
+        if self.deterministic:  # its attention reads each session's blocks itself: no dense mask
+            masks = self._prefill_rows(kvs, starts, [len(c) for c in chunks], ends)
+        else:
+            key_position = torch.arange(keys, device=device) - (torch.cumsum(end, 0) - end)[key_segment]  # [keys]
+            same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
+            causal = same & (key_position[None, :] <= positions[0, :, None])
         for window in set(self._windows) if not self.deterministic else ():
             allowed = causal if window is None else causal & (positions[0, :, None] - key_position[None, :] < window)
             mask = allowed[None, None]  # [1, 1, sum T, keys]
@@ -703,8 +708,6 @@ class ModelRunner:
                     ~mask, torch.finfo(self._additive_mask).min
                 )
             masks[window] = mask
-        if self.deterministic:
-            masks = self._prefill_rows(kvs, starts, [len(c) for c in chunks], ends)
         cache = _PackedCache(self.pool, write, read, gather=not self.deterministic)
         with self._mode():
             hidden, layer_kwargs = self._layer_inputs(ids[None], positions, cache, masks)  # [1, sum T, hidden]
