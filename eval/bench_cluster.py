@@ -1,0 +1,302 @@
+"""The router's cost and a migration's speed on one GPU: one server with all the memory, the same
+server behind the router, and two servers sharing the GPU with half the memory each.
+
+    python -m eval.bench_cluster --config eval/exp1_density/configs/hero.toml --agents 64 \\
+        --budget-gb 120 --arms one,routed,two --out eval/results/cluster_h200.json
+
+(``--arms one`` then ``--arms routed --append`` ... runs it one arm per command.)
+
+Arms (each starts its servers afresh, runs the workload, stops them):
+
+- ``one``: one server with the whole GPU budget and host tier; agents connect to it directly.
+- ``routed``: the same server behind the router: the router's cost alone.
+- ``two``: two servers, each with half the budget and half the host tier (each holds its own
+  copy of the weights), behind the router. After the workload, idle sessions of each
+  ``--migrate-tokens`` size move between the two servers, timed (export, import, total).
+
+Every arm runs experiment 1's agent workload (``eval.exp1_density``: same seed, so the same
+arrivals, prompts and think times) from a child process, so the agents never share an
+interpreter lock with the servers or the router. The servers and the router run in this process
+(``LocalNode``; no Ray needed), so the router here competes with the servers for this process's
+interpreter lock: its measured cost is an upper bound of what it costs in a process of its own
+(``djinn cluster``, where Ray runs each server as an actor). The report gives each arm's P50 and
+P99 iteration latency and the ratios to ``one``: the goal is ``routed`` within 5 % on P99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from djinn.cluster.launch import BackgroundRouter, LocalNode, build_router
+from djinn.cluster.node import DjinnNode
+from djinn.cluster.router import Backend, RouterSettings
+from djinn.kernel.config import DjinnConfig
+from eval.exp1_density.run import (
+    ExperimentConfig,
+    IterationSample,
+    _agent,
+    _json_safe,
+    _release_device,
+    _warm_up,
+    djinn_config,
+    load_experiment,
+    percentile,
+)
+from eval.report import result_header
+
+ARMS = ("one", "routed", "two")
+GiB = 1 << 30
+
+
+def experiment_from(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment file (or exp1's defaults) with this run's overrides."""
+    experiment = load_experiment(args.config) if args.config else ExperimentConfig()
+    workload = experiment.workload
+    changes = {k: v for k, v in (("iterations", args.iterations), ("seed", args.seed)) if v is not None}
+    if args.think_s is not None:
+        changes["think_min_s"], changes["think_max_s"] = args.think_s
+    return attrs.evolve(experiment, workload=attrs.evolve(workload, **changes))
+
+
+def server_config(experiment: ExperimentConfig, budget_gb: float, tier_gb: float) -> DjinnConfig:
+    """One server's configuration: exp1's (semantic scheduler, TCP) with this budget and tier."""
+    config = djinn_config(experiment, "semantic")
+    return attrs.evolve(config, memory=attrs.evolve(config.memory, gpu_memory_budget_gb=budget_gb),
+                        settings={**config.settings, "pinned_host": {"capacity_gb": tier_gb}})
+
+
+def device_budget_gb(asked: float) -> float:
+    """The whole budget ``one`` gets: ``asked``, or (0) 90 % of the GPU's free memory; 0 on CPU."""
+    import torch
+
+    if asked or not torch.cuda.is_available():
+        return asked
+    free, _total = torch.cuda.mem_get_info()
+    return round(free * 0.9 / GiB, 1)
+
+
+# --------------------------------------------------------------------------- the agents, in a child process
+
+
+def run_agents(url: str, args: argparse.Namespace, vocab: int) -> list[dict[str, Any]]:
+    """The workload's agents against ``url``, run by a child process; their samples."""
+    command = [sys.executable, "-m", "eval.bench_cluster", "agents", url, "--vocab", str(vocab),
+               "--agents", str(args.agents)]
+    for flag, value in (("--config", args.config), ("--iterations", args.iterations), ("--seed", args.seed)):
+        if value is not None:
+            command += [flag, str(value)]
+    if args.think_s is not None:
+        command += ["--think-s", *map(str, args.think_s)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the agents' process failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def agents_main(args: argparse.Namespace) -> None:
+    """The child: every agent of the workload against one URL; prints the samples as one JSON line."""
+    experiment = experiment_from(args)
+    workload = experiment.workload
+    rng = random.Random(workload.seed)
+    delays, at = [], 0.0
+    for _ in range(args.agents):
+        delays.append(at)
+        at += rng.expovariate(workload.arrival_rate)
+    samples: list[IterationSample] = []
+
+    async def drive() -> None:
+        await _warm_up(args.url, workload, args.vocab)
+        origin = time.perf_counter()
+        await asyncio.gather(*(_agent(args.url, i, delay, workload, args.vocab, samples, lambda: None, origin)
+                               for i, delay in enumerate(delays)))
+
+    asyncio.run(drive())
+    print(json.dumps(_json_safe([attrs.asdict(s) for s in samples])))
+
+
+def summary(samples: list[dict[str, Any]], agents: int, iterations: int, duration_s: float) -> dict[str, Any]:
+    """P50/P99 latency and wake, failures, iterations, in the samples of one arm."""
+    done = [s for s in samples if s["ok"]]
+    latency = [s["latency_s"] for s in done]
+    wake = [s["wake_s"] for s in done]
+    return {
+        "agents": agents, "iterations": len(done),
+        "failures": sum(not s["ok"] for s in samples) + agents * iterations - len(samples),
+        "p50_latency_s": percentile(latency, 50), "p99_latency_s": percentile(latency, 99),
+        "p50_wake_s": percentile(wake, 50), "p99_wake_s": percentile(wake, 99),
+        "mean_queue_s": statistics.fmean(s["queue_s"] for s in done) if done else math.nan,
+        "duration_s": duration_s,
+    }
+
+
+# --------------------------------------------------------------------------- arms
+
+
+def start_nodes(configs: list[DjinnConfig], routed: bool) -> tuple[list[DjinnNode], BackgroundRouter | None]:
+    nodes = [DjinnNode(config, name=f"djinn-{i}") for i, config in enumerate(configs)]
+    if not routed:
+        return nodes, None
+    backends = [Backend(n.name, n.describe()["urls"][0], LocalNode(n)) for n in nodes]
+    router = build_router(configs[0], [], backends, token=None, server_token=None,
+                          settings=RouterSettings(migrate=True))
+    return nodes, BackgroundRouter(router, ["tcp://127.0.0.1:0"]).start()
+
+
+def migrations(router: BackgroundRouter, sizes: list[int], repeats: int, vocab: int) -> list[dict[str, Any]]:
+    """Move an idle session of each size in ``sizes`` (tokens) ``repeats`` times between the
+    two servers; every move's bytes and seconds."""
+    from djinn.client import connect
+
+    rng = random.Random(0)
+    moves = []
+    with connect(router.url()) as client:
+        model = client.model()
+        for tokens in sizes:
+            session = model.session()
+            session.generate([rng.randrange(vocab) for _ in range(tokens)], 1)
+            session.signal_phase("IO_WAIT", expected_s=60)
+            time.sleep(0.5)  # the scheduler's write-back of an IO_WAIT session, as an idle agent's KV would be
+            for _ in range(repeats):
+                move = router.call(router.router.migrate(session.id))
+                moves.append({"tokens": tokens, **attrs.asdict(move),
+                              "gib_per_s": move.nbytes / GiB / move.total_s if move.total_s else math.nan})
+            session.close()
+    return moves
+
+
+def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, budget_gb: float) -> dict[str, Any]:
+    tier_gb = experiment.memory.pinned_host_capacity_gb
+    servers = 2 if arm == "two" else 1
+    configs = [server_config(experiment, budget_gb / servers, tier_gb / servers)] * servers
+    started = time.perf_counter()
+    nodes, router = start_nodes(configs, routed=arm != "one")
+    try:
+        start_s = time.perf_counter() - started
+        url = router.url() if router is not None else nodes[0].describe()["urls"][0]
+        vocab = nodes[0].server.model.runner.vocab_size
+        began = time.perf_counter()
+        samples = run_agents(url, args, vocab)
+        result = {"arm": arm, "servers": servers, "budget_gb_each": budget_gb / servers,
+                  "tier_gb_each": tier_gb / servers, "start_s": start_s,
+                  "summary": summary(samples, args.agents, experiment.workload.iterations,
+                                     time.perf_counter() - began),
+                  "handoffs": [n.load()["handoffs"] for n in nodes], "samples": samples}
+        if router is not None:
+            result["router"] = router.router.status()
+        if arm == "two" and args.migrate_tokens:
+            result["migrations"] = migrations(router, args.migrate_tokens, args.migrate_repeats, vocab)
+        return result
+    finally:
+        if router is not None:
+            router.stop()
+        for node in nodes:
+            node.stop()
+        del nodes
+        _release_device()
+
+
+def compare(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each arm's P50/P99 beside ``one``'s, and the migration rate by size."""
+    base = arms.get("one", {}).get("summary")
+    out: dict[str, Any] = {}
+    for name, arm in arms.items():
+        s = arm["summary"]
+        row = {k: s[k] for k in ("p50_latency_s", "p99_latency_s", "failures", "iterations")}
+        if base is not None and name != "one" and base["p99_latency_s"]:
+            row["p99_vs_one"] = s["p99_latency_s"] / base["p99_latency_s"] - 1
+            row["p50_vs_one"] = s["p50_latency_s"] / base["p50_latency_s"] - 1
+        out[name] = row
+    moves = arms.get("two", {}).get("migrations") or []
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for move in moves:
+        by_size.setdefault(move["tokens"], []).append(move)
+    out["migration"] = [
+        {"tokens": tokens, "gib": group[0]["nbytes"] / GiB,
+         "median_total_s": statistics.median(m["total_s"] for m in group),
+         "median_export_s": statistics.median(m["export_s"] for m in group),
+         "median_import_s": statistics.median(m["import_s"] for m in group),
+         "median_s_per_gib": statistics.median(m["total_s"] / (m["nbytes"] / GiB) for m in group)}
+        for tokens, group in sorted(by_size.items())
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m eval.bench_cluster", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="an exp1 experiment file (default: exp1's small defaults)")
+    parser.add_argument("--agents", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=None, help="override [workload] iterations")
+    parser.add_argument("--think-s", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="override [workload] think_min_s and think_max_s")
+    parser.add_argument("--seed", type=int, default=None)
+    if argv[:1] == ["agents"]:
+        parser.add_argument("mode")
+        parser.add_argument("url")
+        parser.add_argument("--vocab", type=int, required=True)
+        agents_main(parser.parse_args(argv))
+        return
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--budget-gb", type=float, default=0.0,
+                        help="the whole GPU budget (two servers get half each); 0: 90 %% of the free GPU memory")
+    parser.add_argument("--migrate-tokens", default="", help="comma-separated session sizes to move, in tokens")
+    parser.add_argument("--migrate-repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--append", action="store_true",
+                        help="keep the arms already in --out (a run split into one command per arm)")
+    parser.add_argument("--note", default="", help="what the result file should say about this run")
+    args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or args.agents < 1:
+        parser.error(f"unknown arms {unknown}; arms are {', '.join(ARMS)}" if unknown else "--agents must be >= 1")
+    args.migrate_tokens = [int(t) for t in args.migrate_tokens.split(",") if t]
+    experiment = experiment_from(args)
+    budget_gb = device_budget_gb(args.budget_gb)
+    report: dict[str, Any] = {
+        **result_header("bench_cluster", "eval.bench_cluster", args.note or
+                        "random-weight model of the named shape; servers and router in one process (LocalNode)",
+                        {"experiment": experiment.to_dict(), "arms": arms, "budget_gb": budget_gb,
+                         "agents": args.agents, "migrate_tokens": args.migrate_tokens}, argv),
+        "arms": {},
+    }
+    if args.append and args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        workload = json.loads(json.dumps(_json_safe(report["config"]["experiment"])))
+        if earlier["config"]["experiment"] != workload or earlier["config"]["budget_gb"] != budget_gb:
+            parser.error(f"{args.out} was measured with another workload or budget; write to another file")
+        report["arms"] = {name: arm for name, arm in earlier["arms"].items() if name not in arms}
+        report["runs"] = [*earlier.get("runs", [earlier["command"]]), report["command"]]
+    for arm in arms:
+        report["arms"][arm] = run_arm(arm, experiment, args, budget_gb)
+        report["comparison"] = compare(report["arms"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(_json_safe(report), indent=1))  # what a run cut short measured
+        s = report["arms"][arm]["summary"]
+        print(f"{arm:>6}: p50 {s['p50_latency_s']:.3f} s  p99 {s['p99_latency_s']:.3f} s  "
+              f"failures {s['failures']}  ({s['duration_s']:.1f} s)", flush=True)
+    for name, row in report["comparison"].items():
+        if name == "migration":
+            for m in row:
+                print(f"move {m['tokens']:>6} tokens ({m['gib']:.3f} GiB): {m['median_total_s'] * 1000:.1f} ms "
+                      f"({m['median_s_per_gib']:.3f} s/GiB; export {m['median_export_s'] * 1000:.1f} ms, "
+                      f"import {m['median_import_s'] * 1000:.1f} ms)")
+        elif "p99_vs_one" in row:
+            print(f"{name:>6}: P99 {row['p99_vs_one']:+.1%} vs one, P50 {row['p50_vs_one']:+.1%}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
