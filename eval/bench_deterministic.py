@@ -123,7 +123,7 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
              steps=steps, agreement=agreement, crowd=crowd, chunk=chunk),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    for mode in ("default", "deterministic"):
+    for mode in ("deterministic", "default"):
         runner = ModelRunner(loaded, device=device, deterministic=mode == "deterministic")
         free = torch.cuda.mem_get_info()[0] - 8 * GiB if cuda else 2 * GiB  # room for a packed crowd's prefill
         runner.pool.grow(free // runner.pool.block_bytes)
