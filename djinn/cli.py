@@ -217,6 +217,8 @@ def _check_before_loading(config, token: str | None) -> None:
               help="How Ray places the servers' bundles across hosts.")
 @click.option("--host", default=None, help="Address the router binds (non-loopback needs --token or $DJINN_TOKEN).")
 @click.option("--port", default=None, type=int, help="The router's port (default: [server] port).")
+@click.option("--http-port", default=None, type=int,
+              help="The router's OpenAI-compatible HTTP API port (default: [server] http_port; 0 disables).")
 @click.option("--server-host", default="127.0.0.1", show_default=True,
               help="Where each server listens; 'node' for its Ray node's address (servers on other hosts).")
 @click.option("--token", envvar="DJINN_TOKEN", default=None, help="Shared secret clients must present to the router.")
@@ -226,7 +228,8 @@ def _check_before_loading(config, token: str | None) -> None:
               help="A server is out of memory below this share of its capacity free.")
 @_fail_cleanly
 def cluster_command(config_path, plugin_names, model_name, dtype, servers, gpus_per_server, cpus_per_server,
-                    gpu_memory_gb, address, strategy, host, port, server_host, token, migrate, low_water) -> None:
+                    gpu_memory_gb, address, strategy, host, port, http_port, server_host, token, migrate,
+                    low_water) -> None:
     """Start one server per GPU as Ray actors and a router in front; serve until interrupted.
 
     Clients connect to the router as to one server. Needs Ray: pip install 'djinn[cluster]'.
@@ -236,10 +239,13 @@ def cluster_command(config_path, plugin_names, model_name, dtype, servers, gpus_
 
     import attrs
 
-    config, _plugins = _load(config_path, plugin_names, name=model_name, dtype=dtype, host=host, port=port)
+    config, _plugins = _load(config_path, plugin_names, name=model_name, dtype=dtype, host=host, port=port,
+                             http_port=http_port)
     if gpu_memory_gb is not None:
         config = attrs.evolve(config, memory=attrs.evolve(config.memory, gpu_memory_budget_gb=gpu_memory_gb))
-    _check_router_address(config.server.host, config.server.port, token)
+    _check_router_address(config.server.host, config.server.port, token, "--port")
+    if config.server.http_port:
+        _check_router_address(config.server.host, config.server.http_port, token, "--http-port")
     from djinn.cluster.launch import start_cluster
     from djinn.cluster.router import RouterSettings
     from djinn.kernel.plugins import split_plugin_names
@@ -247,15 +253,16 @@ def cluster_command(config_path, plugin_names, model_name, dtype, servers, gpus_
     cluster = start_cluster(
         config, split_plugin_names(plugin_names), servers=servers, gpus_per_server=gpus_per_server,
         cpus_per_server=cpus_per_server, address=address, strategy=strategy, host=config.server.host,
-        port=config.server.port, token=token, server_host=server_host,
+        port=config.server.port, http_port=config.server.http_port or None, token=token, server_host=server_host,
         settings=RouterSettings(migrate=migrate, low_water=low_water),
     )
     try:
         router = cluster.router.router
         for name, backend in router.backends.items():
             click.echo(f"server {name}: {backend.url}")
+        http = f" and {cluster.router.http_url}" if cluster.router.http is not None else ""
         click.echo(f"djinn {__version__} cluster of {len(router.backends)} serving {config.model.name}; "
-                   f"router on {', '.join(cluster.router.urls)}")
+                   f"router on {', '.join(cluster.router.urls)}{http}")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -265,14 +272,14 @@ def cluster_command(config_path, plugin_names, model_name, dtype, servers, gpus_
         click.echo("djinn cluster stopped")
 
 
-def _check_router_address(host: str, port: int, token: str | None) -> None:
+def _check_router_address(host: str, port: int, token: str | None, option: str) -> None:
     """A router address that cannot work, refused before any server starts."""
     import socket
 
     from djinn.server.loop import is_loopback
 
     if not 0 <= port <= 65535:
-        raise DjinnError(f"--port {port} is not a port number (0-65535)")
+        raise DjinnError(f"{option} {port} is not a port number (0-65535)")
     if not is_loopback(host) and not token:
         raise DjinnError(f"binding {host} (not loopback) requires a token: --token or $DJINN_TOKEN")
     if port:
@@ -281,7 +288,7 @@ def _check_router_address(host: str, port: int, token: str | None) -> None:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                raise DjinnError(f"cannot listen on {host}:{port} (--port): {exc.strerror}") from None
+                raise DjinnError(f"cannot listen on {host}:{port} ({option}): {exc.strerror}") from None
 
 
 @main.command("demo")

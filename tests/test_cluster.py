@@ -9,7 +9,10 @@ The Ray tests share one cluster (Ray's start is slow) and skip when Ray is not i
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
+import urllib.error
+import urllib.request
 
 import attrs
 import pytest
@@ -174,7 +177,7 @@ def cluster():
 
     config = serving_config(MODEL, budget_gb=kv_budget_gb(MODEL, 2, 256), tier_gb=TIER_GB)
     started = start_cluster(
-        config, ["semantic", "tcp"], servers=2,
+        config, ["semantic", "tcp"], servers=2, http_port=0,
         settings=RouterSettings(poll_s=0.05, load_max_age_s=0.0, call_timeout_s=60.0),
         ray_init={"num_cpus": 4, "object_store_memory": 100 << 20, "log_to_driver": False},
     )
@@ -283,6 +286,44 @@ def test_a_server_out_of_memory_moves_an_idle_session_away_and_it_continues_toke
             s.close()
 
 
+def _http(url: str, body: dict | None = None, method: str = "POST") -> tuple[int, dict | str]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            text = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        text, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+@needs_ray
+def test_the_openai_api_sends_each_session_to_the_server_that_holds_it(cluster):
+    base, http = cluster.router.http_url, cluster.router.http
+    prompt = _prompt(3, 60)
+    first = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "djinn": {"session_id": "agent-a"}}
+    status, reply = _http(base + "/completions", first)
+    assert status == 200 and reply["usage"]["completion_tokens"] == 4
+    owner = http.sessions["agent-a"]
+    status, _ = _http(base + "/completions", {**first, "djinn": {"session_id": "agent-b"}})
+    assert status == 200 and http.sessions["agent-b"] is not owner  # placed where there was more room
+    # the conversation again, longer: the KV of its prompt is reused, so it ran where that KV is
+    status, again = _http(base + "/completions", {**first, "prompt": [*prompt, 9, 10]})
+    assert status == 200 and again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt)
+    status, streamed = _http(base + "/completions", {**first, "prompt": [*prompt, 9, 10, 11], "stream": True})
+    assert status == 200 and streamed.count("data: ") >= 2 and streamed.rstrip().endswith("data: [DONE]")
+    status, info = _http(base + "/djinn/sessions/agent-a", method="GET")
+    assert status == 200 and info["session_id"] == "agent-a"
+    assert _http(base + "/models", method="GET")[1]["data"][0]["id"] == MODEL
+    for name in ("agent-a", "agent-b"):
+        assert _http(base + f"/djinn/sessions/{name}", method="DELETE")[0] == 200
+    assert _http(base + "/djinn/sessions/agent-a", method="GET")[0] == 404 and not http.sessions
+
+
 @needs_ray
 def test_a_killed_server_fails_only_its_own_sessions(cluster):
     cluster.add_server("djinn-extra")
@@ -297,6 +338,10 @@ def test_a_killed_server_fails_only_its_own_sessions(cluster):
         for s in sessions:
             s.generate([20 + s.id, 21], 4, timeout=30)
         doomed, idle = by_owner["djinn-extra"]
+        http = cluster.router.http
+        http.sessions["over-http"] = router.backends["djinn-extra"]  # as if placed there
+        request = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2, "djinn": {"session_id": "over-http"}}
+        assert _http(cluster.router.http_url + "/completions", request)[0] == 200
         paused = doomed.trace([5], 4, breakpoints=[1])
         assert next(paused).layer == 1  # the request is in flight, paused on the server
         cluster.kill("djinn-extra")
@@ -305,6 +350,9 @@ def test_a_killed_server_fails_only_its_own_sessions(cluster):
         assert "djinn-extra is gone" in str(failure.value) and f"session {doomed.id}" in str(failure.value)
         with pytest.raises(SessionError, match="djinn-extra is gone"):
             idle.generate([1], 2, timeout=30)
+        status, refusal = _http(cluster.router.http_url + "/completions", request)
+        assert status == 503 and "djinn-extra is gone" in refusal["error"]["message"]
+        assert "over-http" in refusal["error"]["message"]
         for name in ("djinn-0", "djinn-1"):
             for s in by_owner[name]:
                 assert len(s.generate([9], 4, timeout=30).tokens) == 4

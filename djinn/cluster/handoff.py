@@ -155,7 +155,7 @@ async def import_session(kernel: Kernel, model: Any, session_id: int, state: Ses
     started = time.perf_counter()
     async with kernel.serving(session, state.capacity):
         kv = session.kv
-        if host is not None:
+        if host is not None and state.nbytes:
             if kv.nbytes != state.nbytes:
                 raise SessionError(f"{state.capacity} tokens of KV are {kv.nbytes} bytes here, not {state.nbytes}")
             # through the backend's own restore path (a copy stream on CUDA, not behind other

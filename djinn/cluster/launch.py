@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from djinn.cluster.http import HttpRouter
 from djinn.cluster.node import DjinnNode
 from djinn.cluster.router import Backend, Router, RouterSettings
 from djinn.kernel.config import DjinnConfig
@@ -83,11 +84,15 @@ class LocalNode:
 
 
 class BackgroundRouter:
-    """A router on its own event-loop thread (as ``BackgroundServer`` runs a server)."""
+    """A router on its own event-loop thread (as ``BackgroundServer`` runs a server), with the
+    OpenAI API in front of its servers' when ``http_port`` is given (0: a free port)."""
 
-    def __init__(self, router: Router, urls: Sequence[str]) -> None:
+    def __init__(self, router: Router, urls: Sequence[str], *, http_host: str = "127.0.0.1",
+                 http_port: int | None = None) -> None:
         self.router, self._urls = router, list(urls)
         self.urls: list[str] = []
+        self.http = None if http_port is None else HttpRouter(router, host=http_host, port=http_port,
+                                                              token=router.token)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="djinn-router", daemon=True)
 
@@ -95,7 +100,16 @@ class BackgroundRouter:
         """Start and wait until it listens (re-raising a start-up error)."""
         self._thread.start()
         self.urls = self.call(self.router.start(self._urls))
+        if self.http is not None:
+            self.call(self.http.start())
         return self
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI API's base URL (``http://host:port/v1``)."""
+        if self.http is None:
+            raise KeyError("the router serves no HTTP API: give it an http_port")
+        return f"http://{self.http.host}:{self.http.port}/v1"
 
     def call(self, coro: Any, timeout: float | None = 600.0) -> Any:
         """Run ``coro`` on the router's loop and return its result."""
@@ -112,6 +126,8 @@ class BackgroundRouter:
         """Close the router and its loop."""
         if self._loop.is_running():
             try:
+                if self.http is not None:
+                    self.call(self.http.close(), timeout=30)
                 self.call(self.router.close(), timeout=30)
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -131,9 +147,9 @@ def build_router(config: DjinnConfig, plugin_names: Sequence[str], backends: Seq
 
 
 def router_urls(router: Router, host: str, port: int) -> list[str]:
-    """Where a router listens: every selected transport's default URL for ``host:port``, the
-    in-process one excepted when the port is fixed (one of them per process and name)."""
-    return [t.default_url(host, port) for t in router.transports.values()]
+    """Where a router listens: every selected transport's default URL for ``host:port`` that
+    other processes can reach (not the in-process one)."""
+    return [t.default_url(host, port) for t in router.transports.values() if t.reachable_remotely]
 
 
 @attrs.define(eq=False)
@@ -157,7 +173,7 @@ class Cluster:
         actor = self.ray.remote(DjinnNode).options(**options).remote(config, plugin_names, name=name, **keywords)
         self.actors[name] = actor
         described = self.ray.get(actor.describe.remote(), timeout=timeout_s)
-        backend = Backend(name, _tcp_url(described["urls"]), RayNode(actor))
+        backend = Backend(name, _tcp_url(described["urls"]), RayNode(actor), described["http_url"])
         self.router.call(self.router.router.add_backend(backend))
 
     @property
@@ -190,7 +206,8 @@ class Cluster:
 def start_cluster(
     config: DjinnConfig, plugin_names: Sequence[str] = (), *, servers: int | None = None,
     gpus_per_server: float | None = None, cpus_per_server: float = 1.0, address: str | None = None,
-    strategy: str = "PACK", host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+    strategy: str = "PACK", host: str = "127.0.0.1", port: int = 0, http_port: int | None = None,
+    token: str | None = None,
     server_host: str = "127.0.0.1", settings: RouterSettings = RouterSettings(),
     ray_init: dict[str, Any] | None = None, start_timeout_s: float = 600.0,
 ) -> Cluster:
@@ -200,7 +217,8 @@ def start_cluster(
     Without ``gpus_per_server``: one GPU each where the cluster has a GPU per server, none on a
     cluster without GPUs. ``server_host`` is where each server listens; ``"node"`` means each
     actor's own node address (needed when the router and the servers are on different hosts).
-    ``ray_init`` are extra ``ray.init`` arguments when this starts Ray.
+    With ``http_port`` (0: a free one) the router also serves the OpenAI API in front of the
+    servers' own. ``ray_init`` are extra ``ray.init`` arguments when this starts Ray.
     """
     ray = import_ray()
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -236,7 +254,7 @@ def start_cluster(
         server_token = secrets.token_hex(16)
         actor_class = ray.remote(DjinnNode)
         names = [f"djinn-{i}" for i in range(count)]
-        keywords = {"token": server_token, "host": server_host}
+        keywords = {"token": server_token, "host": server_host, "http": http_port is not None}
         # a server's calls wait on its own loop, so a few at once (a load during an export) is safe
         options = {"num_cpus": cpus_per_server, "num_gpus": per_gpu, "max_concurrency": 16}
         actors = {}
@@ -246,11 +264,12 @@ def start_cluster(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
             ).remote(config, list(plugin_names), name=name, **keywords)
         described = ray.get([actors[n].describe.remote() for n in names], timeout=start_timeout_s)
-        backends = [Backend(d["name"], _tcp_url(d["urls"]), RayNode(actors[d["name"]])) for d in described]
+        backends = [Backend(d["name"], _tcp_url(d["urls"]), RayNode(actors[d["name"]]), d["http_url"])
+                    for d in described]
         router = build_router(config, plugin_names, backends, token=token, server_token=server_token,
                               settings=settings)
-        urls = [url for url in router_urls(router, host, port) if not url.startswith("inproc://")]
-        background = BackgroundRouter(router, urls).start()
+        background = BackgroundRouter(router, router_urls(router, host, port), http_host=host,
+                                      http_port=http_port).start()
     except BaseException:
         if owns_ray:
             ray.shutdown()

@@ -37,17 +37,19 @@ def server_config(config: DjinnConfig, host: str) -> DjinnConfig:
 class DjinnNode:
     """A started server and its control calls. ``config`` is the servers' configuration (its
     ports are replaced by free ones, see ``server_config``); ``plugin_names`` are ``--plugins``
-    overrides on top of it. ``host`` is where it listens; ``"node"``: this Ray node's address."""
+    overrides on top of it. ``host`` is where it listens; ``"node"``: this Ray node's address.
+    With ``http`` it also serves the OpenAI API (on a free port)."""
 
     def __init__(self, config: DjinnConfig, plugin_names: Sequence[str] = (), *, token: str | None = None,
-                 name: str = "server", host: str = "127.0.0.1") -> None:
+                 name: str = "server", host: str = "127.0.0.1", http: bool = False) -> None:
         if host == "node":
             import ray
 
             host = ray.util.get_node_ip_address()
         self.name = name
         config = server_config(config, host)
-        self.server = BackgroundServer(config, get_plugin_manager(config, list(plugin_names)), token=token).start()
+        self.server = BackgroundServer(config, get_plugin_manager(config, list(plugin_names)), token=token,
+                                       http_port=0 if http else None).start()
         self.counters = {"exports": 0, "imports": 0, "export_seconds": 0.0, "import_seconds": 0.0,
                          "exported_bytes": 0, "imported_bytes": 0}
 
@@ -55,9 +57,12 @@ class DjinnNode:
         return self.server.spawn(coro).result(timeout=CALL_TIMEOUT_S)
 
     def describe(self) -> dict[str, Any]:
-        """Where it listens and what it serves: name, URLs, model, KV layout, device, process id."""
+        """Where it listens and what it serves: name, URLs (``http_url``: its OpenAI API, or ""),
+        model, KV layout, device, process id."""
+        http_url = "" if self.server.http_port is None else f"http://{self.server.config.server.host}:{self.server.http_port}"
         return {
-            "name": self.name, "urls": list(self.server.urls), "model": self.server.config.model.name,
+            "name": self.name, "urls": list(self.server.urls), "http_url": http_url,
+            "model": self.server.config.model.name,
             "layout": self.server.call(lambda: kv_layout(self.server.kernel, self.server.model)),
             "device": str(self.server.model.device), "pid": os.getpid(),
         }

@@ -122,6 +122,8 @@ class Backend:
     name: str
     url: str
     node: NodeHandle
+    #: its OpenAI API's base URL (``http://host:port``), or "" when it serves none
+    http_url: str = ""
     welcome: dict[str, Any] = attrs.Factory(dict)
     load: placement.ServerLoad | None = None
     load_at: float = 0.0
@@ -289,6 +291,8 @@ class RouterClient:
     upstreams: dict[str, Upstream] = attrs.Factory(dict)
     opening: dict[str, asyncio.Lock] = attrs.Factory(dict)
     tasks: set[asyncio.Task] = attrs.Factory(set)
+    #: the client went away: no connection to a server is opened for it any more
+    closed: bool = False
 
     async def send(self, parts: Sequence[Any]) -> None:
         """Send one frame's buffers; a client that went away is not an error here."""
@@ -299,6 +303,8 @@ class RouterClient:
         """This client's connection to ``backend``, opened on first use."""
         lock = self.opening.setdefault(backend.name, asyncio.Lock())
         async with lock:
+            if self.closed:  # a move finishing after its client left must not open a session for nobody
+                raise ConnectionClosed("the client has disconnected")
             existing = self.upstreams.get(backend.name)
             if existing is not None and not existing.closed:
                 return existing
@@ -655,6 +661,7 @@ class Router:
         self.sessions.pop(session.id, None)
 
     async def _drop_client(self, client: RouterClient) -> None:
+        client.closed = True
         self.clients.discard(client)
         for task in list(client.tasks):
             task.cancel()
@@ -680,9 +687,10 @@ class Router:
                 session.inflight = 0
                 self.counters["sessions_lost"] += 1
         if backend.alive:
-            asyncio.create_task(self._check_alive(backend))
+            asyncio.create_task(self.check_alive(backend))
 
-    async def _check_alive(self, backend: Backend) -> None:
+    async def check_alive(self, backend: Backend) -> None:
+        """Ask ``backend`` for its load; one that does not answer is marked gone."""
         try:
             await asyncio.wait_for(backend.node.load(), min(10.0, self.settings.call_timeout_s))
         except asyncio.CancelledError:
