@@ -15,6 +15,7 @@ blocks after 3 tokens: sequences whose tokens are identical, and whose logits ar
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -144,6 +145,7 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         out.write_text(json.dumps(report, indent=2))
         click.echo(f"{time.perf_counter() - started:7.1f} s  {mode} done", err=True)
         del runner
+        gc.collect()  # the runner's pool sits in reference cycles; free it before the next mode's pool
         if cuda:
             torch.cuda.empty_cache()
     key = "graph_tokens_per_s" if cuda else "eager_tokens_per_s"
