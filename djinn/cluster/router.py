@@ -349,7 +349,8 @@ class Router:
         self._listeners: list[Any] = []
         self._refreshing: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
-        self._moving: set[asyncio.Task] = set()
+        #: moves the watcher started, by the server each moves off (one at a time off each)
+        self._moving: dict[asyncio.Task, str] = {}
         self.welcome: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ life cycle
@@ -777,7 +778,7 @@ class Router:
 
     def _rebalance(self) -> None:
         loads = {b.name: b.load for b in self.backends.values() if b.alive and b.load is not None}
-        busy_sources = {getattr(t, "source", None) for t in self._moving}
+        busy_sources = set(self._moving.values())
         now = time.monotonic()
         for name, load in loads.items():
             if name in busy_sources or not placement.under_pressure(load, self.settings.low_water):
@@ -796,9 +797,8 @@ class Router:
                 if target is None:
                     continue
                 task = asyncio.create_task(self._rebalance_one(session, self.backends[target]))
-                task.source = name  # one move at a time off each server
-                self._moving.add(task)
-                task.add_done_callback(self._moving.discard)
+                self._moving[task] = name
+                task.add_done_callback(lambda done: self._moving.pop(done, None))
                 break
 
     async def _rebalance_one(self, session: RoutedSession, destination: Backend) -> None:
