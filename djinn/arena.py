@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 import mmap
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -165,7 +166,9 @@ class _RegisteredMapping(mmap.mmap):
             torch.cuda.cudart().cudaHostUnregister(self.address)
 
 
-def allocate_host_arena(nbytes: int, pinned: bool) -> torch.Tensor:
+def allocate_host_arena(
+    nbytes: int, pinned: bool, fill: Callable[[torch.Tensor], None] | None = None
+) -> torch.Tensor:
     """One flat ``[nbytes]`` uint8 host buffer; page-locked when ``pinned`` (needs CUDA).
 
     Pinned memory is what lets host-to-device copies run asynchronously on a side stream at
@@ -173,15 +176,25 @@ def allocate_host_arena(nbytes: int, pinned: bool) -> torch.Tensor:
     The pages are registered with CUDA in place rather than taken from torch's pinned-memory
     allocator, which rounds every request up to a power of two: a 100 GiB arena would pin
     128 GiB, more than many hosts have.
+
+    ``fill(arena)``, when given, writes the arena before it is page-locked. Its pages are only
+    committed as they are first written, so a caller that frees its own copy of each piece as
+    it writes it never holds both: a model of 70 GB is packed into a 70 GB arena on a host of
+    128 GB.
     """
     import torch
 
     if not pinned:
-        return torch.empty(nbytes, dtype=torch.uint8)  # [nbytes]
+        arena = torch.empty(nbytes, dtype=torch.uint8)  # [nbytes]
+        if fill is not None:
+            fill(arena)
+        return arena
     if not torch.cuda.is_available():
         raise RuntimeError("pinned host memory needs CUDA, and CUDA is not available")
     mapping = _RegisteredMapping(-1, nbytes)
     arena = torch.frombuffer(mapping, dtype=torch.uint8)  # [nbytes], keeps the mapping alive
+    if fill is not None:
+        fill(arena)
     error = int(torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0))
     if error:
         raise RuntimeError(

@@ -1,16 +1,30 @@
 """Model loading: named random-weight shapes for tests and benchmarks, or a local checkpoint.
 
 ``load_model("random:llama-7b", dtype="bfloat16", device="cuda")`` builds a model of that shape
-with seeded random weights straight on the device (built on ``meta``, then filled), so a 7B shape
-takes seconds, not the minutes of transformers' CPU initialisation. ``load_model("/path")`` reads a
-Hugging Face directory with ``from_pretrained`` and never touches the network.
+with seeded random weights straight on the device (built on ``meta``, then filled one decoder
+layer at a time), so a 7B shape takes seconds, not the minutes of transformers' CPU
+initialisation. ``load_model("/path")`` reads a Hugging Face directory with ``from_pretrained``
+and never touches the network.
+
+fp8 weights (``weight_dtype="fp8_e4m3"``): every ``nn.Linear`` of the decoder layers keeps its
+``weight`` ``[out, in]`` as ``torch.float8_e4m3fn`` and gains a float32 buffer ``weight_scale``
+``[out]``, one scale per output channel; the weight it stands for is
+``weight.to(dtype) * weight_scale[:, None]`` (``dequantize_weights``). The embeddings, norms and
+head stay in ``dtype``. Such a model runs only under a streamer that knows the format (the
+``ringbuffer`` streamer dequantizes each layer on the device after its copy, or runs its GEMMs on
+fp8). A random model is built and quantized one decoder layer at a time on ``build_device`` (the
+server uses its GPU: seconds for a 70B shape) and each layer moves to ``device`` before the next
+is drawn, so the whole model never exists in ``dtype``: a 70B shape takes about 70 GB of host
+memory, not 140. A checkpoint is read whole in ``dtype`` first, then quantized layer by layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -26,6 +40,13 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+#: how the decoder layers' weight matrices are stored: "auto" in the model dtype, "fp8_e4m3" as
+#: ``torch.float8_e4m3fn`` with a float32 scale per output channel
+WEIGHT_DTYPES = ("auto", "fp8_e4m3")
+FP8 = torch.float8_e4m3fn
+#: the largest finite e4m3 value: each row's largest magnitude is scaled onto it
+FP8_MAX = torch.finfo(FP8).max
 
 #: files whose presence in a checkpoint directory means it ships a tokenizer
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -78,6 +99,12 @@ SHAPES: dict[str, ModelShape] = {
         ),
         _shape("gpt2", "gpt2", "GPT-2 small, 124M"),
         _shape(
+            "tinyllama-1.1b", "llama", "TinyLlama-1.1B: 22 layers, 2048, GQA 32/4, 5632 inter",
+            hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+            num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
+            max_position_embeddings=2048, rms_norm_eps=1e-5,
+        ),
+        _shape(
             "llama-7b", "llama", "Llama-2-7B: 32 layers, 4096, 32 heads, 11008 inter",
             hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=32, intermediate_size=11008, vocab_size=32000,
@@ -123,6 +150,8 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     tokenizer: Any = None
+    #: how the decoder layers' weight matrices are stored (one of ``WEIGHT_DTYPES``)
+    weight_dtype: str = "auto"
 
 
 def known_specs() -> list[str]:
@@ -161,19 +190,39 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    weight_dtype: str = "auto",
+    build_device: str | torch.device | None = None,
+    progress: bool | None = None,
 ) -> LoadedModel:
     """Load ``random:NAME`` (seeded random weights) or a local Hugging Face checkpoint directory.
 
-    Raises ``ModelError`` for an unknown spec (listing the known names) or an unreadable directory.
+    ``dtype`` is the compute dtype; ``weight_dtype`` (one of ``WEIGHT_DTYPES``) how the decoder
+    layers' weight matrices are stored. ``build_device``: where random weights are drawn (with
+    that device's generator) and quantized, one decoder layer at a time, before each moves to
+    ``device`` (None: ``device``; the GPU makes a 70B shape seconds of work). ``progress``: a bar
+    on stderr over the layers (None: only when stderr is a terminal). Raises ``ModelError`` for
+    an unknown spec (listing the known names), an unreadable directory, an unknown
+    ``weight_dtype`` or a family fp8 cannot store.
     """
     torch_dtype = resolve_dtype(dtype)
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ModelError(f"unsupported weight_dtype {weight_dtype!r}; expected one of {', '.join(WEIGHT_DTYPES)}")
     target = torch.device(device)
+    quantize = weight_dtype == "fp8_e4m3"
+    build = target if build_device is None else torch.device(build_device)
     tokenizer = None
     if spec.startswith(RANDOM_PREFIX) or not os.path.isdir(spec):
         config = model_config(spec)
-        model = _random_model(config, torch_dtype, target, seed, attn_implementation)
+        model = _random_model(config, torch_dtype, target, build, seed, attn_implementation, quantize, progress)
     else:
         model, tokenizer = _pretrained_model(spec, torch_dtype, target, attn_implementation)
+        if quantize:
+            with _layer_progress(progress, len(decoder_layers(model)), "quantizing layers to fp8") as advance:
+                for layer in decoder_layers(model):
+                    layer.to(build)
+                    quantize_layer(layer)
+                    layer.to(target)
+                    advance()
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(
@@ -184,30 +233,115 @@ def load_model(
         dtype=torch_dtype,
         device=target,
         tokenizer=tokenizer,
+        weight_dtype=weight_dtype,
     )
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers: its ``nn.ModuleList`` of ``config.num_hidden_layers`` modules."""
+    count = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ModelError(f"{type(model).__name__} has no list of {count} decoder layers")
+
+
+@contextlib.contextmanager
+def _layer_progress(show: bool | None, total: int, description: str) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr over ``total`` layers (None: only when stderr is a terminal);
+    yields the function that advances it by one."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), disable=not (sys.stderr.isatty() if show is None else show)) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
 
 
 def _random_model(
     config: PretrainedConfig,
     dtype: torch.dtype,
     device: torch.device,
+    build: torch.device,
     seed: int,
     attn_implementation: str,
+    quantize: bool,
+    progress: bool | None,
 ) -> torch.nn.Module:
+    """Built on ``meta``; the modules outside the decoder layers are filled on ``build``, each
+    decoder layer is materialised, filled (and quantized) on ``build`` and moved to ``device``
+    before the next. The generator visits modules in ``model.modules()`` order either way, so the
+    weights do not depend on ``quantize``: fp8 weights are the quantization of the ``dtype`` ones."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
-    model.to_empty(device=device)
+    layers = decoder_layers(model)
+    starts = {id(layer) for layer in layers}
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    for module in outside:
+        module.to_empty(device=build, recurse=False)
     # to_empty gives every parameter a new tensor, which unties lm_head from the embedding
     model.tie_weights()
-    generator = torch.Generator(device=device).manual_seed(seed)
+    _rebuild_buffers(outside, build)
+    generator = torch.Generator(device=build).manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
-    with torch.no_grad():
+    description = "building layers" + (" in fp8" if quantize else "")
+    with torch.no_grad(), _layer_progress(progress, len(layers), description) as advance:
         for module in model.modules():
-            _fill_random(module, std, generator)
-    _rebuild_buffers(model, device)
+            if id(module) in starts:
+                module.to_empty(device=build)
+                for part in module.modules():
+                    _fill_random(part, std, generator)
+                _rebuild_buffers(module.modules(), build)
+                if quantize:
+                    quantize_layer(module)
+                module.to(device)
+                advance()
+            elif id(module) not in inside:
+                _fill_random(module, std, generator)
+    model.to(device)
     return model
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` ``[out, in]`` as e4m3 with one float32 scale per output channel.
+
+    Each row is scaled so that its largest magnitude lands on ``FP8_MAX`` and rounded to the
+    nearest e4m3 value; an all-zero row gets scale 1. Returns ``(fp8 [out, in], scale [out])``.
+    """
+    rows = weight.float()  # [out, in]
+    amax = rows.abs().amax(dim=1)  # [out]
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # [out]
+    return (rows / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_layer(layer: torch.nn.Module) -> None:
+    """Store every ``nn.Linear`` weight of ``layer`` in fp8 with its ``weight_scale`` (in place)."""
+    linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ModelError(
+            f"{type(layer).__name__} has no nn.Linear projections to store in fp8; weight_dtype "
+            f"'fp8_e4m3' supports the llama, mistral and qwen2 families"
+        )
+    for linear in linears:
+        weight, scale = quantize_fp8(linear.weight.detach())
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        linear.register_buffer("weight_scale", scale)
+
+
+def dequantize_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Turn every fp8 weight of ``model`` back into ``dtype`` (in place): ``weight.to(dtype) *
+    weight_scale[:, None]``, rounded once, as the ringbuffer streamer computes it on the device."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dtype == FP8:
+            scale = module.weight_scale
+            values = torch.empty(weight.shape, dtype=dtype, device=weight.device)  # [out, in]
+            values.copy_(weight).mul_(scale[:, None])
+            module.weight = torch.nn.Parameter(values, requires_grad=False)
+            del module.weight_scale
 
 
 def _fill_random(module: torch.nn.Module, std: float, generator: torch.Generator) -> None:
@@ -224,13 +358,14 @@ def _fill_random(module: torch.nn.Module, std: float, generator: torch.Generator
         module.weight[module.padding_idx].zero_()
 
 
-def _rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """Recompute buffers that ``to_empty`` left uninitialised (the rotary ``inv_freq``).
+def _rebuild_buffers(modules: Iterable[torch.nn.Module], device: torch.device) -> None:
+    """Recompute the buffers of ``modules`` that ``to_empty`` left uninitialised (the rotary
+    ``inv_freq``); each module's own buffers only.
 
     Such buffers are computed in the owning module's constructor from the config, so a fresh
     instance built on the CPU holds the right values (in the dtype the constructor chose).
     """
-    for module in model.modules():
+    for module in modules:
         names = [name for name, _ in module.named_buffers(recurse=False)]
         if not names:
             continue

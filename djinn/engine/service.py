@@ -137,6 +137,7 @@ class ModelService(KVBackend):
         report(f"loading {config.model.name}")
         self.loaded = load_model(
             config.model.name, dtype=config.model.dtype, device="cuda" if on_gpu else "cpu", seed=config.model.seed,
+            weight_dtype=config.model.weight_dtype, build_device=self.device,  # random layers drawn on the GPU
         )
         self.runner = ModelRunner(
             self.loaded, streamer=self.streamer, device=self.device, budget_bytes=self._weights_budget(),
