@@ -451,6 +451,7 @@ def test_resident_over_budget_is_refused_naming_the_ringbuffer():
         ({"kv_reserve_gb": -1}, ValueError),
         ({"kv_reserve_gb": float("inf")}, ValueError),
         ({"progress": 1}, TypeError),
+        ({"fp8_matmul": "int8"}, ValueError),
     ],
 )
 def test_ringbuffer_settings_reject_bad_values(kwargs, error):
@@ -464,7 +465,7 @@ def test_ringbuffer_settings_defaults():
         64.0, None, 2, True,
     )
     assert (settings.resident_layers, settings.kv_reserve_fraction, settings.kv_reserve_gb) == (None, 0.25, None)
-    assert settings.progress is None
+    assert settings.progress is None and settings.fp8_matmul == "dequantize"
     assert RingbufferStreamer(settings).chunk_bytes == 64 * MIB
 
 

@@ -47,7 +47,20 @@ class ResidentStreamer(Streamer):
         device: torch.device,
         budget_bytes: int | None,
     ) -> None:
-        """Move ``layers`` to ``device``; ``ModelError`` when they exceed ``budget_bytes``."""
+        """Move ``layers`` to ``device``; ``ModelError`` when they exceed ``budget_bytes`` or hold
+        fp8 weights."""
+        fp8 = sorted({
+            str(t.dtype) for layer in layers for t in (*layer.parameters(), *layer.buffers())
+            if t.dtype.is_floating_point and t.element_size() == 1
+        })
+        if fp8:
+            raise ModelError(
+                f"the layers hold {', '.join(fp8)} weights ([model] weight_dtype = 'fp8_e4m3'), which "
+                f"the resident streamer cannot run: it leaves each layer to compute in its own dtype. "
+                f"Select `--plugins ringbuffer`, which expands fp8 weights on the device as each layer "
+                f"runs (with a budget that holds every layer, all of them stay resident in fp8), or "
+                f"set weight_dtype = 'auto'"
+            )
         need = sum(module_nbytes(layer) for layer in layers)
         if budget_bytes is not None and need > budget_bytes:
             raise ModelError(

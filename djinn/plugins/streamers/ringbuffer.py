@@ -26,11 +26,25 @@ been recorded yet waits for nothing.
 
 Without CUDA the same code copies synchronously into a CPU ring, and results are bitwise those
 of the ``resident`` streamer.
+
+fp8 weights (a model loaded with ``[model] weight_dtype = "fp8_e4m3"``): a module whose ``weight``
+is ``torch.float8_e4m3fn`` ``[out, in]`` carries a float32 buffer ``weight_scale`` ``[out]``, and
+stands for ``weight.to(dtype) * weight_scale[:, None]`` in the dtype of the layer's other
+parameters. The arena, the ring and the resident layers hold the fp8 bytes and the scales, so a
+pass copies half the bytes of bf16. ``fp8_matmul`` says how they meet the activations.
+"dequantize": in ``before_layer``, on the compute stream, each fp8 weight of the layer is expanded
+into ONE device working buffer (sized for the largest layer, allocated at ``prepare``, counted in
+the budget) and the module's weight points there while the layer runs; every kernel after that is
+the model's own. "scaled_mm": the projections run ``torch._scaled_mm`` on the fp8 weights
+themselves, the activations quantized to e4m3 per row (one scale per token): no working buffer
+and no expansion, an extra rounding of the activations, and on CUDA it needs compute capability
+8.9 or later (Hopper, Ada). It is not batch-invariant: leave it off in deterministic mode.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -60,6 +74,11 @@ def _round_up(n: int, to: int = ALIGN) -> int:
     return -(-n // to) * to
 
 
+def chunk_bytes(chunk_mb: float) -> int:
+    """Bytes of one copy for ``chunk_mb`` MiB: a multiple of ``ALIGN``, at least one."""
+    return max(ALIGN, int(chunk_mb * MIB) // ALIGN * ALIGN)
+
+
 def _positive_number(value: object, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, not {value!r}")
@@ -86,6 +105,10 @@ def _check_prefetch(instance: object, attribute: attrs.Attribute, value: object)
 def _check_resident_layers(instance: object, attribute: attrs.Attribute, value: object) -> None:
     if value is not None:
         _check_prefetch(instance, attribute, value)
+
+
+#: how fp8 weights meet the activations (see the module docstring)
+FP8_MATMULS = ("dequantize", "scaled_mm")
 
 
 def _check_fraction(instance: object, attribute: attrs.Attribute, value: object) -> None:
@@ -117,7 +140,8 @@ class RingbufferSettings:
     fit; 0: stream every layer). ``kv_reserve_fraction``: the share of the layer budget left
     free for the KV cache; ``kv_reserve_gb`` (GiB), when set, replaces it with a fixed size.
     ``progress``: show a progress bar on stderr while layers are packed and placed (None: only
-    when stderr is a terminal).
+    when stderr is a terminal). ``fp8_matmul``: for fp8 weights, "dequantize" them into a working
+    buffer after their copy, or run the GEMMs on them with ``torch._scaled_mm`` ("scaled_mm").
     """
 
     chunk_mb: float = attrs.field(default=64.0, validator=_check_chunk_mb)
@@ -130,6 +154,7 @@ class RingbufferSettings:
     progress: bool | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool))
     )
+    fp8_matmul: str = attrs.field(default="dequantize", validator=attrs.validators.in_(FP8_MATMULS))
 
 
 @attrs.frozen
@@ -149,6 +174,16 @@ class _Slot:
     tensor: torch.Tensor  # the module's own Parameter/buffer; only its .data is swapped
     host: torch.Tensor  # its view in the host arena
     ring: torch.Tensor  # its view in the ring, at the layer's place
+
+
+@attrs.frozen(eq=False)
+class _Fp8Weight:
+    """One fp8 weight of a layer, where the layer reads it on the device, and its expansion."""
+
+    param: torch.Tensor  # the module's weight Parameter; only its .data is swapped
+    source: torch.Tensor  # [out, in] fp8 on the device: its ring view, or itself when resident
+    scale: torch.Tensor  # [out] float32 on the device, beside it
+    work: torch.Tensor  # [out, in] its view of the working buffer, in the compute dtype
 
 
 @attrs.frozen(eq=False)
@@ -185,6 +220,90 @@ def _layer_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
     for tensor in (*layer.parameters(), *layer.buffers()):
         unique.setdefault(id(tensor), tensor)
     return list(unique.values())
+
+
+def _fp8_modules(layer: torch.nn.Module, name: str) -> list[torch.nn.Module]:
+    """The modules of ``layer`` whose weight is stored in fp8; ``ModelError`` on an fp8 tensor
+    that is not such a weight beside its ``weight_scale``."""
+    import torch
+
+    found = []
+    for module in layer.modules():
+        own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        stray = [n for n, t in own.items() if _is_fp8(t) and n != "weight"]
+        if stray:
+            raise ModelError(f"{name}: fp8 tensors {stray} of a {type(module).__name__} are not weights with scales")
+        weight, scale = own.get("weight"), own.get("weight_scale")
+        if weight is None or not _is_fp8(weight):
+            continue
+        if scale is None or scale.dtype != torch.float32 or scale.shape != weight.shape[:1]:
+            raise ModelError(
+                f"{name}: a {type(module).__name__} has an fp8 weight of shape {tuple(weight.shape)} "
+                f"without a float32 weight_scale of shape ({weight.shape[0]},) beside it"
+            )
+        found.append(module)
+    return found
+
+
+def _is_fp8(tensor: torch.Tensor) -> bool:
+    return tensor.dtype.is_floating_point and tensor.element_size() == 1
+
+
+def _compute_dtype(layer: torch.nn.Module, name: str, fp8: list[torch.nn.Module]) -> torch.dtype:
+    """The dtype of ``layer``'s floating-point tensors other than its fp8 weights (``fp8``) and
+    their scales: the dtype those weights expand to."""
+    skip = {id(t) for module in fp8 for t in (module.weight, module.weight_scale)}
+    dtypes = {
+        t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.dtype.is_floating_point and id(t) not in skip
+    }
+    if len(dtypes) != 1:
+        raise ModelError(
+            f"{name} holds fp8 weights beside tensors of dtypes {sorted(map(str, dtypes))}; the "
+            f"ringbuffer streamer expands fp8 weights to the one dtype of the layer's other tensors"
+        )
+    return dtypes.pop()
+
+
+def _scaled_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s projection of ``x`` ``[..., in]`` as one fp8 GEMM: ``x`` is quantized to e4m3
+    per row, then ``torch._scaled_mm`` applies the row scales and the weight's channel scales."""
+    import torch
+
+    weight, scale = module.weight, module.weight_scale  # [out, in] fp8, [out] float32
+    fp8_max = torch.finfo(weight.dtype).max
+    rows = x.reshape(-1, x.shape[-1]).float()  # [M, in]
+    amax = rows.abs().amax(dim=1, keepdim=True)  # [M, 1]
+    row_scale = torch.where(amax > 0, amax / fp8_max, 1.0)  # [M, 1]
+    quantized = (rows / row_scale).clamp_(-fp8_max, fp8_max).to(weight.dtype)  # [M, in]
+    # the weight's transpose is column-major, the layout the fp8 GEMM takes as its second operand
+    out = torch._scaled_mm(
+        quantized, weight.t(), scale_a=row_scale, scale_b=scale[None, :], out_dtype=x.dtype
+    )  # [M, out]
+    if module.bias is not None:
+        out = out + module.bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _check_scaled_mm(device: torch.device) -> None:
+    """``ModelError`` unless ``torch._scaled_mm`` runs on ``device``: probed once on a 16 x 16
+    problem, so an unsupported device fails at start-up rather than in the first request."""
+    import torch
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ModelError(
+            f"fp8_matmul = 'scaled_mm' needs a GPU of compute capability 8.9 or later; {name} is "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use fp8_matmul = 'dequantize'"
+        )
+    probe = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)  # [16, 16]
+    one = torch.ones(16, 1, device=device)  # [16, 1]
+    try:
+        torch._scaled_mm(probe, probe.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as exc:
+        raise ModelError(
+            f"fp8_matmul = 'scaled_mm': torch._scaled_mm does not run on {device} with torch "
+            f"{torch.__version__} ({str(exc).splitlines()[0]}); use fp8_matmul = 'dequantize'"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -252,13 +371,17 @@ class _Clock:
 
 
 class RingbufferStreamer(Streamer):
-    """Keeps the leading layers that fit on the device and streams the others through one ring."""
+    """Keeps the leading layers that fit on the device and streams the others through one ring.
+
+    ``chunk_bytes`` (from ``chunk_mb``) only decides how each layer's copy is split, and is read
+    at every copy: a benchmark may change it between passes of one prepared streamer.
+    """
 
     streams_weights = True
 
     def __init__(self, settings: RingbufferSettings | None = None) -> None:
         self.settings = settings or RingbufferSettings()
-        self.chunk_bytes = max(ALIGN, int(self.settings.chunk_mb * MIB) // ALIGN * ALIGN)
+        self.chunk_bytes = chunk_bytes(self.settings.chunk_mb)
         self._prepared = False
         self._plans: list[_LayerPlan] = []  # the streamed layers, in layer order
         self._position: list[int | None] = []  # per layer: its index in _plans (None: resident)
@@ -266,6 +389,8 @@ class RingbufferStreamer(Streamer):
         self._layer_nbytes: list[int] = []  # per layer: its bytes, padding between tensors included
         self.resident_layers = 0  # the leading layers kept on the device
         self._resident_bytes = 0
+        self._fp8: list[tuple[_Fp8Weight, ...]] = []  # per layer: its weights to expand (dequantize)
+        self._work: torch.Tensor | None = None  # [work_bytes] uint8, device: fp8 weights expanded
         self._arena: torch.Tensor | None = None  # [arena_bytes] uint8, host
         self._ring: torch.Tensor | None = None  # [ring_bytes] uint8, device
         self._device: torch.device | None = None
@@ -301,8 +426,10 @@ class RingbufferStreamer(Streamer):
         places, allocate the ring.
 
         ``budget_bytes`` is the device memory the engine leaves for decoder layers (None: no
-        limit; every layer then streams). ``ModelError``, before any layer is touched, when a
-        streamed layer is larger than the ring or the ring does not fit the budget.
+        limit; every layer then streams); fp8 weights to expand take their working buffer out of
+        it first. ``ModelError``, before any layer is touched, when a streamed layer is larger
+        than the ring, the ring does not fit the budget, or fp8 weights are malformed or (with
+        ``fp8_matmul = "scaled_mm"``) the device has no fp8 GEMM.
         """
         import torch
 
@@ -318,7 +445,19 @@ class RingbufferStreamer(Streamer):
         layouts = self._layout(layers)
         names = [f"layer {i} ({type(layer).__name__})" for i, layer in enumerate(layers)]
         sizes = [nbytes for nbytes, _ in layouts]
-        resident, ring_bytes = self._split(names, sizes, budget_bytes)
+        fp8 = [_fp8_modules(layer, name) for layer, name in zip(layers, names)]
+        dequantize = self.settings.fp8_matmul == "dequantize"
+        dtypes = [_compute_dtype(layer, name, modules) if modules else None
+                  for layer, name, modules in zip(layers, names, fp8)]
+        work_bytes = 0
+        if any(fp8) and dequantize:
+            work_bytes = max(
+                sum(_round_up(m.weight.numel() * dtype.itemsize) for m in modules)
+                for modules, dtype in zip(fp8, dtypes) if modules
+            )
+        elif any(fp8):
+            _check_scaled_mm(device)
+        resident, ring_bytes = self._split(names, sizes, budget_bytes, work_bytes)
         streamed = list(range(resident, len(layers)))
         ring_offsets = (
             self._plan_ring([names[i] for i in streamed], [sizes[i] for i in streamed], ring_bytes)
@@ -340,30 +479,50 @@ class RingbufferStreamer(Streamer):
             for layer in layers[:resident]:
                 layer.to(device)
                 advance()
-            arena = allocate_host_arena(arena_bytes, pinned=use_cuda and arena_bytes > 0)  # [arena_bytes]
             ring = torch.empty(ring_bytes, dtype=torch.uint8, device=device)  # [ring_bytes]
-            plans = []
-            for position, index in enumerate(streamed):
-                host_offset, ring_offset = host_offsets[position], ring_offsets[position]
-                slots = []
-                for tensor, relative in layouts[index][1]:
-                    host = typed_view(arena, host_offset + relative, tensor.dtype, tensor.shape)
-                    host.copy_(tensor.data)
-                    # the module keeps its own tensor objects; the old storage is freed here
-                    tensor.data = host
-                    ring_view = typed_view(ring, ring_offset + relative, tensor.dtype, tensor.shape)
-                    slots.append(_Slot(tensor=tensor, host=host, ring=ring_view))
-                plans.append(
-                    _LayerPlan(
-                        layer=index,
-                        host_offset=host_offset,
-                        nbytes=sizes[index],
-                        ring_offset=ring_offset,
-                        slots=tuple(slots),
-                        overlaps=overlaps[position],
+            work = torch.empty(work_bytes, dtype=torch.uint8, device=device)  # [work_bytes]
+            plans: list[_LayerPlan] = []
+
+            def pack(arena: torch.Tensor) -> None:
+                for position, index in enumerate(streamed):
+                    host_offset, ring_offset = host_offsets[position], ring_offsets[position]
+                    slots = []
+                    for tensor, relative in layouts[index][1]:
+                        host = typed_view(arena, host_offset + relative, tensor.dtype, tensor.shape)
+                        host.copy_(tensor.data)
+                        # the module keeps its own tensor objects; the old storage is freed here,
+                        # as the arena's pages are first written: host memory holds each layer once
+                        tensor.data = host
+                        ring_view = typed_view(ring, ring_offset + relative, tensor.dtype, tensor.shape)
+                        slots.append(_Slot(tensor=tensor, host=host, ring=ring_view))
+                    plans.append(
+                        _LayerPlan(
+                            layer=index,
+                            host_offset=host_offset,
+                            nbytes=sizes[index],
+                            ring_offset=ring_offset,
+                            slots=tuple(slots),
+                            overlaps=overlaps[position],
+                        )
                     )
-                )
-                advance()
+                    advance()
+
+            arena = allocate_host_arena(arena_bytes, pinned=use_cuda and arena_bytes > 0, fill=pack)  # [arena_bytes]
+        ring_views = {id(slot.tensor): slot.ring for plan in plans for slot in plan.slots}
+        self._fp8 = []
+        for modules, dtype in zip(fp8, dtypes):
+            weights, offset = [], 0
+            for module in modules if dequantize else ():
+                weight, scale = module.weight, module.weight_scale
+                view = typed_view(work, offset, dtype, weight.shape)
+                offset += _round_up(view.numel() * dtype.itemsize)
+                # a streamed layer's tensors are read from the ring, a resident one's where they are
+                source = ring_views.get(id(weight), weight.data)
+                weights.append(_Fp8Weight(weight, source, ring_views.get(id(scale), scale), view))
+            for module in () if dequantize else modules:
+                module.forward = functools.partial(_scaled_linear, module)
+            self._fp8.append(tuple(weights))
+        self._work = work
         self._plans, self._arena, self._ring, self._device = plans, arena, ring, device
         self._use_cuda = use_cuda
         self._layer_nbytes = sizes
@@ -420,8 +579,11 @@ class RingbufferStreamer(Streamer):
             return f"kv_reserve_gb={gb}"
         return f"kv_reserve_fraction={self.settings.kv_reserve_fraction}"
 
-    def _split(self, names: list[str], sizes: list[int], budget_bytes: int | None) -> tuple[int, int]:
-        """How many leading layers stay resident, and the ring's bytes."""
+    def _split(
+        self, names: list[str], sizes: list[int], budget_bytes: int | None, work_bytes: int = 0
+    ) -> tuple[int, int]:
+        """How many leading layers stay resident, and the ring's bytes, beside ``work_bytes`` of
+        fp8 working buffer."""
         settings = self.settings
         padded = [_round_up(size) for size in sizes]
         count = len(sizes)
@@ -430,7 +592,8 @@ class RingbufferStreamer(Streamer):
                 return 0, sum(padded)
             return 0, int(settings.ring_mb * MIB) // ALIGN * ALIGN
         reserve = self.kv_reserve_bytes(budget_bytes)
-        room = budget_bytes - reserve
+        room = budget_bytes - reserve - work_bytes
+        work = f" and the fp8 working buffer takes {work_bytes} bytes" if work_bytes else ""
         limit = count if settings.resident_layers is None else min(count, settings.resident_layers)
         kept = [0]
         for size in padded:
@@ -442,7 +605,7 @@ class RingbufferStreamer(Streamer):
                 raise ModelError(
                     f"ring_mb={settings.ring_mb} asks for a ring of {ring} bytes but the device "
                     f"budget left for decoder layers is {budget_bytes} bytes, {room} bytes once "
-                    f"{self._reserve_words()} keeps {reserve} bytes for the KV cache; lower "
+                    f"{self._reserve_words()} keeps {reserve} bytes for the KV cache{work}; lower "
                     f"ring_mb or leave it unset"
                 )
             resident = max(k for k in range(limit + 1) if kept[k] <= room - ring)
@@ -464,7 +627,7 @@ class RingbufferStreamer(Streamer):
             f"ring, but the device budget left for decoder layers is {budget_bytes} bytes "
             f"({budget_bytes / GIB:.2f} GiB: the GPU budget less the embeddings, final norm and "
             f"head) and {self._reserve_words()} keeps {reserve} bytes ({reserve / GIB:.2f} GiB) "
-            f"of it for the KV cache, leaving {room} bytes ({room / MIB:.2f} MiB); raise [memory] "
+            f"of it for the KV cache{work}, leaving {room} bytes ({room / MIB:.2f} MiB); raise [memory] "
             f"gpu_memory_budget_gb or lower the KV reserve in [settings.ringbuffer]"
         )
 
@@ -517,6 +680,7 @@ class RingbufferStreamer(Streamer):
             self._issue(position)
         self._issue_through(upcoming + self.settings.prefetch_layers)
         if position is None:
+            self._expand(index)
             return
         if self._use_cuda:
             stream = self._compute_stream
@@ -527,11 +691,21 @@ class RingbufferStreamer(Streamer):
                 self._clock.stop(token, stream, "stall")
         for slot in self._plans[position].slots:
             slot.tensor.data = slot.ring
+        self._expand(index)
+
+    def _expand(self, index: int) -> None:
+        """Expand layer ``index``'s fp8 weights into the working buffer (compute stream) and
+        point the modules there: ``weight.to(dtype) * weight_scale[:, None]``, rounded once."""
+        for weight in self._fp8[index]:
+            weight.work.copy_(weight.source).mul_(weight.scale[:, None])
+            weight.param.data = weight.work
 
     def after_layer(self, index: int) -> None:
         """Let the copy stream overwrite layer ``index``'s place once compute has passed it."""
         position = self._position[index]
         if position is None:
+            for weight in self._fp8[index]:
+                weight.param.data = weight.source
             return
         if not self._in_use[position]:
             raise RuntimeError(f"after_layer({index}) without before_layer({index})")
@@ -667,9 +841,15 @@ class RingbufferStreamer(Streamer):
         """Bytes of the device ring (0 before ``prepare``)."""
         return 0 if self._ring is None else self._ring.numel()
 
+    @property
+    def work_bytes(self) -> int:
+        """Bytes of the device buffer fp8 weights are expanded into (0: none)."""
+        return 0 if self._work is None else self._work.numel()
+
     def device_bytes(self) -> int:
-        """Bytes of the device ring plus the resident layers (0 before ``prepare``)."""
-        return self.ring_bytes() + self._resident_bytes
+        """Bytes of the device ring, the resident layers and the fp8 working buffer (0 before
+        ``prepare``)."""
+        return self.ring_bytes() + self._resident_bytes + self.work_bytes
 
     def stats(self) -> StreamerStats:
         """Bytes streamed and reused, passes, and times of finished work.
