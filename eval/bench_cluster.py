@@ -2,9 +2,12 @@
 server behind the router, and two servers sharing the GPU with half the memory each.
 
     python -m eval.bench_cluster --config eval/exp1_density/configs/hero.toml --agents 64 \\
-        --budget-gb 120 --arms one,routed,two --out eval/results/cluster_h200.json
+        --iterations 3 --think-s 5 10 --budget-gb 120 --arms one --out /tmp/cluster_h200.json
+    ... --arms routed --append ...
+    ... --arms two --append --migrate-tokens 1024,2048,4032 ...
 
-(``--arms one`` then ``--arms routed --append`` ... runs it one arm per command.)
+(one arm per process: each arm's servers start afresh, and a run stays within a time limit;
+``--arms one,routed,two`` runs them all in one.)
 
 Arms (each starts its servers afresh, runs the workload, stops them):
 
@@ -20,7 +23,9 @@ interpreter lock with the servers or the router. The servers and the router run 
 (``LocalNode``; no Ray needed), so the router here competes with the servers for this process's
 interpreter lock: its measured cost is an upper bound of what it costs in a process of its own
 (``djinn cluster``, where Ray runs each server as an actor). The report gives each arm's P50 and
-P99 iteration latency and the ratios to ``one``: the goal is ``routed`` within 5 % on P99.
+P99 iteration latency and the ratios to ``one`` (the goal: ``routed`` within 5 % on P99), and
+the part of each iteration outside the server's own timings (queue, restore, first token,
+decode): the transport and, behind the router, the router's forwarding.
 """
 
 from __future__ import annotations
@@ -131,11 +136,14 @@ def summary(samples: list[dict[str, Any]], agents: int, iterations: int, duratio
     done = [s for s in samples if s["ok"]]
     latency = [s["latency_s"] for s in done]
     wake = [s["wake_s"] for s in done]
+    # what the server's own timings leave out: the transport, the router, the server's loop
+    outside = [s["latency_s"] - s["queue_s"] - s["restore_s"] - s["first_token_s"] - s["decode_s"] for s in done]
     return {
         "agents": agents, "iterations": len(done),
         "failures": sum(not s["ok"] for s in samples) + agents * iterations - len(samples),
         "p50_latency_s": percentile(latency, 50), "p99_latency_s": percentile(latency, 99),
         "p50_wake_s": percentile(wake, 50), "p99_wake_s": percentile(wake, 99),
+        "p50_outside_server_s": percentile(outside, 50), "p99_outside_server_s": percentile(outside, 99),
         "mean_queue_s": statistics.fmean(s["queue_s"] for s in done) if done else math.nan,
         "duration_s": duration_s,
     }
@@ -205,6 +213,12 @@ def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, bu
             node.stop()
         del nodes
         _release_device()
+        import torch
+
+        if torch.cuda.is_available():
+            # each KV pool size compiles its own decode kernels; past dynamo's recompile limit a
+            # later arm's servers would run them eagerly, which a CUDA graph cannot capture
+            torch._dynamo.reset()
 
 
 def compare(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -213,7 +227,8 @@ def compare(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, arm in arms.items():
         s = arm["summary"]
-        row = {k: s[k] for k in ("p50_latency_s", "p99_latency_s", "failures", "iterations")}
+        row = {k: s[k] for k in ("p50_latency_s", "p99_latency_s", "p50_outside_server_s", "p99_outside_server_s",
+                                 "failures", "iterations")}
         if base is not None and name != "one" and base["p99_latency_s"]:
             row["p99_vs_one"] = s["p99_latency_s"] / base["p99_latency_s"] - 1
             row["p50_vs_one"] = s["p50_latency_s"] / base["p50_latency_s"] - 1
@@ -286,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(_json_safe(report), indent=1))  # what a run cut short measured
         s = report["arms"][arm]["summary"]
         print(f"{arm:>6}: p50 {s['p50_latency_s']:.3f} s  p99 {s['p99_latency_s']:.3f} s  "
-              f"failures {s['failures']}  ({s['duration_s']:.1f} s)", flush=True)
+              f"outside the server p50 {s['p50_outside_server_s'] * 1000:.1f} ms p99 "
+              f"{s['p99_outside_server_s'] * 1000:.1f} ms  failures {s['failures']}  ({s['duration_s']:.1f} s)",
+              flush=True)
     for name, row in report["comparison"].items():
         if name == "migration":
             for m in row:

@@ -637,7 +637,10 @@ class Router:
             except Exception as exc:  # noqa: BLE001 - the request fails, the session goes on
                 if upstream is not None and upstream.forwarded.pop(request_id, None) is not None:
                     session.inflight -= 1
-                if not isinstance(exc, DjinnError):
+                if isinstance(exc, (ConnectionClosed, OSError)):  # its server went before it noticed
+                    exc = SessionError(f"server {session.backend.name} is gone ({exc}): session {session.id} "
+                                       f"and its KV are lost")
+                elif not isinstance(exc, DjinnError):
                     exc = SessionError(f"server {session.backend.name}: {type(exc).__name__}: {exc}")
                 if replied:
                     await self._error(client, frame.request_id, session.id, exc)
