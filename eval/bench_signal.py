@@ -3,7 +3,8 @@
     python -m eval.bench_signal --model random:llama-7b --dtype bfloat16 --context 1024 \\
         --out eval/results/signal_<tag>.json
 
-One server in this process (semantic scheduler, pinned_host tier, tcp), one client session holding
+One server in this process (semantic scheduler evicting at IO_WAIT, no write-back; pinned_host
+tier; tcp), one client session holding
 ``--context`` tokens of KV. Each round: ``signal_phase("IO_WAIT")``, wait until the KV is evicted,
 ``signal_phase("COMPUTE")``, wait until it is restored. Times, all on this process's clock:
 
@@ -89,7 +90,7 @@ def main(model_name: str, dtype: str, context: int, rounds: int, tier_gb: float,
         base,
         server=attrs.evolve(base.server, port=0, metrics_port=0, tick_s=0.01),
         model=attrs.evolve(base.model, name=model_name, dtype=dtype),
-        settings={"pinned_host": {"capacity_gb": tier_gb}},
+        settings={"pinned_host": {"capacity_gb": tier_gb}, "semantic": {"write_back": False}},
     )
     clock = SignalClock()
     plugins = get_plugin_manager(config, ["semantic", "tcp", "clock"], extra_plugins={"clock": clock})

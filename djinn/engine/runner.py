@@ -486,9 +486,7 @@ class ModelRunner:
             dtype=self.dtype, device=self.device, block_tokens=block_tokens,
         )
         moves_weights = streamer is not None and streamer.streams_weights
-        # a captured step's GEMMs get their cuBLAS workspace at capture, an eager one's at run time,
-        # and cuBLAS picks its algorithm by workspace too: deterministic steps all run eagerly
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights and not deterministic
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
         fusable = (family.decode_layer is not None and self.decode_attention == "paged" and not moves_weights)
         if fused_decode and not fusable:
             raise ModelError(

@@ -73,13 +73,14 @@ def test_evict_and_restore_keep_outputs_identical(server):
             session.signal_phase("IO_WAIT", expected_s=5.0)
             deadline = time.monotonic() + 2
             scheduler = server.plugins.selection.scheduler
-            while scheduler == "semantic" and time.monotonic() < deadline:
-                state = server.call(lambda: server.kernel.sessions[session.id].info.residency)
-                if state is Residency.EVICTED:
-                    break
+            # semantic moves the KV off the critical path: evicted, or written back (a copy in the
+            # tier, the GPU blocks kept until memory is needed)
+            moved = False
+            while scheduler == "semantic" and not moved and time.monotonic() < deadline:
+                info = server.call(lambda: server.kernel.sessions[session.id].info)
+                moved = info.residency is Residency.EVICTED or info.backed
                 time.sleep(0.01)
-            if scheduler == "semantic":
-                assert state is Residency.EVICTED
+            assert moved or scheduler != "semantic"
             session.signal_phase("COMPUTE")
             got.append(session.generate([], max_new_tokens=3).tokens)  # continues after its last token
     assert got == expected
