@@ -10,7 +10,9 @@ For each shape (random weights, seeded), the bf16 model and its fp8 quantization
 - teacher-forced: the bf16 model greedily continues each prompt; both fp8 GEMM paths of the
   ``ringbuffer`` streamer (``dequantize`` and ``scaled_mm``) then read the same tokens in one pass,
   and their logits at every continuation position are compared with bf16's (largest and mean
-  absolute error, error norm over logit norm, KL(bf16 || fp8), top-1 agreement);
+  absolute error, error norm over logit norm, KL(bf16 || fp8), top-1 agreement). For scale, the
+  same comparison of the bf16 weights computed in float32 (``float32_compute_against_bf16``):
+  what bf16's own rounding moves;
 - free-running: the fp8 model (``dequantize``) continues each prompt greedily on its own; how many
   sequences equal bf16's and how many tokens agree before the first difference.
 
@@ -135,11 +137,18 @@ def measure(spec: str, settings: EffectSettings) -> dict[str, Any]:
     # the logits that predict each continuation token: from the last prompt position on
     span = slice(settings.prompt_tokens - 1, -1)
     references = [_sequence_logits(bf16, sequence)[span] for sequence in sequences]
-    del bf16, plain
+    del bf16
 
-    def copy_of(loaded: LoadedModel) -> LoadedModel:
+    def copy_of(loaded: LoadedModel, dtype: torch.dtype | None = None) -> LoadedModel:
         model = copy.deepcopy(loaded.model)
-        return attrs.evolve(loaded, model=model, config=model.config)
+        if dtype is not None:
+            model.to(dtype)
+        return attrs.evolve(loaded, model=model, config=model.config, dtype=dtype or loaded.dtype)
+
+    # the scale of bf16's own rounding: the same bf16 weights computed in float32
+    wide = _runner(copy_of(plain, torch.float32), None)
+    rounding = _mean([compare_logits(r, _sequence_logits(wide, sequence)[span]) for r, sequence in zip(references, sequences)])
+    del wide, plain
 
     # the streamed dequantize path, on the first sequence: the check that the resident
     # dequantized model below computes what it computes
@@ -162,6 +171,7 @@ def measure(spec: str, settings: EffectSettings) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in fp8.model.parameters()),
         "weights": weights,
         "teacher_forced": teacher_forced,
+        "float32_compute_against_bf16": rounding,
         "free_running_dequantize": {
             "sequences_identical": sum(x == y for x, y in zip(continued, free)),
             "sequences": len(free),
@@ -209,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{'top-1':>6} {'greedy same':>11}")
     for r in results:
         free = r["free_running_dequantize"]
-        for path, figures in r["teacher_forced"].items():
+        rows = {**r["teacher_forced"], "fp32 vs bf16": r["float32_compute_against_bf16"]}
+        for path, figures in rows.items():
             same = f"{free['sequences_identical']}/{free['sequences']}" if path == "dequantize" else "-"
             print(f"{r['model']:<24} {r['weights']['relative_rms_error']:>11.4f} {path:>10} "
                   f"{figures['max_abs_error']:>12.3f} {figures['relative_error']:>8.3f} {figures['mean_kl']:>8.4f} "
