@@ -55,14 +55,18 @@ def _runtime_imports(path: Path) -> list[str]:
 _ALLOWED = {
     "kernel": ("djinn.kernel",),
     "engine": ("djinn.kernel", "djinn.engine"),
-    "server": ("djinn.kernel", "djinn.engine", "djinn.server", "djinn"),
+    "server": ("djinn.kernel", "djinn.engine", "djinn.server", "=djinn"),
     "client": ("djinn.kernel", "djinn.server.wire", "djinn.client"),
     "testing": ("djinn.kernel", "djinn.testing", "djinn.arena"),
+    # the cluster drives whole servers: never the engine or the plugins directly
+    "cluster": ("djinn.kernel", "djinn.server", "djinn.client", "djinn.cluster", "=djinn"),
 }
 
 
 def _allowed(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+    """``name`` is one of ``prefixes`` or inside one; ``=NAME`` allows that module alone
+    (``djinn`` itself, for ``__version__``, without everything under it)."""
+    return any(name == p[1:] if p.startswith("=") else name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def test_imports_point_one_way_between_kernel_engine_server_and_client():
