@@ -295,3 +295,19 @@ def test_exp2_runs_fp8_with_both_gemm_paths(tmp_path):
     assert dequantize["bytes_per_pass"] == dequantize["layer_bytes"] > dequantize["ring_bytes"]
     assert all(b["batch_tokens_per_s"] > 0 for b in best)
     assert len(report["builds"]) == 2 and "skipped_because" in report["accelerate"]
+
+
+def test_exp2_keeps_the_first_gemm_path_when_a_later_one_fails(tmp_path, monkeypatch):
+    from djinn.plugins.streamers import ringbuffer
+
+    def unsupported(device):
+        raise ModelError(f"fp8_matmul = 'scaled_mm': no fp8 GEMM on {device}")
+
+    monkeypatch.setattr(ringbuffer, "_check_scaled_mm", unsupported)
+    out = tmp_path / "exp2_fp8.json"
+    exp2.main(["--smoke", "--weight-dtype", "fp8_e4m3", "--fp8-matmul", "dequantize,scaled_mm",
+               "--budget-gb", "0.0006", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [b["fp8_matmul"] for b in report["summary"]["best"]] == ["dequantize"]
+    assert "error" not in report["builds"][0]
+    assert report["builds"][1]["error"].startswith("ModelError: fp8_matmul = 'scaled_mm'")

@@ -60,6 +60,7 @@ from djinn.engine.models import (
 from djinn.engine.families import family_of
 from djinn.engine.runner import ModelRunner
 from djinn.kernel.config import DjinnConfig
+from djinn.kernel.errors import ModelError
 from djinn.plugins.streamers.ringbuffer import RingbufferSettings, RingbufferStreamer, chunk_bytes
 from eval.report import library_versions, result_header
 
@@ -546,7 +547,12 @@ def versions() -> dict[str, Any]:
 
 
 def run(settings: Exp2Settings, out: Path, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Measure everything ``settings`` asks for; write the JSON report (and the plot) to ``out``."""
+    """Measure everything ``settings`` asks for; write the JSON report (and the plot) to ``out``.
+
+    The report is rewritten after every budget (and fp8 GEMM path), so a run stopped part way
+    keeps what it measured; a GEMM path after the first that fails is recorded with its error
+    and the run goes on.
+    """
     started = time.perf_counter()
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
@@ -555,20 +561,45 @@ def run(settings: Exp2Settings, out: Path, argv: Sequence[str] | None = None) ->
     h2d = measure_h2d(settings.h2d_bytes, settings.h2d_repeats, device)
     runs: list[dict[str, Any]] = []
     builds: list[dict[str, Any]] = []
-    baseline: dict[str, Any] = {"skipped_because": "--no-accelerate"}
+    state: dict[str, Any] = {"model_bytes": 0, "baseline": {"skipped_because": "--no-accelerate"}}
+
+    def write() -> dict[str, Any]:
+        config = {
+            **attrs.asdict(settings),
+            "device": str(device),
+            "model_weight_bytes": state["model_bytes"],
+            "layers": model_config(settings.model).num_hidden_layers,
+            "host_memory_bytes": host_memory_bytes(),
+            "decode_attention": "masked",
+            "reuse": False,
+        }
+        report = {
+            **result_header("exp2_virtualization", "eval.exp2_virtualization.run", WEIGHTS_NOTE, config, argv),
+            "versions": versions(),
+            "h2d": h2d,
+            "builds": builds,
+            "ringbuffer": runs,
+            "accelerate": state["baseline"],
+            "summary": summarize(h2d, runs, state["baseline"]),
+            "total_seconds": time.perf_counter() - started,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        return report
+
     if settings.weight_dtype == "auto":
         loaded, homes = build_random_model(settings.model, settings.dtype, settings.seed)
-        model_bytes = weight_bytes(loaded.model)
+        state["model_bytes"] = weight_bytes(loaded.model)
         for budget in settings.budgets_gib:
             try:
                 runs += measure_budget(loaded, budget, "dequantize", settings.chunks_mb, settings, device)
             finally:
                 _send_home(homes)
+            write()
         if settings.accelerate:
             print("accelerate cpu_offload ...", file=sys.stderr)
-            baseline = measure_accelerate(loaded, homes, settings, device)
+            state["baseline"] = measure_accelerate(loaded, homes, settings, device)
     else:
-        model_bytes = 0
         for budget in settings.budgets_gib:
             chunks = settings.chunks_mb
             for fp8_matmul in settings.fp8_matmuls:
@@ -577,37 +608,25 @@ def run(settings: Exp2Settings, out: Path, argv: Sequence[str] | None = None) ->
                     settings.model, dtype=settings.dtype, device="cpu", seed=settings.seed,
                     weight_dtype=settings.weight_dtype, build_device=device, progress=True,
                 ))
-                model_bytes = weight_bytes(loaded.model)
-                builds.append({"budget_gib": budget, "fp8_matmul": fp8_matmul, "build_seconds": build_s})
-                measured = measure_budget(loaded, budget, fp8_matmul, chunks, settings, device)
+                state["model_bytes"] = weight_bytes(loaded.model)
+                build = {"budget_gib": budget, "fp8_matmul": fp8_matmul, "build_seconds": build_s}
+                builds.append(build)
+                try:
+                    measured = measure_budget(loaded, budget, fp8_matmul, chunks, settings, device)
+                except (RuntimeError, ModelError) as exc:
+                    if fp8_matmul == settings.fp8_matmuls[0]:
+                        raise
+                    build["error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"{fp8_matmul} failed: {build['error']}", file=sys.stderr)
+                    measured = []
                 runs += measured
-                chunks = (next(r["chunk_mb"] for r in measured if "batch" in r),)
+                chunks = tuple(r["chunk_mb"] for r in measured if "batch" in r) or chunks
                 del loaded, measured
+                write()
         if settings.accelerate:
-            baseline = {"skipped_because": "accelerate's cpu_offload runs weights in the model dtype, not fp8; "
-                                           "the same shape's bf16 run has the baseline"}
-    config = {
-        **attrs.asdict(settings),
-        "device": str(device),
-        "model_weight_bytes": model_bytes,
-        "layers": model_config(settings.model).num_hidden_layers,
-        "host_memory_bytes": host_memory_bytes(),
-        "decode_attention": "masked",
-        "reuse": False,
-    }
-    module = "eval.exp2_virtualization.run"
-    report = {
-        **result_header("exp2_virtualization", module, WEIGHTS_NOTE, config, argv),
-        "versions": versions(),
-        "h2d": h2d,
-        "builds": builds,
-        "ringbuffer": runs,
-        "accelerate": baseline,
-        "summary": summarize(h2d, runs, baseline),
-        "total_seconds": time.perf_counter() - started,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+            state["baseline"] = {"skipped_because": "accelerate's cpu_offload runs weights in the model dtype, "
+                                                    "not fp8; the same shape's bf16 run has the baseline"}
+    report = write()
     report["plot"] = str(plot(report, out.with_suffix(".png")))
     return report
 
