@@ -311,3 +311,38 @@ def test_exp2_keeps_the_first_gemm_path_when_a_later_one_fails(tmp_path, monkeyp
     assert [b["fp8_matmul"] for b in report["summary"]["best"]] == ["dequantize"]
     assert "error" not in report["builds"][0]
     assert report["builds"][1]["error"].startswith("ModelError: fp8_matmul = 'scaled_mm'")
+
+
+_PACKING = """
+import os, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from djinn.engine.models import LoadedModel, decoder_layers, quantize_layer
+from djinn.engine.runner import ModelRunner
+from djinn.plugins.streamers.ringbuffer import RingbufferSettings, RingbufferStreamer
+
+def resident_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=8, vocab_size=1024)
+model = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
+for layer in decoder_layers(model):
+    quantize_layer(layer)
+loaded = LoadedModel("packing", model, model.config, "llama", torch.bfloat16, torch.device("cpu"),
+                     weight_dtype="fp8_e4m3")
+before = resident_bytes()
+streamer = RingbufferStreamer(RingbufferSettings())
+ModelRunner(loaded, streamer=streamer)
+print(resident_bytes() - before, streamer.arena.numel())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_packing_fp8_layers_into_the_arena_holds_them_once():
+    # fp8 tensors of a few MiB live in malloc's heap, which keeps what they free unless trimmed
+    result = subprocess.run([sys.executable, "-c", _PACKING], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    grown, arena = map(int, result.stdout.split())
+    assert arena > 60 << 20
+    assert grown < arena / 4

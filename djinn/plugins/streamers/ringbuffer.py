@@ -306,6 +306,22 @@ def _check_scaled_mm(device: torch.device) -> None:
         ) from None
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[], None]:
+    """A function that gives the host memory freed so far back to the system (glibc's
+    ``malloc_trim``; a no-op elsewhere). Tensors below malloc's mmap threshold (which rises as
+    large blocks are freed) live in its heap, and the heap keeps what they free: without this,
+    packing a model's layers into the arena would hold them twice."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
 @contextlib.contextmanager
 def _progress(show: bool | None, total: int, description: str) -> Iterator[Callable[[], None]]:
     """A progress bar on stderr over ``total`` steps (None: only when stderr is a terminal);
@@ -505,6 +521,7 @@ class RingbufferStreamer(Streamer):
                             overlaps=overlaps[position],
                         )
                     )
+                    _malloc_trim()()
                     advance()
 
             arena = allocate_host_arena(arena_bytes, pinned=use_cuda and arena_bytes > 0, fill=pack)  # [arena_bytes]
