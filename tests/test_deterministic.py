@@ -13,6 +13,7 @@ import asyncio
 import pytest
 import torch
 
+from djinn.engine.invariant import BatchInvariantMode
 from djinn.engine.models import LoadedModel, load_model
 from djinn.engine.runner import ModelRunner
 from djinn.engine.service import SamplingParams
@@ -112,6 +113,13 @@ def test_a_decode_cursor_at_every_layer_is_the_deterministic_step(spec):
             cursor.run(layer + 1)
         assert torch.equal(cursor.finish(), expected)
         token = int(expected.argmax())
+
+
+def test_deterministic_mode_refuses_an_fp8_gemm_it_cannot_make_batch_invariant():
+    a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    one = torch.ones((), dtype=torch.float32)
+    with BatchInvariantMode(), pytest.raises(ModelError, match="fp8_matmul = 'dequantize'"):
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
 
 def test_deterministic_mode_refuses_a_decode_attention_or_the_fused_layer():

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from djinn.kernel.errors import ModelError
+
 #: rows of every tiled GEMM and row reduction; at batch 1 a decode step's GEMMs still read their
 #: weights once (an M of 128 stays below a bf16 GEMM's arithmetic-intensity ridge)
 ROW_TILE = 128
@@ -77,6 +79,9 @@ class BatchInvariantMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is getattr(torch, "_scaled_mm", None):
+            raise ModelError("deterministic mode has no batch-invariant fp8 GEMM (torch._scaled_mm): "
+                             "stream fp8 weights with [settings.ringbuffer] fp8_matmul = 'dequantize'")
         if func is F.linear:
             x, weight, bias = _args(args, kwargs, ("input", "weight", "bias"))
             return _tiled_rows(lambda t: F.linear(t, weight, bias), x)
