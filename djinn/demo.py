@@ -71,7 +71,8 @@ def run_demo(config: DjinnConfig, plugins: DjinnPlugins, *, agents: int, turns: 
     counters = vmu["counters"]
     mem = vmu["memory"]
     console.print(
-        f"evictions: {int(counters['evictions'])}  restores: {int(counters['restores'])} "
+        f"write-backs: {int(counters['write_backs'])}  evictions: {int(counters['evictions'])}  "
+        f"restores: {int(counters['restores'])} "
         f"(on the critical path: {int(counters['restores_on_critical_path'])})  "
         f"device peak: {mem['device_peak_bytes'] / 2**20:.2f} MiB of which weights "
         f"{mem['device']['weights'] / 2**20:.2f} MiB  sessions left open: {vmu['sessions']['total']}"
