@@ -4,7 +4,9 @@
     python -m eval.bench_deterministic --device cpu --model random:tiny-llama --context 96 --new-tokens 8 \
         --sessions 4 --batches 1,4 --out /tmp/det.json
 
-For each mode (``default``: the fused, paged engine; ``deterministic``: ``[server] deterministic``):
+Each mode runs in a process of its own (``--mode both``, the default), so each has the whole GPU;
+the parent merges the two into one report. For each mode (``default``: the fused, paged engine;
+``deterministic``: ``[server] deterministic``):
 decode tokens/s at each ``--batches`` size with ``--context``-token contexts (CUDA graphs on
 CUDA), and ``--sessions`` x (``--context`` + ``--new-tokens``) end to end through the
 ``BatchEngine``. Then invariance, greedy, through the engine: ``--agreement`` sessions each alone
@@ -15,9 +17,9 @@ blocks after 3 tokens: sequences whose tokens are identical, and whose logits ar
 
 from __future__ import annotations
 
-import gc
 import json
-import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,52 @@ def invariance(runner: ModelRunner, sessions: int, crowd: int, context: int, new
     return out
 
 
+MODES = ("deterministic", "default")
+
+
+def measure(model_name: str, mode: str, device: str, context: int, new_tokens: int, sessions: int, batches: str,
+            steps: int, agreement: int, crowd: int, chunk: int, save: Any) -> dict[str, Any]:
+    """One mode's section: throughput, end to end, invariance (``save(section)`` after each part)."""
+    cuda = device == "cuda"
+    loaded = load_model(model_name, dtype="bfloat16" if cuda else "float32", device=device, seed=0)
+    runner = ModelRunner(loaded, device=device, deterministic=mode == "deterministic")
+    free = torch.cuda.mem_get_info()[0] - 8 * GiB if cuda else 2 * GiB  # room for a packed crowd's prefill
+    runner.pool.grow(free // runner.pool.block_bytes)
+    runner.pool.fixed = True
+    runner.warm_up(max(int(b) for b in batches.split(",")), chunk)
+    section: dict[str, Any] = {"decode_attention": runner.decode_attention, "fused_decode": runner.fused_decode,
+                               "cuda_graphs": runner.cuda_graphs}
+    kv_bytes = runner.pool.tensor.numel() * runner.pool.tensor.element_size()
+    section["throughput"] = [bench_throughput(runner, int(b), context, steps, kv_bytes) for b in batches.split(",")]
+    warm = [EngineRequest(runner.new_kv(), p[:64], 4) for p in _prompts(4, 64, runner.vocab_size)]
+    finish(BatchEngine(runner, prefill_chunk_tokens=chunk), warm)
+    release([r.kv for r in warm])
+    section["end_to_end"] = bench_end_to_end(runner, sessions, context, new_tokens, chunk)
+    save(section)
+    section["invariance"] = invariance(runner, agreement, crowd, min(context, 512), new_tokens)
+    save(section)
+    return section
+
+
+def summary(report: dict[str, Any], cuda: bool, agreement: int) -> dict[str, Any]:
+    """Both modes side by side: tokens/s and their ratio, end to end, invariance counts."""
+    key = "graph_tokens_per_s" if cuda else "eager_tokens_per_s"
+
+    def rates(mode: str) -> dict[str, float]:
+        return {f"{r['batch']}@{r['context']}": r[key] for r in report[mode]["throughput"]}
+
+    det, default = rates("deterministic"), rates("default")
+    return {
+        "tokens_per_s": {"deterministic": det, "default": default},
+        "deterministic_over_default": {k: det[k] / default[k] for k in det if k in default},
+        "end_to_end_s": {m: report[m]["end_to_end"]["seconds"] for m in MODES},
+        "invariance": {m: {case: f"{report[m]['invariance'][case]['logits_bitwise']}/{agreement} bitwise, "
+                               f"{report[m]['invariance'][case]['tokens_identical']}/{agreement} tokens"
+                           for case in ("together", "crowd", "chunked", "moved")}
+                       for m in MODES},
+    }
+
+
 @click.command()
 @click.option("--model", "model_name", default="random:llama-7b")
 @click.option("--context", default=1024)
@@ -108,62 +156,41 @@ def invariance(runner: ModelRunner, sessions: int, crowd: int, context: int, new
 @click.option("--crowd", default=128, help="sessions sharing the passes in the crowd case")
 @click.option("--chunk", default=2048, help="prefill chunk tokens of the end-to-end run")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda")
+@click.option("--mode", type=click.Choice(["both", *MODES]), default="both",
+              help="both: each mode in a process of its own (so each gets the whole GPU), merged into one report")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(model_name: str, context: int, new_tokens: int, sessions: int, batches: str, steps: int, agreement: int,
-         crowd: int, chunk: int, device: str, out: Path) -> None:
-    """Measure both modes, write one JSON result file, print its summary."""
+         crowd: int, chunk: int, device: str, mode: str, out: Path) -> None:
+    """Measure the modes, write one JSON result file, print its summary."""
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise click.ClickException("no CUDA device; pass --device cpu for a CPU run")
     started = time.perf_counter()
-    loaded = load_model(model_name, dtype="bfloat16" if cuda else "float32", device=device, seed=0)
+    options = dict(model=model_name, context=context, new_tokens=new_tokens, sessions=sessions, batches=batches,
+                   steps=steps, agreement=agreement, crowd=crowd, chunk=chunk)
     report: dict[str, Any] = result_header(
         "deterministic", "eval.bench_deterministic",
-        f"random weights of the named shape; {loaded.dtype}; on {device}; one process, no server",
-        dict(model=model_name, context=context, new_tokens=new_tokens, sessions=sessions, batches=batches,
-             steps=steps, agreement=agreement, crowd=crowd, chunk=chunk),
+        f"random weights of the named shape; {'bfloat16' if cuda else 'float32'}; on {device}; one process per "
+        "mode, no server", options,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    for mode in ("deterministic", "default"):
-        runner = ModelRunner(loaded, device=device, deterministic=mode == "deterministic")
-        free = torch.cuda.mem_get_info()[0] - 8 * GiB if cuda else 2 * GiB  # room for a packed crowd's prefill
-        runner.pool.grow(free // runner.pool.block_bytes)
-        runner.pool.fixed = True
-        runner.warm_up(max(int(b) for b in batches.split(",")), chunk)
-        section: dict[str, Any] = {"decode_attention": runner.decode_attention, "fused_decode": runner.fused_decode,
-                                   "cuda_graphs": runner.cuda_graphs}
-        kv_bytes = runner.pool.tensor.numel() * runner.pool.tensor.element_size()
-        section["throughput"] = [bench_throughput(runner, int(b), context, steps, kv_bytes) for b in batches.split(",")]
-        warm = [EngineRequest(runner.new_kv(), p[:64], 4) for p in _prompts(4, 64, runner.vocab_size)]
-        finish(BatchEngine(runner, prefill_chunk_tokens=chunk), warm)
-        release([r.kv for r in warm])
-        section["end_to_end"] = bench_end_to_end(runner, sessions, context, new_tokens, chunk)
-        report[mode] = section
-        out.write_text(json.dumps(report, indent=2))
-        section["invariance"] = invariance(runner, agreement, crowd, min(context, 512), new_tokens)
-        report[mode] = section
-        out.write_text(json.dumps(report, indent=2))
-        click.echo(f"{time.perf_counter() - started:7.1f} s  {mode} done", err=True)
-        del runner
-        gc.collect()  # the runner's pool sits in reference cycles; free it before the next mode's pool
-        if cuda:
-            torch.cuda.empty_cache()
-    key = "graph_tokens_per_s" if cuda else "eager_tokens_per_s"
+    if mode != "both":
+        def save(section: dict[str, Any]) -> None:
+            report[mode] = section
+            out.write_text(json.dumps(report, indent=2))
 
-    def rates(mode: str) -> dict[str, float]:
-        return {f"{r['batch']}@{r['context']}": r[key] for r in report[mode]["throughput"]}
-
-    det, default = rates("deterministic"), rates("default")
-    report["summary"] = {
-        "tokens_per_s": {"deterministic": det, "default": default},
-        "deterministic_over_default": {k: det[k] / default[k] for k in det if k in default},
-        "end_to_end_s": {m: report[m]["end_to_end"]["seconds"] for m in ("deterministic", "default")},
-        "invariance": {m: {case: f"{report[m]['invariance'][case]['logits_bitwise']}/{agreement} bitwise, "
-                               f"{report[m]['invariance'][case]['tokens_identical']}/{agreement} tokens"
-                           for case in ("together", "crowd", "chunked", "moved")}
-                       for m in ("deterministic", "default")},
-        "run_seconds": time.perf_counter() - started,
-    }
+        measure(model_name, mode, device, context, new_tokens, sessions, batches, steps, agreement, crowd, chunk, save)
+        return
+    for each in MODES:
+        part = out.with_name(f"{out.stem}.{each}.json")
+        args = [a for key, value in options.items() for a in (f"--{key.replace('_', '-')}", str(value))]
+        subprocess.run([sys.executable, "-m", "eval.bench_deterministic", *args, "--device", device, "--mode", each,
+                        "--out", str(part)], check=True)
+        report[each] = json.loads(part.read_text())[each]
+        part.unlink()
+        out.write_text(json.dumps(report, indent=2))
+        click.echo(f"{time.perf_counter() - started:7.1f} s  {each} done", err=True)
+    report["summary"] = {**summary(report, cuda, agreement), "run_seconds": time.perf_counter() - started}
     out.write_text(json.dumps(report, indent=2))
     click.echo(json.dumps(report["summary"], indent=2))
 

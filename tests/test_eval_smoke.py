@@ -100,3 +100,23 @@ def test_signal_benchmark_smoke(tmp_path):
     # the signal is handled before the move it starts finishes
     for handled, moved in (("io_wait_handled", "evicted"), ("compute_handled", "restored")):
         assert all(h <= m for h, m in zip(report["raw_s"][handled], report["raw_s"][moved]))
+
+
+def test_deterministic_benchmark_smoke(tmp_path):
+    from click.testing import CliRunner
+
+    from eval import bench_deterministic
+
+    out = tmp_path / "det.json"
+    args = ["--device", "cpu", "--model", "random:tiny-llama", "--context", "80", "--new-tokens", "6", "--sessions", "3",
+            "--batches", "1,4", "--steps", "2", "--agreement", "2", "--crowd", "5", "--chunk", "512", "--out", str(out)]
+    result = CliRunner().invoke(bench_deterministic.main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["deterministic"]["decode_attention"] == "invariant"
+    assert not list(tmp_path.glob("det.*.json"))  # each mode's part merged and removed
+    # deterministic mode is exact in every case; the report says so for the default mode too, whatever it found
+    assert all(report["deterministic"]["invariance"][case]["logits_bitwise"] == 2
+               for case in ("together", "crowd", "chunked", "moved"))
+    assert set(report["summary"]["invariance"]["default"]) == {"together", "crowd", "chunked", "moved"}
+    assert set(report["summary"]["deterministic_over_default"]) == {"1@80", "4@80"}
