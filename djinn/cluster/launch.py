@@ -19,6 +19,7 @@ import asyncio
 import os
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,9 +182,19 @@ class Cluster:
         """The router's TCP URL: what clients connect to."""
         return self.router.url("tcp")
 
-    def kill(self, name: str) -> None:
-        """Kill one server's actor at once (its process ends; its sessions are lost)."""
-        self.ray.kill(self.actors[name], no_restart=True)
+    def kill(self, name: str, timeout_s: float = 30.0) -> None:
+        """Kill one server's actor and return once it is gone (its process ends; its sessions are
+        lost). ``ray.kill`` only asks: the actor may answer a call or two before it ends."""
+        actor = self.actors[name]
+        self.ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.ray.get(actor.load.remote(), timeout=timeout_s)
+            except self.ray.exceptions.RayActorError:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"server {name} was still answering {timeout_s:.0f} s after it was killed")
 
     def stop(self) -> None:
         """Stop the router, the servers and their placement group (and Ray, if this started it)."""
