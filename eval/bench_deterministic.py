@@ -50,20 +50,24 @@ def move(runner: ModelRunner, kv):
     return moved
 
 
+def prefill(runner: ModelRunner, kvs, prompts: list[list[int]], chunk: int | None = None) -> torch.Tensor:
+    """Logits after each prompt, prefilled in one packed pass or in packed ``chunk``-token chunks."""
+    if chunk is None:
+        return runner.prefill(kvs, prompts)
+    last: dict[int, torch.Tensor] = {}
+    for at in range(0, max(map(len, prompts)), chunk):
+        live = [i for i, p in enumerate(prompts) if len(p) > at]
+        out = runner.prefill([kvs[i] for i in live], [prompts[i][at : at + chunk] for i in live])
+        last.update({i: out[k] for k, i in enumerate(live) if len(prompts[i]) <= at + chunk})
+    return torch.stack([last[i] for i in range(len(prompts))])
+
+
 def greedy(runner: ModelRunner, prompts: list[list[int]], new_tokens: int, chunk: int | None = None,
            move_after: int | None = None) -> list[tuple[list[int], list[torch.Tensor]]]:
     """Greedy tokens and each step's logits of sessions sharing every pass: one packed prefill
     (or packed ``chunk``-token chunks), then batched decode steps."""
     kvs = [runner.new_kv() for _ in prompts]
-    if chunk is None:
-        logits = runner.prefill(kvs, prompts)
-    else:
-        last: dict[int, torch.Tensor] = {}
-        for at in range(0, max(map(len, prompts)), chunk):
-            live = [i for i, p in enumerate(prompts) if len(p) > at]
-            out = runner.prefill([kvs[i] for i in live], [prompts[i][at : at + chunk] for i in live])
-            last.update({i: out[k] for k, i in enumerate(live) if len(prompts[i]) <= at + chunk})
-        logits = torch.stack([last[i] for i in range(len(prompts))])
+    logits = prefill(runner, kvs, prompts, chunk)
     tokens: list[list[int]] = [[] for _ in prompts]
     seen: list[list[torch.Tensor]] = [[] for _ in prompts]
     for step in range(new_tokens):

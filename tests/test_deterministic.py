@@ -20,6 +20,7 @@ from djinn.engine.service import SamplingParams
 from djinn.kernel.errors import ModelError
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import build_runtime
+from eval.bench_deterministic import move, prefill
 from tests.serving import serving_config, tiny_qwen2
 
 QWEN2 = "tiny-qwen2"
@@ -37,32 +38,6 @@ def load(spec: str, dtype: str) -> LoadedModel:
             loaded.model.to(torch.bfloat16)
         return loaded
     return load_model(spec, dtype=dtype)
-
-
-def prefill(runner: ModelRunner, kvs, prompts, chunk: int | None = None) -> torch.Tensor:
-    """Logits after each prompt, prefilled in one packed pass or in packed chunks of ``chunk``."""
-    if chunk is None:
-        return runner.prefill(kvs, prompts)
-    last: dict[int, torch.Tensor] = {}
-    for at in range(0, max(map(len, prompts)), chunk):
-        live = [i for i, p in enumerate(prompts) if len(p) > at]
-        logits = runner.prefill([kvs[i] for i in live], [prompts[i][at : at + chunk] for i in live])
-        last.update({i: logits[k] for k, i in enumerate(live) if len(prompts[i]) <= at + chunk})
-    return torch.stack([last[i] for i in range(len(prompts))])
-
-
-def move(runner: ModelRunner, kv):
-    """The session's KV copied out, its blocks freed, and copied into new blocks elsewhere."""
-    pool = runner.pool
-    saved = pool.tensor[:, :, kv.slots(0, kv.length)].clone()
-    length = kv.length
-    kv.release()
-    spacer = runner.new_kv(3 * pool.block_tokens)  # the session lands in other blocks
-    moved = runner.new_kv(length + 1)
-    pool.tensor[:, :, moved.slots(0, length)] = saved
-    moved.length = length
-    spacer.release()
-    return moved
 
 
 def run(runner: ModelRunner, together: bool, chunk: int | None = None, move_at: int | None = None):

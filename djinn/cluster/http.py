@@ -18,7 +18,6 @@ the node's control calls do not reach.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from djinn.cluster.router import Backend, Router
 from djinn.kernel.errors import DjinnError
-from djinn.server.openai_api import MAX_BODY_BYTES, SESSION_HEADER, ApiError
+from djinn.server.openai_api import MAX_BODY_BYTES, SESSION_HEADER, ApiError, require_token
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +76,7 @@ class HttpRouter:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         try:
-            if self.token is not None and request.path.startswith("/v1/"):
-                given = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                    raise ApiError(401, "a valid 'Authorization: Bearer <token>' header is required",
-                                   type="authentication_error", code="invalid_api_key")
+            require_token(request, self.token)
             return await handler(request)
         except ApiError as exc:
             return exc.response()

@@ -65,6 +65,16 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status)
 
 
+def require_token(request: web.Request, token: str | None) -> None:
+    """``ApiError`` 401 unless an ``/v1/`` request carries ``Authorization: Bearer <token>``
+    (no token configured: every request passes)."""
+    if token is not None and request.path.startswith("/v1/"):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "a valid 'Authorization: Bearer <token>' header is required",
+                           type="authentication_error", code="invalid_api_key")
+
+
 def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
@@ -198,11 +208,7 @@ class OpenAIServer:
     async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """Token check, then every failure as an OpenAI error object; the server serves on."""
         try:
-            if self.token is not None and request.path.startswith("/v1/"):
-                given = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                    raise ApiError(401, "a valid 'Authorization: Bearer <token>' header is required",
-                                   type="authentication_error", code="invalid_api_key")
+            require_token(request, self.token)
             return await handler(request)
         except ApiError as exc:
             return exc.response()
