@@ -2,7 +2,7 @@
 
     python -m eval.profile_decode --model random:llama-7b --batches 1,8,32 --out eval/results/profile_decode_<tag>.json
 
-For each decode attention (paged, masked) and batch size, sessions are prefilled with
+For each decode attention (paged, masked, or ``deterministic``: the runner's deterministic mode) and batch size, sessions are prefilled with
 ``--context`` tokens, steps are captured and warmed up, then ``--steps`` steps are timed on the
 wall clock and ``--profiled`` more run under ``torch.profiler``: the step's summed kernel time
 beside its wall time separates device work from host preparation. Random weights of the named
@@ -49,7 +49,8 @@ def profile_steps(runner: ModelRunner, kvs: list, tokens: list[int], steps: int,
 @click.option("--model", "model_name", default="random:llama-7b")
 @click.option("--context", default=1024)
 @click.option("--batches", default="1,8,32")
-@click.option("--attention", "attentions", default=",".join(DECODE_ATTENTION))
+@click.option("--attention", "attentions", default=",".join(DECODE_ATTENTION),
+              help="comma-separated decode attentions; 'deterministic' profiles [server] deterministic")
 @click.option("--steps", default=20, help="wall-clock timed steps per point")
 @click.option("--profiled", default=5, help="steps under the profiler per point")
 @click.option("--top", default=12, help="kernels listed per point")
@@ -69,7 +70,8 @@ def main(model_name: str, context: int, batches: str, attentions: str, steps: in
         "points": [],
     }
     for attention in attentions.split(","):
-        runner = ModelRunner(loaded, device="cuda", decode_attention=attention)
+        mode = {"deterministic": True} if attention == "deterministic" else {"decode_attention": attention}
+        runner = ModelRunner(loaded, device="cuda", **mode)
         sizes = [int(b) for b in batches.split(",")]
         per_session = (context + steps + profiled + 8) // runner.pool.block_tokens + 2
         runner.pool.grow(max(sizes) * per_session + 1)  # sized once, as the server does

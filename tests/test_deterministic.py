@@ -138,7 +138,10 @@ def test_on_cuda_a_session_alone_equals_it_beside_127_others_in_bfloat16():
     loaded = LoadedModel(name="llama-mid", model=model, config=model.config, family="llama",
                          dtype=torch.bfloat16, device=torch.device("cuda"))
     runner = ModelRunner(loaded, deterministic=True)
+    assert runner.decode_attention == "paged"  # the fixed flex kernel, graphs captured
     prompts = [[(13 * i + 7 * j) % 8000 + 1 for j in range(40 + 9 * i)] for i in range(128)]
+    # sized once, as the server does: a pool that grows recompiles the attention kernel for its new length
+    runner.pool.grow(sum(-(-(len(p) + STEPS) // runner.pool.block_tokens) + 1 for p in prompts) + 16)
 
     def decode(indices, chunk=None, move_at=None):
         kvs = [runner.new_kv() for _ in indices]

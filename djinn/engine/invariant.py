@@ -9,7 +9,12 @@ greedy tokens drift apart. Deterministic mode makes every row-wise computation s
   reduce along a row, ``F.linear``, ``addmm``, ``mean`` over the last dimension, ``layer_norm``
   and ``rms_norm``, on tiles of exactly ``ROW_TILE`` rows (the last one zero-padded). Same shape,
   same kernel; a GEMM's or a reduction's output row depends only on its input row.
-- Attention is computed here with fixed shapes too, over each session's KV in its logical order
+- On CUDA a decode step's attention is flex_attention over the paged pool (the engine's own paged
+  kernel) with its configuration fixed (``flex_kernel_options``): the main kernel, never the
+  split-KV decoding one whose split count follows the batch size, and one tile shape, so a row's
+  reduction runs over its own session's blocks in their logical order, one block per iteration,
+  whatever shares the step. A block a row cannot see adds exact zeros.
+- Elsewhere, and for every prefill, attention is computed here with fixed shapes, over each session's KV in its logical order
   (gathered from the pool through the block table, so where blocks sit in the pool does not
   matter), one key tile at a time with an online softmax. A key tile a row cannot see is an exact
   no-op (its weights are 0 and its rescaling factor 1), so a row's result does not depend on how
@@ -45,6 +50,22 @@ DECODE_KEY_TOKENS = 256
 PREFILL_ROWS = 64
 #: keys per attention tile of a prefill (rounded to whole KV blocks)
 PREFILL_KEY_TOKENS = 512
+
+
+#: keys per iteration of the fixed flex_attention kernel at most (one pool block when blocks are smaller)
+FLEX_KEY_TILE = 64
+
+
+def flex_kernel_options(block_tokens: int) -> dict[str, Any]:
+    """flex_attention's ``kernel_options`` for batch-invariant paged decode over ``block_tokens``
+    blocks: the main (not the split-KV) kernel with one fixed tile and schedule, so nothing about a
+    row's reduction is chosen from the batch or the pool's shape."""
+    key_tile = FLEX_KEY_TILE
+    while block_tokens % key_tile:
+        key_tile //= 2
+    if key_tile < 16:
+        raise ModelError(f"deterministic decode on CUDA needs KV blocks of a multiple of 16 tokens, not {block_tokens}")
+    return {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 16, "BLOCK_N": key_tile, "num_warps": 4, "num_stages": 2}
 
 
 def _round_up(value: int, step: int) -> int:

@@ -237,12 +237,18 @@ def paged_decode_attention(
 
     ``attention_mask`` is a ``BlockMask`` whose per-row block list is the session's block table,
     so the work is proportional to the rows' own contexts, not rows x slots. flex_attention is
-    compiled on CUDA; on the CPU its unfused reference runs. Returns ``[B, 1, H, D]``.
+    compiled on CUDA; on the CPU its unfused reference runs. In deterministic mode the layers'
+    config carries ``invariant.flex_kernel_options``, which fix the kernel. Returns ``[B, 1, H, D]``.
     """
     flex = _compiled_flex if query.is_cuda else flex_attention
-    out = flex(
-        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )  # [B, H, 1, D]
+    options = getattr(module.config, "djinn_flex_options", None)  # deterministic mode's fixed kernel
+    # a deterministic pass runs under BatchInvariantMode, which the compiled kernel has no use for
+    # (it holds no GEMM or norm): dynamo then need not trace the mode's dispatch
+    with torch._C.DisableTorchFunction() if options else contextlib.nullcontext():
+        out = flex(
+            query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+            kernel_options=options,
+        )  # [B, H, 1, D]
     return out.transpose(1, 2), None
 
 
@@ -431,8 +437,9 @@ class ModelRunner:
     steps of rotary families run ``Family.decode_layer``, compiled on CUDA into a few fused
     kernels per layer, instead of the model's own layers; never with a streamer that moves weights.
     ``deterministic``: every pass runs batch-invariant (``invariant``): the model's own layers under
-    ``BatchInvariantMode``, attention by ``invariant.decode_attention`` / ``prefill_attention``,
-    so a session's tokens do not depend on what else shares its passes.
+    ``BatchInvariantMode``; decode attention by the paged kernel with ``invariant.flex_kernel_options``
+    on CUDA (``invariant.decode_attention`` elsewhere), prefill attention by
+    ``invariant.prefill_attention``; so a session's tokens do not depend on what else shares its passes.
     """
 
     def __init__(
@@ -467,7 +474,9 @@ class ModelRunner:
             decode_attention = "paged" if self.device.type == "cuda" else "masked"
         if decode_attention not in DECODE_ATTENTION:
             raise ModelError(f"decode_attention must be one of {', '.join(DECODE_ATTENTION)}, not {decode_attention!r}")
-        self.decode_attention = "invariant" if deterministic else decode_attention
+        if deterministic:  # on CUDA the paged kernel with a fixed configuration, elsewhere the tiled one
+            decode_attention = "paged" if self.device.type == "cuda" else "invariant"
+        self.decode_attention = decode_attention
         self.config = config
         self.streamer = streamer
         self.layers: list[torch.nn.Module] = family.layers
@@ -479,7 +488,9 @@ class ModelRunner:
         self.dtype = family.embed_tokens.weight.dtype
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
         self._additive_mask = self.dtype if attention == "eager" else None
-        self._use_runner_attention(attention)
+        self._use_runner_attention(
+            attention, invariant.flex_kernel_options(block_tokens) if self.decode_attention == "paged" and deterministic else None
+        )
         self._windows = family.windows
         self.pool = KVPool(
             self.num_layers, self.kv_heads, self.head_dim,
@@ -487,7 +498,8 @@ class ModelRunner:
         )
         moves_weights = streamer is not None and streamer.streams_weights
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
-        fusable = (family.decode_layer is not None and self.decode_attention == "paged" and not moves_weights)
+        fusable = (family.decode_layer is not None and self.decode_attention == "paged" and not moves_weights
+                   and not deterministic)
         if fused_decode and not fusable:
             raise ModelError(
                 f"fused decode needs a rotary family ({family.name!r} given), paged decode attention "
@@ -520,13 +532,15 @@ class ModelRunner:
             for layer in self.layers:
                 pack_projections(layer)
 
-    def _use_runner_attention(self, base: str) -> None:
+    def _use_runner_attention(self, base: str, flex_options: dict[str, Any] | None) -> None:
         """Fix the layers' attention once: their modules get a copy of the config naming
-        ``runner_attention``, which picks the kernel from the mask. The model's own config is
-        left as it was, so the model's own forward (and its mask building) works unchanged."""
+        ``runner_attention``, which picks the kernel from the mask, and the paged kernel's
+        ``flex_options`` (None: its defaults). The model's own config is left as it was, so the
+        model's own forward (and its mask building) works unchanged."""
         layers_config = copy.copy(self.config)
         layers_config._attn_implementation = RUNNER_ATTENTION
         layers_config.djinn_base_attention = base
+        layers_config.djinn_flex_options = flex_options
         for layer in self.layers:
             for module in layer.modules():
                 if getattr(module, "config", None) is self.config:
