@@ -241,14 +241,14 @@ def paged_decode_attention(
     config carries ``invariant.flex_kernel_options``, which fix the kernel. Returns ``[B, 1, H, D]``.
     """
     flex = _compiled_flex if query.is_cuda else flex_attention
-    options = getattr(module.config, "djinn_flex_options", None)  # deterministic mode's fixed kernel
-    # a deterministic pass runs under BatchInvariantMode, which the compiled kernel has no use for
-    # (it holds no GEMM or norm): dynamo then need not trace the mode's dispatch
-    with torch._C.DisableTorchFunction() if options else contextlib.nullcontext():
-        out = flex(
-            query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-            kernel_options=options,
-        )  # [B, H, 1, D]
+    # deterministic mode's fixed kernel, or None. (Its BatchInvariantMode stays active here: with
+    # torch functions disabled dynamo cannot trace flex_attention and falls back to the unfused
+    # reference, which materialises every row's scores over the whole pool.)
+    options = getattr(module.config, "djinn_flex_options", None)
+    out = flex(
+        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+        kernel_options=options,
+    )  # [B, H, 1, D]
     return out.transpose(1, 2), None
 
 
