@@ -13,7 +13,7 @@ import asyncio
 import pytest
 import torch
 
-from djinn.engine.invariant import BatchInvariantMode
+from djinn.engine.invariant import BatchInvariantMode, flex_kernel_options
 from djinn.engine.models import LoadedModel, load_model
 from djinn.engine.runner import ModelRunner
 from djinn.engine.service import SamplingParams
@@ -103,6 +103,18 @@ def test_deterministic_mode_refuses_a_decode_attention_or_the_fused_layer():
         ModelRunner(loaded, deterministic=True, decode_attention="masked")
     with pytest.raises(ModelError, match="deterministic"):
         ModelRunner(loaded, deterministic=True, fused_decode=True)
+
+
+def test_the_fixed_cuda_attention_kernel_takes_whole_blocks_of_keys():
+    assert flex_kernel_options(64) == {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 16, "BLOCK_N": 64,
+                                       "num_warps": 4, "num_stages": 2}
+    assert [flex_kernel_options(bt)["BLOCK_N"] for bt in (16, 32, 48, 128, 256)] == [16, 32, 16, 64, 64]
+    with pytest.raises(ModelError, match="multiple of 16"):
+        flex_kernel_options(8)
+    # off CUDA the tiled attention runs, and the layers carry no kernel options
+    runner = ModelRunner(load_model("random:tiny-llama"), deterministic=True)
+    assert runner.decode_attention == "invariant" and not runner.fused_decode
+    assert runner.layers[0].self_attn.config.djinn_flex_options is None
 
 
 def test_a_served_session_gets_the_same_tokens_alone_beside_others_and_traced():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from djinn.server.launch import BackgroundServer
 from djinn.server.wire import Op
 from eval.bench_transport import hardware
 from eval.exp1_density.run import percentile
-from eval.report import library_versions
+from eval.report import library_versions, source_commit
 
 #: pinned host-to-device bandwidth (B/s) measured on the H100 machine: the cost of a KV round
 #: trip that a design without server-resident KV would pay at every breakpoint
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequences", type=int, help="random sequences per part")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per request")
     parser.add_argument("--deterministic", action="store_true", help="serve in deterministic mode")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     cfg = Exp3Config.smoke() if args.smoke else Exp3Config()
     cfg = attrs.evolve(cfg, deterministic=args.deterministic)
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     parts = measure(cfg)
     report = {
-        "experiment": "exp3_interactivity", "started_at": started, "hardware": hardware(), "versions": library_versions(),
+        "experiment": "exp3_interactivity", "command": "python -m eval.exp3_interactivity.run " + " ".join(argv or []),
+        "commit": source_commit(), "started_at": started, "hardware": hardware(), "versions": library_versions(),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "config": attrs.asdict(cfg),
         "pcie_bytes_per_s": PCIE_BYTES_PER_S, **parts,
     }
