@@ -212,6 +212,66 @@ def test_disconnect_while_paused_frees_the_session(llama_server):
     assert server.call(lambda: session.id not in server.kernel.sessions)
 
 
+def test_edits_travel_with_the_resume_in_one_frame_and_apply_in_order(server, client, monkeypatch):
+    vector = torch.linspace(-8.0, 8.0, client.info["hidden_size"])
+    sent, request = [], client._async.request
+
+    async def recording(op, **kwargs):
+        sent.append((op, tuple(e["op"] for e in (kwargs.get("meta") or {}).get("edits", []))))
+        return await request(op, **kwargs)
+
+    def batched(hit):
+        hit.scale(0.5)
+        hit.add(vector)
+        hit.resume()
+
+    def one_at_a_time(hit):  # each edit read back before the next
+        before = hit.fetch()
+        hit.scale(0.5)
+        assert torch.equal(hit.fetch(), before * 0.5)
+        hit.add(vector)
+        hit.fetch()
+
+    expected = client.model().session().generate(PROMPT, 4, breakpoints=[1], on_break=one_at_a_time).tokens
+    monkeypatch.setattr(client._async, "request", recording)
+    assert client.model().session().generate(PROMPT, 4, breakpoints=[1], on_break=batched).tokens == expected
+    paused = [entry for entry in sent if entry[0] in (Op.INSPECT, Op.EDIT, Op.RESUME)]
+    assert len(paused) == 4 and set(paused) == {(Op.RESUME, ("scale", "add"))}  # one round trip a pause
+
+
+def test_the_server_checks_edits_that_bypass_the_client(server, client):
+    session = client.model().session()
+    hidden_size = client.info["hidden_size"]
+
+    def raw(op, meta, tensors=()):
+        return client._loop.run(client._async.request(op, session_id=session.id, meta=meta, tensors=tensors))
+
+    def on_break(hit):
+        if hit.phase != "prefill":
+            return
+        refused = [
+            ({"edits": [{"op": "set", "tensor": 0}]}, (torch.zeros(3),), BreakpointError, "does not match"),
+            ({"edits": [{"op": "add", "tensor": 0}]}, (torch.zeros(hidden_size, dtype=torch.int64),),
+             BreakpointError, "floating-point"),
+            ({"edits": [{"op": "add", "tensor": 1}]}, (torch.zeros(hidden_size),), BreakpointError, "needs one tensor"),
+            ({"edits": [{"op": "scale", "factor": "2"}]}, (), SessionError, "factor must be a number"),
+            ({"edits": [{"op": "scale", "factor": 0.0}, {"op": "shift"}]}, (), BreakpointError, "one of: set, scale, add"),
+            ({"edits": "scale"}, (), BreakpointError, "list of objects"),
+        ]
+        before = raw(Op.INSPECT, {"what": "fetch"}).tensors[0].clone()
+        for meta, tensors, error, match in refused:
+            for op in (Op.INSPECT, Op.RESUME):
+                with pytest.raises(error, match=match):
+                    raw(op, meta, tensors)
+        assert torch.equal(raw(Op.INSPECT, {"what": "fetch"}).tensors[0], before)  # nothing refused was applied
+        raw(Op.EDIT, {"op": "scale", "factor": 1.0})  # a one-edit EDIT frame, applied before the next read
+        raw(Op.EDIT, {"op": "add"}, (torch.zeros(hidden_size),))
+        assert torch.equal(raw(Op.INSPECT, {"what": "fetch"}).tensors[0], before)
+
+    expected = local_tokens(server.config.model.name, PROMPT, 3)
+    assert session.generate(PROMPT, 3, breakpoints=[1], on_break=on_break).tokens == expected
+
+
 def test_bad_breakpoint_requests_get_clear_errors_and_the_server_keeps_serving(server, client):
     num_layers = client.info["num_layers"]
     session = client.model().session()

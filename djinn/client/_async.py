@@ -15,7 +15,7 @@ from djinn.kernel.config import DjinnConfig, PluginSelection
 from djinn.kernel.errors import BreakpointError, ConnectionClosed, DjinnError, PluginError, SessionError
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.kernel.strategies import Phase
-from djinn.server.wire import Frame, Op, WireLimits, decode_frame, encode_frame, raise_for_error
+from djinn.server.wire import Frame, Op, WireLimits, check_edit_tensor, decode_frame, encode_frame, raise_for_error
 
 Inputs = str | Sequence[int] | torch.Tensor
 
@@ -511,7 +511,12 @@ class AsyncTokenStream:
 
 
 class AsyncBreakpoint:
-    """A forward pass paused after a layer. The activation stays on the server until fetched."""
+    """A forward pass paused after a layer. The activation stays on the server until fetched.
+
+    Edits (``set``, ``scale``, ``add``) are checked here at once and sent with the next request of
+    this breakpoint, in order: ``stats()`` and ``fetch()`` see them, and ``resume()`` carries them,
+    so any number of edits and the resume take one round trip.
+    """
 
     def __init__(self, session: AsyncSession, meta: dict[str, Any]) -> None:
         self.session = session
@@ -521,11 +526,28 @@ class AsyncBreakpoint:
         self.shape: tuple[int, ...] = tuple(meta["shape"])
         self.dtype: str = meta["dtype"]
         self.resumed = False
+        self._edits: list[dict[str, Any]] = []
+        self._edit_tensors: list[torch.Tensor] = []
 
-    async def _call(self, op: Op, meta: dict[str, Any] | None = None, tensors: Sequence[torch.Tensor] = ()) -> Frame:
+    async def _call(self, op: Op, meta: dict[str, Any] | None = None) -> Frame:
         if self.resumed:
             raise BreakpointError("this breakpoint has been resumed")
+        meta = {**(meta or {}), "edits": self._edits} if self._edits else meta
+        tensors, self._edits, self._edit_tensors = tuple(self._edit_tensors), [], []  # sent once, taken or refused
         return await self.session.client.request(op, session_id=self.session.id, meta=meta, tensors=tensors)
+
+    def _queue(self, kind: str, value: torch.Tensor | float) -> None:
+        """Check one edit and keep it for the next request."""
+        if self.resumed:
+            raise BreakpointError("this breakpoint has been resumed")
+        if kind == "scale":
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise BreakpointError(f"scale needs a number, not {type(value).__name__}")
+            self._edits.append({"op": kind, "factor": float(value)})
+            return
+        check_edit_tensor(kind, tuple(value.shape), value.dtype, self.shape)
+        self._edits.append({"op": kind, "tensor": len(self._edit_tensors)})
+        self._edit_tensors.append(value.detach().cpu())
 
     async def stats(self) -> dict[str, Any]:
         """mean, std, min, max and norm of the activation, computed on the server."""
@@ -536,19 +558,19 @@ class AsyncBreakpoint:
         return (await self._call(Op.INSPECT, {"what": "fetch"})).tensors[0].clone()
 
     async def set(self, value: torch.Tensor) -> None:
-        """Replace the activation (same shape)."""
-        await self._call(Op.EDIT, {"op": "set"}, (value.detach().cpu(),))
+        """Replace the activation (same shape), with the next request."""
+        self._queue("set", value)
 
     async def scale(self, factor: float) -> None:
-        """Multiply the activation by ``factor`` on the server."""
-        await self._call(Op.EDIT, {"op": "scale", "factor": float(factor)})
+        """Multiply the activation by ``factor`` on the server, with the next request."""
+        self._queue("scale", factor)
 
     async def add(self, vector: torch.Tensor) -> None:
-        """Add a steering vector [hidden] (or a full [1, T, hidden] tensor) on the server."""
-        await self._call(Op.EDIT, {"op": "add"}, (vector.detach().cpu(),))
+        """Add a steering vector [hidden] (or a full [1, T, hidden] tensor) on the server, with the next request."""
+        self._queue("add", vector)
 
     async def resume(self) -> None:
-        """Let the forward pass continue."""
+        """Let the forward pass continue (after the edits not yet sent)."""
         await self._call(Op.RESUME)
         self.resumed = True
 

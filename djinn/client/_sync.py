@@ -247,17 +247,18 @@ class Breakpoint:
         """The activation as a CPU tensor."""
         return self._session._run(self._async.fetch())
 
+    # edits are checked and kept here; the next stats, fetch or resume carries them
     def set(self, value: torch.Tensor) -> None:
         """Replace the activation."""
-        self._session._run(self._async.set(value))
+        self._async._queue("set", value)
 
     def scale(self, factor: float) -> None:
         """Scale the activation on the server."""
-        self._session._run(self._async.scale(factor))
+        self._async._queue("scale", factor)
 
     def add(self, vector: torch.Tensor) -> None:
         """Add a steering vector on the server."""
-        self._session._run(self._async.add(vector))
+        self._async._queue("add", vector)
 
     def resume(self) -> None:
         """Continue the forward pass now (otherwise it continues when the iteration moves on)."""

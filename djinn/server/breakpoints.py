@@ -2,14 +2,14 @@
 
 The pass waits on the model service's side (``ModelService.generate`` awaits ``pause``) while
 the model thread serves everyone else; the client's INSPECT, EDIT and RESUME frames reach the
-pause through ``handle``. Edits run on the model thread, in inference mode.
+pause through ``handle``. Edits are applied on the model thread, in inference mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -18,12 +18,22 @@ from djinn.kernel.errors import BreakpointError
 from djinn.kernel.kernel import Session
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.server.validate import number
-from djinn.server.wire import Frame, Op
+from djinn.server.wire import Frame, Op, check_edit_tensor
+
+
+@attrs.frozen
+class Edit:
+    """One checked edit of a paused activation: ``scale`` by ``value`` (a float), ``set`` it to or
+    ``add`` ``value`` (a host tensor)."""
+
+    kind: str
+    value: Any
 
 
 @attrs.define(eq=False)
 class Pause:
-    """A forward pass paused at a breakpoint, waiting for its client."""
+    """A forward pass paused at a breakpoint, waiting for its client. ``pending``: edits received
+    and checked, applied on the model thread before the activation is inspected or the pass goes on."""
 
     session: Session
     cursor: Any
@@ -33,6 +43,7 @@ class Pause:
     resumed: asyncio.Future
     edited: bool = False
     since: float = attrs.Factory(time.perf_counter)
+    pending: list[Edit] = attrs.Factory(list)
 
 
 class Breakpoints:
@@ -40,6 +51,12 @@ class Breakpoints:
 
     ``client.pauses`` (a dict by session id) holds the client's pauses; ``send(client, frame)``
     sends a frame to it; ``run_model`` runs work on the model thread.
+
+    Edits arrive in an EDIT frame (one: ``op``, ``factor``, the tensor) or inside an INSPECT or
+    RESUME frame (``edits``: a list of ``{"op", "factor" | "tensor": index into the frame's
+    tensors}``), so a client can send its edits and the resume in one round trip. They are checked
+    when they arrive (a refused frame changes nothing) and applied, in order, on the model thread
+    just before the activation is next read: by an INSPECT, or by the pass when it resumes.
     """
 
     def __init__(
@@ -69,6 +86,8 @@ class Breakpoints:
                 raise BreakpointError(f"breakpoint at layer {layer} abandoned for {timeout:.0f} s") from None
         finally:
             client.pauses.pop(session.info.id, None)
+        if pause.pending:  # the RESUME's reply has gone out: these are off the client's round trip
+            await self.run_model(_apply_edits, cursor.hidden, _take(pause))
         self.plugins.notify(
             "djinn_breakpoint_resumed", session=session.info, layer=layer, edited=pause.edited,
             waited_s=time.perf_counter() - pause.since,
@@ -79,38 +98,71 @@ class Breakpoints:
         pause = client.pauses.get(frame.session_id)
         if pause is None:
             raise BreakpointError(f"session {frame.session_id} is not paused at a breakpoint")
+        hidden = pause.cursor.hidden
+        if frame.op is Op.EDIT:
+            specs = [{**frame.meta, "tensor": 0} if frame.tensors else dict(frame.meta)]
+        else:
+            specs = frame.meta.get("edits", [])
+        what = frame.meta.get("what", "stats") if frame.op is Op.INSPECT else None
+        if what not in (None, "stats", "fetch"):
+            raise BreakpointError(f"inspect what={what!r}; one of: stats, fetch")
+        edits = _checked_edits(specs, frame.tensors, tuple(hidden.shape))
+        pause.pending.extend(edits)
+        pause.edited |= bool(edits)
         if frame.op is Op.RESUME:
             if not pause.resumed.done():
                 pause.resumed.set_result(None)
             return Frame(Op.OK)
-        run = self.run_model
-        if frame.op is Op.INSPECT:
-            what = frame.meta.get("what", "stats")
-            if what == "stats":
-                return Frame(Op.RESULT, meta=await run(_stats, pause.cursor.hidden))
-            if what == "fetch":
-                return Frame(Op.RESULT, tensors=(await run(_to_host, pause.cursor.hidden),))
-            raise BreakpointError(f"inspect what={what!r}; one of: stats, fetch")
-        edit = frame.meta.get("op")
-        hidden = pause.cursor.hidden
-        if edit == "scale":
-            factor = number(frame.meta, "factor", None)
-            await run(_edit_in_place, hidden.mul_, factor)
-        elif edit in ("set", "add"):
-            if len(frame.tensors) != 1:
-                raise BreakpointError(f"{edit} needs one tensor")
-            value = frame.tensors[0]
-            want = tuple(hidden.shape) if edit == "set" else (hidden.shape[-1],)
-            if tuple(value.shape) != want and not (edit == "add" and tuple(value.shape) == tuple(hidden.shape)):
-                raise BreakpointError(f"{edit}: shape {tuple(value.shape)} does not match {want}")
-            if not value.dtype.is_floating_point:
-                raise BreakpointError(f"{edit}: dtype {value.dtype} is not a floating-point type")
-            moved = value.to(device=hidden.device, dtype=hidden.dtype)
-            await run(_edit_in_place, hidden.copy_ if edit == "set" else hidden.add_, moved)
-        else:
-            raise BreakpointError(f"edit op={edit!r}; one of: set, scale, add")
-        pause.edited = True
-        return Frame(Op.OK)
+        if frame.op is Op.EDIT:
+            return Frame(Op.OK)
+        if what == "stats":
+            return Frame(Op.RESULT, meta=await self.run_model(_inspect, _stats, hidden, _take(pause)))
+        return Frame(Op.RESULT, tensors=(await self.run_model(_inspect, _to_host, hidden, _take(pause)),))
+
+
+def _take(pause: Pause) -> list[Edit]:
+    edits, pause.pending = pause.pending, []
+    return edits
+
+
+def _checked_edits(specs: Any, tensors: Sequence[Any], shape: tuple[int, ...]) -> list[Edit]:
+    """The edits ``specs`` asks for, each checked against the activation's ``shape``."""
+    if not isinstance(specs, list) or not all(isinstance(spec, dict) for spec in specs):
+        raise BreakpointError("edits must be a list of objects")
+    edits = []
+    for spec in specs:
+        kind = spec.get("op")
+        if kind == "scale":
+            edits.append(Edit(kind, number(spec, "factor", None)))
+            continue
+        if kind not in ("set", "add"):
+            raise BreakpointError(f"edit op={kind!r}; one of: set, scale, add")
+        index = spec.get("tensor")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(tensors):
+            raise BreakpointError(f"{kind} needs one tensor")
+        value = tensors[index]
+        check_edit_tensor(kind, tuple(value.shape), value.dtype, shape)
+        edits.append(Edit(kind, value))
+    return edits
+
+
+def _apply_edits(hidden: Any, edits: Sequence[Edit]) -> None:
+    import torch
+
+    # the activation is an inference tensor: in-place writes are allowed only in inference mode
+    with torch.inference_mode():
+        for edit in edits:
+            if edit.kind == "scale":
+                hidden.mul_(edit.value)
+            else:
+                value = edit.value.to(device=hidden.device, dtype=hidden.dtype)
+                (hidden.copy_ if edit.kind == "set" else hidden.add_)(value)
+
+
+def _inspect(read: Callable[[Any], Any], hidden: Any, edits: Sequence[Edit]) -> Any:
+    """``read(hidden)`` after the pending ``edits``, in one visit to the model thread."""
+    _apply_edits(hidden, edits)
+    return read(hidden)
 
 
 def _stats(hidden: Any) -> dict[str, Any]:
@@ -120,14 +172,6 @@ def _stats(hidden: Any) -> dict[str, Any]:
         "mean": h.mean().item(), "std": h.std().item() if h.numel() > 1 else 0.0,
         "min": h.min().item(), "max": h.max().item(), "norm": h.norm().item(),
     }
-
-
-def _edit_in_place(method: Callable[[Any], Any], value: Any) -> None:
-    import torch
-
-    # the activation is an inference tensor: in-place writes are allowed only in inference mode
-    with torch.inference_mode():
-        method(value)
 
 
 def _to_host(hidden: Any) -> Any:

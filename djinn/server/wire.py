@@ -257,3 +257,15 @@ def raise_for_error(frame: Frame) -> None:
     code = frame.meta.get("code")
     cls = _ERRORS_BY_CODE.get(code, DjinnError) if isinstance(code, str) else DjinnError
     raise cls(str(frame.meta.get("message", f"the peer reported an error ({code!r})")))
+
+
+def check_edit_tensor(kind: str, shape: tuple[int, ...], dtype: torch.dtype, hidden_shape: tuple[int, ...]) -> None:
+    """What a ``set`` or ``add`` edit of a paused activation of ``hidden_shape`` may carry: for
+    ``set`` a tensor of its shape, for ``add`` one of its shape or a vector of its last dimension,
+    floating-point either way. Raises ``BreakpointError``; the client checks before sending, the
+    server again on arrival."""
+    want = hidden_shape if kind == "set" else (hidden_shape[-1],)
+    if shape != want and not (kind == "add" and shape == hidden_shape):
+        raise errors.BreakpointError(f"{kind}: shape {shape} does not match {want}")
+    if not dtype.is_floating_point:
+        raise errors.BreakpointError(f"{kind}: dtype {dtype} is not a floating-point type")
