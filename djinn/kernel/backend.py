@@ -1,10 +1,10 @@
 """What the kernel needs of the engine: the few operations that place a session's KV.
 
-The kernel decides where KV lives and accounts for every byte; the engine (``djinn.engine``)
-owns the tensors. The kernel holds each session's KV as an opaque handle made by ``new_kv`` and
-moves it only through these methods, so it imports no torch and no model code. Methods that
-touch the KV pool are coroutines: the engine runs them where the pool may be touched (the model
-thread on CPU, where the pool grows) and copies on a stream of its own (CUDA).
+The kernel decides where KV lives and accounts for every byte; the engine (``djinn.engine``) owns the
+tensors. The kernel holds each session's KV as an opaque handle made by ``new_kv`` and moves it only
+through these methods, so it imports no torch and no model code. Methods that touch the KV pool are
+coroutines: the engine runs them where the pool may be touched (the model thread on CPU, where the
+pool grows) and copies on a stream of its own (CUDA).
 """
 
 from __future__ import annotations

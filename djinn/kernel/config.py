@@ -1,9 +1,8 @@
 """Configuration: ``plugins.toml`` parsed with tomllib into frozen attrs records, validated at load.
 
-Every error names the file, the table and the key, and the allowed keys or values. The
-repository's ``plugins.toml`` equals the built-in defaults and says what each key does.
-Lookup order for the file: ``--config PATH``, then ``$DJINN_CONFIG``, then ``./plugins.toml``,
-then the built-in defaults.
+Every error names the file, the table and the key, and the allowed keys or values. The repository's
+``plugins.toml`` equals the built-in defaults and says what each key does. Lookup order for the file:
+``--config PATH``, then ``$DJINN_CONFIG``, then ``./plugins.toml``, then the built-in defaults.
 """
 
 from __future__ import annotations
@@ -63,16 +62,13 @@ class ServerSettings:
     pause_timeout_s: float = attrs.field(default=300.0, validator=gt(0))
     #: a connection that has not sent its HELLO this long after connecting is closed
     hello_timeout_s: float = attrs.field(default=10.0, validator=gt(0))
-    #: requests of one connection served at once; the server reads no further frame from it
-    #: until one ends, so a client that never reads its replies holds no more than this
+    #: requests of one connection served at once; its further frames wait unread until one ends
     max_requests_per_connection: int = attrs.field(default=256, validator=gt(0))
     #: how often the scheduler's ``on_tick`` runs (timed prefetch, idle fallback)
     tick_s: float = attrs.field(default=0.05, validator=gt(0))
-    #: prompt tokens prefilled per engine step, so a long prompt does not stall the decoders for
-    #: long; larger chunks read the weights fewer times per prompt
+    #: prompt tokens per engine step: smaller stalls the decoders less, larger reads the weights less often
     prefill_chunk_tokens: int = attrs.field(default=2048, validator=gt(0))
-    #: prompt tokens prefilled per engine step while decode rows wait for that step (0: the same
-    #: as ``prefill_chunk_tokens``); lower bounds how long a step holds the decoders back
+    #: prompt tokens per engine step while decode rows wait for it (0: ``prefill_chunk_tokens``)
     prefill_tokens_while_decoding: int = attrs.field(default=0, validator=ge(0))
     #: sessions decoded together in one step at most
     max_batch: int = attrs.field(default=256, validator=gt(0))
@@ -81,14 +77,11 @@ class ServerSettings:
     #: larger decode steps run eagerly (their launch overhead is small beside their work)
     graph_max_batch: int = attrs.field(default=512, validator=gt(0))
     #: how batched decode steps attend: "paged" (each row reads its own KV blocks, a compiled
-    #: flex_attention kernel), "masked" (SDPA over all slots under a mask), or "auto" (paged on
-    #: CUDA, masked elsewhere)
+    #: flex_attention kernel), "masked" (SDPA over all slots under a mask), "auto" (paged on CUDA)
     decode_attention: str = attrs.field(default="auto", validator=in_(("auto", "paged", "masked")))
-    #: paged decode steps of rotary families (llama, mistral, qwen2) run one written-out decoder
-    #: layer compiled into a few fused kernels (CUDA), instead of the model's own layers
+    #: paged decode steps of rotary families (llama, mistral, qwen2) run one fused, compiled layer (CUDA)
     fused_decode: bool = True
-    #: every kernel computes a session's rows independently of the batch: its greedy tokens are
-    #: the same alone or beside others, with or without breakpoints, evictions or chunking
+    #: a session's greedy tokens do not depend on its batch, breakpoints, evictions or chunking (slower)
     deterministic: bool = False
 
 
@@ -137,13 +130,9 @@ class DjinnConfig:
     settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as TOML-ready tables."""
-        out: dict[str, Any] = {
-            table: {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(getattr(self, table)).items()}
-            for table in _TABLES
-        }
-        out["settings"] = {k: dict(v) for k, v in self.settings.items()}
-        return out
+        """The configuration as TOML-ready tables (tuples as lists, no ``source``)."""
+        return attrs.asdict(self, filter=lambda field, _value: field.name != "source",
+                            value_serializer=lambda _inst, _field, v: list(v) if isinstance(v, tuple) else v)
 
 
 T = TypeVar("T")
@@ -167,10 +156,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def build_settings(cls: type[T], table: Mapping[str, Any], *, source: str, where: str) -> T:
-    """Build an attrs settings class from a TOML table, failing with file, table and key named.
-
-    Used for the kernel's own tables and for every plugin's ``[settings.NAME]`` table.
-    """
+    """Build an attrs settings class from a TOML table, failing with file, table and key named: for
+    the kernel's own tables and for every plugin's ``[settings.NAME]`` table."""
     fields = {f.name: f for f in attrs.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key, value in table.items():

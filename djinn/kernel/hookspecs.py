@@ -1,13 +1,12 @@
 """Every hook Djinn's kernel calls, grouped by family.
 
-Hooks are for registration and events: called per start-up, per request, per phase change or per
-step, never per chunk or per layer per token (a pluggy call costs microseconds). Hot-path work
-goes through the strategy objects of ``strategies.py`` that plugins register here.
+Hooks are for registration and events: called per start-up, request, phase change or step, never
+per chunk or per layer per token (a pluggy call costs microseconds). Hot-path work goes through the
+strategy objects of ``strategies.py`` that plugins register here.
 
-pluggy calls implementations last-registered-first; the kernel registers plugins in the order
-of their entry points' names, so no plugin may depend on another's implementation running first.
-Unless a hook says otherwise, it is called on the server's event-loop thread and its result is
-ignored.
+pluggy calls implementations last-registered-first; the kernel registers plugins in the order of
+their entry points' names, so no plugin may depend on another's implementation running first. Unless
+a hook says otherwise, it is called on the server's event-loop thread and its result is ignored.
 """
 
 from __future__ import annotations
@@ -32,19 +31,17 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def djinn_register_strategies(registry: StrategyRegistry) -> None:
     """Register the strategies this plugin offers: ``registry.add(slot, name, factory, settings=...)``.
 
-    Called once per plugin manager, at discovery, for every installed plugin (selected or not),
-    so ``djinn plugins`` can list slots. ``factory(settings)`` (``factory()`` without settings)
-    builds the strategy later, only if it is selected; ``settings`` is an attrs class whose fields
-    are the plugin's keys in ``plugins.toml`` (``[settings.NAME]``). A plugin that registers
-    nothing is an extension.
-    """
+    Called once per plugin manager, at discovery, for every installed plugin (selected or not), so
+    ``djinn plugins`` can list slots. ``factory(settings)`` (``factory()`` without settings) builds
+    the strategy later, only if selected; ``settings`` is an attrs class whose fields are the plugin's
+    keys in ``plugins.toml`` (``[settings.NAME]``). A plugin that registers nothing is an extension."""
 
 
 # =========================================================================== lifecycle
 @hookspec
 def djinn_configure(config: DjinnConfig) -> None:
-    """The configuration is loaded and validated and the selection is final. Called once, before
-    start-up, for selected plugins only. Raise ``ConfigError`` to refuse it."""
+    """The configuration is validated and the selection final. Once, before start-up, for selected
+    plugins only. Raise ``ConfigError`` to refuse it."""
 
 
 @hookspec
@@ -55,9 +52,9 @@ def djinn_startup(kernel: Kernel) -> None:
 
 @hookspec
 def djinn_shutdown(kernel: Kernel) -> None:
-    """The kernel is stopping; release what ``djinn_startup`` took. Called once, after the server
-    has closed its clients' sessions (each with ``djinn_session_closed``) and before the kernel
-    frees any left and releases its tiers; like every hook, last-registered plugin first."""
+    """The kernel is stopping; release what ``djinn_startup`` took. Once, after the server has closed
+    its clients' sessions (each with ``djinn_session_closed``), before the kernel frees any left and
+    releases its tiers; like every hook, last-registered plugin first."""
 
 
 # =========================================================================== sessions and phases
@@ -81,10 +78,10 @@ def djinn_phase_changed(session: SessionInfo, old: Phase, new: Phase) -> None:
 # =========================================================================== eviction / prefetch
 @hookspec
 def djinn_session_evicted(session: SessionInfo, tier: str, nbytes: int, seconds: float) -> None:
-    """A session's KV has left the GPU for ``tier``; ``seconds`` is the copy's duration. Once
-    per eviction, when the copy has completed. ``tier`` is ``"dropped"`` when a scheduler with
-    ``drops_kv`` freed the KV without a copy; a reclaim of a written-back session (its copy was
-    already in ``tier``) frees the GPU blocks with no copy and reports ``seconds`` 0."""
+    """A session's KV has left the GPU for ``tier``; ``seconds`` is the copy's duration. Once per
+    eviction, when the copy has completed. ``tier`` is ``"dropped"`` when a ``drops_kv`` scheduler
+    freed the KV without a copy; a reclaim of a written-back session (its copy already in ``tier``)
+    reports ``seconds`` 0."""
 
 
 @hookspec
@@ -108,15 +105,15 @@ def djinn_stream_plan(model: str, layers: int, layer_bytes: list[int], ring_byte
 
 @hookspec
 def djinn_stream_pass(model: str, bytes_streamed: int, seconds: float, stall_seconds: float) -> None:
-    """A generate request on a streamed model finished: the weight bytes streamed for it, its
-    model time and the time compute waited for copies. Once per request (never per chunk or layer)."""
+    """A generate request on a streamed model finished: the weight bytes streamed for it, its model
+    time and the time compute waited for copies. Once per request (never per chunk or layer)."""
 
 
 # =========================================================================== breakpoints
 @hookspec
-def djinn_breakpoint_hit(session: SessionInfo, layer: int, step: int, phase: str) -> None:
-    """A forward pass paused at an armed layer (``phase``: "prefill" or "decode"). Called only
-    when a breakpoint is armed, once per hit."""
+def djinn_breakpoint_hit(session: SessionInfo, layer: int, step: int, phase: str, at: str) -> None:
+    """A forward pass paused at an armed point (``phase``: "prefill" or "decode"; ``at``: "output"
+    after the layer, "attention" or "mlp" inside it). Called only when a breakpoint is armed, once per hit."""
 
 
 @hookspec
@@ -143,10 +140,6 @@ def djinn_request_failed(op: str, session_id: int | None, error: BaseException) 
 # =========================================================================== metrics
 @hookspec
 def djinn_metrics(kernel: Kernel) -> dict[str, Any] | None:
-    """Contribute figures to ``/metrics/vmu`` when it is read: a dict, conventionally
-    ``{plugin_name: {...}}``, merged with the other plugins' into its ``plugins`` table.
-
-    Called per metrics read. Plugins that want Prometheus series register collectors with
-    ``prometheus_client`` on ``kernel.metrics_registry`` (served at ``/metrics``) in
-    ``djinn_startup`` instead.
-    """
+    """Contribute figures to ``/metrics/vmu`` when it is read: a dict, conventionally ``{plugin_name:
+    {...}}``, merged with the other plugins' into its ``plugins`` table. For Prometheus series, register
+    ``prometheus_client`` collectors on ``kernel.metrics_registry`` (``/metrics``) in ``djinn_startup``."""

@@ -1,12 +1,9 @@
 """The kernel: sessions, phases, the residency state machine, admission and memory accounting.
 
-No policy lives here (the scheduler decides; the kernel carries out) and no model code (the
-engine, behind ``KVBackend``, owns the tensors). Everything runs on the server's event-loop
-thread. A session's KV is in one of four states (``Residency``); every move between them goes
-through one method of this class that does the move, its memory accounting, its counters and
-its hook together, so no path can do one without the others.
-
-The states, and the method that makes each move::
+No policy (the scheduler decides; the kernel carries out) and no model code (the engine, behind
+``KVBackend``, owns the tensors); everything runs on the server's event-loop thread. Every move of a
+session's KV between its states (``Residency``) is one method that does the move, its memory
+accounting, its counters and its hook together, so no path can do one without the others::
 
     RESIDENT --_evict--> EVICTING --> EVICTED          copy to a tier, then free the GPU blocks
     RESIDENT --_write_back--> EVICTING --> RESIDENT+backed   copy to a tier, keep the GPU blocks
@@ -16,17 +13,18 @@ The states, and the method that makes each move::
     EVICTED --_restore--> RESTORING --> RESIDENT       copy back from the tier (dropped: prefill again)
     EVICTED --_demote--> EVICTED                       its tier copy moves to a later tier
 
-``session.tier``/``session.block`` hold the tier copy of an EVICTED session and of a backed
-one; a backed session is accounted twice, device bytes and tier bytes, until one goes. A session
-has at most one move in flight (``session.moving``); a request waits for it, never cancels it.
-Counters: ``evictions`` counts KV leaving the GPU (an eviction's copy or a reclaim),
-``write_backs`` the copies that kept the GPU blocks, ``reclaims`` the frees that needed none.
+``session.tier``/``session.block`` hold the tier copy of an EVICTED or a backed session; a backed one
+is accounted twice, device and tier bytes, until one goes. A session has at most one move in flight
+(``session.moving``); a request waits for it, never cancels it. Counters: ``evictions`` counts KV
+leaving the GPU (a copy or a reclaim), ``write_backs`` copies that kept the GPU blocks, ``reclaims``
+the frees that needed none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -70,8 +68,7 @@ class Session:
     closed: bool = False
     #: the tokens whose KV the session holds, in order (what a recompute prefills again)
     history: list[int] = attrs.Factory(list)
-    #: False once a breakpoint pass ran: its KV may come from edited activations, which the
-    #: tokens alone cannot reproduce, so it is never dropped
+    #: False once a breakpoint pass ran: its KV may hold edited activations, so it is never dropped
     recomputable: bool = True
     #: the KV was dropped (not moved to a tier): restoring it means prefilling ``history`` again
     dropped: bool = False
@@ -104,7 +101,6 @@ class Kernel:
         self._memory_freed: asyncio.Condition | None = None
         self._waiting = 0
         self._tick_task: asyncio.Task | None = None
-        self._metrics_registry: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,15 +121,13 @@ class Kernel:
         self.started = True
         self.plugins.notify("djinn_startup", kernel=self)
 
-    @property
+    @functools.cached_property
     def metrics_registry(self) -> Any:
         """The ``prometheus_client.CollectorRegistry`` that ``/metrics`` serves: plugins register
         their own collectors on it (in ``djinn_startup``)."""
-        if self._metrics_registry is None:
-            from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry
 
-            self._metrics_registry = CollectorRegistry()
-        return self._metrics_registry
+        return CollectorRegistry()
 
     def stop(self) -> None:
         """``djinn_shutdown``, then free sessions and release the engine and the tiers."""
@@ -209,9 +203,8 @@ class Kernel:
 
     @contextlib.asynccontextmanager
     async def serving(self, session: Session, tokens: int) -> AsyncIterator[float]:
-        """Hold ``session`` for one request whose KV must reach ``tokens`` tokens: its lock, the
-        busy mark, its KV resident and grown (evicting or waiting for memory as admission allows).
-        Yields the seconds spent waiting for a restore."""
+        """Hold ``session`` for one request whose KV must reach ``tokens`` tokens: its lock, the busy mark,
+        its KV resident and grown (evicting or waiting as admission allows). Yields the restore wait's seconds."""
         async with session.lock:
             if session.closed:
                 raise SessionError(f"session {session.info.id} is closed")
@@ -261,13 +254,8 @@ class Kernel:
         session = self.sessions.get(action.session_id)
         if session is None or session.closed or session.move_in_flight():
             return  # one move at a time; the scheduler will ask again if it still wants it
-        if action.kind is ActionKind.EVICT:
-            move = self._free_device(session)
-        elif action.kind is ActionKind.WRITE_BACK:
-            move = self._write_back(session)
-        else:
-            move = self._restore(session, critical=False)
-        session.moving = asyncio.create_task(move)
+        moves = {ActionKind.EVICT: self._free_device, ActionKind.WRITE_BACK: self._write_back}
+        session.moving = asyncio.create_task(moves.get(action.kind, self._restore)(session))
         session.moving.add_done_callback(_log_failed_move)
 
     async def _tick_loop(self) -> None:
@@ -311,16 +299,14 @@ class Kernel:
 
     def _allocate(self, nbytes: int, tiers: list[str]) -> tuple[str, TierBlock] | None:
         for name in tiers:
-            try:
+            with contextlib.suppress(TierFullError):
                 return name, self.tiers[name].allocate(nbytes)
-            except TierFullError:
-                continue
         return None
 
     async def _placed(self, nbytes: int, requester: Session) -> tuple[str, TierBlock] | None:
-        """A tier block of ``nbytes`` for ``requester``'s KV: in the first tier with room, where
-        a full tier first demotes its evicted sessions that are colder than ``requester`` to
-        later tiers, coldest first, so the sessions expected back soonest stay in the fastest tier."""
+        """A tier block of ``nbytes`` for ``requester``'s KV in the first tier with room; a full tier first
+        demotes its evicted sessions colder than ``requester`` to later tiers, coldest first, so the
+        sessions expected back soonest stay in the fastest tier."""
         names = list(self.tiers)
         for index, name in enumerate(names):
             while (placed := self._allocate(nbytes, [name])) is None:
@@ -340,11 +326,9 @@ class Kernel:
             key=_coldness,
         )
         for session in candidates:
-            placed = self._allocate(session.block.nbytes, later)
-            if placed is None:
-                continue
-            session.moving = asyncio.create_task(self._demote(session, *placed))
-            return await session.moving
+            if (placed := self._allocate(session.block.nbytes, later)) is not None:
+                session.moving = asyncio.create_task(self._demote(session, *placed))
+                return await session.moving
         return False
 
     async def _demote(self, session: Session, tier_name: str, block: TierBlock) -> bool:
@@ -378,14 +362,12 @@ class Kernel:
         session.update(backed=False)
 
     async def _copy_to_tier(self, session: Session, otherwise: str) -> float | None:
-        """Copy a resident session's KV to a tier (EVICTING while it copies) and keep it as the
-        session's tier copy: the copy's seconds. None when the session cannot move or no tier
-        holds it (counted and logged, with what happens ``otherwise``)."""
+        """Copy a resident session's KV to a tier (EVICTING while it copies), kept as its tier copy: the
+        copy's seconds. None when it cannot move or no tier holds it (counted, logged with ``otherwise``)."""
         if not self._movable(session):
             return None
         nbytes = self.backend.held_bytes(session.kv)
-        placed = await self._placed(nbytes, session)
-        if placed is None:
+        if (placed := await self._placed(nbytes, session)) is None:
             self.counters["evict_failures"] += 1
             log.warning("no tier can hold session %d's %d KV bytes; %s", session.info.id, nbytes, otherwise)
             return None
@@ -456,7 +438,7 @@ class Kernel:
         await self._left_device(session, nbytes, "dropped", 0.0, kv_bytes=0)
         return True
 
-    async def _restore(self, session: Session, critical: bool) -> bool:
+    async def _restore(self, session: Session, critical: bool = False) -> bool:
         """EVICTED -> RESTORING -> RESIDENT: make room, then copy the KV back from its tier, or
         prefill a dropped session's tokens again (a recompute, always on the critical path)."""
         if session.info.residency is not Residency.EVICTED or session.closed:
@@ -483,21 +465,17 @@ class Kernel:
             session.update(residency=Residency.EVICTED)
             raise
         seconds = time.perf_counter() - started
-        tier = "dropped" if dropped else session.tier
+        tier, critical = ("dropped", True) if dropped else (session.tier, critical)
         if dropped:
             session.dropped = False
             session.update(kv_bytes=self.backend.held_bytes(session.kv))
-            self._count(recomputes=1, recompute_seconds=seconds)
+            self._count(recomputes=1, recompute_seconds=seconds, restores_on_critical_path=1)
         else:
             self._free_copy(session)
-            self._count(restores=1, restore_seconds=seconds)
-        critical = critical or dropped
-        self.counters["restores_on_critical_path"] += critical
+            self._count(restores=1, restore_seconds=seconds, restores_on_critical_path=critical)
         session.update(residency=Residency.RESIDENT)
-        self.plugins.notify(
-            "djinn_session_restored", session=session.info, tier=tier, nbytes=nbytes, seconds=seconds,
-            on_critical_path=critical,
-        )
+        self.plugins.notify("djinn_session_restored", session=session.info, tier=tier, nbytes=nbytes,
+                            seconds=seconds, on_critical_path=critical)
         return True
 
     async def ensure_resident(self, session: Session) -> float:
@@ -564,10 +542,8 @@ class Kernel:
                     queued = True
                     self._waiting += 1
                     self.counters["admission_waits"] += 1
-                    self.plugins.notify(
-                        "djinn_admission_blocked", need_bytes=nbytes,
-                        free_bytes=self.memory.free_bytes(), queued=self._waiting,
-                    )
+                    self.plugins.notify("djinn_admission_blocked", need_bytes=nbytes,
+                                        free_bytes=self.memory.free_bytes(), queued=self._waiting)
                 async with self._memory_freed:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._memory_freed.wait(), timeout=self.config.server.tick_s * 4)
@@ -629,10 +605,8 @@ class Kernel:
 
 def _coldness(session: Session) -> tuple[int, float]:
     """Sorts the coldest first: the latest expected resume, then (no hint) the least recently used."""
-    info = session.info
-    if info.expected_resume_at is not None:
-        return (0, -info.expected_resume_at)
-    return (1, info.last_used)
+    resume_at = session.info.expected_resume_at
+    return (1, session.info.last_used) if resume_at is None else (0, -resume_at)
 
 
 async def settled(future: asyncio.Future | None) -> None:

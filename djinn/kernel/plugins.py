@@ -1,13 +1,11 @@
 """Plugin discovery, selection and the per-kernel plugin manager.
 
-Every plugin, built-in or third-party, is an object (usually a module) named by an entry point
-of the group ``djinn.plugins``; the entry point's name is the plugin's name. At discovery each
-plugin registers the strategies it offers (``djinn_register_strategies``); the configuration and
-``--plugins`` then select one strategy per single-choice slot and any number per multi-choice
-slot. Unselected plugins stay in the catalog (``djinn plugins`` lists them) but are unregistered
-from the hook relay, so their event hooks never run.
-
-There is no module-global manager: ``get_plugin_manager`` builds a fresh one each time.
+Every plugin, built-in or third-party, is an object (usually a module) named by an entry point of
+the group ``djinn.plugins``; the entry point's name is the plugin's name. At discovery each plugin
+registers the strategies it offers (``djinn_register_strategies``); the configuration and ``--plugins``
+then select one strategy per single-choice slot and any number per multi-choice slot. Unselected
+plugins stay in the catalog (``djinn plugins`` lists them) but are unregistered from the hook relay,
+so their event hooks never run. There is no module-global manager: ``get_plugin_manager`` builds one.
 """
 
 from __future__ import annotations
@@ -117,10 +115,7 @@ class DjinnPlugins:
         extra_plugins: Mapping[str, object] | None = None,
     ) -> None:
         """Load every entry point of ``djinn.plugins`` (and ``extra_plugins``), then collect strategies.
-
-        A plugin that fails to import is recorded with its distribution, version and error; the
-        others still load.
-        """
+        A plugin that fails to import is recorded with its distribution, version and error; the others load."""
         if entry_points is None:
             entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
         for ep in sorted(entry_points, key=lambda e: e.name):
@@ -163,20 +158,16 @@ class DjinnPlugins:
             registry.plugin = name
             try:
                 impl.function(**{arg: registry for arg in impl.argnames})
-            except Exception as exc:
+            except Exception as exc:  # the plugin is disabled: unregistered, its strategies forgotten
                 registry.specs = before
-                self._mark_broken(name, f"raised in djinn_register_strategies: {type(exc).__name__}: {exc}")
+                self.pm.unregister(self._objects.pop(name))
+                error = f"raised in djinn_register_strategies: {type(exc).__name__}: {exc}"
+                self.catalog[name] = attrs.evolve(self.catalog[name], error=error)
+                log.warning("plugin %s disabled: %s", self.catalog[name].describe(), error)
                 continue
             added = tuple(spec for key, spec in registry.specs.items() if key not in before)
             self.catalog[name] = attrs.evolve(self.catalog[name], strategies=added)
         self.strategies = registry.specs
-
-    def _mark_broken(self, name: str, error: str) -> None:
-        obj = self._objects.pop(name, None)
-        if obj is not None and self.pm.is_registered(obj):
-            self.pm.unregister(obj)
-        self.catalog[name] = attrs.evolve(self.catalog[name], error=error)
-        log.warning("plugin %s disabled: %s", self.catalog[name].describe(), error)
 
     # ------------------------------------------------------------------ selection
 
@@ -201,11 +192,9 @@ class DjinnPlugins:
         return spec.plugin if spec is not None else name
 
     def select(self, overrides: Sequence[str] = ()) -> PluginSelection:
-        """Apply ``--plugins`` overrides (``name`` selects, ``no:name`` blocks) and validate.
-
-        A name for a single-choice slot replaces the configured one; naming two for the same
-        single-choice slot is an error. A name for a multi-choice slot is added.
-        """
+        """Apply ``--plugins`` overrides (``name`` selects, ``no:name`` blocks) and validate. A name for
+        a single-choice slot replaces the configured one (naming two for one such slot is an error);
+        a name for a multi-choice slot is added."""
         configured = {slot: getattr(self.config.plugins, field) for slot, field in SLOTS.items()}
         chosen = {slot: list(names) if slot in MULTIPLE else [names] for slot, names in configured.items()}
         named: dict[str, str] = {}
@@ -320,17 +309,13 @@ def _plugin_in_traceback(caller: Any, exc: BaseException) -> str | None:
 
 
 def get_plugin_manager(
-    config: DjinnConfig,
-    overrides: Sequence[str] = (),
-    *,
+    config: DjinnConfig, overrides: Sequence[str] = (), *,
     entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
     extra_plugins: Mapping[str, object] | None = None,
 ) -> DjinnPlugins:
     """Discover plugins, apply the selection from ``config`` and ``overrides``, validate settings.
-
-    ``entry_points`` replaces discovery (tests); ``extra_plugins`` adds plugin objects by name, as
-    if a distribution had declared them.
-    """
+    ``entry_points`` replaces discovery (tests); ``extra_plugins`` adds plugin objects by name, as if a
+    distribution had declared them."""
     plugins = DjinnPlugins(config)
     plugins.discover(entry_points=entry_points, extra_plugins=extra_plugins)
     plugins.select(overrides)

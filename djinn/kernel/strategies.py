@@ -1,10 +1,9 @@
 """Hot-path extension points: small abstract strategies that plugins register by name.
 
-Hooks (``hookspecs.py``) announce events and let plugins register; anything that runs per step,
-per copy, per frame or per layer is a method on one of these objects, called directly (a pluggy
-call costs microseconds). A plugin registers a factory for one slot through the
-``djinn_register_strategies`` hook; the kernel builds the selected one with the plugin's settings.
-Required methods are abstract; optional ones default to doing nothing.
+Hooks (``hookspecs.py``) announce events; anything that runs per step, copy, frame or layer is a
+method on one of these objects, called directly (a pluggy call costs microseconds). A plugin offers
+a factory per slot in ``djinn_register_strategies``; the kernel builds the selected one with its
+settings. Required methods are abstract; optional ones default to doing nothing.
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ class SessionInfo:
     expected_resume_at: float | None = None
     #: True while a request of this session is queued or running
     busy: bool = False
-    #: RESIDENT with a clean copy of its KV in a tier (a write-back): freeing its GPU blocks
-    #: needs no copy (a reclaim)
+    #: RESIDENT with a clean copy of its KV in a tier (a write-back): freeing its GPU blocks needs no copy
     backed: bool = False
     #: when the session's current (or last) request arrived (monotonic)
     request_at: float | None = None
@@ -60,8 +58,7 @@ class SessionInfo:
 
 @attrs.frozen
 class MemoryView:
-    """Memory pressure when a scheduler is asked: device bytes, each tier's free bytes, and the
-    requests waiting in the admission queue."""
+    """Memory pressure: device bytes, each tier's free bytes, the requests in the admission queue."""
     device_budget_bytes: int
     device_free_bytes: int
     tier_free_bytes: Mapping[str, int]
@@ -106,15 +103,14 @@ def take_until(ordered: Iterable[SessionInfo], need_bytes: int) -> list[SessionI
 
 
 class Scheduler(ABC):
-    """Policy over session residency and the order of waiting prompts. Only ``select_victims``
-    is required; the other methods default to doing nothing (reactive paging, arrival order).
-
-    Called on the server's event-loop thread (``order_prefill``: on the model thread); a
-    scheduler never blocks and never mutates what it is given: it answers with ``Action`` lists.
+    """Policy over session residency and the order of waiting prompts. Only ``select_victims`` is
+    required; the others default to doing nothing (reactive paging, arrival order). Called on the
+    event-loop thread (``order_prefill``: the model thread); a scheduler never blocks and never
+    mutates what it is given: it answers with ``Action`` lists.
     """
 
     #: True: a victim's KV is dropped, not moved to a tier, and the kernel prefills the session's
-    #: tokens again when it is next needed (recomputation instead of a copy)
+    #: tokens again when next needed (recomputation instead of a copy)
     drops_kv: bool = False
 
     def on_phase(self, session: SessionInfo, view: SchedulerView) -> Sequence[Action]:
@@ -131,15 +127,14 @@ class Scheduler(ABC):
     ) -> Sequence[SessionInfo]:
         """Pick among ``candidates`` (resident, idle) sessions to evict so ``need_bytes`` become free.
 
-        Called when an allocation does not fit. A ``backed`` candidate is freed at once with no
-        copy (a reclaim); any other needs a copy to a tier. Returning fewer bytes than needed (or
-        nothing) means "do not evict for this": the request waits in the admission queue or fails.
-        """
+        Called when an allocation does not fit. A ``backed`` candidate is freed with no copy (a
+        reclaim); any other needs a copy to a tier. Returning fewer bytes than needed (or nothing)
+        means "do not evict for this": the request waits in the admission queue or fails."""
 
     def order_prefill(self, waiting: Sequence[SessionInfo], now: float) -> Sequence[SessionInfo]:
-        """Order the sessions whose prompts wait to be prefilled; the engine fills its step's
-        prefill budget in this order. Called on the model thread, once per engine step in which
-        the waiting prompts exceed that budget. Default: arrival order, as given."""
+        """Order the sessions whose prompts wait to be prefilled (the engine fills a step's prefill
+        budget in this order). On the model thread, once per engine step whose waiting prompts exceed
+        that budget. Default: arrival order, as given."""
         return waiting
 
 
@@ -212,28 +207,23 @@ class StreamerStats:
 
 
 class Streamer(ABC):
-    """Brings each decoder layer's weights onto the compute device before the layer runs.
+    """Brings each decoder layer's weights onto the compute device before the layer runs. The
+    runner calls ``before_layer``/``after_layer`` for every layer of every pass (plain calls, no
+    hooks); ``prepare`` runs once when the model is loaded."""
 
-    The runner calls ``before_layer``/``after_layer`` for every layer of every forward pass:
-    plain method calls, no hooks. ``prepare`` runs once when the model is loaded.
-    """
-
-    #: True when weights move while passes run (a ring on the device): the engine then loads the
-    #: model on the host, and the runner replays no captured CUDA graphs (they would freeze the
-    #: weights' addresses at capture time)
+    #: True when weights move while passes run (a ring on the device): the engine then loads the model
+    #: on the host, and the runner replays no CUDA graphs (they would freeze the weights' addresses)
     streams_weights: bool = False
 
     @abstractmethod
     def prepare(self, layers: Sequence[torch.nn.Module], device: torch.device, budget_bytes: int | None) -> None:
         """Take ownership of ``layers`` (on CPU) and place or stage them for ``device``.
 
-        ``budget_bytes`` is the device memory the engine leaves for the decoder layers: the GPU
-        budget less what the runner keeps on the device besides them (embeddings, final norm,
-        head) and, on CUDA, the workspace; None: no limit. What the streamer does not take
-        (``device_bytes``) goes to the KV cache, so a streamer may keep part of it free on
-        purpose. Raise ``ModelError`` here (not at run time) when the layers cannot be served
-        within ``budget_bytes``.
-        """
+        ``budget_bytes`` is the device memory left for the decoder layers: the GPU budget less what
+        the runner keeps on the device besides them (embeddings, final norm, head) and, on CUDA,
+        the workspace; None: no limit. What the streamer does not take (``device_bytes``) goes to
+        the KV cache, so it may keep part free on purpose. Raise ``ModelError`` here (not at run
+        time) when the layers cannot be served within ``budget_bytes``."""
 
     def begin_pass(self) -> None:
         """A forward pass over all layers starts (prefetch the first layers)."""
@@ -265,8 +255,7 @@ class Connection(ABC):
 
     #: a printable name of the other end
     peer: str = "?"
-    #: the largest frame ``recv`` accepts; whoever owns the connection may lower or raise it
-    #: (the server keeps it small until the client has authenticated)
+    #: the largest frame ``recv`` accepts; its owner may change it (the server keeps it small until auth)
     max_frame_bytes: int = 1 << 62
 
     @abstractmethod
@@ -275,11 +264,9 @@ class Connection(ABC):
 
     @abstractmethod
     async def recv(self) -> memoryview:
-        """Receive one whole frame into a buffer of its own (no per-frame payload copies).
-
-        Raises ``ConnectionClosed`` when the peer goes away (also mid-frame) and
-        ``FrameTooLarge`` when the frame announces more than the connection's limit.
-        """
+        """Receive one whole frame into a buffer of its own (no per-frame payload copies). Raises
+        ``ConnectionClosed`` when the peer goes away (also mid-frame) and ``FrameTooLarge`` when the
+        frame announces more than the connection's limit."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -304,8 +291,8 @@ class Transport(ABC):
     """Moves frames for one URL scheme (``tcp``, ``inproc``, ``ucx``, ...)."""
 
     scheme: ClassVar[str]
-    #: whether a listener may be reached from other machines: the server then refuses to bind an
-    #: address that is not loopback without a token (an in-process transport never is)
+    #: a listener may be reached from other machines: the server then binds a non-loopback address
+    #: only with a token (an in-process transport never is reachable)
     reachable_remotely: ClassVar[bool] = True
 
     def default_url(self, host: str, port: int) -> str:
@@ -330,7 +317,5 @@ class Serializer(ABC):
 
     @abstractmethod
     def decode(self, payload: memoryview) -> list[torch.Tensor]:
-        """Decode tensors as read-only, zero-copy views of ``payload`` where possible.
-
-        Raise ``FrameError`` for anything malformed; clone a tensor before writing to it.
-        """
+        """Decode tensors as read-only, zero-copy views of ``payload`` where possible. Raise
+        ``FrameError`` for anything malformed; clone a tensor before writing to it."""
