@@ -272,6 +272,56 @@ def test_the_server_checks_edits_that_bypass_the_client(server, client):
     assert session.generate(PROMPT, 3, breakpoints=[1], on_break=on_break).tokens == expected
 
 
+def test_a_pass_pauses_inside_a_layer_and_edits_there_reach_the_output(server, client):
+    hidden_size = client.info["hidden_size"]
+    seen = []
+
+    def look(hit):
+        seen.append((hit.phase, hit.layer, hit.at, hit.shape))
+
+    points = [(1, "attention"), (1, "mlp"), 1, (2, "mlp")]
+    plain = client.model().session().generate(PROMPT, 3, ignore_eos=True).tokens
+    traced = client.model().session().generate(PROMPT, 3, ignore_eos=True, breakpoints=points, on_break=look)
+    assert traced.tokens == plain
+    order = [(1, "attention"), (1, "mlp"), (1, "output"), (2, "mlp")]
+    assert seen == [("prefill", layer, at, (1, len(PROMPT), hidden_size)) for layer, at in order] + [
+        ("decode", layer, at, (1, 1, hidden_size)) for _ in range(2) for layer, at in order]
+
+    def silence_the_mlp(hit):
+        hit.set(torch.zeros(hit.shape))
+
+    edited = client.model().session().generate(PROMPT, 3, ignore_eos=True, breakpoints=[(0, "mlp")],
+                                               on_break=silence_the_mlp).tokens
+    assert edited != plain
+    session = client.model().session()
+    for points, match in (([(1, "inside")], "one of attention, mlp, output"),
+                          ([{"layer": 1}], r"layer indices or \(layer, at\) pairs")):
+        with pytest.raises(SessionError, match=match):
+            session.generate(PROMPT, 2, breakpoints=points, on_break=lambda hit: None)
+    for raw in ([{"layer": 1, "at": 3}], [{"layer": True}], [{"layer": 1, "where": "mlp"}], "1"):
+        with pytest.raises(SessionError, match="breakpoints must be"):
+            client._loop.run(client._async.request(Op.GENERATE, session_id=session.id,
+                                                   meta={"breakpoints": raw}, tensors=(torch.tensor(PROMPT),)))
+    assert client.model().session().generate(PROMPT, 3, ignore_eos=True).tokens == plain
+
+
+def test_pauses_inside_a_layer_are_refused_where_decode_runs_the_fused_layer():
+    config = serving_config("random:tiny-llama", decode_attention="paged", fused_decode=True)
+    runtime = build_runtime(config, get_plugin_manager(config))
+    try:
+        assert runtime.model.runner.fused_decode
+
+        async def generate(points):
+            session = runtime.kernel.open_session()
+            return await runtime.model.generate(session, PROMPT, SamplingParams(max_new_tokens=2), points, None)
+
+        with pytest.raises(SessionError, match="fused_decode = false or deterministic = true"):
+            asyncio.run(generate([(1, "attention")]))
+        assert len(asyncio.run(generate([1])).tokens) == 2  # after a layer: as ever
+    finally:
+        runtime.kernel.stop()
+
+
 def test_bad_breakpoint_requests_get_clear_errors_and_the_server_keeps_serving(server, client):
     num_layers = client.info["num_layers"]
     session = client.model().session()

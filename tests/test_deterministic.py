@@ -129,8 +129,8 @@ def test_a_served_session_gets_the_same_tokens_alone_beside_others_and_traced():
 
         alone = [asyncio.run(generate([p]))[0] for p in PROMPTS]
         together = asyncio.run(generate(PROMPTS))
-        layers = range(rt.model.runner.num_layers)
-        traced = asyncio.run(generate(PROMPTS[:2], breakpoints=layers))
+        points = [(layer, at) for layer in range(rt.model.runner.num_layers) for at in ("attention", "mlp", "output")]
+        traced = asyncio.run(generate(PROMPTS[:2], breakpoints=points))
     finally:
         rt.kernel.stop()
     assert [r.tokens for r in together] == [r.tokens for r in alone]

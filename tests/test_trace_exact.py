@@ -127,13 +127,15 @@ def test_a_trace_without_edits_equals_plain_generate_in_the_service(spec, attent
     with runtime(spec, attention) as rt:
         num_layers = rt.model.runner.num_layers
         params = SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=LOGPROBS, ignore_eos=True)
-        hits: list[tuple[str, int, int, tuple[int, ...]]] = []
+        hits: list[tuple[str, int, int, str, tuple[int, ...]]] = []
 
-        async def on_break(session, cursor, layer, step, phase):
-            hits.append((phase, step, layer, tuple(cursor.hidden.shape)))
+        async def on_break(session, cursor, layer, step, phase, at):
+            hits.append((phase, step, layer, at, tuple(cursor.hidden.shape)))
 
+        # every layer's output, and inside each layer where the decode steps run the model's own layers
+        sites = ("output",) if rt.model.runner.fused_decode else ("attention", "mlp", "output")
         plain = _generate(rt, params)
-        traced = _generate(rt, params, range(num_layers), on_break)
+        traced = _generate(rt, params, [(layer, at) for layer in range(num_layers) for at in sites], on_break)
         # the batch engine, driven alone, computes what the served plain request did
         runner = rt.model.runner
         request = EngineRequest(runner.new_kv(), PROMPT, NEW_TOKENS, logprobs=LOGPROBS)
@@ -142,8 +144,9 @@ def test_a_trace_without_edits_equals_plain_generate_in_the_service(spec, attent
     assert traced.logprobs == plain.logprobs == request.token_logprobs  # bit-identical logits
     hidden = rt.model.runner.hidden_size
     chunks = [len(PROMPT[i : i + CHUNK_TOKENS]) for i in range(0, len(PROMPT), CHUNK_TOKENS)]
-    expected = [("prefill", 0, layer, (1, n, hidden)) for n in chunks for layer in range(num_layers)]
-    expected += [("decode", step, layer, (1, 1, hidden)) for step in range(1, NEW_TOKENS) for layer in range(num_layers)]
+    expected = [("prefill", 0, layer, at, (1, n, hidden)) for n in chunks for layer in range(num_layers) for at in sites]
+    expected += [("decode", step, layer, at, (1, 1, hidden))
+                 for step in range(1, NEW_TOKENS) for layer in range(num_layers) for at in sites]
     assert hits == expected
 
 
@@ -151,7 +154,7 @@ def test_a_trace_without_edits_equals_plain_generate_in_the_service(spec, attent
 def test_an_edit_in_a_decode_step_changes_the_tokens_after_it(spec):
     edit_step = 3
     with runtime(spec, "masked") as rt:
-        async def on_break(session, cursor, layer, step, phase):
+        async def on_break(session, cursor, layer, step, phase, at):
             if phase == "decode" and step == edit_step:
                 with torch.inference_mode():
                     cursor.hidden.neg_()

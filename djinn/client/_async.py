@@ -294,7 +294,7 @@ class AsyncSession:
     async def generate(
         self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int | None = None, stop: Sequence[str | Sequence[int]] | None = None,
-        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int] = (),
+        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int | tuple[int, str]] = (),
         on_break: Callable[[AsyncBreakpoint], Awaitable[None]] | None = None, timeout: float | None = None,
     ) -> Generation:
         """Append ``inputs`` (text or token ids) and generate; greedy unless ``temperature`` > 0.
@@ -343,15 +343,26 @@ class AsyncSession:
     def trace(
         self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int | None = None, stop: Sequence[str | Sequence[int]] | None = None,
-        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int] = (),
+        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int | tuple[int, str]] = (),
     ) -> AsyncTrace:
-        """Generate with breakpoints as an async iterator of hits; ``.result`` once it ends."""
-        layers = sorted(set(breakpoints))
-        if not all(isinstance(b, int) and not isinstance(b, bool) for b in layers):
-            raise SessionError("breakpoints must be layer indices (integers)")
+        """Generate with breakpoints as an async iterator of hits; ``.result`` once it ends.
+
+        A breakpoint is a layer index (pause after that layer) or ``(layer, at)`` with ``at``
+        "attention" or "mlp": pause inside the layer once that block's output is computed, before
+        it is added to the residual stream (the hit's activation is that output).
+        """
+        points = []
+        for point in breakpoints:
+            if isinstance(point, int) and not isinstance(point, bool):
+                points.append(point)
+            elif (isinstance(point, tuple) and len(point) == 2 and isinstance(point[0], int)
+                  and not isinstance(point[0], bool) and isinstance(point[1], str)):
+                points.append({"layer": point[0], "at": point[1]})
+            else:
+                raise SessionError("breakpoints must be layer indices or (layer, at) pairs")
         meta, tensors = self._meta(inputs, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                    ignore_eos, logprobs)
-        meta["breakpoints"] = layers
+        meta["breakpoints"] = points
         return AsyncTrace(self, meta, tensors)
 
     async def signal_phase(self, phase: str, expected_s: float | None = None) -> None:
@@ -521,6 +532,8 @@ class AsyncBreakpoint:
     def __init__(self, session: AsyncSession, meta: dict[str, Any]) -> None:
         self.session = session
         self.layer: int = meta["layer"]
+        #: "output" (after the layer), or "attention" / "mlp" (inside it)
+        self.at: str = meta.get("at", "output")
         self.step: int = meta["step"]
         self.phase: str = meta["phase"]
         self.shape: tuple[int, ...] = tuple(meta["shape"])

@@ -122,7 +122,8 @@ class Session:
     def generate(
         self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int | None = None, stop: Sequence[str | Sequence[int]] | None = None,
-        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int] = (),
+        ignore_eos: bool = False, logprobs: int | None = None,
+        breakpoints: Sequence[int | tuple[int, str]] = (),
         on_break: Callable[[Breakpoint], None] | None = None, timeout: float | None = None,
     ) -> Generation:
         """Append ``inputs`` and generate (see ``AsyncSession.generate``); ``on_break(hit)`` runs at
@@ -155,7 +156,8 @@ class Session:
     def trace(
         self, inputs: Inputs, max_new_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
         top_p: float = 1.0, seed: int | None = None, stop: Sequence[str | Sequence[int]] | None = None,
-        ignore_eos: bool = False, logprobs: int | None = None, breakpoints: Sequence[int] = (),
+        ignore_eos: bool = False, logprobs: int | None = None,
+        breakpoints: Sequence[int | tuple[int, str]] = (),
     ) -> Trace:
         """Iterate over breakpoint hits; each resumes when the loop moves on. ``.result`` at the end."""
         return Trace(self, self._async.trace(
@@ -236,7 +238,7 @@ class Breakpoint:
     def __init__(self, session: Session, inner: AsyncBreakpoint) -> None:
         self._session = session
         self._async = inner
-        self.layer, self.step, self.phase = inner.layer, inner.step, inner.phase
+        self.layer, self.at, self.step, self.phase = inner.layer, inner.at, inner.step, inner.phase
         self.shape, self.dtype = inner.shape, inner.dtype
 
     def stats(self) -> dict[str, Any]:

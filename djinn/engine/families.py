@@ -14,7 +14,7 @@ family's own layer computes, from the same weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import attrs
@@ -26,6 +26,12 @@ from djinn.kernel.errors import ModelError
 
 #: families whose layout is known here; anything else is refused when a runner is built
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
+#: where inside a decoder layer a pass can pause: once its attention block's output, then its
+#: MLP's output, are computed and not yet added to the residual stream
+LAYER_SITES = ("attention", "mlp")
+#: a decoder layer run in parts: yields ``(site, output)`` for each of ``LAYER_SITES``, returns
+#: the layer's output; an in-place edit of a yielded output is what the layer adds to its stream
+LayerParts = Generator[tuple[str, torch.Tensor], None, torch.Tensor]
 
 
 @attrs.define(eq=False)
@@ -49,6 +55,8 @@ class Family:
     query_group: int
     #: the fused decode layer of this family, or None (its layers then run as they are)
     decode_layer: Callable[..., torch.Tensor] | None = None
+    #: ``(layer, hidden, kwargs)``: the family's own decoder layer, pausing inside (``layer_parts``)
+    layer_parts: Callable[..., LayerParts] | None = None
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Token ids ``[B, T]`` at ``positions`` ``[B, T]``: hidden ``[B, T, E]`` and the rotary
@@ -76,6 +84,7 @@ def family_of(loaded: LoadedModel) -> Family:
         return Family(
             name, body.wte, list(body.h), body.ln_f, model.lm_head, [None] * layers, config.n_positions,
             [body.wte, body.wpe, body.ln_f, model.lm_head], add_absolute, query_group=1,
+            layer_parts=gpt2_layer_parts,
         )
     body = model.model
 
@@ -95,7 +104,30 @@ def family_of(loaded: LoadedModel) -> Family:
         name, body.embed_tokens, list(body.layers)[:layers], body.norm, model.lm_head, windows, None,
         [body.embed_tokens, body.rotary_emb, body.norm, model.lm_head], add_rotary,
         query_group=config.num_attention_heads // kv_heads, decode_layer=rotary_decode_layer,
+        layer_parts=rotary_layer_parts,
     )
+
+
+# The two functions below are transformers' decoder-layer forwards op for op (so an unedited run
+# in parts computes the same bits as the layer's own call), split where the outputs are added.
+def rotary_layer_parts(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> LayerParts:
+    """A Llama-layout decoder layer over ``hidden`` ``[B, T, E]`` in parts (``LayerParts``)."""
+    out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **kwargs)
+    yield "attention", out
+    hidden = hidden + out
+    out = layer.mlp(layer.post_attention_layernorm(hidden))
+    yield "mlp", out
+    return hidden + out
+
+
+def gpt2_layer_parts(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> LayerParts:
+    """A GPT-2 block over ``hidden`` ``[B, T, E]`` in parts (``LayerParts``)."""
+    out, _ = layer.attn(layer.ln_1(hidden), **kwargs)
+    yield "attention", out
+    hidden = out + hidden
+    out = layer.mlp(layer.ln_2(hidden))
+    yield "mlp", out
+    return hidden + out
 
 
 def pack_projections(layer: torch.nn.Module) -> None:

@@ -54,7 +54,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
-from djinn.engine.families import family_of, pack_projections, rotary_decode_layer
+from djinn.engine.families import LAYER_SITES, LayerParts, family_of, pack_projections, rotary_decode_layer
 from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.kernel.strategies import Streamer
@@ -749,6 +749,42 @@ class ModelRunner:
             streamer.end_pass()
         return hidden
 
+    def inside_layer_refusal(self, decode: bool = True) -> str | None:
+        """Why a pass (``decode``: also a decode step) cannot pause inside a layer; None: it can.
+        Not for a family without ``layer_parts``, nor with a streamer that moves weights (a
+        streamed layer's weights are not held while its pass is paused and other passes run), nor
+        in a decode step through the fused decode layer (its kernels are not the layer's parts)."""
+        if self.family.layer_parts is None:
+            return f"the {self.family.name} family cannot pause inside a layer"
+        if self.streamer is not None and self.streamer.streams_weights:
+            return "a pass can pause inside a layer only with weights that stay on the device"
+        if decode and self.fused_decode:
+            return ("a decode step through the fused decode layer cannot pause inside a layer; "
+                    "serve with [server] fused_decode = false or deterministic = true")
+        return None
+
+    def layer_parts(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> LayerParts:
+        """Decoder layer ``index`` over ``hidden`` in its family's parts (``Family.layer_parts``),
+        with the streamer's calls of ``_run_layers`` around it; ``BreakpointError`` where
+        ``inside_layer_refusal`` says no."""
+        refusal = self.inside_layer_refusal(decode=False)
+        if refusal is not None:
+            raise BreakpointError(refusal)
+        return self._parts_in_pass(index, self.family.layer_parts(self.layers[index], hidden, kwargs))
+
+    def _parts_in_pass(self, index: int, parts: LayerParts) -> LayerParts:
+        streamer = self.streamer
+        if streamer is not None:
+            if index == 0:
+                streamer.begin_pass()
+            streamer.before_layer(index)
+        out = yield from parts
+        if streamer is not None:
+            streamer.after_layer(index)
+            if index == self.num_layers - 1:
+                streamer.end_pass()
+        return out
+
     @torch.inference_mode()
     def last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head on the last position of ``hidden`` ``[1, T, hidden]``: float32 ``[vocab]``."""
@@ -1036,8 +1072,11 @@ class ForwardCursor:
     stream ``[1, T, hidden]`` after the layers run so far.
 
     A breakpoint at layer ``L`` is ``run(until=L + 1)``: ``hidden`` is then layer ``L``'s output.
-    Replace it by assignment, or edit it in place under ``torch.inference_mode()`` (it is an
-    inference tensor), before ``run()`` or ``finish()`` continue.
+    A breakpoint inside layer ``L`` is ``run_to(L, site)`` (``site`` one of ``LAYER_SITES``): the
+    layer runs in its family's parts (``Family.layer_parts``) and ``hidden`` is then that block's
+    output, before it is added to the residual stream. Replace ``hidden`` by assignment, or edit
+    it in place under ``torch.inference_mode()`` (it is an inference tensor), before ``run()``,
+    ``run_to()`` or ``finish()`` continue.
     """
 
     def __init__(
@@ -1055,35 +1094,70 @@ class ForwardCursor:
         self.layer = 0
         self.num_layers = runner.num_layers
         self.finished = False
+        #: where inside layer ``layer`` the pass stands (one of ``LAYER_SITES``), None between layers
+        self.site: str | None = None
         self._hidden = hidden  # [1, T, hidden]
         self._layer_kwargs = layer_kwargs
+        self._parts: LayerParts | None = None  # layer ``layer`` under way, paused at ``site``
+        self._part: torch.Tensor | None = None  # the output at ``site``
 
     @property
     def hidden(self) -> torch.Tensor:
-        """The residual stream ``[1, T, hidden]`` after layer ``layer - 1``."""
-        return self._hidden
+        """The residual stream ``[1, T, hidden]`` after layer ``layer - 1``, or inside layer
+        ``layer`` the output at ``site``."""
+        return self._hidden if self.site is None else self._part
 
     @hidden.setter
     def hidden(self, value: torch.Tensor) -> None:
-        if tuple(value.shape) != tuple(self._hidden.shape):
+        current = self.hidden
+        if tuple(value.shape) != tuple(current.shape):
             raise BreakpointError(
-                f"an edited activation must keep the shape {list(self._hidden.shape)}, "
-                f"not {list(value.shape)}"
+                f"an edited activation must keep the shape {list(current.shape)}, not {list(value.shape)}"
             )
-        self._hidden = value.to(device=self._hidden.device, dtype=self._hidden.dtype)
+        value = value.to(device=current.device, dtype=current.dtype)
+        if self.site is None:
+            self._hidden = value
+        else:  # the layer's parts hold this tensor: it is written in place
+            with torch.inference_mode():
+                self._part.copy_(value)
 
     @torch.inference_mode()
     def run(self, until: int | None = None) -> None:
-        """Run layers ``[layer, until)`` (to the last layer when ``until`` is None)."""
+        """Run layers ``[layer, until)`` (to the last layer when ``until`` is None), the rest of a
+        layer paused inside first."""
         stop = self.num_layers if until is None else until
-        if self.finished or not self.layer <= stop <= self.num_layers:
+        if self.finished or not self.layer + (self.site is not None) <= stop <= self.num_layers:
             raise BreakpointError(
-                f"cannot run to layer {stop}: the pass is at layer {self.layer} of "
-                f"{self.num_layers}{' and finished' if self.finished else ''}"
+                f"cannot run to layer {stop}: the pass is at layer {self.layer}"
+                f"{f' ({self.site})' if self.site else ''} of {self.num_layers}{' and finished' if self.finished else ''}"
             )
-        with self.runner._mode():
+        with self.runner._mode(), sdpa_kernel(SDPA_BACKENDS):
+            if self._parts is not None:
+                self._hidden = _rest_of(self._parts)
+                self._parts, self._part, self.site = None, None, None
+                self.layer += 1
             self._hidden = self._layers(self._hidden, self.layer, stop)
         self.layer = stop
+
+    @torch.inference_mode()
+    def run_to(self, layer: int, site: str) -> None:
+        """Run to ``site`` (one of ``LAYER_SITES``) inside layer ``layer``: the layers before it
+        whole, then that layer in parts. ``BreakpointError`` where a pass cannot pause inside a
+        layer (see ``ModelRunner.layer_parts``) or is already past the point."""
+        if site not in LAYER_SITES:
+            raise BreakpointError(f"a pause inside a layer is at one of {', '.join(LAYER_SITES)}, not {site!r}")
+        inside = self.site is not None
+        if layer < self.layer or inside and (self.layer, LAYER_SITES.index(self.site)) >= (layer, LAYER_SITES.index(site)):
+            raise BreakpointError(f"the pass is past {site} of layer {layer}")
+        if not inside or self.layer != layer:
+            self.run(layer)
+            self._parts = self._start_parts(layer, self._hidden)
+        with self.runner._mode(), sdpa_kernel(SDPA_BACKENDS):
+            while self.site != site:
+                self.site, self._part = next(self._parts)
+
+    def _start_parts(self, index: int, hidden: torch.Tensor) -> LayerParts:
+        return self.runner.layer_parts(index, hidden, self._layer_kwargs[index])
 
     def _layers(self, hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
         return self.runner._run_layers(hidden, self._layer_kwargs, first, stop)
@@ -1124,8 +1198,22 @@ class DecodeCursor(ForwardCursor):
     def _layers(self, hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
         return self.runner._decode_layers(self._step, hidden, first, stop)
 
+    def _start_parts(self, index: int, hidden: torch.Tensor) -> LayerParts:
+        if self._step.layer_kwargs is None:
+            raise BreakpointError(self.runner.inside_layer_refusal())
+        return self.runner.layer_parts(index, hidden, self._step.layer_kwargs[index])
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.runner._decode_head(hidden)[0]  # [vocab]
+
+
+def _rest_of(parts: LayerParts) -> torch.Tensor:
+    """Run a layer's parts to the end: the layer's output."""
+    try:
+        while True:
+            next(parts)
+    except StopIteration as done:
+        return done.value
 
 
 def _generate(

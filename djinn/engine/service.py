@@ -29,6 +29,7 @@ import torch
 from djinn.engine.batch import BatchEngine, EngineRequest
 from djinn.engine.kvpool import SessionKV
 from djinn.engine.models import load_model, weight_bytes
+from djinn.engine.families import LAYER_SITES
 from djinn.engine.runner import ForwardCursor, ModelRunner, outside_layers_bytes
 from djinn.kernel.backend import KVBackend
 from djinn.kernel.errors import AdmissionError, DjinnError, SessionError
@@ -38,8 +39,10 @@ log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
-#: ``on_break(session, cursor, layer, step, phase)``: awaited at every armed layer
-BreakHandler = Callable[[Session, ForwardCursor, int, int, str], Awaitable[None]]
+#: ``on_break(session, cursor, layer, step, phase, at)``: awaited at every armed point
+BreakHandler = Callable[[Session, ForwardCursor, int, int, str, str], Awaitable[None]]
+#: where a breakpoint pauses: after its layer ("output"), or inside it (``LAYER_SITES``)
+BREAK_SITES = (*LAYER_SITES, "output")
 
 
 #: ``on_token(token, logprob)`` on the event loop for every picked token, in order; ``logprob``
@@ -373,13 +376,16 @@ class ModelService(KVBackend):
         session: Session,
         input_ids: Sequence[int],
         params: SamplingParams,
-        breakpoints: Sequence[int] = (),
+        breakpoints: Sequence[int | tuple[int, str]] = (),
         on_break: BreakHandler | None = None,
         *,
         on_token: TokenHandler | None = None,
         whole_context: bool = False,
     ) -> GenerateResult:
         """Append ``input_ids`` to the session's context and generate up to ``max_new_tokens``.
+
+        ``breakpoints``: layer indices (pause after the layer) or ``(layer, at)`` pairs, ``at``
+        one of ``BREAK_SITES``; ``on_break`` is awaited at each, in every pass.
 
         The session continues after its last generated token: that token is fed before
         ``input_ids``. With ``whole_context``, ``input_ids`` is the session's entire context
@@ -388,9 +394,10 @@ class ModelService(KVBackend):
         ``on_token`` is called on the event loop for each token as it is picked.
         """
         self.check_ids(input_ids, pending=not whole_context and session in self._pending)
-        layers = sorted(set(breakpoints))
-        if layers and (layers[0] < 0 or layers[-1] >= self.runner.num_layers):
-            raise SessionError(f"breakpoint layers must be in [0, {self.runner.num_layers})")
+        points = break_points(breakpoints, self.runner.num_layers)
+        refusal = self.runner.inside_layer_refusal() if any(at != "output" for _, at in points) else None
+        if refusal is not None:
+            raise SessionError(refusal)
         if params.stop_text and self.loaded.tokenizer is None:
             raise SessionError("stop strings need a model with a tokenizer; give stop token ids")
         pending = self._pending.get(session)
@@ -417,9 +424,9 @@ class ModelService(KVBackend):
             streamed_before = self.streamer.stats() if self.streamer.streams_weights else None
             length_before = kv.length
             try:
-                if layers:
+                if points:
                     session.recomputable = False
-                    await self._generate_with_breaks(session, feed, params, layers, on_break, result, on_token)
+                    await self._generate_with_breaks(session, feed, params, points, on_break, result, on_token)
                 elif params.max_new_tokens:
                     await self._generate_batched(session, feed, params, result, on_token)
                 else:  # nothing to pick: the whole input goes into the KV
@@ -575,16 +582,17 @@ class ModelService(KVBackend):
 
     async def _generate_with_breaks(
         self, session: Session, input_ids: Sequence[int], params: SamplingParams,
-        layers: list[int], on_break: BreakHandler | None, result: GenerateResult,
+        points: list[tuple[int, str]], on_break: BreakHandler | None, result: GenerateResult,
         on_token: TokenHandler | None = None,
     ) -> None:
-        """Generate step by step, pausing after each armed layer; the model thread is free while paused.
+        """Generate step by step, pausing at each armed point; the model thread is free while paused.
 
         The computation is a lone plain generate's: the prompt in the batch engine's chunks of
         ``prefill_chunk_tokens``, each a one-session pass (``runner.begin``, what
         ``runner.prefill([kv], [chunk])`` runs for one session), then every further token one
         decode step (``runner.begin_decode``, what ``runner.decode([kv], [token])`` runs). Each
-        prompt chunk pauses at the armed layers (step 0, phase "prefill"), then each decode step.
+        prompt chunk pauses at the armed points (step 0, phase "prefill"), then each decode step;
+        a point inside a layer runs that layer in its family's parts (``ForwardCursor.run_to``).
         """
         picker = self.runner.token_picker(params.temperature, params.top_k, params.seed, params.top_p)
         stop = self._stopper(params, result)
@@ -602,13 +610,16 @@ class ModelService(KVBackend):
                 passes = [lambda token=result.tokens[-1]: runner.begin_decode(kv, token)]
             for begin in passes:
                 cursor = await self.run_model(begin)
-                for layer in layers:
-                    await self.run_model(cursor.run, layer + 1)
+                for layer, at in points:
+                    if at == "output":
+                        await self.run_model(cursor.run, layer + 1)
+                    else:
+                        await self.run_model(cursor.run_to, layer, at)
                     if on_break is not None:
                         self.kernel.plugins.notify(
-                            "djinn_breakpoint_hit", session=session.info, layer=layer, step=step, phase=phase,
+                            "djinn_breakpoint_hit", session=session.info, layer=layer, step=step, phase=phase, at=at,
                         )
-                        await on_break(session, cursor, layer, step, phase)
+                        await on_break(session, cursor, layer, step, phase, at)
                 await self.run_model(cursor.run)
                 logits = await self.run_model(cursor.finish)
             token = picker(logits)
@@ -624,6 +635,20 @@ class ModelService(KVBackend):
             if stop is not None and stop(result.tokens):
                 break
         result.decode_s = time.perf_counter() - started - result.prefill_s
+
+
+def break_points(breakpoints: Sequence[int | tuple[int, str]], num_layers: int) -> list[tuple[int, str]]:
+    """``breakpoints`` as sorted, distinct ``(layer, at)`` points (a bare layer: ``at="output"``),
+    in the order a pass meets them; ``SessionError`` for a layer out of range or an unknown site."""
+    points = set()
+    for point in breakpoints:
+        layer, at = (point, "output") if isinstance(point, int) else point
+        if not 0 <= layer < num_layers:
+            raise SessionError(f"breakpoint layers must be in [0, {num_layers})")
+        if at not in BREAK_SITES:
+            raise SessionError(f"a breakpoint is at one of {', '.join(BREAK_SITES)}, not {at!r}")
+        points.add((layer, at))
+    return sorted(points, key=lambda p: (p[0], BREAK_SITES.index(p[1])))
 
 
 def _logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:

@@ -66,9 +66,11 @@ class Breakpoints:
         self.send, self.run_model, self.plugins, self.timeout_s = send, run_model, plugins, timeout_s
 
     async def pause(
-        self, client: Any, request_id: int, session: Session, cursor: Any, layer: int, step: int, phase: str
+        self, client: Any, request_id: int, session: Session, cursor: Any, layer: int, step: int, phase: str,
+        at: str = "output",
     ) -> None:
-        """Tell ``client`` its pass stopped at ``layer`` and wait until it resumes (or times out)."""
+        """Tell ``client`` its pass stopped at ``layer`` (``at``: after it, or where inside it) and
+        wait until it resumes (or times out)."""
         loop = asyncio.get_running_loop()
         pause = Pause(session, cursor, layer, step, phase, loop.create_future())
         client.pauses[session.info.id] = pause
@@ -76,7 +78,7 @@ class Breakpoints:
         try:
             await self.send(client, Frame(
                 Op.BREAK, request_id=request_id, session_id=session.info.id,
-                meta={"layer": layer, "step": step, "phase": phase, "shape": list(hidden.shape),
+                meta={"layer": layer, "at": at, "step": step, "phase": phase, "shape": list(hidden.shape),
                       "dtype": str(hidden.dtype).removeprefix("torch.")},
             ))
             timeout = self.timeout_s

@@ -331,14 +331,10 @@ class Server:
         else:
             raise SessionError("generate needs input ids (a tensor) or text")
         params = sampling_params(meta)
-        breakpoints = meta.get("breakpoints") or []
-        if not isinstance(breakpoints, list) or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in breakpoints
-        ):
-            raise SessionError("breakpoints must be a list of layer indices")
+        breakpoints = _break_points(meta.get("breakpoints") or [])
 
-        async def on_break(sess: Session, cursor: Any, layer: int, step: int, phase: str) -> None:
-            await self.breakpoints.pause(client, frame.request_id, sess, cursor, layer, step, phase)
+        async def on_break(sess: Session, cursor: Any, layer: int, step: int, phase: str, at: str) -> None:
+            await self.breakpoints.pause(client, frame.request_id, sess, cursor, layer, step, phase, at)
 
         stream = meta.get("stream", False)
         if not isinstance(stream, bool):
@@ -426,3 +422,21 @@ def sampling_params(meta: dict[str, Any]) -> SamplingParams:
         stop_text=stop_text,
         logprobs=logprobs,
     )
+
+
+def _break_points(raw: Any) -> list[int | tuple[int, str]]:
+    """A GENERATE's ``breakpoints``: layer indices, or ``{"layer": L, "at": site}`` objects."""
+    if not isinstance(raw, list):
+        raise SessionError("breakpoints must be a list")
+    points: list[int | tuple[int, str]] = []
+    for item in raw:
+        if isinstance(item, dict) and set(item) <= {"layer", "at"}:
+            layer, at = item.get("layer"), item.get("at", "output")
+            if isinstance(layer, int) and not isinstance(layer, bool) and isinstance(at, str):
+                points.append((layer, at))
+                continue
+        elif isinstance(item, int) and not isinstance(item, bool):
+            points.append(item)
+            continue
+        raise SessionError('breakpoints must be layer indices or {"layer": index, "at": site} objects')
+    return points
