@@ -120,3 +120,22 @@ def test_deterministic_benchmark_smoke(tmp_path):
                for case in ("together", "crowd", "chunked", "moved"))
     assert set(report["summary"]["invariance"]["default"]) == {"together", "crowd", "chunked", "moved"}
     assert set(report["summary"]["deterministic_over_default"]) == {"1@80", "4@80"}
+
+
+def test_exp3_smoke(tmp_path, capsys):
+    from eval.exp3_interactivity import run as exp3
+
+    out = tmp_path / "exp3.json"
+    exp3.main(["--smoke", "--sequences", "2", "--new-tokens", "4", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["command"].endswith(f"--new-tokens 4 --out {out}") and report["commit"]
+    assert (tmp_path / "exp3.png").exists()
+    rob, steer = report["robustness"]["summary"], report["steering"]["summary"]
+    sequences = report["config"]["sequences"]
+    # unmodified resumes are exact from either client; the one in its own process ran every hit and PING
+    assert rob["exact_sequences"] == rob["client_process_exact_sequences"] == sequences
+    hits = sequences * report["config"]["new_tokens"] * len(report["config"]["robust_layers"])
+    assert rob["resume"]["n"] == rob["client_process_resume"]["n"] == hits
+    assert rob["client_process_ping"]["n"] == report["config"]["ping_samples"]
+    assert steer["client_process_scale_resume"]["n"] == steer["client_process_resume"]["n"] == steer["resume"]["n"]
+    assert "client in its own process" in capsys.readouterr().out

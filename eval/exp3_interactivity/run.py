@@ -7,9 +7,11 @@
     layers 8, 16, 24 and unmodified resume: token accuracy against the same request without
     breakpoints; the client round trip of ``resume()`` beside a PING round trip (the dispatch
     floor) and beside the time a non-resident design would spend moving the session's KV over
-    PCIe (KV bytes / 54.9e9 B/s).
+    PCIe (KV bytes / 54.9e9 B/s). The round trips are measured twice: from a client in this
+    process (sharing the interpreter with the server) and from one in a process of its own.
 (b) steering: ``random:gpt2``, pause at layer 6, ``scale(0.9)``, resume: did the output change,
-    the share of diverging tokens, and the cost of scale + resume against a plain resume.
+    the share of diverging tokens, and the cost of scale + resume against a plain resume (from
+    both clients).
 (c) isolation: a second connection's generate latency while no session is paused and while
     another session sits paused at a breakpoint.
 (d) no-breakpoint overhead: the same model's greedy generate in process (the runner alone)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -127,14 +130,15 @@ def ping_round_trips(client: Client, count: int) -> list[float]:
 
 
 def traced_run(client: Client, prompt: list[int], new_tokens: int, layers: tuple[int, ...],
-               edit: Callable[[Any], None] | None, server: BackgroundServer) -> dict[str, Any]:
-    """Generate with breakpoints; time each hit's (edit +) resume; read the session's KV bytes while paused."""
+               edit: Callable[[Any], None] | None, server: BackgroundServer | None = None) -> dict[str, Any]:
+    """Generate with breakpoints; time each hit's (edit +) resume; with ``server`` (in this
+    process), read the session's KV bytes while paused."""
     session = client.model().session()
     resume_s: list[float] = []
     kv_bytes = 0
     trace = session.trace(prompt, new_tokens, breakpoints=layers)
     for hit in trace:
-        if not kv_bytes:
+        if not kv_bytes and server is not None:
             kv_bytes = server.call(lambda: server.kernel.get(session.id).info.kv_bytes)
 
         def act(hit=hit) -> None:
@@ -146,6 +150,26 @@ def traced_run(client: Client, prompt: list[int], new_tokens: int, layers: tuple
     tokens = trace.result.tokens
     session.close()
     return {"tokens": tokens, "resume_s": resume_s, "kv_bytes": kv_bytes}
+
+
+def _rounds_in_this_process(url: str, prompts: list[list[int]], new_tokens: int, layers: tuple[int, ...],
+                            factor: float | None, ping_samples: int) -> dict[str, Any]:
+    with connect(url) as client:
+        runs = [traced_run(client, prompt, new_tokens, layers, None) for prompt in prompts]
+        steered = [traced_run(client, prompt, new_tokens, layers, lambda hit: hit.scale(factor))
+                   for prompt in prompts] if factor is not None else []
+        return {"tokens": [r["tokens"] for r in runs], "resume_s": [t for r in runs for t in r["resume_s"]],
+                "scale_resume_s": [t for r in steered for t in r["resume_s"]],
+                "ping_s": ping_round_trips(client, ping_samples)}
+
+
+def client_process_rounds(url: str, prompts: list[list[int]], new_tokens: int, layers: tuple[int, ...],
+                          factor: float | None, ping_samples: int) -> dict[str, Any]:
+    """The traces' resume (and, with ``factor``, scale + resume) round trips and PINGs from a client
+    in a process of its own, as a user's client is: an in-process client shares the server's
+    interpreter lock with the model thread, which starts computing as soon as a resume is answered."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_rounds_in_this_process, (url, prompts, new_tokens, layers, factor, ping_samples))
 
 
 def plain_run(client: Client, prompt: list[int], new_tokens: int) -> dict[str, Any]:
@@ -172,12 +196,15 @@ def robustness(server: BackgroundServer, client: Client, cfg: Exp3Config, prompt
     resume = [s for r in runs for s in r["resume_s"]]
     ping = ping_round_trips(client, cfg.ping_samples)
     kv = max(r["kv_bytes"] for r in runs)
+    apart = client_process_rounds(server.url("tcp"), prompts, cfg.new_tokens, cfg.robust_layers, None, cfg.ping_samples)
     return {
-        "runs": runs, "ping_s": ping,
+        "runs": runs, "ping_s": ping, "client_process": apart,
         "summary": {
             "token_accuracy": statistics.fmean(r["accuracy"] for r in runs),
             "exact_sequences": sum(r["accuracy"] == 1.0 for r in runs), "sequences": len(runs),
             "resume": summary_of(resume), "ping": summary_of(ping),
+            "client_process_exact_sequences": sum(t == r["plain_tokens"] for t, r in zip(apart["tokens"], runs)),
+            "client_process_resume": summary_of(apart["resume_s"]), "client_process_ping": summary_of(apart["ping_s"]),
             "session_kv_bytes": kv, "kv_over_pcie_ms": kv / PCIE_BYTES_PER_S * 1e3,
         },
     }
@@ -239,13 +266,18 @@ def steering(server: BackgroundServer, client: Client, cfg: Exp3Config, prompts:
                      "divergence": 1.0 - agreement(plain["tokens"], steered["tokens"])})
     resume = [s for r in runs for s in r["resume_s"]]
     scale_resume = [s for r in runs for s in r["scale_resume_s"]]
+    apart = client_process_rounds(server.url("tcp"), prompts, cfg.new_tokens, layers, cfg.steer_factor, 0)
     return {
-        "runs": runs,
+        "runs": runs, "client_process": apart,
         "summary": {
             "changed_sequences": sum(r["divergence"] > 0 for r in runs), "sequences": len(runs),
             "token_divergence_pct": 100 * statistics.fmean(r["divergence"] for r in runs),
             "resume": summary_of(resume), "scale_resume": summary_of(scale_resume),
             "steering_overhead_ms": percentile(scale_resume, 50) * 1e3 - percentile(resume, 50) * 1e3,
+            "client_process_resume": summary_of(apart["resume_s"]),
+            "client_process_scale_resume": summary_of(apart["scale_resume_s"]),
+            "client_process_steering_overhead_ms":
+                percentile(apart["scale_resume_s"], 50) * 1e3 - percentile(apart["resume_s"], 50) * 1e3,
         },
     }
 
@@ -328,13 +360,16 @@ def table(report: dict[str, Any]) -> str:
         rows += [("(a) token accuracy", f"{rob['token_accuracy']:.4f} ({rob['exact_sequences']}/{rob['sequences']} exact)"),
                  ("(a) resume p50 / p99", f"{ms(rob['resume']['p50_ms'])} / {ms(rob['resume']['p99_ms'])}"),
                  ("(a) PING p50 (floor)", ms(rob["ping"]["p50_ms"])),
+                 ("(a) client in its own process: resume / PING p50",
+                  f"{ms(rob['client_process_resume']['p50_ms'])} / {ms(rob['client_process_ping']['p50_ms'])}"),
                  ("(a) session KV / PCIe", f"{rob['session_kv_bytes']} B -> {ms(rob['kv_over_pcie_ms'])}")]
     steer = report["steering"].get("summary")
     if steer:
         rows += [("(b) output changed", f"{steer['changed_sequences']}/{steer['sequences']} sequences"),
                  ("(b) token divergence", f"{steer['token_divergence_pct']:.1f} %"),
                  ("(b) resume / scale+resume p50", f"{ms(steer['resume']['p50_ms'])} / {ms(steer['scale_resume']['p50_ms'])}"),
-                 ("(b) steering overhead", ms(steer["steering_overhead_ms"]))]
+                 ("(b) steering overhead", ms(steer["steering_overhead_ms"])),
+                 ("(b) steering overhead, client in its own process", ms(steer["client_process_steering_overhead_ms"]))]
     iso = report["isolation"].get("summary")
     if iso:
         rows.append(("(c) other session p50: free / paused",
