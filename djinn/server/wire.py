@@ -64,9 +64,13 @@ class Op(enum.IntEnum):
     RESULT = 14
     #: tokens of a streaming generate as they are picked, before its RESULT
     TOKEN = 15
+    #: a pass paused at a breakpoint: ``layer``, ``at``, ``step``, ``phase``, ``shape``, ``dtype``
     BREAK = 20
+    #: read the paused activation (``what``: "stats" or "fetch"), after ``edits`` (see ``Breakpoints``)
     INSPECT = 21
+    #: one edit of it: ``op`` "scale" with ``factor``, or "set" / "add" with one tensor
     EDIT = 22
+    #: let the paused pass continue, after ``edits``
     RESUME = 23
     STATUS = 30
     PING = 31
