@@ -34,7 +34,7 @@ import transformers
 
 from djinn.engine.batch import BatchEngine, EngineRequest, run_to_completion
 from djinn.engine.models import load_model, weight_bytes
-from djinn.engine.runner import DECODE_ATTENTION, ModelRunner, greedy_generate
+from djinn.engine.runner import DECODE_ATTENTION, KV_FP8_DTYPES, ModelRunner, greedy_generate
 from eval.report import result_header
 
 GiB = 1 << 30
@@ -259,9 +259,12 @@ def _median_ms(samples: list[float]) -> float:
 @click.option("--decode-attention", type=click.Choice(DECODE_ATTENTION), default=None,
               help="how decode steps attend (default: paged on CUDA, masked on the CPU)")
 @click.option("--cpu-pool-gb", default=4.0, help="KV pool size on CPU (on CUDA: free memory less 3 GiB)")
+@click.option("--kv-dtype", type=click.Choice(["auto", "fp8_e4m3"]), default="auto",
+              help="how the KV pool stores keys and values ([memory] kv_dtype)")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(model_name: str, context: int, new_tokens: int, sessions: int, batches: str, steps: int,
-         chunks: str, agreement: int, anchors: bool, device: str, decode_attention: str | None, cpu_pool_gb: float, out: Path) -> None:
+         chunks: str, agreement: int, anchors: bool, device: str, decode_attention: str | None, cpu_pool_gb: float,
+         kv_dtype: str, out: Path) -> None:
     """Run (a)-(d) and the anchors; write one JSON result file and print a table."""
     cuda = device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -295,7 +298,9 @@ def main(model_name: str, context: int, new_tokens: int, sessions: int, batches:
         report["transformers"] = bench_transformers(loaded.model, context, new_tokens, sessions)
         torch.cuda.empty_cache()
         save("anchors")
-    runner = ModelRunner(loaded, device=device, decode_attention=decode_attention)
+    runner = ModelRunner(loaded, device=device, decode_attention=decode_attention,
+                         kv_dtype=None if kv_dtype == "auto" else KV_FP8_DTYPES[0])
+    report["config"]["kv_dtype"] = str(runner.pool.dtype)
     report["config"]["decode_attention"] = runner.decode_attention
     report["config"]["fused_decode"] = runner.fused_decode
     free = torch.cuda.mem_get_info()[0] - 3 * GiB if cuda else int(cpu_pool_gb * GiB)

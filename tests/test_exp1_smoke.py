@@ -138,3 +138,13 @@ def test_merge_puts_separate_runs_side_by_side() -> None:
     assert "trace" not in run_module.merge([traced], ["t"])["points"][0]
     with pytest.raises(ValueError, match="another model or workload"):
         run_module.merge([_report("lru", [(8, True)]), _report("lru", [(8, True)], {"iterations": 2})], ["a", "b"])
+
+
+def test_every_shipped_config_loads_and_reaches_the_server_config() -> None:
+    configs = sorted(SMOKE.parent.glob("*.toml"))
+    assert {p.name for p in configs} >= {"smoke.toml", "hero.toml", "hero_fp8.toml"}
+    for path in configs:
+        experiment = load_experiment(path)
+        server = run_module.djinn_config(experiment, experiment.sweep.schedulers[0])
+        assert server.memory.kv_dtype == ("fp8_e4m3" if path.name == "hero_fp8.toml" else "auto")
+        assert server.model.name == experiment.model.name

@@ -21,6 +21,7 @@ import attrs
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from djinn.engine.kvpool import store_slots
 from djinn.engine.models import LoadedModel
 from djinn.kernel.errors import ModelError
 
@@ -202,8 +203,8 @@ def rotary_decode_layer(
     v = v.view(batch, 1, -1, dim)  # [B, 1, H_kv, D]
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    keys.index_copy_(0, write, k[:, :, 0])
-    values.index_copy_(0, write, v[:, 0])
+    store_slots(keys, write, k[:, :, 0])
+    store_slots(values, write, v[:, 0])
     out = attend(
         q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], block_mask=block_mask,
         scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1],

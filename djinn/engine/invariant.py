@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from djinn.engine.kvpool import load_slots
 from djinn.kernel.errors import ModelError
 
 #: rows of every tiled GEMM and row reduction; at batch 1 a decode step's GEMMs still read their
@@ -186,7 +187,7 @@ def _gather(layer: torch.Tensor, blocks: torch.Tensor, block_tokens: int) -> tup
     """Keys and values ``[..., K, H_kv, D]`` of ``blocks`` ``[..., K / block]`` in their order."""
     within = torch.arange(block_tokens, device=blocks.device)
     slots = (blocks.long()[..., None] * block_tokens + within).flatten(-2)  # [..., K]
-    return layer[0][slots], layer[1][slots]
+    return load_slots(layer[0], slots), load_slots(layer[1], slots)
 
 
 def decode_attention(

@@ -26,6 +26,23 @@ import torch
 from djinn.kernel.errors import AdmissionError
 
 SCRATCH_BLOCK = 0
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """The same elements as bytes where the dtype is a one-byte float (fp8), whose indexing kernels
+    PyTorch does not implement on every device; otherwise ``tensor`` itself."""
+    return tensor.view(torch.uint8) if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1 else tensor
+
+
+def store_slots(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[slots] = src`` along the first dimension, ``src`` rounded to ``dst``'s dtype."""
+    _raw(dst).index_copy_(0, slots, _raw(src.to(dst.dtype)))
+
+
+def load_slots(src: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``src[slots]`` along the first dimension (any index shape), in ``dtype`` (default: ``src``'s)."""
+    picked = _raw(src)[slots].view(src.dtype)
+    return picked if dtype is None else picked.to(dtype)
 #: elements of one layer's K or V view at most. Inductor indexes a larger view with 64-bit offsets,
 #: and the flex_attention decoding kernel then fails to compile (torch 2.11). A small model on a large
 #: GPU reaches it (tiny-llama at 64 GiB of KV); Llama-2-7B only past 256 GiB

@@ -53,7 +53,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from djinn.kernel.errors import BreakpointError, ModelError
-from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV
+from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV, load_slots, store_slots
 from djinn.engine.families import LAYER_SITES, LayerParts, family_of, pack_projections, rotary_decode_layer
 from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
@@ -100,12 +100,13 @@ class _PoolCache:
         (without ``gather``: the given states, for an attention that reads the pool itself)."""
         new, slots = self._slots()
         layer = self.pool.tensor[layer_idx]  # [2, slots, H_kv, D]
-        layer[0].index_copy_(0, new, key_states[0].transpose(0, 1))
-        layer[1].index_copy_(0, new, value_states[0].transpose(0, 1))
+        store_slots(layer[0], new, key_states[0].transpose(0, 1))
+        store_slots(layer[1], new, value_states[0].transpose(0, 1))
         if not self.gather:
             return key_states, value_states
-        keys = layer[0].index_select(0, slots).transpose(0, 1).unsqueeze(0)
-        values = layer[1].index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        # read back from the pool, so every token attends to the stored (for fp8 KV: rounded) keys
+        keys = load_slots(layer[0], slots, key_states.dtype).transpose(0, 1).unsqueeze(0)
+        values = load_slots(layer[1], slots, value_states.dtype).transpose(0, 1).unsqueeze(0)
         return keys, values
 
     def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,10 +152,11 @@ class _BatchCache:
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``[B, H_kv, 1, D]`` keys and values; return views ``[1, H_kv, slots, D]`` of the pool."""
+        """Store ``[B, H_kv, 1, D]`` keys and values; return views ``[1, H_kv, slots, D]`` of the pool
+        (in the pool's dtype)."""
         layer = self.pool.tensor[layer_idx]  # [2, slots, H_kv, D]
-        layer[0].index_copy_(0, self.write, key_states[:, :, 0])
-        layer[1].index_copy_(0, self.write, value_states[:, :, 0])
+        store_slots(layer[0], self.write, key_states[:, :, 0])
+        store_slots(layer[1], self.write, value_states[:, :, 0])
         return (
             layer[0, : self.slots].transpose(0, 1).unsqueeze(0),
             layer[1, : self.slots].transpose(0, 1).unsqueeze(0),
@@ -185,6 +187,7 @@ def batched_decode_attention(
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads
+    key, value = key.to(query.dtype), value.to(query.dtype)  # an fp8 pool's keys, expanded for SDPA
     grouped = query[:, :, 0].reshape(batch, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * batch, dim)
     out = torch.nn.functional.scaled_dot_product_attention(
         grouped, key, value, attn_mask=attention_mask, scale=scaling
@@ -298,6 +301,10 @@ RUNNER_ATTENTION = "djinn"
 AttentionInterface.register(RUNNER_ATTENTION, runner_attention)
 #: how a batched decode step attends: over each row's own blocks, or over all slots under a mask
 DECODE_ATTENTION = ("paged", "masked")
+#: the one-byte KV dtype (``kv_dtype``): keys and values rounded to e4m3 as they are stored, with
+#: no scale (their range, a few units, sits well inside e4m3's 448), and read back in the
+#: compute dtype; flex_attention reads them as they are, SDPA and the tiled kernels after a cast
+KV_FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
 def _paged_mask_mod(inputs: _StepInputs, window: int | None) -> Callable[..., torch.Tensor]:
@@ -455,6 +462,7 @@ class ModelRunner:
         decode_attention: str | None = None,
         fused_decode: bool | None = None,
         deterministic: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.family = family = family_of(loaded)
         model, config = loaded.model, loaded.config
@@ -486,7 +494,10 @@ class ModelRunner:
         self.hidden_size: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
         self.dtype = family.embed_tokens.weight.dtype
-        self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype.itemsize
+        kv_dtype = self.dtype if kv_dtype is None else kv_dtype
+        if kv_dtype not in (self.dtype, *KV_FP8_DTYPES):
+            raise ModelError(f"the KV pool stores the model's dtype or {KV_FP8_DTYPES[0]}, not {kv_dtype}")
+        self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * kv_dtype.itemsize
         self._additive_mask = self.dtype if attention == "eager" else None
         self._use_runner_attention(
             attention, invariant.flex_kernel_options(block_tokens) if self.decode_attention == "paged" and deterministic else None
@@ -494,7 +505,7 @@ class ModelRunner:
         self._windows = family.windows
         self.pool = KVPool(
             self.num_layers, self.kv_heads, self.head_dim,
-            dtype=self.dtype, device=self.device, block_tokens=block_tokens,
+            dtype=kv_dtype, device=self.device, block_tokens=block_tokens,
         )
         moves_weights = streamer is not None and streamer.streams_weights
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights

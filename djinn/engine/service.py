@@ -30,7 +30,7 @@ from djinn.engine.batch import BatchEngine, EngineRequest
 from djinn.engine.kvpool import SessionKV
 from djinn.engine.models import load_model, weight_bytes
 from djinn.engine.families import LAYER_SITES
-from djinn.engine.runner import ForwardCursor, ModelRunner, outside_layers_bytes
+from djinn.engine.runner import KV_FP8_DTYPES, ForwardCursor, ModelRunner, outside_layers_bytes
 from djinn.kernel.backend import KVBackend
 from djinn.kernel.errors import AdmissionError, DjinnError, SessionError
 from djinn.kernel.kernel import Kernel, Session, settled
@@ -149,6 +149,7 @@ class ModelService(KVBackend):
             decode_attention=None if config.server.decode_attention == "auto" else config.server.decode_attention,
             fused_decode=None if config.server.fused_decode or config.server.deterministic else False,
             deterministic=config.server.deterministic,
+            kv_dtype=None if config.memory.kv_dtype == "auto" else KV_FP8_DTYPES[0],
         )
         weights = self.runner.device_weight_bytes()
         if not self.memory.try_reserve("weights", weights):
@@ -276,7 +277,7 @@ class ModelService(KVBackend):
 
     def _host_kv(self, kv: SessionKV, raw: torch.Tensor) -> torch.Tensor:
         """A tier's bytes as the session's KV in host layout ``[L, 2, capacity, H_kv, D]``."""
-        return raw[: kv.nbytes].view(self.runner.dtype).view(kv.host_shape())
+        return raw[: kv.nbytes].view(self.runner.pool.dtype).view(kv.host_shape())
 
     async def copy_out(self, kv: SessionKV, host: torch.Tensor) -> None:
         """Copy the KV to the tier, after the compute queued (no step may still be writing it)."""

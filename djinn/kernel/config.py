@@ -110,6 +110,8 @@ class MemorySettings:
     kv_block_tokens: int = attrs.field(default=64, validator=gt(0))
     #: GPU memory kept out of the KV pool for activations and captured graphs (CUDA only)
     workspace_gb: float = attrs.field(default=1.5, validator=ge(0))
+    #: how the KV pool stores keys and values: auto (the model's dtype) | fp8_e4m3 (one byte each)
+    kv_dtype: str = attrs.field(default="auto", validator=in_(("auto", "fp8_e4m3")))
 
 
 _TABLES: dict[str, type] = {

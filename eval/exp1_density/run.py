@@ -78,12 +78,14 @@ class ModelSpec:
 
 @attrs.frozen
 class MemorySpec:
-    """``[memory]``: the GPU budget (0 = the device's free memory), the pinned host tier's size and
-    the workspace the kernel sets aside in the budget on CUDA (the server's default unless given)."""
+    """``[memory]``: the GPU budget (0 = the device's free memory), the pinned host tier's size,
+    the workspace the kernel sets aside in the budget on CUDA (the server's default unless given)
+    and how the KV pool stores keys and values (``kv_dtype``, as the server's)."""
 
     gpu_memory_budget_gb: float = attrs.field(default=0.0, validator=_non_negative)
     pinned_host_capacity_gb: float = attrs.field(default=4.0, validator=_positive)
     workspace_gb: float = attrs.field(default=MemorySettings().workspace_gb, validator=_non_negative)
+    kv_dtype: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp8_e4m3")))
 
 
 @attrs.frozen
@@ -163,7 +165,7 @@ def djinn_config(experiment: ExperimentConfig, scheduler: str) -> DjinnConfig:
         server=ServerSettings(port=0, metrics_port=0),
         model=ModelSettings(name=experiment.model.name, dtype=experiment.model.dtype),
         memory=MemorySettings(gpu_memory_budget_gb=experiment.memory.gpu_memory_budget_gb,
-                              workspace_gb=experiment.memory.workspace_gb),
+                              workspace_gb=experiment.memory.workspace_gb, kv_dtype=experiment.memory.kv_dtype),
         settings={"pinned_host": {"capacity_gb": experiment.memory.pinned_host_capacity_gb}},
     )
 
