@@ -43,6 +43,8 @@ def load_slots(src: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype | None
     """``src[slots]`` along the first dimension (any index shape), in ``dtype`` (default: ``src``'s)."""
     picked = _raw(src)[slots].view(src.dtype)
     return picked if dtype is None else picked.to(dtype)
+
+
 #: elements of one layer's K or V view at most. Inductor indexes a larger view with 64-bit offsets,
 #: and the flex_attention decoding kernel then fails to compile (torch 2.11). A small model on a large
 #: GPU reaches it (tiny-llama at 64 GiB of KV); Llama-2-7B only past 256 GiB

@@ -302,7 +302,7 @@ AttentionInterface.register(RUNNER_ATTENTION, runner_attention)
 #: how a batched decode step attends: over each row's own blocks, or over all slots under a mask
 DECODE_ATTENTION = ("paged", "masked")
 #: the one-byte KV dtype (``kv_dtype``): keys and values rounded to e4m3 as they are stored, with
-#: no scale (their range, a few units, sits well inside e4m3's 448), and read back in the
+#: no scale (e4m3 spans +-448 and keeps 3 mantissa bits down to 2**-6), and read back in the
 #: compute dtype; flex_attention reads them as they are, SDPA and the tiled kernels after a cast
 KV_FP8_DTYPES = (torch.float8_e4m3fn,)
 
@@ -447,6 +447,8 @@ class ModelRunner:
     ``BatchInvariantMode``; decode attention by the paged kernel with ``invariant.flex_kernel_options``
     on CUDA (``invariant.decode_attention`` elsewhere), prefill attention by
     ``invariant.prefill_attention``; so a session's tokens do not depend on what else shares its passes.
+    ``kv_dtype``: how the KV pool stores keys and values, the model's dtype (None) or one of
+    ``KV_FP8_DTYPES``.
     """
 
     def __init__(
