@@ -20,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from djinn.cluster.router import Backend, Router
 from djinn.kernel.errors import DjinnError
-from djinn.server.openai_api import MAX_BODY_BYTES, SESSION_HEADER, ApiError, require_token
+from djinn.server.openai_api import MAX_BODY_BYTES, SESSION_HEADER, ApiError, api_errors, listen
 
 log = logging.getLogger(__name__)
 
 #: response headers passed back to the client (the rest belong to the hop)
 _PASSED_HEADERS = ("Content-Type", "Cache-Control", SESSION_HEADER)
+
+
+def _unavailable(exc: DjinnError) -> ApiError:
+    """A router's own failure (no server can take the request, one is gone): 503."""
+    return ApiError(503, str(exc), type="server_error", code=exc.code)
 
 
 class HttpRouter:
@@ -45,7 +49,7 @@ class HttpRouter:
         self._client: ClientSession | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[api_errors(self.token, _unavailable)], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics/vmu", self.status)
         app.router.add_get("/v1/models", self.anywhere)
@@ -60,11 +64,7 @@ class HttpRouter:
         """Listen; the bound port."""
         # no total timeout: a streamed completion lasts as long as it generates
         self._client = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10))
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await listen(self.app(), self.host, self.port)
         return self.port
 
     async def close(self) -> None:
@@ -72,20 +72,6 @@ class HttpRouter:
             await self._runner.cleanup()
         if self._client is not None:
             await self._client.close()
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        try:
-            require_token(request, self.token)
-            return await handler(request)
-        except ApiError as exc:
-            return exc.response()
-        except DjinnError as exc:
-            return ApiError(503, str(exc), type="server_error", code=exc.code).response()
-        except web.HTTPException as exc:
-            if exc.status == 413:
-                return ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes").response()
-            return ApiError(exc.status, exc.reason or "not found").response()
 
     # ------------------------------------------------------------------ routes
 

@@ -1144,9 +1144,10 @@ class ForwardCursor:
                 f"cannot run to layer {stop}: the pass is at layer {self.layer}"
                 f"{f' ({self.site})' if self.site else ''} of {self.num_layers}{' and finished' if self.finished else ''}"
             )
-        with self.runner._mode(), sdpa_kernel(SDPA_BACKENDS):
+        with self.runner._mode():
             if self._parts is not None:
-                self._hidden = _rest_of(self._parts)
+                with sdpa_kernel(SDPA_BACKENDS):  # as _run_layers runs whole layers
+                    self._hidden = _rest_of(self._parts)
                 self._parts, self._part, self.site = None, None, None
                 self.layer += 1
             self._hidden = self._layers(self._hidden, self.layer, stop)

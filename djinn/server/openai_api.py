@@ -75,6 +75,43 @@ def require_token(request: web.Request, token: str | None) -> None:
                            type="authentication_error", code="invalid_api_key")
 
 
+def api_errors(token: str | None, from_djinn: Callable[[DjinnError], ApiError]) -> Callable:
+    """aiohttp middleware: the bearer-token check (``require_token``), then every failure as an
+    OpenAI error object (a ``DjinnError`` through ``from_djinn``), so one request fails and the
+    server serves on. Shared by the server's API and the cluster router's."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+        try:
+            require_token(request, token)
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes").response()
+            return ApiError(exc.status, exc.reason or "not found",
+                            type="invalid_request_error" if exc.status < 500 else "server_error").response()
+        except DjinnError as exc:
+            return from_djinn(exc).response()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one request fails, the server serves on
+            log.exception("HTTP request %s %s failed", request.method, request.path)
+            return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+    return errors
+
+
+async def listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (0: any free port); its runner and the bound port."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
@@ -138,7 +175,7 @@ class OpenAIServer:
 
     def app(self) -> web.Application:
         """The aiohttp application with every route."""
-        app = web.Application(middlewares=[self._errors], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[api_errors(self.token, _from_djinn)], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/metrics/vmu", self.metrics_vmu)
@@ -165,11 +202,7 @@ class OpenAIServer:
 
             self._collector = VmuCollector(snapshot)
             self.kernel.metrics_registry.register(self._collector)
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the bound port when 0 was asked
+        self._runner, self.port = await listen(self.app(), self.host, self.port)
         self._reaper = asyncio.create_task(self._expire_sessions(), name="djinn-http-sessions")
         return self.port
 
@@ -203,27 +236,6 @@ class OpenAIServer:
             log.exception("closing HTTP session %s failed", entry.id)
 
     # ------------------------------------------------------------------ plumbing
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        """Token check, then every failure as an OpenAI error object; the server serves on."""
-        try:
-            require_token(request, self.token)
-            return await handler(request)
-        except ApiError as exc:
-            return exc.response()
-        except web.HTTPException as exc:
-            if exc.status == 413:
-                return ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes").response()
-            return ApiError(exc.status, exc.reason or "not found",
-                            type="invalid_request_error" if exc.status < 500 else "server_error").response()
-        except DjinnError as exc:
-            return _from_djinn(exc).response()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one request fails, the server serves on
-            log.exception("HTTP request %s %s failed", request.method, request.path)
-            return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         try:
