@@ -146,5 +146,49 @@ def test_every_shipped_config_loads_and_reaches_the_server_config() -> None:
     for path in configs:
         experiment = load_experiment(path)
         server = run_module.djinn_config(experiment, experiment.sweep.schedulers[0])
-        assert server.memory.kv_dtype == ("fp8_e4m3" if path.name == "hero_fp8.toml" else "auto")
+        assert server.memory.kv_dtype == ("fp8_e4m3" if "fp8" in path.name else "auto")
         assert server.model.name == experiment.model.name
+        assert server.plugins.tiers == (("pinned_host", "disk") if experiment.memory.disk_capacity_gb else ("pinned_host",))
+
+
+def test_arrivals_within_a_window_and_planned_faults() -> None:
+    workload = attrs.evolve(load_experiment(SMOKE).workload, arrival_window_s=3.0, fault_fraction=0.05, iterations=5)
+    delays = run_module.arrival_delays(workload, 400)
+    assert delays == sorted(delays) and 0 <= delays[0] and delays[-1] <= 3.0 and delays[-1] > 2.5
+    poisson = run_module.arrival_delays(attrs.evolve(workload, arrival_window_s=0.0, arrival_rate=100.0), 400)
+    assert poisson[0] == 0.0 and 2.0 < poisson[-1] < 6.0  # 400 arrivals at 100 per second
+    faults = run_module.plan_faults(workload, 400)
+    assert len(faults) == 20 and faults == run_module.plan_faults(workload, 400)
+    assert {f.mode for f in faults.values()} == {"generate", "restore"}
+    assert all(f.iteration >= 1 for f in faults.values() if f.mode == "restore")
+    assert all(0 <= f.iteration < 5 for f in faults.values())
+    one_turn = attrs.evolve(workload, iterations=1)
+    assert {f.mode for f in run_module.plan_faults(one_turn, 400).values()} == {"generate"}
+
+
+def test_agents_dropping_mid_request_fail_no_one_and_leak_nothing(tmp_path: Path) -> None:
+    smoke = load_experiment(SMOKE)
+    experiment = attrs.evolve(
+        smoke,
+        # a pinned tier of about one session (128 KiB), so the disk tier below it takes the rest
+        memory=attrs.evolve(smoke.memory, pinned_host_capacity_gb=0.0002, disk_capacity_gb=0.0625,
+                            disk_path=str(tmp_path / "kv.bin")),
+        workload=attrs.evolve(smoke.workload, request_timeout_s=120.0, arrival_window_s=0.3, fault_fraction=0.25,
+                              iterations=3),
+        sweep=attrs.evolve(smoke.sweep, p99_limit_s=120.0, sample_every_s=0.02),
+    )
+    out = tmp_path / "faults.json"
+    run(experiment, out, schedulers=("semantic",), agent_counts=(8,), plots=False, progress=False)
+    point = json.loads(out.read_text())["points"][0]
+    summary = point["summary"]
+    assert [f["mode"] for f in point["faults"]] == ["generate", "restore"] and summary["faults"] == 2
+    dropped = {f["agent"]: f["iteration"] for f in point["faults"]}
+    # the six others ran every iteration, the dropped ones those before their fault
+    assert summary["failures"] == 0
+    assert summary["iterations"] == 6 * 3 + sum(dropped.values()) == len(point["samples"])
+    assert all(s["iteration"] < dropped.get(s["agent"], 3) for s in point["samples"])
+    assert summary["leaked_bytes"] == 0 and summary["leaked_pool_blocks"] == 0
+    assert summary["leaked_tier_allocations"] == 0 and point["books_after"]["sessions"] == 0
+    assert summary["peak_sessions"] >= 2
+    assert summary["peak_tier_bytes_by_tier"].get("disk", 0) > 0
+    assert {m["sessions"] for m in point["memory"]} and "tiers" in point["memory"][0]

@@ -6,11 +6,18 @@
 For each scheduler, one server (kernel + TCP listener on a background thread, in this process)
 serves every agent count N in ascending order; it is empty (every session closed) at the start
 of each point, and each point reports its own share of the server's counters. Agents arrive by a
-Poisson process and each runs K iterations: [COMPUTE ->] append a tool result (T random tokens;
+Poisson process (or all N within ``arrival_window_s``) and each runs K iterations: [COMPUTE ->] append a tool result (T random tokens;
 the first iteration sends the C-token prompt instead) -> generate G tokens -> IO_WAIT with
 ``expected_s`` = the drawn think time -> sleep U(a, b) s. An iteration slower than
 ``request_timeout_s`` or one that errors is a failure (the agent then disconnects). The sweep of
 a scheduler stops at the first N with a failure or a P99 iteration latency above the limit.
+
+Faults: with ``fault_fraction`` > 0 that share of the agents drops its connection once, at a
+drawn iteration, either mid-generate (a while after sending GENERATE) or mid-restore (right after
+COMPUTE and GENERATE at an iteration after a tool call, while its KV may be coming back from a
+tier). Their dropped iterations are not failures; every other agent's are. After every point the
+server's books (KV bytes, tier bytes and allocations, pool blocks) are read once every session
+has closed: what they hold then is leaked.
 
 Per iteration: latency (COMPUTE signal sent -> reply with the last token), wake latency
 (COMPUTE -> first token), the server's queue and restore time. Wake latency is the latency less
@@ -44,6 +51,7 @@ from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from eval.bench_transport import hardware
+from eval.reliability.run import idle_books
 from eval.report import library_versions
 
 SCHEDULERS = ("static", "lru", "recompute", "semantic")
@@ -86,6 +94,10 @@ class MemorySpec:
     pinned_host_capacity_gb: float = attrs.field(default=4.0, validator=_positive)
     workspace_gb: float = attrs.field(default=MemorySettings().workspace_gb, validator=_non_negative)
     kv_dtype: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "fp8_e4m3")))
+    #: a disk tier below the pinned one (0: none); a full pinned tier demotes its coldest sessions there
+    disk_capacity_gb: float = attrs.field(default=0.0, validator=_non_negative)
+    #: the disk tier's file (empty: a new file in the system's temporary directory)
+    disk_path: str = ""
 
 
 @attrs.frozen
@@ -100,6 +112,12 @@ class WorkloadSpec:
     think_max_s: float = attrs.field(default=0.2, validator=_non_negative)
     #: agents arriving per second (Poisson)
     arrival_rate: float = attrs.field(default=20.0, validator=_positive)
+    #: > 0: all N agents arrive within this many seconds (N uniform draws, so a Poisson process
+    #: conditioned on N arrivals), whatever N, and ``arrival_rate`` is not used
+    arrival_window_s: float = attrs.field(default=0.0, validator=_non_negative)
+    #: the share of agents that drop their connection once, mid-generate or mid-restore
+    fault_fraction: float = attrs.field(default=0.0, validator=attrs.validators.and_(
+        attrs.validators.ge(0.0), attrs.validators.lt(1.0)))
     #: an iteration slower than this is a failure
     request_timeout_s: float = attrs.field(default=5.0, validator=_positive)
     seed: int = 0
@@ -159,14 +177,19 @@ def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
 
 def djinn_config(experiment: ExperimentConfig, scheduler: str) -> DjinnConfig:
     """The server configuration of one point: TCP only, ephemeral port, no metrics endpoint."""
+    memory = experiment.memory
+    tiers, settings = ("pinned_host",), {"pinned_host": {"capacity_gb": memory.pinned_host_capacity_gb}}
+    if memory.disk_capacity_gb:
+        tiers += ("disk",)
+        settings["disk"] = {"capacity_gb": memory.disk_capacity_gb, "path": memory.disk_path}
     return DjinnConfig(
         source=experiment.source,
-        plugins=PluginSelection(scheduler=scheduler, tiers=("pinned_host",), streamer="resident", transports=("tcp",)),
+        plugins=PluginSelection(scheduler=scheduler, tiers=tiers, streamer="resident", transports=("tcp",)),
         server=ServerSettings(port=0, metrics_port=0),
         model=ModelSettings(name=experiment.model.name, dtype=experiment.model.dtype),
-        memory=MemorySettings(gpu_memory_budget_gb=experiment.memory.gpu_memory_budget_gb,
-                              workspace_gb=experiment.memory.workspace_gb, kv_dtype=experiment.memory.kv_dtype),
-        settings={"pinned_host": {"capacity_gb": experiment.memory.pinned_host_capacity_gb}},
+        memory=MemorySettings(gpu_memory_budget_gb=memory.gpu_memory_budget_gb,
+                              workspace_gb=memory.workspace_gb, kv_dtype=memory.kv_dtype),
+        settings=settings,
     )
 
 
@@ -202,11 +225,17 @@ class PointResult:
     counters: dict[str, float]
     duration_s: float
     trace: dict[str, Any] | None = None
+    #: the dropped connections: agent, iteration, mode ("generate" or "restore"), when (s)
+    faults: list[dict[str, Any]] = attrs.Factory(list)
+    #: the server's books once every session of the point has closed (``idle_books``)
+    books_after: dict[str, int] = attrs.Factory(dict)
 
     def summary(self, p99_limit_s: float, iterations: int) -> dict[str, Any]:
-        """P50/P99 latency, P99 wake, failures and the server's counters."""
+        """P50/P99 latency, P99 wake, failures, faults and leaks, and the server's counters."""
         done = [s for s in self.samples if s.ok]
-        failures = sum(not s.ok for s in self.samples) + (self.agents * iterations - len(self.samples))
+        # an agent that drops its connection runs the iterations before its fault
+        planned = self.agents * iterations - sum(iterations - f["iteration"] for f in self.faults)
+        failures = sum(not s.ok for s in self.samples) + (planned - len(self.samples))
         latency = [s.latency_s for s in done]
         wake = [s.wake_s for s in done]
         p99 = percentile(latency, 99)
@@ -217,6 +246,14 @@ class PointResult:
             "mean_restore_s": statistics.fmean(s.restore_s for s in done) if done else math.nan,
             "peak_device_bytes": max((m["device_used_bytes"] for m in self.memory), default=0),
             "peak_tier_bytes": max((m["tier_bytes"] for m in self.memory), default=0),
+            "peak_tier_bytes_by_tier": {name: max(m["tiers"].get(name, 0) for m in self.memory)
+                                        for name in {n for m in self.memory for n in m["tiers"]}},
+            "peak_sessions": max((m["sessions"] for m in self.memory), default=0),
+            "faults": len(self.faults),
+            "faults_in_flight": sum(f["in_flight"] for f in self.faults),
+            "leaked_bytes": self.books_after.get("kv_bytes", 0) + self.books_after.get("tier_used_bytes", 0),
+            "leaked_pool_blocks": self.books_after.get("pool_used_blocks", 0),
+            "leaked_tier_allocations": self.books_after.get("tier_allocations", 0),
             "meets_limit": failures == 0 and bool(done) and p99 <= p99_limit_s,
             "duration_s": self.duration_s,
             # decode throughput the run got, beside what the workload asked of it
@@ -258,6 +295,8 @@ def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
         "device_used_bytes": memory["device_used_bytes"],
         "kv_bytes": memory["device"].get("kv", 0),
         "tier_bytes": sum(memory["tiers"].values()),
+        "tiers": dict(memory["tiers"]),
+        "sessions": vmu["sessions"]["total"],
         "cuda_allocated_bytes": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0,
         "cuda_reserved_bytes": torch.cuda.memory_reserved() if torch.cuda.is_available() else 0,
         # cudaMalloc calls that failed, so the allocator freed its cache (synchronising the device) and retried
@@ -266,9 +305,50 @@ def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
     }
 
 
+@attrs.frozen
+class Fault:
+    """An agent's planned disconnect: at ``iteration``, mid-generate or mid-restore."""
+
+    iteration: int
+    mode: str  # "generate" or "restore"
+    #: mid-generate: how long after sending GENERATE the connection drops
+    after_s: float = 0.0
+
+
+def plan_faults(workload: WorkloadSpec, agents: int) -> dict[int, Fault]:
+    """Which agents drop their connection, when and how: round(N x ``fault_fraction``) agents,
+    drawn from the workload's seed, alternately mid-generate and mid-restore (mid-restore needs
+    an earlier tool call, so with one iteration every fault is mid-generate)."""
+    rng = random.Random(workload.seed * 7919 + agents)
+    chosen = sorted(rng.sample(range(agents), round(agents * workload.fault_fraction)))
+    faults = {}
+    for k, agent in enumerate(chosen):
+        if k % 2 and workload.iterations > 1:
+            faults[agent] = Fault(rng.randrange(1, workload.iterations), "restore")
+        else:
+            faults[agent] = Fault(rng.randrange(workload.iterations), "generate", rng.uniform(0.01, 0.2))
+    return faults
+
+
+async def _drop_during(session: Any, ids: list[int], workload: WorkloadSpec, fault: Fault) -> bool:
+    """Send GENERATE (after COMPUTE for a restore) and leave before it ends; whether the request
+    was still running when the connection dropped (a mid-generate drop asks for 4 x G tokens, so
+    it almost always is)."""
+    if fault.mode == "restore":
+        await session.signal_phase("COMPUTE")  # the restore of a session whose KV left starts now
+    new_tokens = workload.generate_tokens * (4 if fault.mode == "generate" else 1)
+    request = asyncio.ensure_future(session.generate(ids, new_tokens))
+    await asyncio.sleep(fault.after_s)
+    in_flight = not request.done()
+    request.cancel()
+    await asyncio.gather(request, return_exceptions=True)
+    return in_flight
+
+
 async def _agent(
     url: str, index: int, delay_s: float, workload: WorkloadSpec, vocab: int,
     samples: list[IterationSample], on_iteration: Callable[[], None], origin: float,
+    fault: Fault | None = None, faults: list[dict[str, Any]] | None = None,
 ) -> None:
     from djinn.client import connect_async
 
@@ -280,6 +360,12 @@ async def _agent(
         ids = [rng.randrange(vocab) for _ in range(workload.context_tokens)]
         for iteration in range(workload.iterations):
             started = time.perf_counter()
+            if fault is not None and fault.iteration == iteration:
+                in_flight = await _drop_during(session, ids, workload, fault)
+                if faults is not None:
+                    faults.append({"agent": index, "iteration": iteration, "mode": fault.mode,
+                                   "t_s": started - origin, "in_flight": in_flight})
+                return  # the connection closes below, mid-request
             try:
                 if iteration:
                     await session.signal_phase("COMPUTE")
@@ -310,15 +396,13 @@ async def _agent(
 
 async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
                  on_iteration: Callable[[], None], trace: Trace | None = None,
-                 ) -> tuple[list[IterationSample], list[dict[str, float]]]:
+                 ) -> tuple[list[IterationSample], list[dict[str, Any]], list[dict[str, Any]]]:
     workload = experiment.workload
     url = server.url("tcp")
     vocab = server.model.runner.vocab_size
-    rng = random.Random(workload.seed)
-    delays, at = [], 0.0
-    for _ in range(agents):
-        delays.append(at)
-        at += rng.expovariate(workload.arrival_rate)
+    delays = arrival_delays(workload, agents)
+    planned = plan_faults(workload, agents)
+    faults: list[dict[str, Any]] = []
     samples: list[IterationSample] = []
     memory: list[dict[str, float]] = []
     started = time.perf_counter()
@@ -333,13 +417,27 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
     sampler = asyncio.create_task(sample_memory())
     try:
         await asyncio.gather(*(
-            _agent(url, i, delay, workload, vocab, samples, on_iteration, started) for i, delay in enumerate(delays)
+            _agent(url, i, delay, workload, vocab, samples, on_iteration, started, planned.get(i), faults)
+            for i, delay in enumerate(delays)
         ))
     finally:
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
     memory.append(_memory_sample(await asyncio.to_thread(server.call, server.kernel.vmu), started))
-    return samples, memory
+    return samples, memory, faults
+
+
+def arrival_delays(workload: WorkloadSpec, agents: int) -> list[float]:
+    """When each agent arrives, in seconds from the start: a Poisson process at ``arrival_rate``,
+    or N uniform draws within ``arrival_window_s`` when it is set."""
+    rng = random.Random(workload.seed)
+    if workload.arrival_window_s:
+        return sorted(rng.uniform(0.0, workload.arrival_window_s) for _ in range(agents))
+    delays, at = [], 0.0
+    for _ in range(agents):
+        delays.append(at)
+        at += rng.expovariate(workload.arrival_rate)
+    return delays
 
 
 async def _warm_up(url: str, workload: WorkloadSpec, vocab: int) -> None:
@@ -358,14 +456,16 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
 
     One generate first keeps first-call costs out of the point. The server's counters are
     cumulative; the point keeps what changed while its agents ran. ``trace``
-    also records every engine step, KV move and server event-loop stall (``Trace``).
+    also records every engine step, KV move and server event-loop stall (``Trace``). Once every
+    session has closed, the server's books say what is left (``books_after``: nothing, unless
+    something leaked).
     """
     asyncio.run(_warm_up(server.url("tcp"), experiment.workload, server.model.runner.vocab_size))
     before = _counters(server.call(server.kernel.vmu))
     started = time.perf_counter()
     recorder = Trace(server) if trace else None
     try:
-        samples, memory = asyncio.run(_drive(server, experiment, agents, on_iteration, recorder))
+        samples, memory, faults = asyncio.run(_drive(server, experiment, agents, on_iteration, recorder))
     finally:
         timeline = recorder.stop() if recorder is not None else None
     duration = time.perf_counter() - started
@@ -374,7 +474,7 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
     counters["engine_mean_batch"] = counters.pop("engine_rows") / max(1, counters["engine_steps"])
     return PointResult(server.config.plugins.scheduler, agents,
                        sorted(samples, key=lambda s: (s.agent, s.iteration)), memory, counters, duration,
-                       timeline)
+                       timeline, sorted(faults, key=lambda f: f["agent"]), idle_books(server))
 
 
 class Trace:
@@ -507,7 +607,8 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
                 result = run_point(server, experiment, n, on_iteration, trace)
                 summary = result.summary(limit, iterations)
                 points.append({"summary": summary, "samples": [attrs.asdict(s) for s in result.samples],
-                               "memory": result.memory, "counters": result.counters,
+                               "memory": result.memory, "counters": result.counters, "faults": result.faults,
+                               "books_after": result.books_after,
                                **({"trace": result.trace} if result.trace is not None else {})})
                 report["summary"]["points"].append(summary)
                 if summary["meets_limit"]:
