@@ -292,17 +292,31 @@ class ModelService(KVBackend):
         await self._copy(kv.copy_in, host_kv, after_compute=False)
 
     async def _copy(self, move: Callable[..., None], host: torch.Tensor, *, after_compute: bool) -> None:
-        """Run ``move(host, non_blocking=...)`` on the copy stream and wait without blocking the loop."""
+        """Run ``move(host, non_blocking=...)`` on the copy stream and wait without blocking the loop.
+
+        A copy to or from pinned memory is queued from the loop and awaited; one over pageable
+        memory (a disk tier's mapping) runs synchronously in the host's CPU, page faults and all,
+        so it is queued and waited for on a waiter thread instead.
+        """
         if not self.use_cuda:
             await self.run_model(move, host)
             return
-        with torch.cuda.stream(self.copy_stream):
-            if after_compute:
-                self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
-            move(host, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        await asyncio.get_running_loop().run_in_executor(self.waiters, done.synchronize)
+
+        def queue() -> torch.cuda.Event:
+            with torch.cuda.stream(self.copy_stream):
+                if after_compute:
+                    self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
+                move(host, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+            return done
+
+        loop = asyncio.get_running_loop()
+        if host.is_pinned():
+            done = queue()
+            await loop.run_in_executor(self.waiters, done.synchronize)
+        else:
+            await loop.run_in_executor(self.waiters, lambda: queue().synchronize())
 
     async def recompute(self, kv: SessionKV, tokens: Sequence[int]) -> None:
         """Prefill ``tokens`` again through the batch engine (a request that picks nothing)."""

@@ -332,12 +332,13 @@ class Kernel:
         return False
 
     async def _demote(self, session: Session, tier_name: str, block: TierBlock) -> bool:
-        """EVICTED -> EVICTED: copy the session's tier copy into ``block`` of ``tier_name``, off the
-        event loop (on the model thread), then free the old block."""
+        """EVICTED -> EVICTED: copy the session's tier copy into ``block`` of ``tier_name`` on a
+        worker thread (a host-to-host copy: neither the event loop nor the model thread waits for
+        it), then free the old block."""
         source, target = self.tiers[session.tier].view(session.block), self.tiers[tier_name].view(block)
         started = time.perf_counter()
         try:
-            await self.backend.run_model(target.copy_, source)
+            await asyncio.to_thread(target.copy_, source)
         except BaseException as exc:
             self.tiers[tier_name].free(block)
             if not isinstance(exc, Exception):
