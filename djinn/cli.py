@@ -3,17 +3,65 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from djinn import __version__
 from djinn.kernel.errors import ConfigError, DjinnError, PluginError
 
+if TYPE_CHECKING:
+    from djinn.kernel.config import DjinnConfig
+    from djinn.kernel.plugins import DjinnPlugins
+
 F = TypeVar("F", bound=Callable[..., Any])
+CONFIG_ENV = "DJINN_CONFIG"
+DEFAULT_FILE = "plugins.toml"
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> DjinnConfig:
+    """Read and validate the configuration: ``path`` (``--config``), else ``$DJINN_CONFIG``, else
+    ``./plugins.toml``, else the built-in defaults."""
+    import tomllib
+
+    from djinn.kernel.config import DjinnConfig, parse_config
+
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or Path.cwd() / DEFAULT_FILE
+        if isinstance(path, Path) and not path.is_file():
+            return DjinnConfig()  # no file named and none here: the built-in defaults
+    resolved = Path(path)
+    try:
+        data = tomllib.loads(resolved.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{resolved}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(resolved))
+
+
+def split_plugin_names(text: str | None) -> list[str]:
+    """The names in ``--plugins`` (and ``$DJINN_PLUGINS``):
+    ``"semantic, ringbuffer,no:tcp"`` -> ``["semantic", "ringbuffer", "no:tcp"]``."""
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def plugin_rows(plugins: DjinnPlugins) -> list[dict[str, Any]]:
+    """One row per installed plugin for ``djinn plugins``."""
+    selected = plugins.selected_plugins()
+    return [
+        {
+            "name": info.name, "slot": info.slot, "strategies": [s.name for s in info.strategies],
+            "origin": info.origin, "version": info.version, "hooks": list(info.hooks),
+            "selected": info.name in selected and info.error is None, "error": info.error,
+        }
+        for info in sorted(plugins.catalog.values(), key=lambda p: (p.slot, p.name))
+    ]
 
 
 def _fail_cleanly(fn: F) -> F:
@@ -46,8 +94,7 @@ def _selection_options(fn: F) -> F:
 
 
 def _load(config_path: str | None, plugin_names: str, **changes: Any):
-    from djinn.kernel.config import load_config
-    from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
+    from djinn.kernel.plugins import get_plugin_manager
 
     config = load_config(config_path)
     if changes:
@@ -84,8 +131,7 @@ def main() -> None:
 @_fail_cleanly
 def plugins_command(config_path: str | None, plugin_names: str, as_json: bool) -> None:
     """List every installed plugin: slot, origin, hooks, and whether it is selected."""
-    from djinn.kernel.config import load_config
-    from djinn.kernel.plugins import DjinnPlugins, split_plugin_names
+    from djinn.kernel.plugins import DjinnPlugins
 
     plugins = DjinnPlugins(load_config(config_path))
     plugins.discover()
@@ -94,7 +140,7 @@ def plugins_command(config_path: str | None, plugin_names: str, as_json: bool) -
         problem = None
     except (ConfigError, PluginError) as exc:  # still list what is installed, then fail
         problem = exc
-    rows = plugins.rows()
+    rows = plugin_rows(plugins)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         if problem is not None:
@@ -248,7 +294,6 @@ def cluster_command(config_path, plugin_names, model_name, dtype, servers, gpus_
         _check_router_address(config.server.host, config.server.http_port, token, "--http-port")
     from djinn.cluster.launch import start_cluster
     from djinn.cluster.router import RouterSettings
-    from djinn.kernel.plugins import split_plugin_names
 
     cluster = start_cluster(
         config, split_plugin_names(plugin_names), servers=servers, gpus_per_server=gpus_per_server,

@@ -47,7 +47,7 @@ def run_demo(config: DjinnConfig, plugins: DjinnPlugins, *, agents: int, turns: 
     from rich.console import Console
     from rich.table import Table
 
-    echo(f"starting a server for {config.model.name} with plugins: {', '.join(plugins.selected_names())}")
+    echo(f"starting a server for {config.model.name} with plugins: {', '.join(plugins.selection.names())}")
     with BackgroundServer(config, plugins) as server:
         url = server.url("tcp")
         echo(f"listening on {url}; {agents} agents x {turns} turns")
@@ -59,7 +59,7 @@ def run_demo(config: DjinnConfig, plugins: DjinnPlugins, *, agents: int, turns: 
             t.start()
         for t in threads:
             t.join()
-        vmu = server.call(server.kernel.vmu)
+        vmu = server.vmu()
     table = Table(title="djinn demo: agent turns")
     for col in ("agent", "turn", "latency ms", "restore ms", "new tokens"):
         table.add_column(col)

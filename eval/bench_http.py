@@ -292,7 +292,7 @@ def main(model_name: str, device: str, dtype: str | None, streams: int, prompt_t
             "clients in the same process; greedy, end-of-sequence ignored",
             dict(model=model_name, dtype=dtype, device=device, streams=streams, prompt_tokens=prompt_tokens,
                  max_tokens=max_tokens, rounds=rounds, tier_gb=tier_gb, gpu_budget_gb=gpu_budget_gb,
-                 endpoint=endpoint, logprobs=logprobs, plugins=list(server.plugins.selected_names())),
+                 endpoint=endpoint, logprobs=logprobs, plugins=list(server.plugins.selection.names())),
         ),
         "load_s": load_s,
         "warm_up": warm_up,

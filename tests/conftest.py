@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+from djinn.cli import split_plugin_names
 from djinn.kernel.config import DjinnConfig, PluginSelection
-from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
+from djinn.kernel.plugins import get_plugin_manager
 
 
 def selection_from_env() -> list[str]:

@@ -7,9 +7,10 @@ import os
 import attrs
 import torch
 
+from djinn.cli import split_plugin_names
 from djinn.engine.models import LoadedModel
 from djinn.kernel.config import DjinnConfig
-from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
+from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 
 TRANSPORT = os.environ.get("DJINN_TRANSPORT", "tcp")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from djinn.kernel.config import CONFIG_ENV, DjinnConfig, load_config
+from djinn.cli import CONFIG_ENV, load_config
+from djinn.kernel.config import DjinnConfig
 from djinn.kernel.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

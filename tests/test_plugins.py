@@ -7,10 +7,11 @@ import types
 import attrs
 import pytest
 
+from djinn.cli import plugin_rows, split_plugin_names
 from djinn.kernel.config import DjinnConfig, PluginSelection
 from djinn.kernel.errors import ConfigError, PluginError
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.plugins import get_plugin_manager, split_plugin_names
+from djinn.kernel.plugins import get_plugin_manager
 
 BUILTINS = {
     "semantic": "scheduler", "lru": "scheduler", "static": "scheduler",
@@ -64,7 +65,7 @@ def make(overrides=(), config=None, entry_points=(), **extra):
 
 def test_builtins_are_discovered_through_entry_points_with_slot_and_origin():
     plugins = get_plugin_manager(DjinnConfig())
-    rows = {r["name"]: r for r in plugins.rows()}
+    rows = {r["name"]: r for r in plugin_rows(plugins)}
     for name, slot in BUILTINS.items():
         assert rows[name]["slot"] == slot, rows[name]
         assert rows[name]["origin"] == "djinn"

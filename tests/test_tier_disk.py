@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import attrs
 import pytest
 import torch
 
@@ -112,3 +113,44 @@ def test_a_full_host_tier_demotes_the_coldest_session_to_disk_and_it_comes_back_
     finally:
         server.stop()
     assert not (tmp_path / "kv.bin").exists()
+
+
+def test_with_cuda_copies_the_device_reads_and_writes_only_pinned_tiers(tmp_path):
+    """As on a GPU (the engine copies with CUDA, the host tier is pinned): an eviction is never
+    copied from the device into the disk tier's pageable mapping, and a restore first brings a
+    disk copy back into the pinned tier when it has room (a promotion), then copies from there."""
+    _weights, kv = kv_sizes("random:tiny-llama", 64)
+    config = serving_config(
+        budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), tier_gb=kv / 2**30,
+        settings={"disk": {"path": str(tmp_path / "kv.bin"), "capacity_gb": 4 * kv / 2**30},
+                  "semantic": {"write_back": False}},
+    )
+    server = serve_with(config, ["semantic", "disk", "tcp"])
+    kernel = server.kernel
+    pinned = kernel.tiers["pinned_host"]
+    stats = pinned.stats
+    pinned.stats = lambda: attrs.evolve(stats(), pinned=True)
+    kernel.backend.pinned_host = True  # what decides, with the tiers' stats, where the device copies
+    assert server.call(kernel._device_tiers) == ["pinned_host"]
+    try:
+        with connect(server.url("tcp")) as client:
+            model = client.model()
+            cold, warm = model.session(), model.session()
+            cold.generate([11, 12, 13], max_new_tokens=8)
+            on_gpu = _device_kv(server, cold.id)
+            cold.signal_phase("IO_WAIT", expected_s=60)
+            assert wait_for(lambda: server.call(lambda: kernel.get(cold.id).info.residency) is Residency.EVICTED)
+            warm.generate([1, 2, 3], max_new_tokens=8)
+            warm.signal_phase("IO_WAIT", expected_s=1)
+            assert wait_for(lambda: server.call(lambda: kernel.get(warm.id).info.residency) is Residency.EVICTED)
+            assert server.call(lambda: (kernel.get(cold.id).tier, kernel.get(warm.id).tier)) == ("disk", "pinned_host")
+            warm.close()  # the pinned tier has room again
+            assert wait_for(lambda: server.call(lambda: pinned.stats().allocations) == 0)
+            cold.signal_phase("COMPUTE")
+            assert wait_for(lambda: server.call(lambda: kernel.get(cold.id).info.residency) is Residency.RESIDENT)
+            assert torch.equal(_device_kv(server, cold.id), on_gpu)
+            counters = server.call(lambda: dict(kernel.counters))
+            assert counters["demotions"] == 1 and counters["promotions"] == 1
+            assert server.call(lambda: kernel.tiers["disk"].stats().allocations) == 0
+    finally:
+        server.stop()

@@ -36,6 +36,11 @@ def _raw(tensor: torch.Tensor) -> torch.Tensor:
 
 def store_slots(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> None:
     """``dst[slots] = src`` along the first dimension, ``src`` rounded to ``dst``'s dtype."""
+    if dst.is_cuda and dst.dtype.itemsize == 1:
+        # fp8 on CUDA: index_put has fp8 kernels there, and a store through a byte view inside a
+        # compiled layer reads back wrong (torch 2.11's inductor converts the bytes to fp8 values)
+        dst[slots] = src.to(dst.dtype)
+        return
     _raw(dst).index_copy_(0, slots, _raw(src.to(dst.dtype)))
 
 

@@ -10,7 +10,7 @@ pool grows) and copies on a stream of its own (CUDA).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -58,10 +58,6 @@ class KVBackend(ABC):
     @abstractmethod
     async def cancel(self, kv: Any) -> None:
         """Stop any engine work on ``kv`` and return once the engine no longer touches it."""
-
-    @abstractmethod
-    async def run_model(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the model thread, where model work runs one call at a time."""
 
     def stats(self) -> dict[str, Any]:
         """The engine's figures for ``/metrics/vmu`` (under ``engine``)."""

@@ -1,27 +1,21 @@
-"""Configuration: ``plugins.toml`` parsed with tomllib into frozen attrs records, validated at load.
+"""Configuration: a parsed ``plugins.toml`` into frozen attrs records, validated at load.
 
 Every error names the file, the table and the key, and the allowed keys or values. The repository's
-``plugins.toml`` equals the built-in defaults and says what each key does. Lookup order for the file:
-``--config PATH``, then ``$DJINN_CONFIG``, then ``./plugins.toml``, then the built-in defaults.
+``plugins.toml`` equals the built-in defaults and says what each key does; the CLI finds and reads
+the file (``djinn.cli.load_config``).
 """
 
 from __future__ import annotations
 
-import os
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
 from attrs.validators import ge, gt, in_
 
 from djinn.kernel.errors import ConfigError
-
-CONFIG_ENV = "DJINN_CONFIG"
-DEFAULT_FILE = "plugins.toml"
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -207,18 +201,3 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> DjinnConfig:
         raise ConfigError(f"{source}: [settings] must hold one table per plugin, e.g. [settings.semantic]")
     return DjinnConfig(source=source, settings=settings, **tables)
 
-
-def load_config(path: str | os.PathLike[str] | None = None) -> DjinnConfig:
-    """Load and validate the configuration (see the module docstring for the lookup order)."""
-    if path is None:
-        path = os.environ.get(CONFIG_ENV) or Path.cwd() / DEFAULT_FILE
-        if isinstance(path, Path) and not path.is_file():
-            return DjinnConfig()  # no file named and none here: the built-in defaults
-    resolved = Path(path)
-    try:
-        data = tomllib.loads(resolved.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{resolved}: no such configuration file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{resolved}: not valid TOML: {exc}") from None
-    return parse_config(data, source=str(resolved))

@@ -11,7 +11,8 @@ accounting, its counters and its hook together, so no path can do one without th
     RESIDENT+backed --_free_copy--> RESIDENT           a request changes the KV: the copy is stale
     RESIDENT --_drop--> EVICTED (dropped)              free the GPU blocks, no copy, no tier
     EVICTED --_restore--> RESTORING --> RESIDENT       copy back from the tier (dropped: prefill again)
-    EVICTED --_demote--> EVICTED                       its tier copy moves to a later tier
+    EVICTED --_move_copy--> EVICTED                    its tier copy moves to a later tier (a demotion), or
+                                                      back to a pinned one before a restore (a promotion)
 
 ``session.tier``/``session.block`` hold the tier copy of an EVICTED or a backed session; a backed one
 is accounted twice, device and tier bytes, until one goes. A session has at most one move in flight
@@ -29,7 +30,6 @@ import heapq
 import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 COUNTERS = (
     "evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds", "evict_failures",
     "admission_waits", "admission_refusals", "requests", "tokens", "drops", "recomputes", "recompute_seconds",
-    "write_backs", "write_back_seconds", "reclaims", "demotions", "demote_seconds",
+    "write_backs", "write_back_seconds", "reclaims", "demotions", "demote_seconds", "promotions", "promote_seconds",
 )
 
 
@@ -307,8 +307,10 @@ class Kernel:
         """A tier block of ``nbytes`` for ``requester``'s KV in the first tier with room; a full tier first
         demotes its evicted sessions colder than ``requester`` to later tiers, coldest first, so the
         sessions expected back soonest stay in the fastest tier."""
-        names = list(self.tiers)
+        names, direct = list(self.tiers), self._device_tiers()
         for index, name in enumerate(names):
+            if name not in direct:
+                continue  # it takes demotions from the tiers before it, not copies from the device
             while (placed := self._allocate(nbytes, [name])) is None:
                 if not await self._demote_one(name, names[index + 1 :], _coldness(requester)):
                     break
@@ -327,14 +329,21 @@ class Kernel:
         )
         for session in candidates:
             if (placed := self._allocate(session.block.nbytes, later)) is not None:
-                session.moving = asyncio.create_task(self._demote(session, *placed))
+                session.moving = asyncio.create_task(self._move_copy(session, *placed, "demotions"))
                 return await session.moving
         return False
 
-    async def _demote(self, session: Session, tier_name: str, block: TierBlock) -> bool:
+    def _device_tiers(self) -> list[str]:
+        """The tiers the engine copies KV to and from directly: with CUDA the pinned ones (a copy
+        over pageable memory, a disk tier's mapping, runs in the host CPU under the driver's lock
+        and stalls every stream while the file's pages fault), unless no tier is pinned."""
+        pinned = [name for name, tier in self.tiers.items() if tier.stats().pinned]
+        return pinned if self.backend.pinned_host and pinned else list(self.tiers)
+
+    async def _move_copy(self, session: Session, tier_name: str, block: TierBlock, counter: str) -> bool:
         """EVICTED -> EVICTED: copy the session's tier copy into ``block`` of ``tier_name`` on a
         worker thread (a host-to-host copy: neither the event loop nor the model thread waits for
-        it), then free the old block."""
+        it), then free the old block; counted as ``counter`` ("demotions" or "promotions")."""
         source, target = self.tiers[session.tier].view(session.block), self.tiers[tier_name].view(block)
         started = time.perf_counter()
         try:
@@ -343,11 +352,12 @@ class Kernel:
             self.tiers[tier_name].free(block)
             if not isinstance(exc, Exception):
                 raise
-            log.error("demoting session %d's KV to %s failed: %s", session.info.id, tier_name, exc)
+            log.error("moving session %d's KV to %s failed: %s", session.info.id, tier_name, exc)
             return False
         self._free_copy(session)
         self._keep_copy(session, tier_name, block)
-        self._count(demotions=1, demote_seconds=time.perf_counter() - started)
+        seconds_counter = {"demotions": "demote_seconds", "promotions": "promote_seconds"}[counter]
+        self._count(**{counter: 1, seconds_counter: time.perf_counter() - started})
         return True
 
     def _keep_copy(self, session: Session, tier_name: str, block: TierBlock) -> None:
@@ -458,6 +468,9 @@ class Kernel:
                 await self.backend.grow(session.kv, tokens)
                 await self.backend.recompute(session.kv, list(session.history))
             else:
+                direct = self._device_tiers()
+                if session.tier not in direct and (placed := self._allocate(session.block.nbytes, direct)):
+                    await self._move_copy(session, *placed, "promotions")  # the device then reads pinned memory
                 await self.backend.copy_in(session.kv, self.tiers[session.tier].view(session.block))
         except BaseException:
             if dropped or self.backend.held_bytes(session.kv):
@@ -578,30 +591,6 @@ class Kernel:
                     self.memory.release("kv", extra)
             grown.result()
         session.update(kv_bytes=self.backend.held_bytes(session.kv))
-
-    # ------------------------------------------------------------------ metrics
-
-    def vmu(self) -> dict[str, Any]:
-        """Memory and session view for ``/metrics/vmu`` and ``djinn status``."""
-        infos = [s.info for s in list(self.sessions.values())]
-        plugins: dict[str, Any] = {}
-        for contribution in self.plugins.notify("djinn_metrics", kernel=self):
-            plugins.update(contribution or {})
-        return {
-            "model": self.config.model.name,
-            "memory": self.memory.snapshot(),
-            "tiers": {name: attrs.asdict(t.stats()) for name, t in self.tiers.items()},
-            "sessions": {
-                "total": len(infos),
-                "by_phase": dict(Counter(i.phase.value for i in infos)),
-                "by_residency": dict(Counter(i.residency.value for i in infos)),
-            },
-            "admission_queue": self._waiting,
-            "counters": dict(self.counters),
-            "streamer": attrs.asdict(self.streamer.stats()),
-            "engine": self.backend.stats(),
-            "plugins": plugins,
-        }
 
 
 def _coldness(session: Session) -> tuple[int, float]:

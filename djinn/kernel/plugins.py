@@ -53,7 +53,6 @@ class PluginInfo:
     name: str
     origin: str  # distribution name, or "local" for a plugin object registered by code
     version: str
-    module: str
     hooks: tuple[str, ...] = ()
     strategies: tuple[StrategySpec, ...] = ()
     error: str | None = None
@@ -125,7 +124,7 @@ class DjinnPlugins:
                 obj = ep.load()
             except Exception as exc:
                 error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
-                self.catalog[ep.name] = PluginInfo(ep.name, origin, version, ep.value, error=error)
+                self.catalog[ep.name] = PluginInfo(ep.name, origin, version, error=error)
                 log.warning("plugin %s (%s %s) failed to load: %s", ep.name, origin, version, exc)
                 continue
             self._add(ep.name, obj, origin, version)
@@ -134,10 +133,9 @@ class DjinnPlugins:
         self._collect_strategies()
 
     def _add(self, name: str, obj: object, origin: str, version: str) -> None:
-        module = getattr(obj, "__name__", type(obj).__name__)
         if name in self.catalog:
             error = f"name {name!r} is already taken by {self.catalog[name].describe()}"
-            self.catalog[f"{name}@{origin}"] = PluginInfo(name, origin, version, module, error=error)
+            self.catalog[f"{name}@{origin}"] = PluginInfo(name, origin, version, error=error)
             return
         try:
             self.pm.register(obj, name=name)
@@ -145,11 +143,11 @@ class DjinnPlugins:
         except Exception as exc:  # a misspelled hook or bad signature: name the plugin, keep going
             if self.pm.is_registered(obj):
                 self.pm.unregister(obj)
-            self.catalog[name] = PluginInfo(name, origin, version, module, error=f"{exc}")
+            self.catalog[name] = PluginInfo(name, origin, version, error=f"{exc}")
             return
         self._objects[name] = obj
         hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(obj) or ()))
-        self.catalog[name] = PluginInfo(name, origin, version, module, hooks=hooks)
+        self.catalog[name] = PluginInfo(name, origin, version, hooks=hooks)
 
     def _collect_strategies(self) -> None:
         registry = StrategyRegistry()
@@ -239,19 +237,15 @@ class DjinnPlugins:
                 raise ConfigError(f"{source}: [settings.{name}] names no installed plugin; installed: {installed}")
             if spec is not None and spec.settings_cls is None and table:
                 raise ConfigError(f"{source}: plugin {name!r} takes no settings, but [settings.{name}] has some")
-        for name in self.selected_names():
+        for name in self.selection.names():
             spec = self.strategies.get(name)
             if spec is not None and spec.settings_cls is not None:
                 table = self.config.settings.get(name, {})
                 self.settings[name] = build_settings(spec.settings_cls, table, source=source, where=f"settings.{name}")
 
-    def selected_names(self) -> tuple[str, ...]:
-        """Every selected strategy or extension name."""
-        return self.selection.names()
-
     def selected_plugins(self) -> set[str]:
         """Names of plugins that own a selected strategy or are selected extensions."""
-        return {self._owner(name) for name in self.selected_names()}
+        return {self._owner(name) for name in self.selection.names()}
 
     # ------------------------------------------------------------------ building strategies and calling hooks
 
@@ -284,18 +278,6 @@ class DjinnPlugins:
             where = self.catalog[culprit].describe() if culprit in self.catalog else "a plugin"
             raise PluginError(f"plugin {where} raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per installed plugin for ``djinn plugins``."""
-        selected = self.selected_plugins()
-        return [
-            {
-                "name": info.name, "slot": info.slot, "strategies": [s.name for s in info.strategies],
-                "origin": info.origin, "version": info.version, "hooks": list(info.hooks),
-                "selected": info.name in selected and info.error is None, "error": info.error,
-            }
-            for info in sorted(self.catalog.values(), key=lambda p: (p.slot, p.name))
-        ]
-
 
 def _plugin_in_traceback(caller: Any, exc: BaseException) -> str | None:
     """The plugin whose hook implementation is the innermost frame of ``exc``'s traceback."""
@@ -321,7 +303,3 @@ def get_plugin_manager(
     plugins.select(overrides)
     return plugins
 
-
-def split_plugin_names(text: str | None) -> list[str]:
-    """``"semantic, ringbuffer,no:tcp"`` -> ``["semantic", "ringbuffer", "no:tcp"]``."""
-    return [p.strip() for p in (text or "").split(",") if p.strip()]

@@ -5,11 +5,38 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import attrs
+
 from djinn.kernel.kernel import Kernel
+
+
+def vmu(kernel: Kernel) -> dict[str, Any]:
+    """The memory and session view that ``/metrics/vmu``, the STATUS op and ``djinn status`` show,
+    with what plugins add through ``djinn_metrics``. Read on the event-loop thread."""
+    infos = [s.info for s in list(kernel.sessions.values())]
+    plugins: dict[str, Any] = {}
+    for contribution in kernel.plugins.notify("djinn_metrics", kernel=kernel):
+        plugins.update(contribution or {})
+    return {
+        "model": kernel.config.model.name,
+        "memory": kernel.memory.snapshot(),
+        "tiers": {name: attrs.asdict(t.stats()) for name, t in kernel.tiers.items()},
+        "sessions": {
+            "total": len(infos),
+            "by_phase": dict(Counter(i.phase.value for i in infos)),
+            "by_residency": dict(Counter(i.residency.value for i in infos)),
+        },
+        "admission_queue": kernel.view().memory.queued_requests,
+        "counters": dict(kernel.counters),
+        "streamer": attrs.asdict(kernel.streamer.stats()),
+        "engine": kernel.backend.stats(),
+        "plugins": plugins,
+    }
 
 
 class MetricsEndpoint:
@@ -49,7 +76,7 @@ class MetricsEndpoint:
     def snapshot(self) -> dict[str, Any]:
         """The kernel's view, read on the event loop so hooks run where they always do."""
         async def read() -> dict[str, Any]:
-            return self.kernel.vmu()
+            return vmu(self.kernel)
 
         return asyncio.run_coroutine_threadsafe(read(), self.loop).result(timeout=10)
 

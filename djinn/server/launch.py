@@ -18,7 +18,7 @@ from djinn.engine.service import ModelService
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.kernel import Kernel
 from djinn.kernel.plugins import DjinnPlugins
-from djinn.server.http import MetricsEndpoint
+from djinn.server.http import MetricsEndpoint, vmu
 from djinn.server.loop import Server
 
 
@@ -83,7 +83,7 @@ async def serve(
             if http_ready is not None:
                 http_ready(port_http)
         announce(f"djinn {__version__} serving {config.model.name} on {', '.join(bound)}")
-        announce("plugins: " + ", ".join(plugins.selected_names()))
+        announce("plugins: " + ", ".join(plugins.selection.names()))
         if ready is not None:
             ready(bound, metrics.port if metrics is not None else None)
         await stop.wait()
@@ -209,6 +209,10 @@ class BackgroundServer:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout=30)
+
+    def vmu(self) -> dict[str, Any]:
+        """The ``/metrics/vmu`` view (memory, sessions, counters), read on the server's loop thread."""
+        return self.call(lambda: vmu(self.kernel))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
         """Run ``coro`` as a task on the server's loop (a probe, say); cancel the returned future to stop it."""

@@ -33,6 +33,7 @@ from djinn.engine.service import SamplingParams
 from djinn.kernel.kernel import Session, settled
 from djinn.kernel.strategies import Connection, Phase
 from djinn.server.breakpoints import Breakpoints, Pause
+from djinn.server.http import vmu
 from djinn.server.validate import enum_value, integer, number
 from djinn.server.wire import (
     HEADER_SIZE,
@@ -166,7 +167,7 @@ class Server:
             "hidden_size": runner.hidden_size,
             "dtype": self.kernel.config.model.dtype,
             "has_tokenizer": self.model.loaded.tokenizer is not None,
-            "plugins": list(self.kernel.plugins.selected_names()),
+            "plugins": list(self.kernel.plugins.selection.names()),
         }
 
     async def _serve_connection(self, conn: Connection, transport: str) -> None:
@@ -283,7 +284,7 @@ class Server:
         if op is Op.PING:
             return Frame(Op.OK)
         if op is Op.STATUS:
-            return Frame(Op.RESULT, meta=self.kernel.vmu())
+            return Frame(Op.RESULT, meta=vmu(self.kernel))
         if op is Op.OPEN_SESSION:
             session = self.kernel.open_session(owner=client)
             client.sessions.add(session.info.id)

@@ -39,6 +39,7 @@ from djinn.engine.service import MAX_TOP_LOGPROBS, GenerateResult, SamplingParam
 from djinn.kernel.errors import AdmissionError, DjinnError, ModelError, SessionError, TierFullError
 from djinn.kernel.kernel import Session
 from djinn.kernel.strategies import Phase
+from djinn.server.http import vmu
 
 if TYPE_CHECKING:
     from djinn.server.launch import Runtime
@@ -196,7 +197,7 @@ class OpenAIServer:
 
             def snapshot() -> dict[str, Any]:  # read on the loop; Prometheus calls it from a worker thread
                 async def read() -> dict[str, Any]:
-                    return self.kernel.vmu()
+                    return vmu(self.kernel)
 
                 return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=10)
 
@@ -275,7 +276,7 @@ class OpenAIServer:
 
     async def metrics_vmu(self, request: web.Request) -> web.Response:
         """The kernel's memory and session view as JSON."""
-        return web.json_response(self.kernel.vmu())
+        return web.json_response(vmu(self.kernel))
 
     async def models(self, request: web.Request) -> web.Response:
         """The one model this server serves."""
