@@ -114,7 +114,7 @@ def test_unknown_kv_dtypes_are_refused_naming_the_allowed_ones():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled paged kernel and CUDA graphs need CUDA")
-def test_on_cuda_graph_steps_over_an_fp8_pool_stay_near_a_bfloat16_pool_and_batch_like_alone():
+def test_on_cuda_graph_steps_over_an_fp8_pool_stay_near_a_bfloat16_pool():
     loaded = load_model("random:tiny-llama", dtype="bfloat16", device="cuda")
     full, fp8 = ModelRunner(loaded, device="cuda"), ModelRunner(loaded, device="cuda", kv_dtype=FP8)
     assert fp8.decode_attention == "paged" and fp8.pool.tensor.dtype == FP8
@@ -126,19 +126,3 @@ def test_on_cuda_graph_steps_over_an_fp8_pool_stay_near_a_bfloat16_pool_and_batc
     errors = [float((x - y).norm() / x.norm()) for x, y in pairs]
     assert 0 < max(errors) < LOGIT_TOLERANCE, errors
     assert fp8.captures > 0  # the decode steps replayed captured graphs over the fp8 pool
-    # several sessions stepped together over the fp8 pool pick what each picks alone (tiny
-    # model, 8 steps: bf16 rounding differences between batch shapes do not flip its argmax)
-    prompts = [PROMPT[: 20 + 13 * i] for i in range(4)]
-    alone = []
-    for prompt in prompts:
-        kv = fp8.new_kv()
-        alone.append(greedy_generate(fp8, kv, fp8.ids_tensor(prompt), 8))
-        kv.release()
-    kvs = [fp8.new_kv() for _ in prompts]
-    logits = fp8.prefill(kvs, prompts)
-    together = [[int(row.argmax())] for row in logits]
-    for _ in range(7):
-        logits = fp8.decode(kvs, [t[-1] for t in together])
-        for tokens, row in zip(together, logits):
-            tokens.append(int(row.argmax()))
-    assert together == alone

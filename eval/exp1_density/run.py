@@ -411,7 +411,7 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
 
     async def sample_memory() -> None:
         while True:
-            memory.append(_memory_sample(await asyncio.to_thread(server.call, server.kernel.vmu), started))
+            memory.append(_memory_sample(await asyncio.to_thread(server.vmu), started))
             await asyncio.sleep(experiment.sweep.sample_every_s)
 
     sampler = asyncio.create_task(sample_memory())
@@ -423,7 +423,7 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
     finally:
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
-    memory.append(_memory_sample(await asyncio.to_thread(server.call, server.kernel.vmu), started))
+    memory.append(_memory_sample(await asyncio.to_thread(server.vmu), started))
     return samples, memory, faults
 
 
@@ -461,7 +461,7 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
     something leaked).
     """
     asyncio.run(_warm_up(server.url("tcp"), experiment.workload, server.model.runner.vocab_size))
-    before = _counters(server.call(server.kernel.vmu))
+    before = _counters(server.vmu())
     started = time.perf_counter()
     recorder = Trace(server) if trace else None
     try:
@@ -469,7 +469,7 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
     finally:
         timeline = recorder.stop() if recorder is not None else None
     duration = time.perf_counter() - started
-    after = _counters(server.call(server.kernel.vmu))
+    after = _counters(server.vmu())
     counters = {k: v - before.get(k, 0) for k, v in after.items()}
     counters["engine_mean_batch"] = counters.pop("engine_rows") / max(1, counters["engine_steps"])
     return PointResult(server.config.plugins.scheduler, agents,
@@ -555,7 +555,7 @@ def _wait_until_idle(server: BackgroundServer, timeout_s: float = 30.0) -> None:
     """Wait until the server has closed every session of the last point (clients closing is
     asynchronous), so the next point starts from an empty server."""
     deadline = time.monotonic() + timeout_s
-    while server.call(server.kernel.vmu)["sessions"]["total"]:
+    while server.vmu()["sessions"]["total"]:
         if time.monotonic() > deadline:
             raise RuntimeError(f"sessions still open {timeout_s:.0f} s after every agent disconnected")
         time.sleep(0.1)
