@@ -108,13 +108,14 @@ def test_under_pressure_a_written_back_session_is_reclaimed_without_a_copy_and_r
         server.stop()
 
 
-def test_write_back_with_every_tier_full_counts_a_failure_and_keeps_the_session_resident():
+def test_write_back_with_every_tier_full_counts_a_skip_and_keeps_the_session_resident():
     server = serve_with(serving_config(tier_gb=4096 / 2**30, settings=WRITE_BACK), ["semantic", "tcp"])  # 4 KiB
     try:
         with connect(server.url("tcp")) as client, client.model().session() as session:
             session.generate(PROMPT, max_new_tokens=2)
             session.signal_phase("IO_WAIT")
-            assert wait_for(lambda: server.call(lambda: server.kernel.counters["evict_failures"]) == 1)
+            assert wait_for(lambda: server.call(lambda: server.kernel.counters["write_back_skips"]) == 1)
+            assert server.call(lambda: server.kernel.counters["evict_failures"]) == 0
             assert _state(server, session.id) == (Residency.RESIDENT, False, None)
             assert len(session.generate([1], max_new_tokens=1).tokens) == 1
     finally:

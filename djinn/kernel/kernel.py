@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 COUNTERS = (
     "evictions", "restores", "restores_on_critical_path", "evict_seconds", "restore_seconds", "evict_failures",
     "admission_waits", "admission_refusals", "requests", "tokens", "drops", "recomputes", "recompute_seconds",
-    "write_backs", "write_back_seconds", "reclaims", "demotions", "demote_seconds", "promotions", "promote_seconds",
+    "write_backs", "write_back_seconds", "write_back_skips", "reclaims", "demotions", "demote_seconds",
+    "promotions", "promote_seconds",
 )
 
 
@@ -372,14 +373,15 @@ class Kernel:
         session.tier = session.block = None
         session.update(backed=False)
 
-    async def _copy_to_tier(self, session: Session, otherwise: str) -> float | None:
+    async def _copy_to_tier(self, session: Session, otherwise: str, counter: str) -> float | None:
         """Copy a resident session's KV to a tier (EVICTING while it copies), kept as its tier copy: the
-        copy's seconds. None when it cannot move or no tier holds it (counted, logged with ``otherwise``)."""
+        copy's seconds. None when it cannot move or no tier holds it (counted as ``counter``, logged
+        with ``otherwise``)."""
         if not self._movable(session):
             return None
         nbytes = self.backend.held_bytes(session.kv)
         if (placed := await self._placed(nbytes, session)) is None:
-            self.counters["evict_failures"] += 1
+            self.counters[counter] += 1
             log.warning("no tier can hold session %d's %d KV bytes; %s", session.info.id, nbytes, otherwise)
             return None
         tier_name, block = placed
@@ -399,7 +401,7 @@ class Kernel:
 
     async def _evict(self, session: Session) -> bool:
         """RESIDENT -> EVICTING -> EVICTED: copy the KV to a tier. False when it cannot (busy, tiers full)."""
-        seconds = await self._copy_to_tier(session, "it stays resident")
+        seconds = await self._copy_to_tier(session, "it stays resident", "evict_failures")
         if seconds is None:
             return False
         await self.backend.release(session.kv, keep_capacity=True)
@@ -413,7 +415,7 @@ class Kernel:
         False when it cannot (busy, already backed, tiers full)."""
         if session.info.backed:
             return False
-        seconds = await self._copy_to_tier(session, "it is not written back")
+        seconds = await self._copy_to_tier(session, "it is not written back", "write_back_skips")
         if seconds is None:
             return False
         session.update(residency=Residency.RESIDENT, backed=True)

@@ -37,6 +37,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -52,7 +53,7 @@ from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from eval.bench_transport import hardware
 from eval.reliability.run import idle_books
-from eval.report import library_versions
+from eval.report import library_versions, source_commit
 
 SCHEDULERS = ("static", "lru", "recompute", "semantic")
 GiB = 1 << 30
@@ -259,7 +260,7 @@ class PointResult:
             # decode throughput the run got, beside what the workload asked of it
             "tokens_per_s": self.counters.get("tokens", 0) / self.duration_s if self.duration_s else math.nan,
             **{k: self.counters.get(k, 0) for k in (
-                "evictions", "restores", "restores_on_critical_path", "evict_failures",
+                "evictions", "restores", "restores_on_critical_path", "evict_failures", "write_backs", "write_back_skips",
                 "admission_waits", "admission_refusals", "drops", "recomputes",
                 "engine_steps", "engine_mean_batch", "engine_prefill_tokens")},
             # the share of the run the engine spent in prefill chunks and in decode steps
@@ -592,6 +593,8 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hardware": hardware(),
         "versions": library_versions(),
+        "commit": source_commit(),
+        "command": "python -m eval.exp1_density.run " + " ".join(sys.argv[1:]),
         "config": experiment.to_dict(),
         "schedulers": list(schedulers),
         "agent_counts": sorted(agent_counts),
