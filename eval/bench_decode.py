@@ -460,7 +460,12 @@ def _summary(part: dict[str, Any], cuda: bool, floor_s: float | None, load_s: fl
 
 
 def _free_device_memory() -> None:
-    """Return a released runner's pool, graphs and workspaces to the device."""
+    """Return a released runner's pool, graphs and workspaces to the device. On CUDA the compiled
+    kernels go too: they hold the old pool alive, and each pool size compiles its own decode
+    kernels, so the next runner could pass dynamo's recompile limit and run them eagerly, which
+    a CUDA graph cannot capture."""
+    if torch.cuda.is_available():
+        torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
