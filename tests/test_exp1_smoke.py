@@ -10,6 +10,7 @@ import pytest
 
 from djinn.kernel.errors import ConfigError
 from eval.exp1_density import run as run_module
+from eval.exp1_density.explain import explain
 from eval.exp1_density.run import load_experiment, percentile, run
 
 SMOKE = Path(__file__).resolve().parents[1] / "eval" / "exp1_density" / "configs" / "smoke.toml"
@@ -99,6 +100,14 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert all(starts[(a, 0)] < starts[(a, 1)] for a in range(3))
     # what the trace hooked into is gone after the point
     assert "trace" not in json.loads(out.read_text())["points"][0]["summary"]
+    # the explainer reads the same point: both kinds of turn, the tail's parts, the trace's figures
+    explained = explain(json.loads(out.read_text()))[0]
+    assert explained["first_turns"]["iterations"] == 3 and explained["resumes"]["iterations"] == 3
+    parts = explained["slowest_1pct_mean_s"]
+    assert explained["dominated_by"] == max(parts, key=parts.get)
+    slowest = max(s["latency_s"] for s in point["samples"])
+    assert sum(parts.values()) == pytest.approx(slowest)
+    assert explained["trace"]["prefill_tokens_per_s"] > 0 and explained["moves"]["write_backs"] == counters["write_backs"]
 
 
 def test_exp1_config_errors_name_the_key(tmp_path: Path) -> None:

@@ -1,0 +1,146 @@
+"""Where a density point's latency came from, read from its report (``--trace`` runs give more).
+
+    python -m eval.exp1_density.explain eval/results/exp1_h200_semantic_160.json [--json]
+
+For every point: the iteration latency split into the server's parts (queue, restore, first
+token, decode) at P50 and P99, for first turns (the C-token prompt) and resumes apart; the KV
+moves and the tier's refusals; when the first tier filled and when a later one was first used;
+and, with a trace, the longest event-loop stalls and engine steps, the engine's prefill rate and
+the median decode step. The verdict names what dominated the P99 iterations: one of the server's
+parts, or the time outside them (transport and the client's own event loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from eval.exp1_density.run import percentile
+
+GiB = 1 << 30
+PARTS = ("queue_s", "restore_s", "first_token_s", "decode_s")
+
+
+def _split(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """P50/P99 of the latency and of each server-side part, over ``samples``."""
+    if not samples:
+        return {"iterations": 0}
+    out: dict[str, Any] = {"iterations": len(samples)}
+    for key in ("latency_s", "wake_s", *PARTS):
+        values = [s[key] for s in samples if s.get(key) is not None]
+        out[key] = {"p50": percentile(values, 50), "p99": percentile(values, 99)}
+    return out
+
+
+def _tail_cause(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per part over the slowest 1 % of iterations (at least one), with what the
+    server's parts leave unexplained (``outside_s``)."""
+    slowest = sorted(samples, key=lambda s: -s["latency_s"])[: max(1, len(samples) // 100)]
+    means = {key: statistics.fmean(s[key] or 0.0 for s in slowest) for key in PARTS}
+    means["outside_s"] = statistics.fmean(s["latency_s"] for s in slowest) - sum(means.values())
+    return means
+
+
+def _memory_milestones(memory: list[dict[str, Any]], capacities: dict[str, float]) -> dict[str, Any]:
+    """When each tier was first used, and when the first reached 95 % of its capacity."""
+    out: dict[str, Any] = {}
+    for sample in memory:
+        for name, nbytes in sample.get("tiers", {}).items():
+            if nbytes and f"{name}_first_used_s" not in out:
+                out[f"{name}_first_used_s"] = sample["t_s"]
+            capacity = capacities.get(name)
+            if capacity and nbytes >= 0.95 * capacity and f"{name}_full_s" not in out:
+                out[f"{name}_full_s"] = sample["t_s"]
+    return out
+
+
+def _trace_figures(trace: dict[str, Any]) -> dict[str, Any]:
+    steps = [dict(zip(trace["step_columns"], row)) for row in trace["steps"]]
+    stalls = sorted((dict(zip(trace["loop_stall_columns"], row)) for row in trace["loop_stalls"]),
+                    key=lambda s: -s["late_s"])
+    prefill = [s for s in steps if s["prefill_tokens"]]
+    decode_only = [s["decode_s"] for s in steps if s["decode_rows"] and not s["prefill_tokens"]]
+    moves = [dict(zip(trace["move_columns"], row)) for row in trace["moves"]]
+    return {
+        "longest_loop_stalls": stalls[:5],
+        "loop_stall_s": sum(s["late_s"] for s in stalls),
+        "longest_steps": sorted(steps, key=lambda s: -(s["prefill_s"] + s["decode_s"]))[:5],
+        "prefill_tokens_per_s": (sum(s["prefill_tokens"] for s in prefill) / sum(s["prefill_s"] for s in prefill)
+                                 if prefill else None),
+        "median_decode_step_s": statistics.median(decode_only) if decode_only else None,
+        "longest_restores": sorted((m for m in moves if m["kind"] == "restore"), key=lambda m: -m["seconds"])[:5],
+    }
+
+
+def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[str, Any]:
+    """What one point's report says about its latency."""
+    summary = point["summary"]
+    done = [s for s in point["samples"] if s["ok"]]
+    tail = _tail_cause(done) if done else {}
+    cause = max(tail, key=tail.get) if tail else None
+    counters = point["counters"]
+    out = {
+        "scheduler": summary["scheduler"], "agents": summary["agents"], "meets_limit": summary["meets_limit"],
+        "p99_latency_s": summary["p99_latency_s"], "failures": summary["failures"],
+        "first_turns": _split([s for s in done if s["iteration"] == 0]),
+        "resumes": _split([s for s in done if s["iteration"] > 0]),
+        "slowest_1pct_mean_s": tail, "dominated_by": cause,
+        "moves": {k: counters.get(k, 0) for k in (
+            "evictions", "restores", "restores_on_critical_path", "write_backs", "write_back_skips", "reclaims",
+            "demotions", "promotions", "evict_failures", "admission_waits", "drops", "recomputes")},
+        "memory": _memory_milestones(point["memory"], capacities),
+    }
+    if "trace" in point:
+        out["trace"] = _trace_figures(point["trace"])
+    return out
+
+
+def explain(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """``explain_point`` for every point of a report."""
+    memory = report["config"]["memory"]
+    capacities = {"pinned_host": memory.get("pinned_host_capacity_gb", 0) * GiB,
+                  "disk": memory.get("disk_capacity_gb", 0) * GiB}
+    return [explain_point(p, capacities) for p in report["points"]]
+
+
+def _print(points: list[dict[str, Any]]) -> None:
+    for p in points:
+        print(f"{p['scheduler']} N={p['agents']}: P99 {p['p99_latency_s']:.3f} s, failures {p['failures']}, "
+              f"{'within' if p['meets_limit'] else 'over'} the limit; the slowest 1 % spent most in {p['dominated_by']}")
+        for name in ("first_turns", "resumes"):
+            part = p[name]
+            if part["iterations"]:
+                print(f"  {name:<11} n={part['iterations']:<5} " + "  ".join(
+                    f"{k.removesuffix('_s')} {part[k]['p50']:.3f}/{part[k]['p99']:.3f}" for k in ("latency_s", "wake_s", *PARTS)))
+        print("  slowest 1 %: " + "  ".join(f"{k.removesuffix('_s')} {v:.3f} s" for k, v in p["slowest_1pct_mean_s"].items()))
+        print("  moves: " + ", ".join(f"{k} {v:g}" for k, v in p["moves"].items() if v))
+        if p["memory"]:
+            print("  tiers: " + ", ".join(f"{k} {v:.1f} s" for k, v in p["memory"].items()))
+        trace = p.get("trace")
+        if trace:
+            stalls = ", ".join(f"{s['late_s']:.2f} s at {s['t_s']:.0f} s" for s in trace["longest_loop_stalls"][:3])
+            steps = ", ".join(f"{s['prefill_s'] + s['decode_s']:.2f} s at {s['t_s']:.0f} s" for s in trace["longest_steps"][:3])
+            rate = trace["prefill_tokens_per_s"]
+            print(f"  loop stalls: {trace['loop_stall_s']:.2f} s in all; longest {stalls or 'none'}")
+            print(f"  longest engine steps: {steps}; prefill {rate or 0:,.0f} tokens/s; "
+                  f"median decode-only step {1e3 * (trace['median_decode_step_s'] or 0):.2f} ms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", type=Path, help="an exp1 JSON report")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    points = explain(json.loads(args.report.read_text()))
+    if args.json:
+        print(json.dumps(points, indent=1))
+    else:
+        _print(points)
+
+
+if __name__ == "__main__":
+    main()
