@@ -336,8 +336,8 @@ class Kernel:
 
     def _device_tiers(self) -> list[str]:
         """The tiers the engine copies KV to and from directly: with CUDA the pinned ones (a copy
-        over pageable memory, a disk tier's mapping, runs in the host CPU under the driver's lock
-        and stalls every stream while the file's pages fault), unless no tier is pinned."""
+        over pageable memory, a disk tier's mapping, runs in the host CPU while the file's pages
+        fault, and on an H200 it held up the whole device), unless no tier is pinned."""
         pinned = [name for name, tier in self.tiers.items() if tier.stats().pinned]
         return pinned if self.backend.pinned_host and pinned else list(self.tiers)
 
