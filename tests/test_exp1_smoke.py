@@ -110,6 +110,17 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert explained["trace"]["prefill_tokens_per_s"] > 0 and explained["moves"]["write_backs"] == counters["write_backs"]
 
 
+def test_the_engine_table_reaches_the_server(tmp_path: Path) -> None:
+    config = tmp_path / "engine.toml"
+    config.write_text("[engine]\nprefill_tokens_while_decoding = 512\n")
+    experiment = load_experiment(config)
+    assert run_module.djinn_config(experiment, "lru").server.prefill_tokens_while_decoding == 512
+    assert run_module.djinn_config(load_experiment(SMOKE), "lru").server.prefill_tokens_while_decoding == 0
+    config.write_text("[engine]\nmax_batch = 4\n")
+    with pytest.raises(ConfigError, match="max_batch"):
+        load_experiment(config)
+
+
 def test_exp1_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[workload]\ncontext_tokens = 0\n")

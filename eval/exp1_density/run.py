@@ -129,6 +129,14 @@ class WorkloadSpec:
 
 
 @attrs.frozen
+class EngineSpec:
+    """``[engine]``: the server's step composition (its ``[server]`` keys of the same names)."""
+
+    #: prompt tokens per engine step while decode rows wait (0: a whole prefill chunk)
+    prefill_tokens_while_decoding: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+
+
+@attrs.frozen
 class SweepSpec:
     """``[sweep]``: what is swept and when a point fails."""
 
@@ -141,7 +149,8 @@ class SweepSpec:
     sample_every_s: float = attrs.field(default=0.5, validator=_positive)
 
 
-_TABLES = {"model": ModelSpec, "memory": MemorySpec, "workload": WorkloadSpec, "sweep": SweepSpec}
+_TABLES = {"model": ModelSpec, "memory": MemorySpec, "engine": EngineSpec, "workload": WorkloadSpec,
+           "sweep": SweepSpec}
 
 
 @attrs.frozen
@@ -151,6 +160,7 @@ class ExperimentConfig:
     source: str = "<defaults>"
     model: ModelSpec = ModelSpec()
     memory: MemorySpec = MemorySpec()
+    engine: EngineSpec = EngineSpec()
     workload: WorkloadSpec = WorkloadSpec()
     sweep: SweepSpec = SweepSpec()
 
@@ -186,7 +196,7 @@ def djinn_config(experiment: ExperimentConfig, scheduler: str) -> DjinnConfig:
     return DjinnConfig(
         source=experiment.source,
         plugins=PluginSelection(scheduler=scheduler, tiers=tiers, streamer="resident", transports=("tcp",)),
-        server=ServerSettings(port=0, metrics_port=0),
+        server=ServerSettings(port=0, metrics_port=0, **attrs.asdict(experiment.engine)),
         model=ModelSettings(name=experiment.model.name, dtype=experiment.model.dtype),
         memory=MemorySettings(gpu_memory_budget_gb=memory.gpu_memory_budget_gb,
                               workspace_gb=memory.workspace_gb, kv_dtype=memory.kv_dtype),
