@@ -65,17 +65,23 @@ def _device_kv(server, session_id) -> torch.Tensor:
     return asyncio.run_coroutine_threadsafe(copy(), server._loop).result(30)
 
 
-def test_a_full_host_tier_demotes_the_coldest_session_to_disk_and_it_comes_back_bitwise(tmp_path):
-    """GPU room for one session, host tier room for one: the second eviction demotes the first
-    (expected back later) to disk; its bytes on disk are the bytes it left the GPU with, and
-    its restore from disk brings back the same KV and the same next tokens."""
+def _one_session_each_on_gpu_and_host(tmp_path):
+    """A semantic server (evicting at IO_WAIT) with GPU room for one session, a host tier of one
+    session and a disk tier of four below it."""
     _weights, kv = kv_sizes("random:tiny-llama", 64)
     config = serving_config(
         budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), tier_gb=kv / 2**30,
         settings={"disk": {"path": str(tmp_path / "kv.bin"), "capacity_gb": 4 * kv / 2**30},
                   "semantic": {"write_back": False}},
     )
-    server = serve_with(config, ["semantic", "disk", "tcp"])
+    return serve_with(config, ["semantic", "disk", "tcp"])
+
+
+def test_a_full_host_tier_demotes_the_coldest_session_to_disk_and_it_comes_back_bitwise(tmp_path):
+    """GPU room for one session, host tier room for one: the second eviction demotes the first
+    (expected back later) to disk; its bytes on disk are the bytes it left the GPU with, and
+    its restore from disk brings back the same KV and the same next tokens."""
+    server = _one_session_each_on_gpu_and_host(tmp_path)
     kernel = server.kernel
     assert list(kernel.tiers) == ["pinned_host", "disk"]
     turns = [[11, 12, 13, 14, 15], [21, 22]]
@@ -119,13 +125,7 @@ def test_with_cuda_copies_the_device_reads_and_writes_only_pinned_tiers(tmp_path
     """As on a GPU (the engine copies with CUDA, the host tier is pinned): an eviction is never
     copied from the device into the disk tier's pageable mapping, and a restore first brings a
     disk copy back into the pinned tier when it has room (a promotion), then copies from there."""
-    _weights, kv = kv_sizes("random:tiny-llama", 64)
-    config = serving_config(
-        budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), tier_gb=kv / 2**30,
-        settings={"disk": {"path": str(tmp_path / "kv.bin"), "capacity_gb": 4 * kv / 2**30},
-                  "semantic": {"write_back": False}},
-    )
-    server = serve_with(config, ["semantic", "disk", "tcp"])
+    server = _one_session_each_on_gpu_and_host(tmp_path)
     kernel = server.kernel
     pinned = kernel.tiers["pinned_host"]
     stats = pinned.stats
