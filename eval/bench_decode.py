@@ -140,15 +140,16 @@ def finish(engine: BatchEngine, requests: list[EngineRequest]) -> None:
         raise RuntimeError(f"{len(failed)} requests failed; the first: {failed[0]!r}") from failed[0]
 
 
-def _modes(runner: ModelRunner) -> tuple[str, ...]:
-    return ("graph", "eager") if runner.device.type == "cuda" else ("eager",)
+def _modes(cuda: bool) -> tuple[str, ...]:
+    """The step modes measured: CUDA graph replay and eager on CUDA, eager elsewhere."""
+    return ("graph", "eager") if cuda else ("eager",)
 
 
 def bench_single(runner: ModelRunner, context: int, steps: int) -> dict[str, Any]:
     """(a): batch-1 decode steps, captured and eager."""
     out: dict[str, Any] = {}
     captured = runner.cuda_graphs
-    for mode in _modes(runner):
+    for mode in _modes(runner.device.type == "cuda"):
         runner.cuda_graphs = mode == "graph"
         kvs, tokens = prefilled(runner, _prompts(1, context, runner.vocab_size, seed=1))
         step_times(runner, kvs, tokens, 5)  # warm-up and capture
@@ -201,7 +202,7 @@ def bench_throughput(runner: ModelRunner, batch: int, context: int, steps: int, 
     kvs, tokens = prefilled(runner, _prompts(batch, used_context, runner.vocab_size, seed=3))
     out: dict[str, Any] = {"batch": batch, "context": used_context, "shortened_to_fit": used_context < context}
     captured = runner.cuda_graphs
-    for mode in _modes(runner):
+    for mode in _modes(runner.device.type == "cuda"):
         runner.cuda_graphs = mode == "graph"
         step_times(runner, kvs, tokens, 3)
         samples = step_times(runner, kvs, tokens, steps)
@@ -432,7 +433,7 @@ def measure_kv_dtype(loaded: LoadedModel, name: str, part: dict[str, Any], setti
 def _summary(part: dict[str, Any], cuda: bool, floor_s: float | None, load_s: float, agreement: int,
              anchors: dict[str, Any] | None) -> dict[str, Any]:
     """One KV dtype's summary (the fields the result file has always had, and its ``kv_dtype``)."""
-    modes = ("graph", "eager") if cuda else ("eager",)
+    modes = _modes(cuda)
     best_b = min(part["end_to_end"], key=lambda r: r["seconds"])
     return {
         "weight_read_floor_ms": floor_s * 1e3 if floor_s else None,
