@@ -182,12 +182,14 @@ def rotary_decode_layer(
     write: torch.Tensor,
     block_mask: BlockMask,
     attend: Callable[..., torch.Tensor] = flex_attention,
+    kernel_options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """One Llama-layout decoder layer for ``B`` one-token rows, over the paged KV pool.
 
     ``hidden`` ``[B, 1, E]``; ``cos``/``sin`` ``[B, 1, D]``; ``keys``/``values`` the layer's pool
     views ``[S, H_kv, D]``; row ``b``'s new key and value go to slot ``write[b]``, then each row
-    attends over its own blocks (``block_mask``, see the runner's paged decode). Returns the
+    attends over its own blocks (``block_mask``, see the runner's paged decode; ``kernel_options``
+    go to flex_attention's kernel). Returns the
     layer's output ``[B, 1, E]``.
     """
     attn, mlp = layer.self_attn, layer.mlp
@@ -207,7 +209,7 @@ def rotary_decode_layer(
     store_slots(values, write, v[:, 0])
     out = attend(
         q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], block_mask=block_mask,
-        scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1],
+        scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=kernel_options,
     )  # [B, H, 1, D]
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
     x = _rms_norm(layer.post_attention_layernorm, hidden)
