@@ -65,16 +65,60 @@ def _device_kv(server, session_id) -> torch.Tensor:
     return asyncio.run_coroutine_threadsafe(copy(), server._loop).result(30)
 
 
-def _one_session_each_on_gpu_and_host(tmp_path):
-    """A semantic server (evicting at IO_WAIT) with GPU room for one session, a host tier of one
-    session and a disk tier of four below it."""
+def _one_session_each_on_gpu_and_host(tmp_path, write_back: bool = False):
+    """A semantic server (evicting at IO_WAIT, or writing back) with GPU room for one session, a
+    host tier of one session and a disk tier of four below it."""
     _weights, kv = kv_sizes("random:tiny-llama", 64)
     config = serving_config(
         budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), tier_gb=kv / 2**30,
         settings={"disk": {"path": str(tmp_path / "kv.bin"), "capacity_gb": 4 * kv / 2**30},
-                  "semantic": {"write_back": False}},
+                  "semantic": {"write_back": write_back}},
     )
     return serve_with(config, ["semantic", "disk", "tcp"])
+
+
+def _as_if_pinned(server):
+    """Make the host tier report itself pinned and the engine copy with CUDA (what decides, with
+    the tiers' stats, where the device copies): the device then copies only to that tier."""
+    pinned = server.kernel.tiers["pinned_host"]
+    stats = pinned.stats
+    pinned.stats = lambda: attrs.evolve(stats(), pinned=True)
+    server.kernel.backend.pinned_host = True
+    assert server.call(server.kernel._device_tiers) == ["pinned_host"]
+    return pinned
+
+
+def test_a_write_back_takes_only_free_room_and_never_demotes(tmp_path):
+    """A write-back is speculative: as on a GPU (the device copies only to the pinned tier), with
+    that tier full of an evicted session's copy it is skipped, and the evicted copy stays where it
+    is (no demotion to disk)."""
+    server = _one_session_each_on_gpu_and_host(tmp_path, write_back=True)
+    kernel = server.kernel
+    _as_if_pinned(server)
+    try:
+        with connect(server.url("tcp")) as client:
+            model = client.model()
+            cold, warm = model.session(), model.session()
+            cold.generate([11, 12, 13], max_new_tokens=8)
+            cold.signal_phase("IO_WAIT", expected_s=600)  # back later than warm: colder, a copy to demote
+            assert wait_for(lambda: server.call(lambda: kernel.get(cold.id).info.backed))
+            warm.generate([1, 2, 3], max_new_tokens=8)  # no GPU room: cold's blocks are reclaimed
+            assert server.call(lambda: (kernel.get(cold.id).info.residency, kernel.get(cold.id).tier)) == (
+                Residency.EVICTED, "pinned_host")
+            warm.signal_phase("IO_WAIT", expected_s=60)
+            assert wait_for(lambda: server.call(lambda: kernel.counters["write_back_skips"]) == 1)
+            assert server.call(lambda: kernel.get(cold.id).tier) == "pinned_host"
+            assert server.call(lambda: (kernel.get(warm.id).info.residency, kernel.get(warm.id).info.backed)) == (
+                Residency.RESIDENT, False)
+            counters = server.call(lambda: dict(kernel.counters))
+            assert counters["demotions"] == 0 and counters["write_backs"] == 1 and counters["reclaims"] == 1
+            assert server.call(lambda: kernel.tiers["disk"].stats().allocations) == 0
+            cold.close()
+            warm.close()
+        assert wait_for(lambda: books(server)["sessions"] == 0)
+        assert books(server) == {k: 0 for k in books(server)}
+    finally:
+        server.stop()
 
 
 def test_a_full_host_tier_demotes_the_coldest_session_to_disk_and_it_comes_back_bitwise(tmp_path):
@@ -127,11 +171,7 @@ def test_with_cuda_copies_the_device_reads_and_writes_only_pinned_tiers(tmp_path
     disk copy back into the pinned tier when it has room (a promotion), then copies from there."""
     server = _one_session_each_on_gpu_and_host(tmp_path)
     kernel = server.kernel
-    pinned = kernel.tiers["pinned_host"]
-    stats = pinned.stats
-    pinned.stats = lambda: attrs.evolve(stats(), pinned=True)
-    kernel.backend.pinned_host = True  # what decides, with the tiers' stats, where the device copies
-    assert server.call(kernel._device_tiers) == ["pinned_host"]
+    pinned = _as_if_pinned(server)
     try:
         with connect(server.url("tcp")) as client:
             model = client.model()

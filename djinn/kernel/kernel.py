@@ -304,15 +304,15 @@ class Kernel:
                 return name, self.tiers[name].allocate(nbytes)
         return None
 
-    async def _placed(self, nbytes: int, requester: Session) -> tuple[str, TierBlock] | None:
-        """A tier block of ``nbytes`` for ``requester``'s KV in the first tier with room; a full tier first
-        demotes its evicted sessions colder than ``requester`` to later tiers, coldest first, so the
-        sessions expected back soonest stay in the fastest tier."""
+    async def _placed(self, nbytes: int, requester: Session, make_room: bool) -> tuple[str, TierBlock] | None:
+        """A tier block of ``nbytes`` for ``requester``'s KV in the first tier with room; with ``make_room``
+        a full tier first demotes its evicted sessions colder than ``requester`` to later tiers, coldest
+        first, so the sessions expected back soonest stay in the fastest tier."""
         names, direct = list(self.tiers), self._device_tiers()
         for index, name in enumerate(names):
             if name not in direct:
                 continue  # it takes demotions from the tiers before it, not copies from the device
-            while (placed := self._allocate(nbytes, [name])) is None:
+            while (placed := self._allocate(nbytes, [name])) is None and make_room:
                 if not await self._demote_one(name, names[index + 1 :], _coldness(requester)):
                     break
             if placed is not None:
@@ -373,14 +373,14 @@ class Kernel:
         session.tier = session.block = None
         session.update(backed=False)
 
-    async def _copy_to_tier(self, session: Session, otherwise: str, counter: str) -> float | None:
+    async def _copy_to_tier(self, session: Session, otherwise: str, counter: str, make_room: bool) -> float | None:
         """Copy a resident session's KV to a tier (EVICTING while it copies), kept as its tier copy: the
         copy's seconds. None when it cannot move or no tier holds it (counted as ``counter``, logged
-        with ``otherwise``)."""
+        with ``otherwise``); ``make_room``: demote colder copies to fit (``_placed``)."""
         if not self._movable(session):
             return None
         nbytes = self.backend.held_bytes(session.kv)
-        if (placed := await self._placed(nbytes, session)) is None:
+        if (placed := await self._placed(nbytes, session, make_room)) is None:
             self.counters[counter] += 1
             log.warning("no tier can hold session %d's %d KV bytes; %s", session.info.id, nbytes, otherwise)
             return None
@@ -401,7 +401,7 @@ class Kernel:
 
     async def _evict(self, session: Session) -> bool:
         """RESIDENT -> EVICTING -> EVICTED: copy the KV to a tier. False when it cannot (busy, tiers full)."""
-        seconds = await self._copy_to_tier(session, "it stays resident", "evict_failures")
+        seconds = await self._copy_to_tier(session, "it stays resident", "evict_failures", make_room=True)
         if seconds is None:
             return False
         await self.backend.release(session.kv, keep_capacity=True)
@@ -412,10 +412,12 @@ class Kernel:
 
     async def _write_back(self, session: Session) -> bool:
         """RESIDENT -> EVICTING -> RESIDENT+backed: copy the KV to a tier and keep the GPU blocks.
-        False when it cannot (busy, already backed, tiers full)."""
+        False when it cannot (busy, already backed, no free room). A write-back is speculative: it
+        takes free room in a tier the device copies to and never demotes other copies for it (on an
+        H200 the demotions it caused to a disk tier stalled every session)."""
         if session.info.backed:
             return False
-        seconds = await self._copy_to_tier(session, "it is not written back", "write_back_skips")
+        seconds = await self._copy_to_tier(session, "it is not written back", "write_back_skips", make_room=False)
         if seconds is None:
             return False
         session.update(residency=Residency.RESIDENT, backed=True)
