@@ -218,8 +218,8 @@ _compiled_flex = torch.compile(flex_attention, dynamic=False)
 #: input, so its weights are not baked in): one compile per batch bucket and window
 _compiled_decode_layer = torch.compile(rotary_decode_layer, dynamic=False)
 #: flex_attention's decoding-kernel options for paged decode (default mode): two pipeline stages
-#: and four warps read the paged pool 1.35-1.4x faster than inductor's default (one stage, two
-#: warps) at 16 to 128 rows and 1.2-1.45x at 1 to 4 (``eval/results/tune_flex_decode_h200.json``)
+#: and four warps read the paged pool 1.34-1.35x faster than inductor's default (one stage, two
+#: warps) at 16 to 128 rows and 1.17-1.44x at 1 to 4 (``eval/results/tune_flex_decode_h200.json``)
 PAGED_DECODE_FLEX_OPTIONS: dict[str, Any] = {"num_stages": 2, "num_warps": 4}
 #: flex_attention's query block; a decode step has one query per row, so one block
 _FLEX_QUERY_BLOCK = 128
