@@ -137,5 +137,6 @@ def test_exp3_smoke(tmp_path, capsys):
     hits = sequences * report["config"]["new_tokens"] * len(report["config"]["robust_layers"])
     assert rob["resume"]["n"] == rob["client_process_resume"]["n"] == hits
     assert rob["client_process_ping"]["n"] == report["config"]["ping_samples"]
+    assert rob["client_process_paused_ping"]["n"] == rob["client_process_resume_after_ping"]["n"] == hits
     assert steer["client_process_scale_resume"]["n"] == steer["client_process_resume"]["n"] == steer["resume"]["n"]
     assert "client in its own process" in capsys.readouterr().out

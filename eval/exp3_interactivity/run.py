@@ -124,17 +124,25 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+def ping(client: Client) -> None:
+    """One PING round trip."""
+    client._loop.run(client._async.request(Op.PING))
+
+
 def ping_round_trips(client: Client, count: int) -> list[float]:
     """Client round trips of PING: the server's dispatch floor over this transport."""
-    return [timed(lambda: client._loop.run(client._async.request(Op.PING))) for _ in range(count)]
+    return [timed(lambda: ping(client)) for _ in range(count)]
 
 
 def traced_run(client: Client, prompt: list[int], new_tokens: int, layers: tuple[int, ...],
-               edit: Callable[[Any], None] | None, server: BackgroundServer | None = None) -> dict[str, Any]:
+               edit: Callable[[Any], None] | None, server: BackgroundServer | None = None,
+               ping_while_paused: bool = False) -> dict[str, Any]:
     """Generate with breakpoints; time each hit's (edit +) resume; with ``server`` (in this
-    process), read the session's KV bytes while paused."""
+    process), read the session's KV bytes while paused; with ``ping_while_paused``, time a PING
+    at each hit before its resume (``paused_ping_s``): any frame's round trip in that moment."""
     session = client.model().session()
     resume_s: list[float] = []
+    paused_ping_s: list[float] = []
     kv_bytes = 0
     trace = session.trace(prompt, new_tokens, breakpoints=layers)
     for hit in trace:
@@ -146,10 +154,12 @@ def traced_run(client: Client, prompt: list[int], new_tokens: int, layers: tuple
                 edit(hit)
             hit.resume()
 
+        if ping_while_paused:
+            paused_ping_s.append(timed(lambda: ping(client)))
         resume_s.append(timed(act))
     tokens = trace.result.tokens
     session.close()
-    return {"tokens": tokens, "resume_s": resume_s, "kv_bytes": kv_bytes}
+    return {"tokens": tokens, "resume_s": resume_s, "kv_bytes": kv_bytes, "paused_ping_s": paused_ping_s}
 
 
 def _rounds_in_this_process(url: str, prompts: list[list[int]], new_tokens: int, layers: tuple[int, ...],
@@ -158,8 +168,12 @@ def _rounds_in_this_process(url: str, prompts: list[list[int]], new_tokens: int,
         runs = [traced_run(client, prompt, new_tokens, layers, None) for prompt in prompts]
         steered = [traced_run(client, prompt, new_tokens, layers, lambda hit: hit.scale(factor))
                    for prompt in prompts] if factor is not None else []
+        probed = [traced_run(client, prompt, new_tokens, layers, None, ping_while_paused=True)
+                  for prompt in prompts] if factor is None else []
         return {"tokens": [r["tokens"] for r in runs], "resume_s": [t for r in runs for t in r["resume_s"]],
                 "scale_resume_s": [t for r in steered for t in r["resume_s"]],
+                "paused_ping_s": [t for r in probed for t in r["paused_ping_s"]],
+                "resume_after_ping_s": [t for r in probed for t in r["resume_s"]],
                 "ping_s": ping_round_trips(client, ping_samples)}
 
 
@@ -167,7 +181,9 @@ def client_process_rounds(url: str, prompts: list[list[int]], new_tokens: int, l
                           factor: float | None, ping_samples: int) -> dict[str, Any]:
     """The traces' resume (and, with ``factor``, scale + resume) round trips and PINGs from a client
     in a process of its own, as a user's client is: an in-process client shares the server's
-    interpreter lock with the model thread, which starts computing as soon as a resume is answered."""
+    interpreter lock with the model thread, which starts computing as soon as a resume is answered.
+    Without ``factor`` the traces also run once more with a PING at each hit before its resume,
+    which tells a resume's own cost from that of any frame arriving while a pass is paused."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_rounds_in_this_process, (url, prompts, new_tokens, layers, factor, ping_samples))
 
@@ -205,6 +221,8 @@ def robustness(server: BackgroundServer, client: Client, cfg: Exp3Config, prompt
             "resume": summary_of(resume), "ping": summary_of(ping),
             "client_process_exact_sequences": sum(t == r["plain_tokens"] for t, r in zip(apart["tokens"], runs)),
             "client_process_resume": summary_of(apart["resume_s"]), "client_process_ping": summary_of(apart["ping_s"]),
+            "client_process_paused_ping": summary_of(apart["paused_ping_s"]),
+            "client_process_resume_after_ping": summary_of(apart["resume_after_ping_s"]),
             "session_kv_bytes": kv, "kv_over_pcie_ms": kv / PCIE_BYTES_PER_S * 1e3,
         },
     }
@@ -362,6 +380,9 @@ def table(report: dict[str, Any]) -> str:
                  ("(a) PING p50 (floor)", ms(rob["ping"]["p50_ms"])),
                  ("(a) client in its own process: resume / PING p50",
                   f"{ms(rob['client_process_resume']['p50_ms'])} / {ms(rob['client_process_ping']['p50_ms'])}"),
+                 ("(a) same client: PING while paused / resume after it p50",
+                  f"{ms(rob['client_process_paused_ping']['p50_ms'])} / "
+                  f"{ms(rob['client_process_resume_after_ping']['p50_ms'])}"),
                  ("(a) session KV / PCIe", f"{rob['session_kv_bytes']} B -> {ms(rob['kv_over_pcie_ms'])}")]
     steer = report["steering"].get("summary")
     if steer:
