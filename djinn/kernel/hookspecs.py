@@ -2,7 +2,8 @@
 
 Hooks are for registration and events: called per start-up, request, phase change or step, never
 per chunk or per layer per token (a pluggy call costs microseconds). Hot-path work goes through the
-strategy objects of ``strategies.py`` that plugins register here.
+strategy objects that plugins register here (their contracts: ``strategies.py``, ``djinn.wire.contracts``,
+``djinn.engine.streaming``).
 
 pluggy calls implementations last-registered-first; the kernel registers plugins in the order of
 their entry points' names, so no plugin may depend on another's implementation running first. Unless
