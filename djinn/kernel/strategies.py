@@ -1,11 +1,6 @@
-"""Hot-path extension points the kernel calls: the scheduler and tier contracts, and the session
-records they see. Plugins register strategies by name.
-
-Hooks (``hookspecs.py``) announce events; anything that runs per step, copy, frame or layer is a
-method on a strategy object, called directly (a pluggy call costs microseconds). A plugin offers
-a factory per slot in ``djinn_register_strategies``; the kernel builds the selected one with its
-settings. Required methods are abstract; optional ones default to doing nothing. The contracts of
-the slots other layers call live with those layers: ``Transport`` and ``Serializer`` in
+"""The hot-path contracts the kernel calls, scheduler and tier, and the session records they see.
+Required methods are abstract; optional ones default to doing nothing. The contracts of the slots
+other layers call live with those layers: ``Transport`` and ``Serializer`` in
 ``djinn.wire.contracts``, ``Streamer`` in ``djinn.engine.streaming``.
 """
 
