@@ -40,7 +40,7 @@ import attrs
 import numpy as np
 
 from djinn.kernel.errors import ConnectionClosed, PluginError
-from djinn.kernel.strategies import Connection, Transport
+from djinn.wire.contracts import Connection, Transport
 from djinn.plugins.transports import inproc, tcp, ucx
 from djinn.plugins.transports._framing import LENGTH_PREFIX
 

@@ -32,6 +32,18 @@ def test_kernel_never_imports_plugins():
     assert offenders == []
 
 
+def test_kernel_never_imports_the_layers_that_call_it():
+    """Not even for type annotations: the wire, the engine and the server depend on the kernel."""
+    layers = ("djinn.wire", "djinn.engine", "djinn.server")
+    offenders = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in (ROOT / "djinn" / "kernel").rglob("*.py")
+        for name in _imports(p)
+        if any(name == layer or name.startswith(layer + ".") for layer in layers)
+    ]
+    assert offenders == []
+
+
 def _runtime_imports(path: Path) -> list[str]:
     """Modules ``path`` imports when it runs (imports under ``if TYPE_CHECKING:`` left out)."""
     tree = ast.parse(path.read_text())
@@ -54,12 +66,17 @@ def _runtime_imports(path: Path) -> list[str]:
 #: what each layer's modules may import of djinn (anything else is a dependency the wrong way)
 _ALLOWED = {
     "kernel": ("djinn.kernel",),
+    # how bytes move, shared by the client, the server and the transport and serializer plugins
+    "wire": ("djinn.kernel", "djinn.wire"),
     "engine": ("djinn.kernel", "djinn.engine"),
-    "server": ("djinn.kernel", "djinn.engine", "djinn.server", "=djinn"),
-    "client": ("djinn.kernel", "djinn.server.wire", "djinn.client"),
-    "testing": ("djinn.kernel", "djinn.testing", "djinn.arena"),
+    "server": ("djinn.kernel", "djinn.wire", "djinn.engine", "djinn.server", "=djinn"),
+    "client": ("djinn.kernel", "djinn.wire", "djinn.client"),
+    "testing": ("djinn.kernel", "djinn.wire", "djinn.engine.streaming", "djinn.testing", "djinn.arena"),
     # the cluster drives whole servers: never the engine or the plugins directly
-    "cluster": ("djinn.kernel", "djinn.server", "djinn.client", "djinn.cluster", "=djinn"),
+    "cluster": ("djinn.kernel", "djinn.wire", "djinn.server", "djinn.client", "djinn.cluster", "=djinn"),
+    # the contracts they implement (the streamer's is the engine's), the tiers' arena, and
+    # djinn.plugins for a slot's own private module (the next test allows no other)
+    "plugins": ("djinn.kernel", "djinn.wire", "djinn.engine.streaming", "djinn.arena", "djinn.plugins"),
 }
 
 
@@ -69,7 +86,7 @@ def _allowed(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p[1:] if p.startswith("=") else name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def test_imports_point_one_way_between_kernel_engine_server_and_client():
+def test_imports_point_one_way_between_the_layers():
     offenders = [
         f"{p.relative_to(ROOT)}: {name}"
         for layer, prefixes in _ALLOWED.items()
@@ -80,13 +97,14 @@ def test_imports_point_one_way_between_kernel_engine_server_and_client():
     assert offenders == []
 
 
-def test_plugins_use_the_kernels_contracts_and_never_each_other():
+def test_plugins_use_the_contracts_and_never_each_other():
+    contracts = tuple(prefix for prefix in _ALLOWED["plugins"] if prefix != "djinn.plugins")
     offenders = []
     for p in (ROOT / "djinn" / "plugins").rglob("*.py"):
         slot = p.parent.name
         for name in _runtime_imports(p):
             own_helper = name.startswith(f"djinn.plugins.{slot}._")  # a private module of its own slot
-            if name.startswith("djinn") and not (_allowed(name, ("djinn.kernel", "djinn.arena")) or own_helper):
+            if name.startswith("djinn") and not (_allowed(name, contracts) or own_helper):
                 offenders.append(f"{p.relative_to(ROOT)}: {name}")
     assert offenders == []
 
@@ -141,4 +159,16 @@ def test_cli_start_up_does_not_import_torch():
     import sys
 
     code = "import sys, djinn.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_contracts_plugins_import_do_not_import_torch():
+    """Plugins load at discovery, also in the CLI: the wire and streamer contracts stay torch-free."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, djinn.wire.contracts, djinn.wire.frames, djinn.engine.streaming, djinn.kernel.strategies; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -23,7 +23,7 @@ from djinn.kernel.plugins import get_plugin_manager
 from djinn.engine.runner import ModelRunner, greedy_generate
 from djinn.engine.service import SamplingParams
 from djinn.server.launch import build_runtime
-from djinn.server.wire import Op
+from djinn.wire.frames import Op
 from tests.serving import start_server, serving_config
 
 PROMPT = [5, 17, 300, 42, 9, 88]

@@ -62,7 +62,7 @@ def test_the_server_refuses_an_unknown_phase_too(server):
     async def run() -> None:
         async with connect_async(server.url("tcp")) as client:
             session = await (await client.model()).session()
-            from djinn.server.wire import Op
+            from djinn.wire.frames import Op
 
             with pytest.raises(SessionError, match="COMPUTE"):
                 await client.request(Op.SIGNAL_PHASE, session_id=session.id, meta={"phase": "IOWAIT"})

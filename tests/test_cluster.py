@@ -22,7 +22,7 @@ from djinn.cluster import placement
 from djinn.cluster.handoff import SessionState
 from djinn.cluster.node import DjinnNode
 from djinn.kernel.errors import SessionError
-from djinn.server.wire import Op
+from djinn.wire.frames import Op
 from eval.reliability.run import kv_budget_gb
 from tests.serving import serving_config
 

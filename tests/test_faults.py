@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from djinn.client import connect
 from djinn.kernel.strategies import Residency
-from djinn.server.wire import Frame, Op, raise_for_error
+from djinn.wire.frames import Frame, Op, raise_for_error
 from eval.reliability.run import PROMPT, RawClient, books, kv_budget_gb
 from tests.serving import serving_config
 from tests.test_kernel import serve_with, wait_for

@@ -25,7 +25,7 @@ from djinn.server.launch import BackgroundServer
 from djinn.server.loop import is_loopback
 from djinn.engine.service import SamplingParams
 from djinn.kernel.strategies import Phase, Residency
-from djinn.server.wire import Frame, Op, decode_frame, raise_for_error
+from djinn.wire.frames import Frame, Op, decode_frame, raise_for_error
 from eval.reliability.run import (
     _CONNECTION_KINDS,
     _FRAME_KINDS,

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, BertConfig, Qwen2Config
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.models import LoadedModel, kv_bytes_per_token, load_model
 from djinn.engine.runner import ModelRunner, greedy_generate, sample_generate
-from djinn.kernel.strategies import Streamer
+from djinn.engine.streaming import Streamer
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
 #: 5 tokens, 14 (crosses tiny-mistral's 16-token window while decoding), 23 (beyond it at once)

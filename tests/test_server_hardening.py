@@ -20,7 +20,7 @@ from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from djinn.kernel.strategies import Residency
-from djinn.server.wire import Frame, Op
+from djinn.wire.frames import Frame, Op
 from djinn.plugins.transports._framing import LENGTH_PREFIX
 from eval.reliability.run import PROMPT, RawClient, frame_bytes, start_server
 from tests.serving import serving_config

@@ -1,4 +1,4 @@
-"""The frame codec (djinn.server.wire) and the arrow serializer: round trips, zero copy, and
+"""The frame codec (djinn.wire.frames) and the arrow serializer: round trips, zero copy, and
 hostile bytes, which must only ever produce FrameError."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from djinn.kernel import errors
-from djinn.server import wire
+from djinn.wire import frames as wire
 from djinn.kernel.errors import DjinnError, FrameError, FrameTooLarge
 from djinn.kernel.plugins import StrategyRegistry
-from djinn.server.wire import (
+from djinn.wire.frames import (
     HEADER_SIZE,
     Frame,
     Op,

@@ -15,7 +15,7 @@ from djinn.kernel.config import DjinnConfig, PluginSelection
 from djinn.kernel.errors import BreakpointError, ConnectionClosed, DjinnError, PluginError, SessionError
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.kernel.strategies import Phase
-from djinn.server.wire import Frame, Op, WireLimits, check_edit_tensor, decode_frame, encode_frame, raise_for_error
+from djinn.wire.frames import Frame, Op, WireLimits, check_edit_tensor, decode_frame, encode_frame, raise_for_error
 
 Inputs = str | Sequence[int] | torch.Tensor
 

@@ -19,7 +19,7 @@ client sends meanwhile wait and then go to the new owner. A server that dies fai
 sessions it held: their requests in flight and every later one get a ``SessionError`` that
 names the server; the other sessions, of the same client too, go on.
 
-Header rewriting relies on the frame layout that ``djinn.server.wire`` specifies: session id
+Header rewriting relies on the frame layout that ``djinn.wire.frames`` specifies: session id
 and request id are the two little-endian u64 at offsets 8 and 16.
 """
 
@@ -47,8 +47,9 @@ from djinn.kernel.errors import (
     FrameError,
     SessionError,
 )
-from djinn.kernel.strategies import Connection, Phase
-from djinn.server.wire import (
+from djinn.kernel.strategies import Phase
+from djinn.wire.contracts import Connection
+from djinn.wire.frames import (
     HEADER_SIZE,
     Frame,
     Op,
@@ -62,7 +63,7 @@ from djinn.server.wire import (
 
 log = logging.getLogger(__name__)
 
-#: session id and request id in a frame header (see ``djinn.server.wire``)
+#: session id and request id in a frame header (see ``djinn.wire.frames``)
 _IDS = struct.Struct("<QQ")
 _IDS_OFFSET = 8
 

@@ -57,7 +57,7 @@ from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV, load_slots, st
 from djinn.engine.families import LAYER_SITES, LayerParts, family_of, pack_projections, rotary_decode_layer
 from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
-from djinn.kernel.strategies import Streamer
+from djinn.engine.streaming import Streamer
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_BLOCK_TOKENS = 64

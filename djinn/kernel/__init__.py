@@ -1,4 +1,6 @@
-"""Mechanism and contracts: hookspecs, plugin manager, config, strategies, sessions, residency, memory.
+"""Mechanism and contracts: hookspecs, plugin manager, config, the scheduler and tier contracts,
+sessions, residency, admission, memory.
 
-Nothing in this package imports ``djinn.plugins``, ``djinn.engine`` or ``djinn.server``, nor torch at run time.
+Nothing in this package imports ``djinn.plugins``, ``djinn.wire``, ``djinn.engine`` or ``djinn.server``,
+nor torch at run time.
 """

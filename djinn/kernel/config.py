@@ -139,8 +139,6 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
     if origin is tuple:
         item = args[0] if args else Any
         if item is str and isinstance(value, str):

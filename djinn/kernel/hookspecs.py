@@ -2,7 +2,7 @@
 
 Hooks are for registration and events: called per start-up, request, phase change or step, never
 per chunk or per layer per token (a pluggy call costs microseconds). Hot-path work goes through the
-strategy objects of ``strategies.py`` that plugins register here.
+strategy objects that plugins register here, called directly; ``strategies.py`` names their contracts.
 
 pluggy calls implementations last-registered-first; the kernel registers plugins in the order of
 their entry points' names, so no plugin may depend on another's implementation running first. Unless

@@ -1,17 +1,15 @@
-"""Hot-path extension points: small abstract strategies that plugins register by name.
-
-Hooks (``hookspecs.py``) announce events; anything that runs per step, copy, frame or layer is a
-method on one of these objects, called directly (a pluggy call costs microseconds). A plugin offers
-a factory per slot in ``djinn_register_strategies``; the kernel builds the selected one with its
-settings. Required methods are abstract; optional ones default to doing nothing.
+"""The hot-path contracts the kernel calls, scheduler and tier, and the session records they see.
+Required methods are abstract; optional ones default to doing nothing. The contracts of the slots
+other layers call live with those layers: ``Transport`` and ``Serializer`` in
+``djinn.wire.contracts``, ``Streamer`` in ``djinn.engine.streaming``.
 """
 
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -181,141 +179,3 @@ class Tier(ABC):
 
     def stop(self) -> None:
         """Release the arena. Once, at shutdown."""
-
-
-# --------------------------------------------------------------------------- weight streaming
-@attrs.frozen
-class StreamerStats:
-    """A streamer's figures for metrics. A resident streamer fills only ``device_bytes``."""
-    #: device memory held for layer weights: the ring plus the layers kept resident
-    device_bytes: int = 0
-    #: the device ring weights stream through (0: nothing streams), and the host arena they stream from
-    ring_bytes: int = 0
-    arena_bytes: int = 0
-    layers: int = 0
-    passes: int = 0
-    bytes_streamed: int = 0
-    #: bytes a pass found in the ring already and did not copy again
-    bytes_reused: int = 0
-    #: time inside passes, copying, and compute waiting for copies
-    seconds: float = 0.0
-    copy_seconds: float = 0.0
-    stall_seconds: float = 0.0
-    #: bytes streamed per second of pass, and per second of copying
-    effective_gbps: float = 0.0
-    copy_gbps: float = 0.0
-
-
-class Streamer(ABC):
-    """Brings each decoder layer's weights onto the compute device before the layer runs. The
-    runner calls ``before_layer``/``after_layer`` for every layer of every pass (plain calls, no
-    hooks); ``prepare`` runs once when the model is loaded."""
-
-    #: True when weights move while passes run (a ring on the device): the engine then loads the model
-    #: on the host, and the runner replays no CUDA graphs (they would freeze the weights' addresses)
-    streams_weights: bool = False
-
-    @abstractmethod
-    def prepare(self, layers: Sequence[torch.nn.Module], device: torch.device, budget_bytes: int | None) -> None:
-        """Take ownership of ``layers`` (on CPU) and place or stage them for ``device``.
-
-        ``budget_bytes`` is the device memory left for the decoder layers: the GPU budget less what
-        the runner keeps on the device besides them (embeddings, final norm, head) and, on CUDA,
-        the workspace; None: no limit. What the streamer does not take (``device_bytes``) goes to
-        the KV cache, so it may keep part free on purpose. Raise ``ModelError`` here (not at run
-        time) when the layers cannot be served within ``budget_bytes``."""
-
-    def begin_pass(self) -> None:
-        """A forward pass over all layers starts (prefetch the first layers)."""
-
-    def before_layer(self, index: int) -> None:
-        """Return once layer ``index`` may run on the compute stream."""
-
-    def after_layer(self, index: int) -> None:
-        """Layer ``index`` has been enqueued; its weights may be recycled once it finishes."""
-
-    def end_pass(self) -> None:
-        """The forward pass is over."""
-
-    def device_bytes(self) -> int:
-        """Device memory this streamer holds for weights (resident layers, its ring, or both)."""
-        return 0
-
-    def stats(self) -> StreamerStats:
-        """Figures for metrics (bytes streamed, stalls, ...)."""
-        return StreamerStats(device_bytes=self.device_bytes())
-
-
-# --------------------------------------------------------------------------- wire
-Buffer = bytes | bytearray | memoryview
-
-
-class Connection(ABC):
-    """One bidirectional stream of whole frames. Used from one event loop."""
-
-    #: a printable name of the other end
-    peer: str = "?"
-    #: the largest frame ``recv`` accepts; its owner may change it (the server keeps it small until auth)
-    max_frame_bytes: int = 1 << 62
-
-    @abstractmethod
-    async def send(self, parts: Sequence[Buffer]) -> None:
-        """Send one frame made of ``parts`` (concatenated on the wire, not in memory)."""
-
-    @abstractmethod
-    async def recv(self) -> memoryview:
-        """Receive one whole frame into a buffer of its own (no per-frame payload copies). Raises
-        ``ConnectionClosed`` when the peer goes away (also mid-frame) and ``FrameTooLarge`` when the
-        frame announces more than the connection's limit."""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Close; pending and later ``recv`` calls raise ``ConnectionClosed``."""
-
-
-class Listener(ABC):
-    """A bound address accepting connections."""
-
-    #: the bound address as a URL (with the real port when port 0 was asked for)
-    url: str = ""
-
-    @abstractmethod
-    async def close(self) -> None:
-        """Stop accepting; connections already open stay open."""
-
-
-ConnectionHandler = Callable[[Connection], Awaitable[None]]
-
-
-class Transport(ABC):
-    """Moves frames for one URL scheme (``tcp``, ``inproc``, ``ucx``, ...)."""
-
-    scheme: ClassVar[str]
-    #: a listener may be reached from other machines: the server then binds a non-loopback address
-    #: only with a token (an in-process transport never is reachable)
-    reachable_remotely: ClassVar[bool] = True
-
-    def default_url(self, host: str, port: int) -> str:
-        """The URL the server listens on when it is given only ``[server] host`` and ``port``."""
-        return f"{self.scheme}://{host}:{port}"
-
-    @abstractmethod
-    async def listen(self, url: str, handler: ConnectionHandler, *, max_frame_bytes: int) -> Listener:
-        """Bind ``url``; run ``handler(conn)`` as a task for every accepted connection."""
-
-    @abstractmethod
-    async def connect(self, url: str, *, max_frame_bytes: int) -> Connection:
-        """Open a connection to a listener at ``url``."""
-
-
-class Serializer(ABC):
-    """Turns tensors into bytes and back. Never pickle; never trust what arrives."""
-
-    @abstractmethod
-    def encode(self, tensors: Sequence[torch.Tensor]) -> list[Buffer]:
-        """Encode tensors (any dtype the wire supports, any shape) as buffers to send."""
-
-    @abstractmethod
-    def decode(self, payload: memoryview) -> list[torch.Tensor]:
-        """Decode tensors as read-only, zero-copy views of ``payload`` where possible. Raise
-        ``FrameError`` for anything malformed; clone a tensor before writing to it."""

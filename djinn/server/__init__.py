@@ -1,1 +1,2 @@
-"""How requests arrive: the wire format, the connection loop, breakpoint pauses, HTTP, launching."""
+"""How requests arrive: the connection loop, breakpoint pauses, HTTP, launching. The frame
+format they speak is ``djinn.wire``'s."""

@@ -18,7 +18,7 @@ from djinn.kernel.errors import BreakpointError
 from djinn.kernel.kernel import Session
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.server.validate import number
-from djinn.server.wire import Frame, Op, check_edit_tensor
+from djinn.wire.frames import Frame, Op, check_edit_tensor
 
 
 @attrs.frozen

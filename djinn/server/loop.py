@@ -31,11 +31,12 @@ from djinn.kernel.errors import (
 )
 from djinn.engine.service import SamplingParams
 from djinn.kernel.kernel import Session, settled
-from djinn.kernel.strategies import Connection, Phase
+from djinn.kernel.strategies import Phase
 from djinn.server.breakpoints import Breakpoints, Pause
 from djinn.server.http import vmu
 from djinn.server.validate import enum_value, integer, number
-from djinn.server.wire import (
+from djinn.wire.contracts import Connection
+from djinn.wire.frames import (
     HEADER_SIZE,
     Frame,
     Op,

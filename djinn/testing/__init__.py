@@ -1,5 +1,7 @@
-"""Contract suites for plugin authors: pytest classes that check a strategy against what
-``djinn.kernel.strategies`` promises for its slot. Subclass one and name the entry point:
+"""Contract suites for plugin authors: pytest classes that check a strategy against what its
+slot's contract promises (``djinn.kernel.strategies`` for schedulers and tiers,
+``djinn.wire.contracts`` for transports, ``djinn.engine.streaming`` for streamers). Subclass one
+and name the entry point:
 
     from djinn.testing import SchedulerContract
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 
 from djinn.kernel.errors import ModelError
-from djinn.kernel.strategies import Streamer, StreamerStats
+from djinn.engine.streaming import Streamer, StreamerStats
 from djinn.testing._plugins import build_strategy
 
 if TYPE_CHECKING:

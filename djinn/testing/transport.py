@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 
 from djinn.kernel.errors import ConnectionClosed, FrameTooLarge
-from djinn.kernel.strategies import Connection, ConnectionHandler, Listener, Transport
+from djinn.wire.contracts import Connection, ConnectionHandler, Listener, Transport
 from djinn.testing._plugins import build_strategy
 
 LIMIT = 8 << 20  # max_frame_bytes unless a test says otherwise

@@ -42,7 +42,7 @@ from djinn.kernel.errors import DjinnError
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.engine.runner import greedy_generate
 from djinn.server.launch import BackgroundServer
-from djinn.server.wire import Op
+from djinn.wire.frames import Op
 from eval.bench_transport import hardware
 from eval.exp1_density.run import percentile
 from eval.report import library_versions, source_commit

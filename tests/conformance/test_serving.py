@@ -16,7 +16,7 @@ from djinn.kernel.errors import DjinnError, SessionError
 from djinn.engine.models import load_model
 from djinn.engine.runner import ModelRunner, greedy_generate
 from djinn.kernel.strategies import Residency
-from djinn.server.wire import HEADER_SIZE, Frame, Op, encode_frame
+from djinn.wire.frames import HEADER_SIZE, Frame, Op, encode_frame
 from tests.serving import TRANSPORT, start_server, serving_config
 
 PROMPTS = [[5, 17, 300, 42, 9], [101, 7, 7, 250, 3, 88, 19, 64]]

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from djinn.kernel.errors import ConnectionClosed, FrameTooLarge, PluginError
-from djinn.kernel.strategies import Connection, ConnectionHandler, Listener, Transport
+from djinn.wire.contracts import Connection, ConnectionHandler, Listener, Transport
 from djinn.plugins.transports import inproc, tcp, ucx
 from djinn.plugins.transports._framing import LENGTH_PREFIX, FrameBuffers
 from djinn.testing import TransportContract, build_strategy

@@ -35,7 +35,7 @@ import attrs
 
 from djinn.kernel.errors import FrameError, FrameTooLarge
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Buffer, Serializer
+from djinn.wire.contracts import Buffer, Serializer
 
 if TYPE_CHECKING:
     import pyarrow as pa

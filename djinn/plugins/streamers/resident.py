@@ -13,7 +13,7 @@ import attrs
 
 from djinn.kernel.errors import ModelError
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Streamer
+from djinn.engine.streaming import Streamer
 
 if TYPE_CHECKING:
     import torch

@@ -56,7 +56,7 @@ import attrs
 from djinn.arena import allocate_host_arena, typed_view
 from djinn.kernel.errors import ModelError
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Streamer, StreamerStats
+from djinn.engine.streaming import Streamer, StreamerStats
 
 if TYPE_CHECKING:
     import torch

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from djinn.kernel.errors import ConnectionClosed, FrameTooLarge
-from djinn.kernel.strategies import Buffer, Connection, ConnectionHandler, Listener
+from djinn.wire.contracts import Buffer, Connection, ConnectionHandler, Listener
 
 log = logging.getLogger("djinn.transports")
 

@@ -22,7 +22,7 @@ import attrs
 
 from djinn.kernel.errors import ConnectionClosed, FrameTooLarge
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Buffer, Connection, ConnectionHandler, Transport
+from djinn.wire.contracts import Buffer, Connection, ConnectionHandler, Transport
 from djinn.plugins.transports._framing import (
     ServingListener,
     byte_views,

@@ -19,7 +19,7 @@ from attrs import validators
 
 from djinn.kernel.errors import ConnectionClosed, FrameTooLarge
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Buffer, Connection, ConnectionHandler, Transport
+from djinn.wire.contracts import Buffer, Connection, ConnectionHandler, Transport
 from djinn.plugins.transports._framing import (
     LENGTH_PREFIX,
     ServingListener,

@@ -28,7 +28,7 @@ from attrs import validators
 
 from djinn.kernel.errors import ConnectionClosed, FrameError, PluginError
 from djinn.kernel.hookspecs import hookimpl
-from djinn.kernel.strategies import Buffer, Connection, ConnectionHandler, Transport
+from djinn.wire.contracts import Buffer, Connection, ConnectionHandler, Transport
 from djinn.plugins.transports._framing import (
     ServingListener,
     byte_views,

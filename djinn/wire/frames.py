@@ -34,7 +34,7 @@ import attrs
 
 from djinn.kernel import errors
 from djinn.kernel.errors import DjinnError, FrameError, FrameTooLarge
-from djinn.kernel.strategies import Buffer, Serializer
+from djinn.wire.contracts import Buffer, Serializer
 
 if TYPE_CHECKING:  # the codec itself never touches tensor data
     import torch
