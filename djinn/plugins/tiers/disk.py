@@ -1,7 +1,7 @@
 """The ``disk`` tier: evicted tensors live in one file on local disk, memory-mapped.
 
 The file is created at start-up at its full size (sparse where the file system allows) and
-removed at shutdown; blocks are ranges of it, kept with the kernel's ``RangeAllocator`` like the
+removed at shutdown; blocks are ranges of it, kept with ``djinn.arena.RangeAllocator`` like the
 pinned tier's. ``view`` is a uint8 tensor over the mapped bytes, so the engine copies KV to and
 from it as from any host tier; the page cache decides when bytes reach the disk. It is never
 page-locked: copies from the GPU through it are synchronous, which is why it is meant as a

@@ -1,8 +1,8 @@
 """The ``pinned_host`` tier: evicted tensors live in one page-locked host arena.
 
 The arena is allocated once at start-up (pinning is slow, and pinning many small buffers
-fragments host memory); evictions and restores sub-allocate ranges of it with the kernel's
-``RangeAllocator``. Without CUDA the arena is ordinary memory behind the same interface.
+fragments host memory); evictions and restores sub-allocate ranges of it with
+``djinn.arena.RangeAllocator``. Without CUDA the arena is ordinary memory behind the same interface.
 """
 
 from __future__ import annotations
