@@ -16,7 +16,9 @@ on the CPU; ``fp8_e4m3``: one byte per key and value; a comma-separated list run
 (c) decode tokens/s at each ``--batches`` size with ``--context``-token contexts (a size whose KV
     does not fit is measured at the longest context that does, and says so);
 (e) on CUDA, 8 fresh ``--context``-token prompts in one packed prefill pass: tokens/s and its
-    share of the bf16 matmul peak measured in the same run (the peak once, for every dtype);
+    share of the bf16 matmul peak measured in the same run (the peak once, for every dtype), by
+    the runner's ``prefill_attention`` and, where that is not ``masked``, by the dense mask too
+    (``packed_prefill_masked``);
 (d) agreement: greedy tokens of ``--agreement`` sessions decoded together vs each decoded alone;
 and once: the anchors, transformers ``generate`` (eager, dynamic cache) per token and
 ``generate_batch`` (its continuous batching) on (b). Random weights of the named shape stand in
@@ -420,6 +422,15 @@ def measure_kv_dtype(loaded: LoadedModel, name: str, part: dict[str, Any], setti
         samples = peak()
         part["packed_prefill"] = bench_packed_prefill(runner, 8, s.context, 5, s.weights)
         part["packed_prefill"]["share_of_matmul_peak"] = part["packed_prefill"]["flop_per_s"] / statistics.median(samples)
+        part["packed_prefill"]["prefill_attention"] = runner.prefill_attention
+        if runner.prefill_attention != "masked":  # the dense-mask pass beside it, for comparison
+            chosen, runner.prefill_attention = runner.prefill_attention, "masked"
+            try:
+                part["packed_prefill_masked"] = bench_packed_prefill(runner, 8, s.context, 5, s.weights)
+            finally:
+                runner.prefill_attention = chosen
+            part["packed_prefill_masked"]["share_of_matmul_peak"] = (
+                part["packed_prefill_masked"]["flop_per_s"] / statistics.median(samples))
         save(f"{name}: (e) packed prefill")
     prompts = _prompts(s.agreement, s.context, runner.vocab_size, seed=4)
     alone = greedy_alone(runner, prompts, s.new_tokens)

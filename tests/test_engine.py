@@ -362,3 +362,29 @@ def test_prefill_warm_up_runs_every_size_and_leaves_the_pool_as_it_was() -> None
     small.pool.fixed = True
     assert small.warm_up_prefill(128) == 4 * 3  # 16, 32 and 64 fit; 128 does not
     assert small.pool.used_blocks == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="variable-length flash attention needs CUDA")
+@pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"])
+def test_varlen_prefill_on_cuda_computes_what_the_masked_prefill_computes(spec: str) -> None:
+    """Packed chunks, first chunks and chunks after a context (across the sliding window too)
+    give the logits and the stored keys of the dense-mask prefill, within bf16 rounding."""
+    from djinn.engine.runner import varlen_supported
+
+    loaded = load_model(spec, dtype="bfloat16", device="cuda")
+    varlen = ModelRunner(loaded, device="cuda")
+    if not varlen_supported(varlen._windows):
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn does not cover the model's windows")
+    masked = ModelRunner(loaded, device="cuda", prefill_attention="masked")
+    assert (varlen.prefill_attention, masked.prefill_attention) == ("varlen", "masked")
+    first, second = _prompts(3, seed=11), _prompts(3, seed=12)
+    results = []
+    for runner in (varlen, masked):
+        kvs = [runner.new_kv() for _ in first]
+        logits = [runner.prefill(kvs, first), runner.prefill(kvs, second), runner.prefill(kvs[:1], [second[2]])]
+        stored = torch.cat([runner.pool.tensor[:, :, kv.slots(0, kv.length)].float() for kv in kvs], dim=2)
+        results.append((torch.cat(logits).float(), stored))
+    (got, got_kv), (want, want_kv) = results
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert float((got_kv - want_kv).norm() / want_kv.norm()) < 0.03

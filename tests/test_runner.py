@@ -230,6 +230,34 @@ def test_an_evicted_session_holds_no_blocks(models) -> None:
     assert torch.equal(_stored(kv), host)
 
 
+@pytest.mark.parametrize("staging_layers", [1, 3, 8])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_a_session_in_scattered_blocks_moves_out_and_back_exactly(models, monkeypatch, staging_layers, kv_dtype):
+    """A move gathers all of a session's slots per group of layers, however its blocks lie in the
+    pool; the host copy holds its tokens in order and comes back bit for bit into other blocks."""
+    runner = ModelRunner(models["random:tiny-llama"], kv_dtype=kv_dtype)
+    pool = runner.pool
+    layer_bytes = 2 * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
+    filler, kv = runner.new_kv(), runner.new_kv()
+    for _ in range(3):  # interleave the two sessions' blocks: kv's blocks are not consecutive
+        filler.ensure_capacity(filler.capacity + 1)
+        kv.ensure_capacity(kv.capacity + 1)
+    assert len(list(kv.slot_runs())) == 3
+    runner.begin(kv, _prompt(150)).finish()
+    monkeypatch.setattr("djinn.engine.kvpool.MOVE_STAGING_BYTES", staging_layers * layer_bytes * kv.capacity)
+    host = _stored(kv)
+    slots = kv.slots(0, kv.capacity).cpu()
+    as_bytes = (lambda t: t.view(torch.uint8)) if kv_dtype else (lambda t: t)
+    assert torch.equal(as_bytes(host), as_bytes(pool.tensor[:, :, slots]))  # tokens in order, layer by layer
+    kv.release(keep_capacity=True)
+    filler.release()
+    runner.new_kv(64)  # the blocks come back elsewhere
+    kv.adopt(pool.allocate(3))
+    kv.copy_in(host)
+    assert torch.equal(as_bytes(_stored(kv)), as_bytes(host))
+    assert torch.equal(as_bytes(pool.tensor[:, :, kv.slots(0, kv.capacity).cpu()]), as_bytes(host))
+
+
 def test_runner_facts(models) -> None:
     loaded = models["random:tiny-gpt2"]
     runner = ModelRunner(loaded, device="cpu")

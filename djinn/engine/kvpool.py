@@ -3,10 +3,10 @@
 Layout: ``pool.tensor`` is ``[L, 2, slots, H_kv, D]``, layer-major, where ``slots = blocks *
 block_tokens`` and a session's token ``t`` lives at slot ``blocks[t // block_tokens] *
 block_tokens + t % block_tokens``. Layer-major because a batched decode step attends over
-``tensor[layer, k]`` as one ``[slots, H_kv, D]`` view (no gather of anyone's KV), and because a
-session's run of consecutive blocks is, per layer and K/V, one contiguous range: eviction is
-``2 * L`` large copies per run, not one per token or per block. Blocks are handed out
-lowest-first, so the slots in use stay a compact prefix of the pool and runs stay long.
+``tensor[layer, k]`` as one ``[slots, H_kv, D]`` view (no gather of anyone's KV). A session's move
+to or from a host tier gathers (or scatters) its slots for a group of layers at a time, so it is a
+few large copies however its blocks are scattered. Blocks are handed out lowest-first, so the
+slots in use stay a compact prefix of the pool.
 
 Block 0 is never handed out: it is the scratch slot that padding rows of a batch write to.
 
@@ -49,6 +49,9 @@ def load_slots(src: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype | None
     picked = _raw(src)[slots].view(src.dtype)
     return picked if dtype is None else picked.to(dtype)
 
+
+#: device bytes a session's move gathers (or scatters) at once: a group of its layers
+MOVE_STAGING_BYTES = 64 << 20
 
 #: elements of one layer's K or V view at most. Inductor indexes a larger view with 64-bit offsets,
 #: and the flex_attention decoding kernel then fails to compile (torch 2.11). A small model on a large
@@ -240,7 +243,7 @@ class SessionKV:
             yield first * bt, index * bt, count * bt
 
     def copy_out(self, host: torch.Tensor, *, non_blocking: bool = False) -> None:
-        """Copy the KV into ``host`` ``[L, 2, capacity, H_kv, D]``: 2 * L copies per run of blocks."""
+        """Copy the KV into ``host`` ``[L, 2, capacity, H_kv, D]`` (see ``_copy``)."""
         self._copy(host, to_host=True, non_blocking=non_blocking)
 
     def copy_in(self, host: torch.Tensor, *, non_blocking: bool = False) -> None:
@@ -248,16 +251,25 @@ class SessionKV:
         self._copy(host, to_host=False, non_blocking=non_blocking)
 
     def _copy(self, host: torch.Tensor, *, to_host: bool, non_blocking: bool) -> None:
-        pool = self.pool.tensor
-        for slot, token, count in self.slot_runs():
-            for layer in range(pool.shape[0]):
-                for kv in (0, 1):
-                    device_part = pool[layer, kv, slot : slot + count]
-                    host_part = host[layer, kv, token : token + count]
-                    if to_host:
-                        host_part.copy_(device_part, non_blocking=non_blocking)
-                    else:
-                        device_part.copy_(host_part, non_blocking=non_blocking)
+        """Per group of layers (``MOVE_STAGING_BYTES`` at most), one gather (or scatter) of all the
+        session's slots on the device and one copy of that contiguous part of ``host``: a few
+        calls per move however scattered the blocks are. A copy per run of blocks and layer was
+        thousands of calls for a fragmented session, each holding the interpreter lock that the
+        model thread needs between steps."""
+        if not self.blocks:
+            return
+        pool, host = _raw(self.pool.tensor), _raw(host)  # [L, 2, slots, H_kv, D], [L, 2, capacity, H_kv, D]
+        bt = self.pool.block_tokens
+        # built here, not cached: this runs on the copy stream, the cached slots serve the model's
+        slots = (torch.tensor(self.blocks)[:, None] * bt + torch.arange(bt)).reshape(-1).to(pool.device)
+        layer_bytes = pool[0, :, 0].numel() * pool.element_size() * slots.numel()
+        group = max(1, MOVE_STAGING_BYTES // layer_bytes)
+        for first in range(0, pool.shape[0], group):
+            layers = slice(first, first + group)
+            if to_host:
+                host[layers].copy_(pool[layers].index_select(2, slots), non_blocking=non_blocking)
+            else:
+                pool[layers].index_copy_(2, slots, host[layers].to(pool.device, non_blocking=non_blocking))
 
     def host_shape(self) -> tuple[int, ...]:
         """The shape of the session's KV in a tier: ``[L, 2, capacity, H_kv, D]``."""

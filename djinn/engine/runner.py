@@ -59,6 +59,11 @@ from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.engine.streaming import Streamer
 
+try:  # PyTorch's variable-length flash attention (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.9
+    varlen_attn = None
+
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_BLOCK_TOKENS = 64
 #: graphs kept at once; the least recently used is dropped beyond this
@@ -267,6 +272,55 @@ class _SharedKeysMask:
     mask: torch.Tensor
 
 
+#: how a prefill attends: over each chunk's own session by variable-length flash attention (CUDA,
+#: bf16/fp16, the sdpa implementation), or under a dense mask over every key of the pass
+PREFILL_ATTENTION = ("varlen", "masked")
+_VARLEN_PARAMETERS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
+
+
+@attrs.frozen(eq=False)
+class VarlenRows:
+    """A prefill's attention inputs for ``varlen_prefill_attention``; no mask is built. Chunk ``i``'s
+    queries are rows ``cu_q[i]:cu_q[i + 1]`` of the packed pass, its session's gathered keys
+    (context, then the chunk) rows ``cu_k[i]:cu_k[i + 1]``; each query sees the keys up to its own
+    position (causal, aligned at the chunk's end), within ``window`` keys if set."""
+
+    cu_q: torch.Tensor  # [n + 1] int32
+    cu_k: torch.Tensor  # [n + 1] int32
+    max_q: int
+    max_k: int
+    window: int | None
+
+
+def varlen_supported(windows: Sequence[int | None]) -> bool:
+    """Whether this torch's ``varlen_attn`` can run a prefill of layers with these windows."""
+    if varlen_attn is None:
+        return False
+    return "window_size" in _VARLEN_PARAMETERS or ("is_causal" in _VARLEN_PARAMETERS and set(windows) == {None})
+
+
+def varlen_prefill_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    rows: VarlenRows, scaling: float | None,
+) -> torch.Tensor:
+    """A packed prefill's attention by ``varlen_attn``: ``query`` ``[1, H, sum T, D]`` over the
+    gathered ``key``/``value`` ``[1, H_kv, sum (start + T), D]``. The work is each chunk's own
+    queries x keys, not the pass's tokens x all its keys. Returns ``[1, sum T, H, D]``."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, D], views of contiguous states
+    options: dict[str, Any] = {"scale": scaling}
+    if "window_size" in _VARLEN_PARAMETERS:
+        options["window_size"] = (-1, 0) if rows.window is None else (rows.window - 1, 0)
+    else:
+        options["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMETERS:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    out = varlen_attn(q, k, v, rows.cu_q, rows.cu_k, rows.max_q, rows.max_k, **options)
+    return out.unsqueeze(0)
+
+
 def runner_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -280,8 +334,9 @@ def runner_attention(
     """The attention function of every layer a runner drives, set once when the runner is built.
 
     The mask says which pass this is: a ``BlockMask`` is a paged decode step, a
-    ``_SharedKeysMask`` a masked one, ``invariant.DecodeRows`` / ``PrefillRows`` a deterministic
-    decode step / prefill (which read the pool themselves); anything else (a prefill's boolean or additive mask, or
+    ``_SharedKeysMask`` a masked one, ``VarlenRows`` a prefill by variable-length attention,
+    ``invariant.DecodeRows`` / ``PrefillRows`` a deterministic decode step / prefill (which read
+    the pool themselves); anything else (a prefill's boolean or additive mask, or
     None) goes to the implementation the model was loaded with (``djinn_base_attention`` on the
     layers' config: sdpa or eager), so the model's own forward works unchanged.
     """
@@ -291,6 +346,8 @@ def runner_attention(
         return invariant.decode_attention(module, query, attention_mask, scaling), None
     if isinstance(attention_mask, invariant.PrefillRows):
         return invariant.prefill_attention(module, query, attention_mask, scaling), None
+    if isinstance(attention_mask, VarlenRows):
+        return varlen_prefill_attention(module, query, key, value, attention_mask, scaling), None
     if isinstance(attention_mask, _SharedKeysMask):
         return batched_decode_attention(module, query, key, value, attention_mask.mask, dropout, scaling, **kwargs)
     base = getattr(module.config, "djinn_base_attention", "sdpa")
@@ -452,7 +509,10 @@ class ModelRunner:
     on CUDA (``invariant.decode_attention`` elsewhere), prefill attention by
     ``invariant.prefill_attention``; so a session's tokens do not depend on what else shares its passes.
     ``kv_dtype``: how the KV pool stores keys and values, the model's dtype (None) or one of
-    ``KV_FP8_DTYPES``.
+    ``KV_FP8_DTYPES``. ``prefill_attention`` (one of ``PREFILL_ATTENTION``; default ``"varlen"``
+    where it applies: CUDA, a bf16 or fp16 model loaded with sdpa, a torch with ``varlen_attn``,
+    not deterministic): how prefill chunks attend, see ``varlen_prefill_attention``; ``"masked"``
+    builds a dense mask over every key of the pass (``[sum T, sum (start + T)]``).
     """
 
     def __init__(
@@ -469,6 +529,7 @@ class ModelRunner:
         fused_decode: bool | None = None,
         deterministic: bool = False,
         kv_dtype: torch.dtype | None = None,
+        prefill_attention: str | None = None,
     ) -> None:
         self.family = family = family_of(loaded)
         model, config = loaded.model, loaded.config
@@ -511,6 +572,14 @@ class ModelRunner:
             flex_options = invariant.flex_kernel_options(block_tokens) if deterministic else PAGED_DECODE_FLEX_OPTIONS
         self._use_runner_attention(attention, flex_options)
         self._windows = family.windows
+        varlen = (self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) and attention == "sdpa"
+                  and not deterministic and varlen_supported(self._windows))
+        if prefill_attention not in (None, *PREFILL_ATTENTION):
+            raise ModelError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, not {prefill_attention!r}")
+        if prefill_attention == "varlen" and not varlen:
+            raise ModelError("varlen prefill attention needs CUDA, a bf16 or fp16 model loaded with sdpa, default "
+                             "(not deterministic) mode and a torch whose varlen_attn covers the model's windows")
+        self.prefill_attention = prefill_attention or ("varlen" if varlen else "masked")
         self.pool = KVPool(
             self.num_layers, self.kv_heads, self.head_dim,
             dtype=kv_dtype, device=self.device, block_tokens=block_tokens,
@@ -657,6 +726,8 @@ class ModelRunner:
         cache = _PoolCache(kv, start, end, gather=not self.deterministic)
         if self.deterministic:
             masks = self._prefill_rows([kv], [start], [tokens], [end])
+        elif self.prefill_attention == "varlen":
+            masks = self._varlen_rows([tokens], [end])
         else:
             masks = {w: _attention_mask(start, tokens, w, self.device, self._additive_mask) for w in set(self._windows)}
         hidden, layer_kwargs = self._layer_inputs(ids, positions, cache, masks)
@@ -676,6 +747,13 @@ class ModelRunner:
         tables = tables.to(self.device, non_blocking=True)
         return {w: invariant.PrefillRows(self.pool, tuple(starts), tuple(lengths), tables, w, self._prefill_key_tokens)
                 for w in set(self._windows)}
+
+    def _varlen_rows(self, lengths: Sequence[int], ends: Sequence[int]) -> dict[int | None, VarlenRows]:
+        """A prefill's ``VarlenRows``, one per window: chunk ``i`` has ``lengths[i]`` queries and its
+        session ``ends[i]`` keys."""
+        bounds = torch.tensor([[0, *lengths], [0, *ends]], dtype=torch.int32).cumsum(1, dtype=torch.int32)
+        cu_q, cu_k = bounds.to(self.device, non_blocking=True)
+        return {w: VarlenRows(cu_q, cu_k, max(lengths), max(ends), w) for w in set(self._windows)}
 
     def _layer_inputs(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, masks: dict[int | None, Any]
@@ -727,18 +805,20 @@ class ModelRunner:
         masks: dict[int | None, Any] = {}
         if self.deterministic:  # its attention reads each session's blocks itself: no dense mask
             masks = self._prefill_rows(kvs, starts, [len(c) for c in chunks], ends)
+        elif self.prefill_attention == "varlen":
+            masks = self._varlen_rows([len(c) for c in chunks], ends)
         else:
             key_position = torch.arange(keys, device=device) - (torch.cumsum(end, 0) - end)[key_segment]  # [keys]
             same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
             causal = same & (key_position[None, :] <= positions[0, :, None])
-        for window in set(self._windows) if not self.deterministic else ():
-            allowed = causal if window is None else causal & (positions[0, :, None] - key_position[None, :] < window)
-            mask = allowed[None, None]  # [1, 1, sum T, keys]
-            if self._additive_mask is not None:
-                mask = torch.zeros(mask.shape, dtype=self._additive_mask, device=device).masked_fill_(
-                    ~mask, torch.finfo(self._additive_mask).min
-                )
-            masks[window] = mask
+            for window in set(self._windows):
+                allowed = causal if window is None else causal & (positions[0, :, None] - key_position[None, :] < window)
+                mask = allowed[None, None]  # [1, 1, sum T, keys]
+                if self._additive_mask is not None:
+                    mask = torch.zeros(mask.shape, dtype=self._additive_mask, device=device).masked_fill_(
+                        ~mask, torch.finfo(self._additive_mask).min
+                    )
+                masks[window] = mask
         cache = _PackedCache(self.pool, write, read, gather=not self.deterministic)
         with self._mode():
             hidden, layer_kwargs = self._layer_inputs(ids[None], positions, cache, masks)  # [1, sum T, hidden]
