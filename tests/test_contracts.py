@@ -6,7 +6,7 @@ import pytest
 
 from djinn.kernel.errors import PluginError
 from djinn.plugins.transports import ucx
-from djinn.testing import SchedulerContract, StreamerContract, TierContract, TransportContract
+from djinn.testing import PlacementContract, SchedulerContract, StreamerContract, TierContract, TransportContract
 
 
 def _ucx_missing() -> str | None:
@@ -50,6 +50,10 @@ class TestSemanticWriteBack(SchedulerContract):
 class TestDisk(TierContract):
     plugin = "disk"
     settings = {"capacity_gb": 1 / 1024}  # 1 MiB, in a temporary file
+
+
+class TestTiered(PlacementContract):
+    plugin = "tiered"
 
 
 class TestResident(StreamerContract):

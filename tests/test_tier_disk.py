@@ -65,16 +65,16 @@ def _device_kv(server, session_id) -> torch.Tensor:
     return asyncio.run_coroutine_threadsafe(copy(), server._loop).result(30)
 
 
-def _one_session_each_on_gpu_and_host(tmp_path, write_back: bool = False):
+def _one_session_each_on_gpu_and_host(tmp_path, write_back: bool = False, **plugins):
     """A semantic server (evicting at IO_WAIT, or writing back) with GPU room for one session, a
-    host tier of one session and a disk tier of four below it."""
+    host tier of one session and a disk tier of four below it; ``plugins``: local plugins to select."""
     _weights, kv = kv_sizes("random:tiny-llama", 64)
     config = serving_config(
         budget_gb=kv_budget_gb("random:tiny-llama", 1, 64), tier_gb=kv / 2**30,
         settings={"disk": {"path": str(tmp_path / "kv.bin"), "capacity_gb": 4 * kv / 2**30},
                   "semantic": {"write_back": write_back}},
     )
-    return serve_with(config, ["semantic", "disk", "tcp"])
+    return serve_with(config, ["semantic", "disk", "tcp"], **plugins)
 
 
 def _as_if_pinned(server):

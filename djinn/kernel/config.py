@@ -29,6 +29,8 @@ class PluginSelection:
 
     scheduler: str = "semantic"
     tiers: tuple[str, ...] = attrs.field(default=("pinned_host",), converter=_names)
+    #: which tier a KV copy goes to, which copies a full tier demotes, what a restore promotes
+    placement: str = "tiered"
     streamer: str = "resident"
     transports: tuple[str, ...] = attrs.field(default=("tcp", "inproc"), converter=_names)
     serializer: str = "arrow"
@@ -36,7 +38,8 @@ class PluginSelection:
 
     def names(self) -> tuple[str, ...]:
         """Every selected name, in slot order."""
-        return self.scheduler, *self.tiers, self.streamer, *self.transports, self.serializer, *self.extensions
+        return (self.scheduler, *self.tiers, self.placement, self.streamer, *self.transports, self.serializer,
+                *self.extensions)
 
 
 @attrs.frozen

@@ -12,8 +12,9 @@ accounting, its counters and its hook together, so no path can do one without th
     RESIDENT --_drop--> EVICTED (dropped)              free the GPU blocks, no copy, no tier
     EVICTED --_restore--> RESTORING --> RESIDENT       copy back from the tier (dropped: prefill again)
     EVICTED --_move_copy--> EVICTED                    its tier copy moves to a later tier (a demotion), or
-                                                      back to a pinned one before a restore (a promotion)
+                                                      to a copy tier before a restore (a promotion)
 
+The placement strategy picks the tiers and the copies to demote; the kernel moves them.
 ``session.tier``/``session.block`` hold the tier copy of an EVICTED or a backed session; a backed one
 is accounted twice, device and tier bytes, until one goes. A session has at most one move in flight
 (``session.moving``); a request waits for it, never cancels it. Counters: ``evictions`` counts KV
@@ -30,7 +31,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import attrs
@@ -109,6 +110,7 @@ class Kernel:
         """``djinn_configure``, then build the selected strategies. The engine loads next."""
         self.plugins.notify("djinn_configure", config=self.config)
         self.scheduler = self.plugins.build_slot("scheduler")[0]
+        self.placement = self.plugins.build_slot("placement")[0]
         self.streamer = self.plugins.build_slot("streamer")[0]
         self.serializer = self.plugins.build_slot("serializer")[0]
         self.tiers = dict(zip(self.plugins.selection.tiers, self.plugins.build_slot("tier")))
@@ -298,48 +300,45 @@ class Kernel:
         await self._notify_freed()
         self.plugins.notify("djinn_session_evicted", session=session.info, tier=tier, nbytes=nbytes, seconds=seconds)
 
-    def _allocate(self, nbytes: int, tiers: list[str]) -> tuple[str, TierBlock] | None:
+    def _allocate(self, nbytes: int, tiers: Iterable[str]) -> tuple[str, TierBlock] | None:
+        """A block of ``nbytes`` in the first of ``tiers`` with room."""
         for name in tiers:
             with contextlib.suppress(TierFullError):
                 return name, self.tiers[name].allocate(nbytes)
         return None
 
+    def _device_tiers(self) -> list[str]:
+        """The tiers the engine copies KV to and from directly, as the placement names them."""
+        stats = {name: tier.stats() for name, tier in self.tiers.items()}
+        return list(self.placement.copy_tiers(stats, self.backend.pinned_host))
+
     async def _placed(self, nbytes: int, requester: Session, make_room: bool) -> tuple[str, TierBlock] | None:
-        """A tier block of ``nbytes`` for ``requester``'s KV in the first tier with room; with ``make_room``
-        a full tier first demotes its evicted sessions colder than ``requester`` to later tiers, coldest
-        first, so the sessions expected back soonest stay in the fastest tier."""
-        names, direct = list(self.tiers), self._device_tiers()
-        for index, name in enumerate(names):
-            if name not in direct:
-                continue  # it takes demotions from the tiers before it, not copies from the device
+        """A tier block of ``nbytes`` for ``requester``'s KV in the first copy tier with room; with
+        ``make_room`` a full one first demotes the copies the placement picks to later tiers."""
+        for name in self._device_tiers():
             while (placed := self._allocate(nbytes, [name])) is None and make_room:
-                if not await self._demote_one(name, names[index + 1 :], _coldness(requester)):
+                if not await self._demote_one(name, requester):
                     break
             if placed is not None:
                 return placed
         return None
 
-    async def _demote_one(self, source: str, later: list[str], than: tuple[int, float]) -> bool:
-        """Move the coldest evicted session of tier ``source`` colder than ``than`` to one of the
-        ``later`` tiers with room; False when none can move."""
-        candidates = sorted(
-            (s for s in self.sessions.values()
-             if s.tier == source and s.info.residency is Residency.EVICTED and not s.closed
-             and not s.move_in_flight() and _coldness(s) < than),
-            key=_coldness,
-        )
-        for session in candidates:
-            if (placed := self._allocate(session.block.nbytes, later)) is not None:
+    async def _demote_one(self, source: str, requester: Session) -> bool:
+        """Move the first evicted copy in tier ``source`` that the placement picks and a later tier
+        has room for; False when none can move."""
+        names = list(self.tiers)
+        later = names[names.index(source) + 1 :]
+        if not later:
+            return False  # the last tier: nowhere to demote to
+        idle = {s.info.id: s for s in self.sessions.values()
+                if s.tier == source and s.info.residency is Residency.EVICTED and not s.closed
+                and not s.move_in_flight()}
+        for info in self.placement.select_demotions(source, [s.info for s in idle.values()], requester.info):
+            session = idle.get(info.id)
+            if session is not None and (placed := self._allocate(session.block.nbytes, later)) is not None:
                 session.moving = asyncio.create_task(self._move_copy(session, *placed, "demotions"))
                 return await session.moving
         return False
-
-    def _device_tiers(self) -> list[str]:
-        """The tiers the engine copies KV to and from directly: with CUDA the pinned ones (a copy
-        over pageable memory, a disk tier's mapping, runs in the host CPU while the file's pages
-        fault, and on an H200 it held up the whole device), unless no tier is pinned."""
-        pinned = [name for name, tier in self.tiers.items() if tier.stats().pinned]
-        return pinned if self.backend.pinned_host and pinned else list(self.tiers)
 
     async def _move_copy(self, session: Session, tier_name: str, block: TierBlock, counter: str) -> bool:
         """EVICTED -> EVICTED: copy the session's tier copy into ``block`` of ``tier_name`` on a
@@ -376,7 +375,7 @@ class Kernel:
     async def _copy_to_tier(self, session: Session, otherwise: str, counter: str, make_room: bool) -> float | None:
         """Copy a resident session's KV to a tier (EVICTING while it copies), kept as its tier copy: the
         copy's seconds. None when it cannot move or no tier holds it (counted as ``counter``, logged
-        with ``otherwise``); ``make_room``: demote colder copies to fit (``_placed``)."""
+        with ``otherwise``); ``make_room``: demote other copies to fit (``_placed``)."""
         if not self._movable(session):
             return None
         nbytes = self.backend.held_bytes(session.kv)
@@ -472,9 +471,9 @@ class Kernel:
                 await self.backend.grow(session.kv, tokens)
                 await self.backend.recompute(session.kv, list(session.history))
             else:
-                direct = self._device_tiers()
-                if session.tier not in direct and (placed := self._allocate(session.block.nbytes, direct)):
-                    await self._move_copy(session, *placed, "promotions")  # the device then reads pinned memory
+                promote = self.placement.promote_to(session.info, session.tier, self._device_tiers())
+                if (placed := self._allocate(session.block.nbytes, promote)) is not None:
+                    await self._move_copy(session, *placed, "promotions")
                 await self.backend.copy_in(session.kv, self.tiers[session.tier].view(session.block))
         except BaseException:
             if dropped or self.backend.held_bytes(session.kv):
@@ -595,12 +594,6 @@ class Kernel:
                     self.memory.release("kv", extra)
             grown.result()
         session.update(kv_bytes=self.backend.held_bytes(session.kv))
-
-
-def _coldness(session: Session) -> tuple[int, float]:
-    """Sorts the coldest first: the latest expected resume, then (no hint) the least recently used."""
-    resume_at = session.info.expected_resume_at
-    return (1, session.info.last_used) if resume_at is None else (0, -resume_at)
 
 
 async def settled(future: asyncio.Future | None) -> None:

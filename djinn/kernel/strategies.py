@@ -1,4 +1,4 @@
-"""The hot-path contracts the kernel calls, scheduler and tier, and the session records they see.
+"""The hot-path contracts the kernel calls, scheduler, tier and placement, and the records they see.
 Required methods are abstract; optional ones default to doing nothing. The contracts of the slots
 other layers call live with those layers: ``Transport`` and ``Serializer`` in
 ``djinn.wire.contracts``, ``Streamer`` in ``djinn.engine.streaming``.
@@ -179,3 +179,34 @@ class Tier(ABC):
 
     def stop(self) -> None:
         """Release the arena. Once, at shutdown."""
+
+
+# --------------------------------------------------------------------------- tier placement
+class Placement(ABC):
+    """Policy over where a session's tier copy lives. Tiers are given in their configured order,
+    fastest first; a demotion moves a copy to a later tier, a promotion to a copy tier before a
+    restore. The kernel allocates, copies, accounts and counts; a placement only answers, on the
+    event-loop thread, once per eviction, demotion or restore (never per chunk). It never blocks
+    and never mutates what it is given. Only ``copy_tiers`` is required; by default a full tier
+    demotes nothing and a restore reads the copy where it is.
+    """
+
+    @abstractmethod
+    def copy_tiers(self, tiers: Mapping[str, TierStats], pinned_host: bool) -> Sequence[str]:
+        """The tiers the device copies KV into (evictions, write-backs) and reads it back from, in
+        the order to try; the others take only demoted copies. ``pinned_host``: the engine copies
+        with CUDA."""
+
+    def select_demotions(
+        self, tier: str, candidates: Sequence[SessionInfo], requester: SessionInfo
+    ) -> Sequence[SessionInfo]:
+        """Copy tier ``tier`` has no room for ``requester``'s KV on an eviction (a write-back never
+        asks): which ``candidates`` (evicted sessions with an idle copy in ``tier``) to demote, in
+        the order to try. The kernel demotes the first that a later tier has room for, then tries
+        the allocation again, and asks again while it still does not fit."""
+        return ()
+
+    def promote_to(self, session: SessionInfo, tier: str, copy_tiers: Sequence[str]) -> Sequence[str]:
+        """A restore of ``session``, whose copy is in ``tier``: the tiers to move the copy into
+        first, in the order to try. With none, or none with room, the device reads it in ``tier``."""
+        return ()

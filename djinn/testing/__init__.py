@@ -1,5 +1,5 @@
 """Contract suites for plugin authors: pytest classes that check a strategy against what its
-slot's contract promises (``djinn.kernel.strategies`` for schedulers and tiers,
+slot's contract promises (``djinn.kernel.strategies`` for schedulers, tiers and placements,
 ``djinn.wire.contracts`` for transports, ``djinn.engine.streaming`` for streamers). Subclass one
 and name the entry point:
 
@@ -14,9 +14,10 @@ CUDA nor, until a tier or streamer test runs, torch.
 """
 
 from djinn.testing._plugins import build_strategy
+from djinn.testing.placement import PlacementContract
 from djinn.testing.scheduler import SchedulerContract
 from djinn.testing.streamer import StreamerContract
 from djinn.testing.tier import TierContract
 from djinn.testing.transport import TransportContract
 
-__all__ = ["SchedulerContract", "StreamerContract", "TierContract", "TransportContract", "build_strategy"]
+__all__ = ["PlacementContract", "SchedulerContract", "StreamerContract", "TierContract", "TransportContract", "build_strategy"]

@@ -1,0 +1,1 @@
+"""Built-in plugins, declared under the `djinn.plugins` entry-point group like any third party's."""
