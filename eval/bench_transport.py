@@ -39,10 +39,11 @@ from typing import Any
 import attrs
 import numpy as np
 
-from djinn.kernel.errors import ConnectionClosed, PluginError
+from djinn.kernel.errors import PluginError
 from djinn.wire.contracts import Connection, Transport
 from djinn.plugins.transports import inproc, tcp, ucx
 from djinn.plugins.transports._framing import LENGTH_PREFIX
+from djinn.wire.errors import ConnectionClosed
 
 MAX_FRAME_BYTES = 1 << 30
 

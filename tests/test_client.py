@@ -10,7 +10,8 @@ import threading
 import pytest
 
 from djinn.client import RequestTimeout, connect, connect_async
-from djinn.kernel.errors import ConnectionClosed, SessionError
+from djinn.kernel.errors import SessionError
+from djinn.wire.errors import ConnectionClosed
 from tests.serving import serving_config, start_server
 
 MODEL = "random:tiny-llama"

@@ -276,7 +276,7 @@ def test_non_loopback_bind_requires_a_token():
 
 
 def test_token_is_checked_before_any_model_work():
-    from djinn.kernel.errors import AuthError
+    from djinn.wire.errors import AuthError
 
     config = serving_config()
     plugins = get_plugin_manager(config, ["tcp"])

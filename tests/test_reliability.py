@@ -18,13 +18,14 @@ from hypothesis import strategies as st
 
 from djinn.client import connect
 from djinn.server import loop as server_module
-from djinn.kernel.errors import AdmissionError, AuthError, ConfigError, FrameError, PluginError
+from djinn.kernel.errors import AdmissionError, ConfigError, PluginError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from djinn.server.loop import is_loopback
 from djinn.engine.service import SamplingParams
 from djinn.kernel.strategies import Phase, Residency
+from djinn.wire.errors import AuthError, FrameError
 from djinn.wire.frames import Frame, Op, decode_frame, raise_for_error
 from eval.reliability.run import (
     _CONNECTION_KINDS,

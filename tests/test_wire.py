@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from djinn.kernel import errors
 from djinn.wire import frames as wire
-from djinn.kernel.errors import DjinnError, FrameError, FrameTooLarge
+from djinn.kernel.errors import DjinnError
 from djinn.kernel.plugins import StrategyRegistry
+from djinn.wire.errors import FrameError, FrameTooLarge
 from djinn.wire.frames import (
     HEADER_SIZE,
     Frame,

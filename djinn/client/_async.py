@@ -12,9 +12,10 @@ import attrs
 import torch
 
 from djinn.kernel.config import DjinnConfig, PluginSelection
-from djinn.kernel.errors import BreakpointError, ConnectionClosed, DjinnError, PluginError, SessionError
+from djinn.kernel.errors import BreakpointError, DjinnError, PluginError, SessionError
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.kernel.strategies import Phase
+from djinn.wire.errors import ConnectionClosed
 from djinn.wire.frames import Frame, Op, WireLimits, check_edit_tensor, decode_frame, encode_frame, raise_for_error
 
 Inputs = str | Sequence[int] | torch.Tensor

@@ -40,15 +40,10 @@ import attrs
 
 from djinn import __version__
 from djinn.cluster import placement
-from djinn.kernel.errors import (
-    AuthError,
-    ConnectionClosed,
-    DjinnError,
-    FrameError,
-    SessionError,
-)
+from djinn.kernel.errors import DjinnError, SessionError
 from djinn.kernel.strategies import Phase
 from djinn.wire.contracts import Connection
+from djinn.wire.errors import AuthError, ConnectionClosed, FrameError
 from djinn.wire.frames import (
     HEADER_SIZE,
     Frame,

@@ -1,4 +1,5 @@
-"""Errors the kernel raises; each carries a message a user can act on."""
+"""Errors the kernel raises, and those of the engine and the server beside them (the wire's are in
+``djinn.wire.errors``); each carries a message a user can act on."""
 
 from __future__ import annotations
 
@@ -18,26 +19,6 @@ class ConfigError(DjinnError):
 class PluginError(DjinnError):
     """A plugin is unknown, conflicts with another, failed to load, or raised in a hook."""
     code = "plugin"
-
-
-class FrameError(DjinnError):
-    """A frame from the wire is malformed, truncated, oversized or of an unknown op."""
-    code = "bad_frame"
-
-
-class FrameTooLarge(FrameError):
-    """A frame announces more bytes than the configured limit."""
-    code = "frame_too_large"
-
-
-class ConnectionClosed(DjinnError):
-    """The peer closed the connection (possibly mid-frame)."""
-    code = "closed"
-
-
-class AuthError(DjinnError):
-    """A client presented a missing or wrong token."""
-    code = "auth"
 
 
 class SessionError(DjinnError):

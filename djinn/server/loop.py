@@ -19,16 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from djinn import __version__
-from djinn.kernel.errors import (
-    AuthError,
-    BreakpointError,
-    ConfigError,
-    ConnectionClosed,
-    DjinnError,
-    FrameError,
-    PluginError,
-    SessionError,
-)
+from djinn.kernel.errors import BreakpointError, ConfigError, DjinnError, PluginError, SessionError
 from djinn.engine.service import SamplingParams
 from djinn.kernel.kernel import Session, settled
 from djinn.kernel.strategies import Phase
@@ -36,6 +27,7 @@ from djinn.server.breakpoints import Breakpoints, Pause
 from djinn.server.http import vmu
 from djinn.server.validate import enum_value, integer, number
 from djinn.wire.contracts import Connection
+from djinn.wire.errors import AuthError, ConnectionClosed, FrameError
 from djinn.wire.frames import (
     HEADER_SIZE,
     Frame,

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 
 import pytest
 
-from djinn.kernel.errors import ConnectionClosed, FrameTooLarge
 from djinn.wire.contracts import Connection, ConnectionHandler, Listener, Transport
 from djinn.testing._plugins import build_strategy
+from djinn.wire.errors import ConnectionClosed, FrameTooLarge
 
 LIMIT = 8 << 20  # max_frame_bytes unless a test says otherwise
 WAIT_S = 20.0  # bounds a hang; never reached by a working transport

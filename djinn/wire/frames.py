@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from djinn.kernel import errors
-from djinn.kernel.errors import DjinnError, FrameError, FrameTooLarge
+from djinn.kernel.errors import DjinnError
+from djinn.wire import errors as wire_errors
 from djinn.wire.contracts import Buffer, Serializer
+from djinn.wire.errors import FrameError, FrameTooLarge
 
 if TYPE_CHECKING:  # the codec itself never touches tensor data
     import torch
@@ -238,10 +240,11 @@ def decode_frame(buf: Buffer, serializer: Serializer, limits: WireLimits = WireL
 
 # --------------------------------------------------------------------------- errors
 
-#: every error class the kernel defines, by its wire code
+#: every error class the kernel and the wire define, by its wire code
 _ERRORS_BY_CODE: Mapping[str, type[DjinnError]] = {
     cls.code: cls
-    for cls in vars(errors).values()
+    for module in (errors, wire_errors)
+    for cls in vars(module).values()
     if isinstance(cls, type) and issubclass(cls, DjinnError)
 }
 

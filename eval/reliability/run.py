@@ -48,9 +48,10 @@ from tqdm import tqdm
 
 from djinn.client import connect
 from djinn.kernel.config import DjinnConfig
-from djinn.kernel.errors import AdmissionError, ConnectionClosed, DjinnError, FrameError
+from djinn.kernel.errors import AdmissionError, DjinnError
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
+from djinn.wire.errors import ConnectionClosed, FrameError
 from djinn.wire.frames import HEADER_SIZE, MAGIC, Frame, Op, WireLimits, decode_frame, encode_frame, raise_for_error
 from djinn.plugins.serializers.arrow import ArrowSerializer, ArrowSettings
 from djinn.plugins.transports._framing import LENGTH_PREFIX, split_url

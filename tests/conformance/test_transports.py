@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from djinn.kernel.errors import ConnectionClosed, FrameTooLarge, PluginError
+from djinn.kernel.errors import PluginError
 from djinn.wire.contracts import Connection, ConnectionHandler, Listener, Transport
 from djinn.plugins.transports import inproc, tcp, ucx
 from djinn.plugins.transports._framing import LENGTH_PREFIX, FrameBuffers
 from djinn.testing import TransportContract, build_strategy
+from djinn.wire.errors import ConnectionClosed, FrameTooLarge
 
 LIMIT = 512 << 20  # max_frame_bytes unless a test says otherwise
 WAIT_S = 20.0  # a hung transport fails its test instead of stalling the run

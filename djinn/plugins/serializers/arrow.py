@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from djinn.kernel.errors import FrameError, FrameTooLarge
 from djinn.kernel.hookspecs import hookimpl
 from djinn.wire.contracts import Buffer, Serializer
+from djinn.wire.errors import FrameError, FrameTooLarge
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from djinn.kernel.errors import ConnectionClosed, FrameTooLarge
 from djinn.wire.contracts import Buffer, Connection, ConnectionHandler, Listener
+from djinn.wire.errors import ConnectionClosed, FrameTooLarge
 
 log = logging.getLogger("djinn.transports")
 

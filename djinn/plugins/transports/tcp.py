@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import attrs
 from attrs import validators
 
-from djinn.kernel.errors import ConnectionClosed, FrameTooLarge
 from djinn.kernel.hookspecs import hookimpl
 from djinn.wire.contracts import Buffer, Connection, ConnectionHandler, Transport
 from djinn.plugins.transports._framing import (
@@ -30,6 +29,7 @@ from djinn.plugins.transports._framing import (
     new_frame_buffer,
     split_url,
 )
+from djinn.wire.errors import ConnectionClosed, FrameTooLarge
 
 if TYPE_CHECKING:
     from djinn.kernel.plugins import StrategyRegistry

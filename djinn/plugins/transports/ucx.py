@@ -26,7 +26,7 @@ import attrs
 import numpy as np
 from attrs import validators
 
-from djinn.kernel.errors import ConnectionClosed, FrameError, PluginError
+from djinn.kernel.errors import PluginError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.wire.contracts import Buffer, Connection, ConnectionHandler, Transport
 from djinn.plugins.transports._framing import (
@@ -38,6 +38,7 @@ from djinn.plugins.transports._framing import (
     new_frame_buffer,
     split_url,
 )
+from djinn.wire.errors import ConnectionClosed, FrameError
 
 if TYPE_CHECKING:
     from djinn.kernel.plugins import StrategyRegistry
