@@ -69,7 +69,7 @@ class RecordingPlugin:
 
     @hookimpl
     def djinn_register_strategies(self, registry):
-        registry.add("placement", "recording", lambda: self.placement)
+        registry.add("tier_placement", "recording", lambda: self.placement)
 
 
 def test_the_kernel_follows_a_placement_that_never_demotes(tmp_path):

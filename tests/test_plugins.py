@@ -15,7 +15,7 @@ from djinn.kernel.plugins import get_plugin_manager
 
 BUILTINS = {
     "semantic": "scheduler", "lru": "scheduler", "static": "scheduler",
-    "pinned_host": "tier", "tiered": "placement", "resident": "streamer", "ringbuffer": "streamer",
+    "pinned_host": "tier", "tiered": "tier_placement", "resident": "streamer", "ringbuffer": "streamer",
     "tcp": "transport", "inproc": "transport", "ucx": "transport", "arrow": "serializer",
 }
 
@@ -47,7 +47,7 @@ def minimal_set(**extra):
     plugins = {
         "semantic": strategy_plugin("scheduler", "semantic"),
         "pinned_host": strategy_plugin("tier", "pinned_host"),
-        "tiered": strategy_plugin("placement", "tiered"),
+        "tiered": strategy_plugin("tier_placement", "tiered"),
         "resident": strategy_plugin("streamer", "resident"),
         "tcp": strategy_plugin("transport", "tcp"),
         "inproc": strategy_plugin("transport", "inproc"),
@@ -92,16 +92,16 @@ def test_unknown_plugin_lists_available_names_and_origins():
 
 def test_an_unknown_placement_in_the_configuration_lists_the_placements():
     with pytest.raises(PluginError) as err:
-        make(config=DjinnConfig(plugins=PluginSelection(placement="nearest")))
+        make(config=DjinnConfig(plugins=PluginSelection(tier_placement="nearest")))
     assert "unknown plugin 'nearest'" in str(err.value)
-    assert "tiered [placement] (local -)" in str(err.value)
+    assert "tiered [tier_placement] (local -)" in str(err.value)
 
 
 def test_the_builtin_placement_is_the_default_and_a_placement_replaces_it():
-    assert get_plugin_manager(DjinnConfig()).selection.placement == "tiered"
-    plugins = make(["nearest"], nearest=strategy_plugin("placement", "nearest"))
-    assert plugins.selection.placement == "nearest"
-    assert plugins.build_slot("placement") == [("nearest", None)]
+    assert get_plugin_manager(DjinnConfig()).selection.tier_placement == "tiered"
+    plugins = make(["nearest"], nearest=strategy_plugin("tier_placement", "nearest"))
+    assert plugins.selection.tier_placement == "nearest"
+    assert plugins.build_slot("tier_placement") == [("nearest", None)]
 
 
 def test_two_plugins_for_a_single_choice_slot_are_refused():

@@ -30,7 +30,7 @@ class PluginSelection:
     scheduler: str = "semantic"
     tiers: tuple[str, ...] = attrs.field(default=("pinned_host",), converter=_names)
     #: which tier a KV copy goes to, which copies a full tier demotes, what a restore promotes
-    placement: str = "tiered"
+    tier_placement: str = "tiered"
     streamer: str = "resident"
     transports: tuple[str, ...] = attrs.field(default=("tcp", "inproc"), converter=_names)
     serializer: str = "arrow"
@@ -38,7 +38,7 @@ class PluginSelection:
 
     def names(self) -> tuple[str, ...]:
         """Every selected name, in slot order."""
-        return (self.scheduler, *self.tiers, self.placement, self.streamer, *self.transports, self.serializer,
+        return (self.scheduler, *self.tiers, self.tier_placement, self.streamer, *self.transports, self.serializer,
                 *self.extensions)
 
 

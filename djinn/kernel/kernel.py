@@ -110,7 +110,7 @@ class Kernel:
         """``djinn_configure``, then build the selected strategies. The engine loads next."""
         self.plugins.notify("djinn_configure", config=self.config)
         self.scheduler = self.plugins.build_slot("scheduler")[0]
-        self.placement = self.plugins.build_slot("placement")[0]
+        self.placement = self.plugins.build_slot("tier_placement")[0]
         self.streamer = self.plugins.build_slot("streamer")[0]
         self.serializer = self.plugins.build_slot("serializer")[0]
         self.tiers = dict(zip(self.plugins.selection.tiers, self.plugins.build_slot("tier")))

@@ -28,7 +28,7 @@ ENTRY_POINT_GROUP = "djinn.plugins"
 #: every slot, and the ``PluginSelection`` field that names what fills it; ``extension`` plugins
 #: implement hooks only, with no strategy
 SLOTS = {
-    "scheduler": "scheduler", "tier": "tiers", "placement": "placement", "streamer": "streamer",
+    "scheduler": "scheduler", "tier": "tiers", "tier_placement": "tier_placement", "streamer": "streamer",
     "transport": "transports", "serializer": "serializer", "extension": "extensions",
 }
 #: the slots that take any number of names; the others take exactly one

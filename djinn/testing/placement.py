@@ -43,7 +43,7 @@ class PlacementContract:
     @pytest.fixture
     def placement(self) -> Placement:
         """The placement, built through a fresh plugin manager by its entry-point name."""
-        return build_strategy(self.plugin, "placement", self.settings)
+        return build_strategy(self.plugin, "tier_placement", self.settings)
 
     def test_it_is_a_placement(self, placement: Placement) -> None:
         """The built strategy is a ``Placement``."""

@@ -43,4 +43,4 @@ class TieredPlacement(Placement):
 @hookimpl
 def djinn_register_strategies(registry) -> None:
     """Offer the ``tiered`` placement."""
-    registry.add("placement", "tiered", TieredPlacement)
+    registry.add("tier_placement", "tiered", TieredPlacement)
