@@ -391,3 +391,12 @@ def test_the_pool_grows_only_up_to_what_32_bit_offsets_index(models, monkeypatch
     assert pool.free_blocks == 3  # the refused request took nothing
     pool.free(held)
     assert len(pool.allocate(13)) == 13 and pool.num_blocks == 15
+
+
+def test_prefill_attention_is_checked_and_varlen_is_refused_where_it_cannot_run(models) -> None:
+    loaded = models["random:tiny-llama"]
+    assert ModelRunner(loaded).prefill_attention == "masked"  # float32 on the CPU: no flash kernel
+    with pytest.raises(ModelError, match="must be one of varlen, masked"):
+        ModelRunner(loaded, prefill_attention="dense")
+    with pytest.raises(ModelError, match="varlen prefill attention needs CUDA"):
+        ModelRunner(loaded, prefill_attention="varlen")

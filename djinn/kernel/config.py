@@ -76,6 +76,9 @@ class ServerSettings:
     #: how batched decode steps attend: "paged" (each row reads its own KV blocks, a compiled
     #: flex_attention kernel), "masked" (SDPA over all slots under a mask), "auto" (paged on CUDA)
     decode_attention: str = attrs.field(default="auto", validator=in_(("auto", "paged", "masked")))
+    #: how prefill chunks attend: "varlen" (each over its own session's keys, PyTorch's variable-length
+    #: flash attention; CUDA, bf16/fp16), "masked" (under a dense mask over the pass), "auto" (varlen there)
+    prefill_attention: str = attrs.field(default="auto", validator=in_(("auto", "varlen", "masked")))
     #: paged decode steps of rotary families (llama, mistral, qwen2) run one fused, compiled layer (CUDA)
     fused_decode: bool = True
     #: a session's greedy tokens do not depend on its batch, breakpoints, evictions or chunking (slower)
