@@ -8,7 +8,9 @@
     breakpoints; the client round trip of ``resume()`` beside a PING round trip (the dispatch
     floor) and beside the time a non-resident design would spend moving the session's KV over
     PCIe (KV bytes / 54.9e9 B/s). The round trips are measured twice: from a client in this
-    process (sharing the interpreter with the server) and from one in a process of its own.
+    process (sharing the interpreter with the server) and from one in a process of its own, which
+    also times a PING at each hit (at once, and 20 ms into the pause) and PINGs each sent after
+    20 ms idle, to tell what a resume costs from what any frame costs at that moment.
 (b) steering: ``random:gpt2``, pause at layer 6, ``scale(0.9)``, resume: did the output change,
     the share of diverging tokens, and the cost of scale + resume against a plain resume (from
     both clients).
@@ -50,6 +52,9 @@ from eval.report import library_versions, source_commit
 #: pinned host-to-device bandwidth (B/s) measured on the H100 machine: the cost of a KV round
 #: trip that a design without server-resident KV would pay at every breakpoint
 PCIE_BYTES_PER_S = 54.9e9
+#: the client's idle time before each PING of the idle floor, and at a hit before its held PING:
+#: about what a pass takes to reach the next hit, so the threads and cores have gone idle
+IDLE_GAP_S = 0.02
 
 
 @attrs.frozen
@@ -129,17 +134,23 @@ def ping(client: Client) -> None:
     client._loop.run(client._async.request(Op.PING))
 
 
-def ping_round_trips(client: Client, count: int) -> list[float]:
-    """Client round trips of PING: the server's dispatch floor over this transport."""
-    return [timed(lambda: ping(client)) for _ in range(count)]
+def ping_round_trips(client: Client, count: int, idle_s: float = 0.0) -> list[float]:
+    """Client round trips of PING: the server's dispatch floor over this transport; with
+    ``idle_s``, each after the client has been idle that long (the floor a frame meets after a wait)."""
+    samples = []
+    for _ in range(count):
+        time.sleep(idle_s)
+        samples.append(timed(lambda: ping(client)))
+    return samples
 
 
 def traced_run(client: Client, prompt: list[int], new_tokens: int, layers: tuple[int, ...],
                edit: Callable[[Any], None] | None, server: BackgroundServer | None = None,
-               ping_while_paused: bool = False) -> dict[str, Any]:
+               ping_while_paused: bool = False, hold_s: float = 0.0) -> dict[str, Any]:
     """Generate with breakpoints; time each hit's (edit +) resume; with ``server`` (in this
     process), read the session's KV bytes while paused; with ``ping_while_paused``, time a PING
-    at each hit before its resume (``paused_ping_s``): any frame's round trip in that moment."""
+    at each hit before its resume (``paused_ping_s``): any frame's round trip in that moment,
+    sent ``hold_s`` after the hit arrived."""
     session = client.model().session()
     resume_s: list[float] = []
     paused_ping_s: list[float] = []
@@ -155,6 +166,7 @@ def traced_run(client: Client, prompt: list[int], new_tokens: int, layers: tuple
             hit.resume()
 
         if ping_while_paused:
+            time.sleep(hold_s)
             paused_ping_s.append(timed(lambda: ping(client)))
         resume_s.append(timed(act))
     tokens = trace.result.tokens
@@ -170,11 +182,15 @@ def _rounds_in_this_process(url: str, prompts: list[list[int]], new_tokens: int,
                    for prompt in prompts] if factor is not None else []
         probed = [traced_run(client, prompt, new_tokens, layers, None, ping_while_paused=True)
                   for prompt in prompts] if factor is None else []
+        held = [traced_run(client, prompt, new_tokens, layers, None, ping_while_paused=True, hold_s=IDLE_GAP_S)
+                for prompt in prompts] if factor is None else []
         return {"tokens": [r["tokens"] for r in runs], "resume_s": [t for r in runs for t in r["resume_s"]],
                 "scale_resume_s": [t for r in steered for t in r["resume_s"]],
                 "paused_ping_s": [t for r in probed for t in r["paused_ping_s"]],
                 "resume_after_ping_s": [t for r in probed for t in r["resume_s"]],
-                "ping_s": ping_round_trips(client, ping_samples)}
+                "held_paused_ping_s": [t for r in held for t in r["paused_ping_s"]],
+                "ping_s": ping_round_trips(client, ping_samples),
+                "idle_ping_s": ping_round_trips(client, ping_samples, IDLE_GAP_S) if factor is None else []}
 
 
 def client_process_rounds(url: str, prompts: list[list[int]], new_tokens: int, layers: tuple[int, ...],
@@ -182,8 +198,10 @@ def client_process_rounds(url: str, prompts: list[list[int]], new_tokens: int, l
     """The traces' resume (and, with ``factor``, scale + resume) round trips and PINGs from a client
     in a process of its own, as a user's client is: an in-process client shares the server's
     interpreter lock with the model thread, which starts computing as soon as a resume is answered.
-    Without ``factor`` the traces also run once more with a PING at each hit before its resume,
-    which tells a resume's own cost from that of any frame arriving while a pass is paused."""
+    Without ``factor`` the traces also run twice more with a PING at each hit before its resume,
+    sent at once and ``IDLE_GAP_S`` after the hit, and PINGs are also timed each after an idle
+    gap of ``IDLE_GAP_S``: they tell a resume's own cost from that of any frame arriving while a
+    pass is paused, and that moment's cost from the cost of any frame after the client waited."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_rounds_in_this_process, (url, prompts, new_tokens, layers, factor, ping_samples))
 
@@ -223,6 +241,8 @@ def robustness(server: BackgroundServer, client: Client, cfg: Exp3Config, prompt
             "client_process_resume": summary_of(apart["resume_s"]), "client_process_ping": summary_of(apart["ping_s"]),
             "client_process_paused_ping": summary_of(apart["paused_ping_s"]),
             "client_process_resume_after_ping": summary_of(apart["resume_after_ping_s"]),
+            "client_process_held_paused_ping": summary_of(apart["held_paused_ping_s"]),
+            "client_process_idle_ping": summary_of(apart["idle_ping_s"]),
             "session_kv_bytes": kv, "kv_over_pcie_ms": kv / PCIE_BYTES_PER_S * 1e3,
         },
     }
@@ -383,6 +403,9 @@ def table(report: dict[str, Any]) -> str:
                  ("(a) same client: PING while paused / resume after it p50",
                   f"{ms(rob['client_process_paused_ping']['p50_ms'])} / "
                   f"{ms(rob['client_process_resume_after_ping']['p50_ms'])}"),
+                 (f"(a) same client: PING {IDLE_GAP_S * 1e3:.0f} ms into a pause / after {IDLE_GAP_S * 1e3:.0f} ms idle p50",
+                  f"{ms(rob['client_process_held_paused_ping']['p50_ms'])} / "
+                  f"{ms(rob['client_process_idle_ping']['p50_ms'])}"),
                  ("(a) session KV / PCIe", f"{rob['session_kv_bytes']} B -> {ms(rob['kv_over_pcie_ms'])}")]
     steer = report["steering"].get("summary")
     if steer:
