@@ -370,12 +370,8 @@ def test_prefill_warm_up_runs_every_size_and_leaves_the_pool_as_it_was() -> None
 def test_varlen_prefill_on_cuda_computes_what_the_masked_prefill_computes(spec: str) -> None:
     """Packed chunks, first chunks and chunks after a context (across the sliding window too)
     give the logits and the stored keys of the dense-mask prefill, within bf16 rounding."""
-    from djinn.engine.runner import varlen_supported
-
     loaded = load_model(spec, dtype="bfloat16", device="cuda")
     varlen = ModelRunner(loaded, device="cuda")
-    if not varlen_supported(varlen._windows):
-        pytest.skip(f"torch {torch.__version__}'s varlen_attn does not cover the model's windows")
     masked = ModelRunner(loaded, device="cuda", prefill_attention="masked")
     assert (varlen.prefill_attention, masked.prefill_attention) == ("varlen", "masked")
     first, second = _prompts(3, seed=11), _prompts(3, seed=12)

@@ -4,7 +4,10 @@ Every session's KV lives in blocks of one ``KVPool`` (see ``kvpool``). ``ModelRu
 embeds a chunk of one session's tokens and returns a ``ForwardCursor``; ``run(until=k)`` runs
 decoder layers up to ``k`` and stops there (a breakpoint: ``.hidden`` may be read or edited),
 ``finish()`` runs the rest, the final norm and the head, and commits the chunk to the KV. Prompts
-and prompt chunks go this way (``prefill`` of one session is ``begin(...).finish()``).
+and prompt chunks go this way (``prefill`` of one session is ``begin(...).finish()``); ``prefill``
+of several packs their chunks into one pass. On CUDA a prefill's attention gives each chunk only
+its own session's keys (``varlen_prefill_attention``, PyTorch's variable-length flash attention),
+elsewhere a mask does.
 
 ``ModelRunner.decode`` runs one decode step for many sessions at once: every row's new key is
 written to its slot and all rows attend in one attention call per layer: on CUDA
@@ -49,6 +52,7 @@ import attrs
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -58,11 +62,6 @@ from djinn.engine.families import LAYER_SITES, LayerParts, family_of, pack_proje
 from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.engine.streaming import Streamer
-
-try:  # PyTorch's variable-length flash attention (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch before 2.9
-    varlen_attn = None
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 DEFAULT_BLOCK_TOKENS = 64
@@ -275,7 +274,8 @@ class _SharedKeysMask:
 #: how a prefill attends: over each chunk's own session by variable-length flash attention (CUDA,
 #: bf16/fp16, the sdpa implementation), or under a dense mask over every key of the pass
 PREFILL_ATTENTION = ("varlen", "masked")
-_VARLEN_PARAMETERS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
+#: torch 2.13's varlen_attn takes grouped-query keys as they are (``enable_gqa``); 2.11's does not
+_VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 @attrs.frozen(eq=False)
@@ -292,13 +292,6 @@ class VarlenRows:
     window: int | None
 
 
-def varlen_supported(windows: Sequence[int | None]) -> bool:
-    """Whether this torch's ``varlen_attn`` can run a prefill of layers with these windows."""
-    if varlen_attn is None:
-        return False
-    return "window_size" in _VARLEN_PARAMETERS or ("is_causal" in _VARLEN_PARAMETERS and set(windows) == {None})
-
-
 def varlen_prefill_attention(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     rows: VarlenRows, scaling: float | None,
@@ -307,13 +300,10 @@ def varlen_prefill_attention(
     gathered ``key``/``value`` ``[1, H_kv, sum (start + T), D]``. The work is each chunk's own
     queries x keys, not the pass's tokens x all its keys. Returns ``[1, sum T, H, D]``."""
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, D], views of contiguous states
-    options: dict[str, Any] = {"scale": scaling}
-    if "window_size" in _VARLEN_PARAMETERS:
-        options["window_size"] = (-1, 0) if rows.window is None else (rows.window - 1, 0)
-    else:
-        options["is_causal"] = True
+    # causal with the window's left edge; flash aligns it at the end of each chunk's keys
+    options: dict[str, Any] = {"scale": scaling, "window_size": (-1 if rows.window is None else rows.window - 1, 0)}
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in _VARLEN_PARAMETERS:
+        if _VARLEN_GQA:
             options["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
@@ -510,8 +500,7 @@ class ModelRunner:
     ``invariant.prefill_attention``; so a session's tokens do not depend on what else shares its passes.
     ``kv_dtype``: how the KV pool stores keys and values, the model's dtype (None) or one of
     ``KV_FP8_DTYPES``. ``prefill_attention`` (one of ``PREFILL_ATTENTION``; default ``"varlen"``
-    where it applies: CUDA, a bf16 or fp16 model loaded with sdpa, a torch with ``varlen_attn``,
-    not deterministic): how prefill chunks attend, see ``varlen_prefill_attention``; ``"masked"``
+    where it applies: CUDA, a bf16 or fp16 model loaded with sdpa, not deterministic): how prefill chunks attend, see ``varlen_prefill_attention``; ``"masked"``
     builds a dense mask over every key of the pass (``[sum T, sum (start + T)]``).
     """
 
@@ -573,12 +562,12 @@ class ModelRunner:
         self._use_runner_attention(attention, flex_options)
         self._windows = family.windows
         varlen = (self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) and attention == "sdpa"
-                  and not deterministic and varlen_supported(self._windows))
+                  and not deterministic)
         if prefill_attention not in (None, *PREFILL_ATTENTION):
             raise ModelError(f"prefill_attention must be one of {', '.join(PREFILL_ATTENTION)}, not {prefill_attention!r}")
         if prefill_attention == "varlen" and not varlen:
-            raise ModelError("varlen prefill attention needs CUDA, a bf16 or fp16 model loaded with sdpa, default "
-                             "(not deterministic) mode and a torch whose varlen_attn covers the model's windows")
+            raise ModelError("varlen prefill attention needs CUDA, a bf16 or fp16 model loaded with sdpa and "
+                             "the default (not deterministic) mode")
         self.prefill_attention = prefill_attention or ("varlen" if varlen else "masked")
         self.pool = KVPool(
             self.num_layers, self.kv_heads, self.head_dim,
