@@ -19,6 +19,9 @@ on the CPU; ``fp8_e4m3``: one byte per key and value; a comma-separated list run
     share of the bf16 matmul peak measured in the same run (the peak once, for every dtype), by
     the runner's ``prefill_attention`` and, where that is not ``masked``, by the dense mask too
     (``packed_prefill_masked``);
+(g) a 128-token turn after a ``--context``-token context, one session's alone in a pass and 8
+    sessions' packed in one: each pass's time (an agent's tool output; such a pass is short, so
+    its launches and the weight read are what it costs);
 (d) agreement: greedy tokens of ``--agreement`` sessions decoded together vs each decoded alone;
 and once: the anchors, transformers ``generate`` (eager, dynamic cache) per token and
 ``generate_batch`` (its continuous batching) on (b). Random weights of the named shape stand in
@@ -47,7 +50,7 @@ The report: the header, ``weight_bytes``, ``read_bandwidth_bytes_per_s``, ``load
 ``transformers`` (the anchors) and ``matmul_peak_flop_per_s``, then the FIRST dtype's sections
 where a one-dtype run has always had them: ``warm_up_s``, ``graphs_captured_at_warm_up``,
 ``kv_pool_bytes``, ``single`` (a), ``end_to_end`` and ``one_at_a_time`` (b), ``throughput`` (c),
-``packed_prefill`` (e), ``agreement`` (d) and ``summary`` (with ``kv_dtype``, ``kv_pool_bytes``,
+``packed_prefill`` (e), ``short_prefill`` (g), ``agreement`` (d) and ``summary`` (with ``kv_dtype``, ``kv_pool_bytes``,
 ``kv_dtype_seconds`` added), plus ``kv_dtype`` (the pool's), ``kv_dtype_seconds`` (this dtype's
 part, runner built to released) and ``device_free_bytes_at_runner`` (CUDA: free device memory as
 the runner was built, before its pool: a later dtype's shows the earlier runner's memory came
@@ -102,6 +105,10 @@ def read_bandwidth(nbytes: int = 4 * GiB, repeats: int = 10) -> list[float]:
     data = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     data.sum()
     return [nbytes / _timed(data.sum) for _ in range(repeats)]
+
+
+#: tokens of an agent's turn after its context in (g), as the density workload's tool output
+SHORT_TURN_TOKENS = 128
 
 
 def _prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -240,6 +247,24 @@ def bench_packed_prefill(runner: ModelRunner, sessions: int, tokens: int, repeat
     best = statistics.median(seconds)
     return {"sessions": sessions, "tokens": tokens, "seconds": seconds, "tokens_per_s": sessions * tokens / best,
             "flop_per_s": flops / best, "flops": flops}
+
+
+def bench_short_prefill(runner: ModelRunner, context: int, chunk: int, sessions: int, repeats: int) -> dict[str, Any]:
+    """(g): a ``chunk``-token turn after a ``context``-token context (what an agent's tool output
+    is), one session's in a pass of its own and ``sessions``' packed in one pass: each pass's
+    seconds. The same turns run again over the same contexts each time (the length is set back)."""
+    out: dict[str, Any] = {"context": context, "chunk": chunk}
+    for count in (1, sessions):
+        kvs, _ = prefilled(runner, _prompts(count, context, runner.vocab_size, seed=5))
+        turns = _prompts(count, chunk, runner.vocab_size, seed=6)
+        seconds = []
+        for _ in range(repeats + 1):
+            seconds.append(_timed(lambda: runner.prefill(kvs, turns)))
+            for kv in kvs:
+                kv.length = context
+        release(kvs)
+        out[f"sessions_{count}_seconds"] = seconds[1:]  # the first pass of a shape pays its kernel loads
+    return out
 
 
 def greedy_alone(runner: ModelRunner, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -432,6 +457,8 @@ def measure_kv_dtype(loaded: LoadedModel, name: str, part: dict[str, Any], setti
             part["packed_prefill_masked"]["share_of_matmul_peak"] = (
                 part["packed_prefill_masked"]["flop_per_s"] / statistics.median(samples))
         save(f"{name}: (e) packed prefill")
+    part["short_prefill"] = bench_short_prefill(runner, s.context, SHORT_TURN_TOKENS, 8, 10)
+    save(f"{name}: (g) short prefill")
     prompts = _prompts(s.agreement, s.context, runner.vocab_size, seed=4)
     alone = greedy_alone(runner, prompts, s.new_tokens)
     part["agreement"] = bench_agreement(runner, s.agreement, s.context, s.new_tokens, alone=alone)
@@ -450,7 +477,7 @@ def _summary(part: dict[str, Any], cuda: bool, floor_s: float | None, load_s: fl
         "weight_read_floor_ms": floor_s * 1e3 if floor_s else None,
         "a_batch1_step_graph_ms": _median_ms(part["single"]["graph_step_s"]) if cuda else None,
         "a_batch1_step_eager_ms": _median_ms(part["single"]["eager_step_s"]),
-        "a_goal_ms": 1.5 * floor_s * 1e3 if floor_s else None,
+        "a_floor_ratio": _median_ms(part["single"]["graph_step_s"]) / (floor_s * 1e3) if cuda and floor_s else None,
         "b_end_to_end_s": {r["prefill_chunk_tokens"]: r["seconds"] for r in part["end_to_end"]},
         "b_best_s": best_b["seconds"],
         "b_one_at_a_time_s": part["one_at_a_time"]["seconds"],
@@ -462,6 +489,10 @@ def _summary(part: dict[str, Any], cuda: bool, floor_s: float | None, load_s: fl
         },
         "e_packed_prefill_tokens_per_s": part["packed_prefill"]["tokens_per_s"] if cuda else None,
         "e_packed_prefill_share_of_peak": part["packed_prefill"]["share_of_matmul_peak"] if cuda else None,
+        "g_short_prefill_ms": {
+            f"{n}x{part['short_prefill']['chunk']}@{part['short_prefill']['context']}":
+                _median_ms(part["short_prefill"][f"sessions_{n}_seconds"]) for n in (1, 8)
+        },
         "d_sequences_identical": f"{part['agreement']['sequences_identical']}/{agreement}",
         "d_tokens_identical": f"{part['agreement']['tokens_identical']}/{part['agreement']['tokens']}",
         "anchors": anchors,
@@ -499,6 +530,8 @@ def _table(summaries: dict[str, dict[str, Any]], effect: dict[str, Any] | None) 
             rows.append((f"(c) {point} {mode} tok/s", [s["c_tokens_per_s"].get(point, {}).get(mode) for s in summaries.values()]))
     rows += [
         ("(e) packed prefill tok/s", [s["e_packed_prefill_tokens_per_s"] for s in summaries.values()]),
+        *((f"(g) prefill {point} ms", [s["g_short_prefill_ms"].get(point) for s in summaries.values()])
+          for point in first["g_short_prefill_ms"]),
         ("(d) together = alone", [s["d_sequences_identical"] for s in summaries.values()]),
         ("warm-up s", [s["warm_up_s"] for s in summaries.values()]),
     ]
