@@ -12,6 +12,7 @@ import pytest
 
 from djinn.client import connect
 from djinn.engine.batch import BatchEngine, EngineRequest
+from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.strategies import ActionKind, MemoryView, Phase, Residency, SchedulerView, SessionInfo
 from djinn.plugins.schedulers.semantic import SemanticScheduler, SemanticSettings
 from eval.reliability.run import PROMPT, kv_budget_gb
@@ -43,10 +44,25 @@ def _state(server, session_id):
     return server.call(read)
 
 
+class _WriteBacks:
+    """Hears ``djinn_session_written_back``: (session id, tier, bytes) per write-back."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[int, str, int]] = []
+
+    @hookimpl
+    def djinn_session_written_back(self, session, tier, nbytes, seconds) -> None:
+        assert seconds >= 0
+        self.heard.append((session.id, tier, nbytes))
+
+
 def test_a_written_back_session_keeps_its_blocks_and_resumes_moving_no_bytes():
     server = serve_with(serving_config(settings=WRITE_BACK), ["semantic", "tcp"])
     kernel = server.kernel
     copies = _count_copies(server)
+    listener = _WriteBacks()
+    server.plugins.pm.register(listener, name="write-back-listener")
+    heard = listener.heard
     try:
         with connect(server.url("tcp")) as client, client.model().session() as session:
             first = session.generate(PROMPT, max_new_tokens=2).tokens
@@ -54,6 +70,8 @@ def test_a_written_back_session_keeps_its_blocks_and_resumes_moving_no_bytes():
             session.signal_phase("IO_WAIT", expected_s=30)
             assert wait_for(lambda: server.call(lambda: kernel.counters["write_backs"]) == 1)
             assert _state(server, session.id) == (Residency.RESIDENT, True, "pinned_host")
+            assert wait_for(lambda: len(heard) == 1)
+            assert heard == [(session.id, "pinned_host", held)]
             # both copies are accounted: the device bytes stay, the tier holds as many
             assert server.call(lambda: kernel.memory.device_bytes("kv")) == held
             assert server.call(lambda: kernel.memory.tier_bytes("pinned_host")) == held

@@ -76,6 +76,9 @@ class StepRecord:
     #: the keys the packed prefill attended over (every chunk's session context plus the chunk)
     prefill_keys: int
     decode_rows: int
+    #: of ``prefill_s``, the time until the pass was queued (its launches, on CUDA; the rest waits
+    #: for the device and picks the tokens)
+    prefill_launch_s: float = 0.0
 
 
 class BatchEngine:
@@ -106,6 +109,7 @@ class BatchEngine:
         # wall time inside prefill chunks and decode steps: what is left of a run is time the
         # engine spent idle or waiting for its thread
         self.prefill_seconds = 0.0
+        self._prefill_launch_s = 0.0  # the current step's, for its StepRecord
         self.decode_seconds = 0.0
         #: set to a list to record a ``StepRecord`` per step (for profiling a run)
         self.step_log: list[StepRecord] | None = None
@@ -125,6 +129,7 @@ class BatchEngine:
         ended: list[EngineRequest] = []
         self._drop_cancelled(ended)
         started = time.perf_counter()
+        self._prefill_launch_s = 0.0
         chunks, tokens, keys = self._prefill(ended)
         prefilled = time.perf_counter()
         rows = self._decode(ended)
@@ -134,7 +139,8 @@ class BatchEngine:
         self.steps += 1
         log = self.step_log  # read once: another thread may stop the recording meanwhile
         if log is not None:
-            log.append(StepRecord(started, prefilled - started, finished - prefilled, chunks, tokens, keys, rows))
+            log.append(StepRecord(started, prefilled - started, finished - prefilled, chunks, tokens, keys, rows,
+                                  self._prefill_launch_s))
         return ended
 
     def fail_all(self, error: BaseException) -> list[EngineRequest]:
@@ -183,7 +189,9 @@ class BatchEngine:
             if request.started_at is None:
                 request.started_at = now
         try:
-            rows = list(self.runner.prefill([r.kv for r, _ in batch], [c for _, c in batch]))
+            logits = self.runner.prefill([r.kv for r, _ in batch], [c for _, c in batch])
+            self._prefill_launch_s = time.perf_counter() - now
+            rows = list(logits)
         except Exception as exc:  # noqa: BLE001 - find the request that fails, alone
             if len(batch) == 1:
                 rows = [exc]

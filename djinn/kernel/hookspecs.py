@@ -85,6 +85,12 @@ def djinn_session_evicted(session: SessionInfo, tier: str, nbytes: int, seconds:
 
 
 @hookspec
+def djinn_session_written_back(session: SessionInfo, tier: str, nbytes: int, seconds: float) -> None:
+    """A resident session's KV was copied to ``tier`` and stays on the GPU too (a write-back);
+    ``seconds`` is the copy's duration. Once per write-back, when the copy has completed."""
+
+
+@hookspec
 def djinn_session_restored(session: SessionInfo, tier: str, nbytes: int, seconds: float, on_critical_path: bool) -> None:
     """A session's KV is back on the GPU. ``on_critical_path`` is True when a request had to
     wait for this restore (a prefetch that finished in time is not on the critical path).

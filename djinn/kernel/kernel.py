@@ -421,6 +421,8 @@ class Kernel:
             return False
         session.update(residency=Residency.RESIDENT, backed=True)
         self._count(write_backs=1, write_back_seconds=seconds)
+        self.plugins.notify("djinn_session_written_back", session=session.info, tier=session.tier,
+                            nbytes=session.block.nbytes, seconds=seconds)
         return True
 
     async def _reclaim(self, session: Session) -> bool:

@@ -22,6 +22,8 @@ from eval.exp1_density.run import percentile
 
 GiB = 1 << 30
 PARTS = ("queue_s", "restore_s", "first_token_s", "decode_s")
+#: the most tokens of a pass of one chunk counted as short (an agent's turn after its context)
+SHORT_PASS_TOKENS = 256
 
 
 def _split(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -72,7 +74,21 @@ def _trace_figures(trace: dict[str, Any]) -> dict[str, Any]:
                                  if prefill else None),
         "median_decode_step_s": statistics.median(decode_only) if decode_only else None,
         "longest_restores": sorted((m for m in moves if m["kind"] == "restore"), key=lambda m: -m["seconds"])[:5],
+        **_short_passes(steps),
     }
+
+
+def _short_passes(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Passes of one chunk of at most ``SHORT_PASS_TOKENS`` tokens (an agent's turn after its
+    context): their median wall time and, where the trace has it, the median time until the pass
+    was queued (what the host spent launching it)."""
+    short = [s for s in steps if s["prefill_chunks"] == 1 and 0 < s["prefill_tokens"] <= SHORT_PASS_TOKENS]
+    if not short:
+        return {"short_passes": 0}
+    out = {"short_passes": len(short), "short_pass_median_s": statistics.median(s["prefill_s"] for s in short)}
+    if "prefill_launch_s" in short[0]:
+        out["short_pass_launch_median_s"] = statistics.median(s["prefill_launch_s"] for s in short)
+    return out
 
 
 def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[str, Any]:
@@ -127,6 +143,11 @@ def _print(points: list[dict[str, Any]]) -> None:
             print(f"  loop stalls: {trace['loop_stall_s']:.2f} s in all; longest {stalls or 'none'}")
             print(f"  longest engine steps: {steps}; prefill {rate or 0:,.0f} tokens/s; "
                   f"median decode-only step {1e3 * (trace['median_decode_step_s'] or 0):.2f} ms")
+            if trace["short_passes"]:
+                launch = trace.get("short_pass_launch_median_s")
+                queued = f", {1e3 * launch:.1f} ms of it until queued" if launch is not None else ""
+                print(f"  passes of one chunk <= {SHORT_PASS_TOKENS} tokens: {trace['short_passes']}, "
+                      f"median {1e3 * trace['short_pass_median_s']:.1f} ms{queued}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -497,7 +497,7 @@ class Trace:
     LOOP_PROBE_S = 0.01
     LOOP_STALL_S = 0.005
     STEP_COLUMNS = ("t_s", "prefill_s", "decode_s", "prefill_chunks", "prefill_tokens", "prefill_keys",
-                    "decode_rows")
+                    "decode_rows", "prefill_launch_s")
     MOVE_COLUMNS = ("t_end_s", "kind", "nbytes", "seconds", "on_critical_path")
     STALL_COLUMNS = ("t_s", "late_s")
 
@@ -529,6 +529,11 @@ class Trace:
         self.moves.append((time.perf_counter() - self.origin, "evict", nbytes, seconds, False))
 
     @hookimpl
+    def djinn_session_written_back(self, session: Any, tier: str, nbytes: int, seconds: float) -> None:
+        """Record a write-back (a copy that keeps the GPU blocks) as it completes."""
+        self.moves.append((time.perf_counter() - self.origin, "write_back", nbytes, seconds, False))
+
+    @hookimpl
     def djinn_session_restored(self, session: Any, tier: str, nbytes: int, seconds: float,
                                on_critical_path: bool) -> None:
         """Record a restore (or a recompute) as it completes."""
@@ -550,7 +555,7 @@ class Trace:
         return {
             "step_columns": list(self.STEP_COLUMNS),
             "steps": [[s.started - self.origin, s.prefill_s, s.decode_s, s.prefill_chunks, s.prefill_tokens,
-                       s.prefill_keys, s.decode_rows] for s in log],
+                       s.prefill_keys, s.decode_rows, s.prefill_launch_s] for s in log],
             "move_columns": list(self.MOVE_COLUMNS), "moves": [list(m) for m in self.moves],
             "loop_stall_columns": list(self.STALL_COLUMNS), "loop_stalls": [list(s) for s in self.stalls],
         }
