@@ -95,6 +95,9 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert counters["write_backs"] + counters["evictions"] >= 3
     assert sum(m["kind"] == "evict" for m in moves) == counters["evictions"]
     assert sum(m["kind"] == "restore" for m in moves) == counters["restores"]
+    assert sum(m["kind"] == "write_back" for m in moves) == counters["write_backs"]
+    assert all(0 <= s["prefill_launch_s"] <= s["prefill_s"] for s in steps)
+    assert all(s["prefill_launch_s"] > 0 for s in steps if s["prefill_tokens"])
     assert trace["loop_stall_columns"] == ["t_s", "late_s"]
     starts = {(s["agent"], s["iteration"]): s["started_s"] for s in point["samples"]}
     assert all(starts[(a, 0)] < starts[(a, 1)] for a in range(3))
