@@ -12,7 +12,7 @@ from djinn.kernel.strategies import Placement, Residency, SessionInfo, TierStats
 from djinn.plugins.placements.tiered import TieredPlacement
 from eval.reliability.run import books
 from tests.test_kernel import wait_for
-from tests.test_tier_disk import _as_if_pinned, _one_session_each_on_gpu_and_host
+from tests.test_tier_disk import _one_session_each_on_gpu_and_host
 
 
 def _stats(pinned: bool) -> TierStats:
@@ -96,31 +96,5 @@ def test_the_kernel_follows_a_placement_that_never_demotes(tmp_path):
             warm.close()
         assert wait_for(lambda: books(server)["sessions"] == 0)
         assert books(server) == {k: 0 for k in books(server)}
-    finally:
-        server.stop()
-
-
-def test_a_write_back_never_asks_the_placement_for_demotions(tmp_path):
-    """As on a GPU (only the pinned tier takes the device's copies), with that tier full of an
-    evicted copy: the write-back is skipped without a demotion being asked for."""
-    placement = RecordingPlacement()
-    server = _one_session_each_on_gpu_and_host(tmp_path, write_back=True, recording=RecordingPlugin(placement))
-    kernel = server.kernel
-    _as_if_pinned(server)
-    try:
-        with connect(server.url("tcp")) as client:
-            model = client.model()
-            cold, warm = model.session(), model.session()
-            cold.generate([11, 12, 13], max_new_tokens=8)
-            cold.signal_phase("IO_WAIT", expected_s=600)
-            assert wait_for(lambda: server.call(lambda: kernel.get(cold.id).info.backed))
-            warm.generate([1, 2, 3], max_new_tokens=8)  # cold's blocks are reclaimed: its copy fills the tier
-            warm.signal_phase("IO_WAIT", expected_s=60)
-            assert wait_for(lambda: server.call(lambda: kernel.counters["write_back_skips"]) == 1)
-            assert placement.asked == []
-            assert server.call(lambda: kernel.get(cold.id).tier) == "pinned_host"
-            cold.close()
-            warm.close()
-        assert wait_for(lambda: books(server)["sessions"] == 0)
     finally:
         server.stop()

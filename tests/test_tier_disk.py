@@ -91,10 +91,13 @@ def _as_if_pinned(server):
 def test_a_write_back_takes_only_free_room_and_never_demotes(tmp_path):
     """A write-back is speculative: as on a GPU (the device copies only to the pinned tier), with
     that tier full of an evicted session's copy it is skipped, and the evicted copy stays where it
-    is (no demotion to disk)."""
+    is (no demotion to disk), without the placement being asked for demotions."""
     server = _one_session_each_on_gpu_and_host(tmp_path, write_back=True)
     kernel = server.kernel
     _as_if_pinned(server)
+    asked = []
+    choose = kernel.placement.select_demotions
+    kernel.placement.select_demotions = lambda *args: asked.append(args) or choose(*args)
     try:
         with connect(server.url("tcp")) as client:
             model = client.model()
@@ -113,6 +116,7 @@ def test_a_write_back_takes_only_free_room_and_never_demotes(tmp_path):
             counters = server.call(lambda: dict(kernel.counters))
             assert counters["demotions"] == 0 and counters["write_backs"] == 1 and counters["reclaims"] == 1
             assert server.call(lambda: kernel.tiers["disk"].stats().allocations) == 0
+            assert asked == []
             cold.close()
             warm.close()
         assert wait_for(lambda: books(server)["sessions"] == 0)

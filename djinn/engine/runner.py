@@ -787,7 +787,6 @@ class ModelRunner:
                             dtype=torch.long)
         ids, start, length, end = host.to(device, non_blocking=True).split([total, n, n, n])
         query_segment = torch.repeat_interleave(torch.arange(n, device=device), length, output_size=total)
-        key_segment = torch.repeat_interleave(torch.arange(n, device=device), end, output_size=keys)
         last = torch.cumsum(length, 0) - 1  # [n] each chunk's last token in the packed sequence
         query_rank = torch.arange(total, device=device) - (last + 1 - length)[query_segment]
         positions = (start[query_segment] + query_rank)[None]  # [1, sum T]
@@ -797,6 +796,7 @@ class ModelRunner:
         elif self.prefill_attention == "varlen":
             masks = self._varlen_rows([len(c) for c in chunks], ends)
         else:
+            key_segment = torch.repeat_interleave(torch.arange(n, device=device), end, output_size=keys)
             key_position = torch.arange(keys, device=device) - (torch.cumsum(end, 0) - end)[key_segment]  # [keys]
             same = query_segment[:, None] == key_segment[None, :]  # [sum T, keys]
             causal = same & (key_position[None, :] <= positions[0, :, None])
