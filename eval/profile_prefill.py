@@ -15,7 +15,9 @@ wait on the loop a few thousand times, a captured decode step a few. For each pa
   under the interpreter's switch interval ``interval`` (5 ms is Python's default);
 
 and, as the control, one batched decode step (a graph replay) of ``--decode-batch`` rows the same
-ways. Random weights of the named shape stand in for a real checkpoint.
+ways. Each of ``--fused-prefill`` (``on``, ``off``: the runner's fused prefill layer or the
+model's own layers) gets its own runner and entry in ``runs``. Random weights of the named shape
+stand in for a real checkpoint.
 """
 
 from __future__ import annotations
@@ -110,6 +112,54 @@ def measure(fn: Callable[[], Any], reset: Callable[[], None], repeats: int, duti
     return point
 
 
+def profile_runner(runner: ModelRunner, shapes: list[tuple[int, int, int]], decode_batch: int, repeats: int,
+                   duties: list[float], intervals: list[float], burst: float) -> dict[str, Any]:
+    """Every prefill shape and the control decode step on one warmed runner."""
+    longest = max(context + chunk for _, chunk, context in shapes) + 64
+    rows = max(max(s for s, _, _ in shapes), decode_batch)
+    runner.pool.grow((rows * 2 + 4) * (longest // runner.pool.block_tokens + 2))
+    started = time.perf_counter()
+    runner.warm_up(decode_batch, prefill_tokens=max(s * chunk for s, chunk, _ in shapes))
+    run: dict[str, Any] = {"fused_prefill": runner.fused_prefill, "prefill_attention": runner.prefill_attention,
+                           "fused_decode": runner.fused_decode, "warm_up_s": time.perf_counter() - started,
+                           "prefill": []}
+    for sessions, chunk, context in shapes:
+        if context:
+            kvs, _ = prefilled(runner, _prompts(sessions, context, runner.vocab_size, seed=5))
+        else:
+            kvs = [runner.new_kv() for _ in range(sessions)]
+        turns = _prompts(sessions, chunk, runner.vocab_size, seed=6)
+
+        def reset(kvs: list = kvs, context: int = context) -> None:
+            for kv in kvs:
+                kv.length = context
+
+        point = measure(lambda kvs=kvs, turns=turns: runner.prefill(kvs, turns), reset, repeats,
+                        duties, intervals, burst)
+        point.update(sessions=sessions, chunk=chunk, context=context)
+        run["prefill"].append(point)
+        release(kvs)
+        click.echo(f"fused {runner.fused_prefill} prefill {sessions}x{chunk}@{context}: wall {point['wall_ms']:.2f} ms, "
+                   f"kernels {point['kernel_ms']:.2f} ms, {point['kernel_launches']} launches, "
+                   f"{point['host_operators']} operators; contended {point['contended_ms']}")
+    kvs, tokens = prefilled(runner, _prompts(decode_batch, 1024, runner.vocab_size, seed=7))
+    lengths = [kv.length for kv in kvs]
+
+    def reset_decode() -> None:
+        for kv, length in zip(kvs, lengths):
+            kv.length = length
+
+    point = measure(lambda: runner.decode(kvs, tokens), reset_decode, repeats, duties, intervals, burst)
+    point.update(batch=decode_batch, context=1024)
+    run["decode"] = point
+    release(kvs)
+    click.echo(f"decode B={decode_batch}: wall {point['wall_ms']:.2f} ms, kernels {point['kernel_ms']:.2f} ms, "
+               f"{point['kernel_launches']} launches, {point['host_operators']} operators; "
+               f"contended {point['contended_ms']}")
+    run["captures"] = runner.captures
+    return run
+
+
 def _passes(spec: str) -> list[tuple[int, int, int]]:
     """``"1x128@1024,8x128@1024"`` -> ``[(sessions, chunk, context), ...]``."""
     out = []
@@ -129,66 +179,35 @@ def _passes(spec: str) -> list[tuple[int, int, int]]:
 @click.option("--duties", default="0.25,0.5", help="busy shares of the second thread")
 @click.option("--intervals-ms", default="5,0.5", help="interpreter switch intervals, ms")
 @click.option("--burst-ms", default=2.0, help="length of one busy slice of the second thread")
+@click.option("--fused-prefill", "fused_choices", default="on,off", help="comma-separated: on, off")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(model_name: str, passes: str, decode_batch: int, repeats: int, duties: str, intervals_ms: str,
-         burst_ms: float, out: Path) -> None:
+         burst_ms: float, fused_choices: str, out: Path) -> None:
     """Profile short prefill passes and a decode step, alone and beside a busy thread."""
     if not torch.cuda.is_available():
         raise click.ClickException("profiling prefill passes needs a CUDA device")
     duty_list = [float(d) for d in duties.split(",")]
     interval_list = [float(i) / 1e3 for i in intervals_ms.split(",")]
     loaded = load_model(model_name, dtype="bfloat16", device="cuda", seed=0)
-    runner = ModelRunner(loaded, device="cuda")
     shapes = _passes(passes)
-    longest = max(context + chunk for _, chunk, context in shapes) + 64
-    runner.pool.grow((max(max(s for s, _, _ in shapes), decode_batch) * 2 + 4) * (longest // runner.pool.block_tokens + 2))
-    runner.warm_up(decode_batch, prefill_tokens=max(s * chunk for s, chunk, _ in shapes))
     report: dict[str, Any] = {
         **result_header(
             "profile_prefill", "eval.profile_prefill",
             "random weights of the named shape; bfloat16; one process, no server; the busy thread "
             "stands in for the server's event loop",
             dict(model=model_name, passes=passes, decode_batch=decode_batch, repeats=repeats, duties=duties,
-                 intervals_ms=intervals_ms, burst_ms=burst_ms, prefill_attention=runner.prefill_attention,
-                 fused_decode=runner.fused_decode),
+                 intervals_ms=intervals_ms, burst_ms=burst_ms, fused_prefill=fused_choices),
         ),
-        "prefill": [], "decode": None,
+        "runs": [],
     }
-    burst = burst_ms / 1e3
-    for sessions, chunk, context in shapes:
-        if context:
-            kvs, _ = prefilled(runner, _prompts(sessions, context, runner.vocab_size, seed=5))
-        else:
-            kvs = [runner.new_kv() for _ in range(sessions)]
-        turns = _prompts(sessions, chunk, runner.vocab_size, seed=6)
-
-        def reset(kvs: list = kvs, context: int = context) -> None:
-            for kv in kvs:
-                kv.length = context
-
-        point = measure(lambda kvs=kvs, turns=turns: runner.prefill(kvs, turns), reset, repeats,
-                        duty_list, interval_list, burst)
-        point.update(sessions=sessions, chunk=chunk, context=context)
-        report["prefill"].append(point)
-        release(kvs)
-        click.echo(f"prefill {sessions}x{chunk}@{context}: wall {point['wall_ms']:.2f} ms, kernels "
-                   f"{point['kernel_ms']:.2f} ms, {point['kernel_launches']} launches, "
-                   f"{point['host_operators']} operators; contended {point['contended_ms']}")
-    kvs, tokens = prefilled(runner, _prompts(decode_batch, 1024, runner.vocab_size, seed=7))
-    lengths = [kv.length for kv in kvs]
-
-    def reset_decode() -> None:
-        for kv, length in zip(kvs, lengths):
-            kv.length = length
-
-    point = measure(lambda: runner.decode(kvs, tokens), reset_decode, repeats, duty_list, interval_list, burst)
-    point.update(batch=decode_batch, context=1024)
-    report["decode"] = point
-    release(kvs)
-    click.echo(f"decode B={decode_batch}: wall {point['wall_ms']:.2f} ms, kernels {point['kernel_ms']:.2f} ms, "
-               f"{point['kernel_launches']} launches, {point['host_operators']} operators; "
-               f"contended {point['contended_ms']}")
-    report["captures_after_warm_up"] = runner.captures
+    for choice in fused_choices.split(","):
+        if choice not in ("on", "off"):
+            raise click.BadParameter(f"{choice!r}: give on or off", param_hint="--fused-prefill")
+        runner = ModelRunner(loaded, device="cuda", fused_prefill=choice == "on")
+        report["runs"].append(profile_runner(runner, shapes, decode_batch, repeats, duty_list, interval_list,
+                                             burst_ms / 1e3))
+        del runner
+        torch.cuda.empty_cache()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
 

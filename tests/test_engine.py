@@ -321,6 +321,65 @@ def test_the_fused_decode_layer_computes_what_the_models_layers_compute(models, 
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
+def _prefill_results(runner: ModelRunner, first: list[list[int]], second: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a packed pass of first chunks, a packed pass of chunks after them and a
+    one-session chunk, and every stored key and value (float32)."""
+    kvs = [runner.new_kv() for _ in first]
+    logits = [runner.prefill(kvs, first), runner.prefill(kvs, second), runner.prefill(kvs[:1], [second[2]])]
+    stored = torch.cat([runner.pool.tensor[:, :, kv.slots(0, kv.length)].float() for kv in kvs], dim=2)
+    for kv in kvs:
+        kv.release()
+    return torch.cat(logits).float(), stored
+
+
+@pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral", "tiny-qwen2"])
+def test_the_fused_prefill_layer_computes_what_the_models_layers_compute(models, spec: str) -> None:
+    """Prefill passes through ``Family.prefill_parts`` (first chunks, chunks after a context,
+    across the sliding window, packed and alone) give the logits and the stored KV of the same
+    passes through the model's own layers (float32; compiled on CUDA, run as written here)."""
+    first, second = _prompts(3, seed=11), _prompts(3, seed=12)
+    results = []
+    for fused in (True, False):
+        runner = ModelRunner(models[spec], fused_prefill=fused)
+        assert runner.fused_prefill is fused
+        results.append(_prefill_results(runner, first, second))
+    (got, got_kv), (want, want_kv) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_kv, want_kv, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pass_paused_inside_the_fused_prefill_layer_resumes_to_the_same_bits(models) -> None:
+    """A pause at each site of a fused prefill layer, unedited, changes nothing; an edit there
+    changes the pass as the same edit in the model's own layer does."""
+    prompt = _prompts(1, seed=13)[0] * 3
+    results = {}
+    for fused in (True, False):
+        runner = ModelRunner(models["random:tiny-llama"], fused_prefill=fused)
+        kv = runner.new_kv()
+        plain = runner.begin(kv, runner.ids_tensor(prompt)).finish()
+        kv.length = 0
+        cursor = runner.begin(kv, runner.ids_tensor(prompt))
+        cursor.run_to(1, "attention")
+        cursor.run_to(1, "mlp")
+        assert torch.equal(cursor.finish(), plain)
+        kv.length = 0
+        cursor = runner.begin(kv, runner.ids_tensor(prompt))
+        cursor.run_to(1, "mlp")
+        cursor.hidden = cursor.hidden * 0.5
+        results[fused] = (plain, cursor.finish())
+        kv.release()
+    assert not torch.equal(results[True][0], results[True][1])
+    torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_prefill_layer_is_refused_where_it_does_not_apply(models) -> None:
+    with pytest.raises(ModelError, match="fused prefill"):
+        ModelRunner(models["random:tiny-gpt2"], fused_prefill=True)
+    with pytest.raises(ModelError, match="fused prefill"):
+        ModelRunner(models["random:tiny-llama"], fused_prefill=True, deterministic=True)
+    assert ModelRunner(models["random:tiny-llama"]).fused_prefill is False  # on by default on CUDA only
+
+
 def test_fused_decode_is_refused_where_it_does_not_apply(models) -> None:
     with pytest.raises(ModelError, match="fused decode"):
         ModelRunner(models["random:tiny-gpt2"], decode_attention="paged", fused_decode=True)
@@ -375,12 +434,31 @@ def test_varlen_prefill_on_cuda_computes_what_the_masked_prefill_computes(spec: 
     masked = ModelRunner(loaded, device="cuda", prefill_attention="masked")
     assert (varlen.prefill_attention, masked.prefill_attention) == ("varlen", "masked")
     first, second = _prompts(3, seed=11), _prompts(3, seed=12)
-    results = []
-    for runner in (varlen, masked):
-        kvs = [runner.new_kv() for _ in first]
-        logits = [runner.prefill(kvs, first), runner.prefill(kvs, second), runner.prefill(kvs[:1], [second[2]])]
-        stored = torch.cat([runner.pool.tensor[:, :, kv.slots(0, kv.length)].float() for kv in kvs], dim=2)
-        results.append((torch.cat(logits).float(), stored))
-    (got, got_kv), (want, want_kv) = results
+    (got, got_kv), (want, want_kv) = (_prefill_results(runner, first, second) for runner in (varlen, masked))
     assert float((got - want).norm() / want.norm()) < 0.03
     assert float((got_kv - want_kv).norm() / want_kv.norm()) < 0.03
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled fused prefill layer needs a CUDA device")
+@pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral"])
+def test_the_compiled_fused_prefill_layer_on_cuda_computes_what_the_models_layers_compute(spec: str) -> None:
+    """Compiled (dynamic token count), the fused prefill layer gives the logits and stored KV of
+    the model's own layers within bf16 rounding, and after the warm-up passes of every size
+    nothing more is compiled, one-token chunks included."""
+    from djinn.engine.service import compiled_graphs
+
+    loaded = load_model(spec, dtype="bfloat16", device="cuda")
+    fused = ModelRunner(loaded, device="cuda")
+    plain = ModelRunner(loaded, device="cuda", fused_prefill=False)
+    assert fused.fused_prefill and not plain.fused_prefill
+    fused.warm_up(max_batch=4, prefill_tokens=256)
+    compiled = compiled_graphs()
+    first, second = _prompts(3, seed=11), _prompts(3, seed=12)
+    (got, got_kv), (want, want_kv) = (_prefill_results(runner, first, second) for runner in (fused, plain))
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert float((got_kv - want_kv).norm() / want_kv.norm()) < 0.03
+    kv = fused.new_kv()
+    for chunk in ([5], [1, 2, 3], list(range(100)), [7]):
+        fused.prefill([kv], [chunk])
+    kv.release()
+    assert compiled_graphs() == compiled

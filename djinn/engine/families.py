@@ -9,7 +9,9 @@ Rotary families also have ``rotary_decode_layer``: one decoder layer of a batche
 written out end to end, with its KV written to the pool and attention over each row's own
 blocks. It is the function ``torch.compile`` fuses for the decode step (RMSNorm, rotary, SiLU
 gating and the residual adds become a few kernels around the GEMMs); it computes what the
-family's own layer computes, from the same weights.
+family's own layer computes, from the same weights. ``rotary_prefill_parts`` is the same for a
+prefill pass, in parts: two compiled stretches around the cache and the attention, where a
+pass can pause.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class Family:
     decode_layer: Callable[..., torch.Tensor] | None = None
     #: ``(layer, hidden, kwargs)``: the family's own decoder layer, pausing inside (``layer_parts``)
     layer_parts: Callable[..., LayerParts] | None = None
+    #: the fused prefill layer of this family in parts (``rotary_prefill_parts``), or None
+    prefill_parts: Callable[..., LayerParts] | None = None
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Token ids ``[B, T]`` at ``positions`` ``[B, T]``: hidden ``[B, T, E]`` and the rotary
@@ -105,7 +109,7 @@ def family_of(loaded: LoadedModel) -> Family:
         name, body.embed_tokens, list(body.layers)[:layers], body.norm, model.lm_head, windows, None,
         [body.embed_tokens, body.rotary_emb, body.norm, model.lm_head], add_rotary,
         query_group=config.num_attention_heads // kv_heads, decode_layer=rotary_decode_layer,
-        layer_parts=rotary_layer_parts,
+        layer_parts=rotary_layer_parts, prefill_parts=rotary_prefill_parts,
     )
 
 
@@ -218,3 +222,66 @@ def rotary_decode_layer(
     else:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     return hidden + mlp.down_proj(mlp.act_fn(gate) * up)  # [B, 1, E]
+
+
+def rotary_prefill_qkv(
+    layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The start of a Llama-layout decoder layer over a prefill pass's ``hidden`` ``[B, T, E]``:
+    RMSNorm, the q/k/v projections and the rotary embedding (``cos``/``sin`` ``[B, T, D]``).
+    Returns ``q`` ``[B, H, T, D]``, ``k`` and ``v`` ``[B, H_kv, T, D]``."""
+    attn = layer.self_attn
+    batch, tokens, dim = hidden.shape[0], hidden.shape[1], attn.head_dim
+    x = _rms_norm(layer.input_layernorm, hidden)  # [B, T, E]
+    if hasattr(attn, "djinn_qkv_weight"):  # pack_projections ran
+        sizes = [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]]
+        q, k, v = _packed(attn, "djinn_qkv", x, sizes)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = (t.view(batch, tokens, -1, dim).transpose(1, 2) for t in (q, k, v))
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def rotary_prefill_mlp(
+    layer: torch.nn.Module, hidden: torch.Tensor, attention: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of a Llama-layout decoder layer after its attention block's output ``attention``
+    ``[B, T, E]``: the residual add, RMSNorm and the gated MLP. Returns the residual stream
+    ``[B, T, E]`` and the MLP's output, which the caller adds to it."""
+    mlp = layer.mlp
+    hidden = hidden + attention
+    x = _rms_norm(layer.post_attention_layernorm, hidden)
+    if hasattr(mlp, "djinn_gate_up_weight"):
+        gate, up = _packed(mlp, "djinn_gate_up", x, [mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]])
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return hidden, mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def rotary_prefill_parts(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    cache: Any,
+    mask: Any,
+    attend: Callable[..., tuple[torch.Tensor, Any]],
+    qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = rotary_prefill_qkv,
+    mlp: Callable[..., tuple[torch.Tensor, torch.Tensor]] = rotary_prefill_mlp,
+) -> LayerParts:
+    """The fused prefill layer: a Llama-layout decoder layer over ``hidden`` ``[B, T, E]`` in parts
+    (``LayerParts``), given what the family's own layer is given: the rotary ``(cos, sin)``, the
+    cache (``update(k, v, layer_idx)`` stores the chunk's keys and values and returns the keys to
+    attend over) and the attention mask, which ``attend`` (the runner's attention function) reads.
+    ``qkv`` and ``mlp`` are the fusable stretches (compiled on CUDA: RMSNorm, rotary, SiLU gating
+    and the residual add become a few kernels around the GEMMs). A whole layer and a pass paused
+    inside one run these same parts, so both compute the same bits."""
+    attn = layer.self_attn
+    q, k, v = qkv(layer, hidden, *rope)  # [B, H, T, D], [B, H_kv, T, D] x 2
+    k, v = cache.update(k, v, attn.layer_idx)
+    out, _ = attend(attn, q, k, v, mask, scaling=attn.scaling)  # [B, T, H, D]
+    out = attn.o_proj(out.reshape(*hidden.shape[:2], -1))  # [B, T, E]
+    yield "attention", out
+    hidden, out = mlp(layer, hidden, out)
+    yield "mlp", out
+    return hidden + out

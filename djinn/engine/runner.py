@@ -58,7 +58,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV, load_slots, store_slots
-from djinn.engine.families import LAYER_SITES, LayerParts, family_of, pack_projections, rotary_decode_layer
+from djinn.engine.families import (
+    LAYER_SITES, LayerParts, family_of, pack_projections, rotary_decode_layer, rotary_prefill_mlp, rotary_prefill_qkv,
+)
 from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
 from djinn.engine.streaming import Streamer
@@ -221,6 +223,10 @@ _compiled_flex = torch.compile(flex_attention, dynamic=False)
 #: the fused decode layer, compiled once for every layer of every model (the layer's module is an
 #: input, so its weights are not baked in): one compile per batch bucket and window
 _compiled_decode_layer = torch.compile(rotary_decode_layer, dynamic=False)
+#: the fused prefill layer's two compiled stretches, shared the same way: the token count is
+#: dynamic, so one compile serves every pass length (and one more a one-token pass)
+_compiled_prefill_qkv = torch.compile(rotary_prefill_qkv, dynamic=True)
+_compiled_prefill_mlp = torch.compile(rotary_prefill_mlp, dynamic=True)
 #: flex_attention's decoding-kernel options for paged decode (default mode): two pipeline stages
 #: and four warps read the paged pool 1.34-1.35x faster than inductor's default (one stage, two
 #: warps) at 16 to 128 rows and 1.17-1.44x at 1 to 4 (``eval/results/tune_flex_decode_h200.json``)
@@ -500,8 +506,13 @@ class ModelRunner:
     ``invariant.prefill_attention``; so a session's tokens do not depend on what else shares its passes.
     ``kv_dtype``: how the KV pool stores keys and values, the model's dtype (None) or one of
     ``KV_FP8_DTYPES``. ``prefill_attention`` (one of ``PREFILL_ATTENTION``; default ``"varlen"``
-    where it applies: CUDA, a bf16 or fp16 model loaded with sdpa, not deterministic): how prefill chunks attend, see ``varlen_prefill_attention``; ``"masked"``
-    builds a dense mask over every key of the pass (``[sum T, sum (start + T)]``).
+    where it applies: CUDA, a bf16 or fp16 model loaded with sdpa, not deterministic): how prefill
+    chunks attend, see ``varlen_prefill_attention``; ``"masked"`` builds a dense mask over every
+    key of the pass (``[sum T, sum (start + T)]``). ``fused_prefill`` (default: on CUDA wherever it
+    applies): prefill passes of rotary families run ``Family.prefill_parts``, two compiled
+    stretches per layer around the cache and the attention, instead of the model's own layers
+    (whose few dozen small operators per layer made a short pass cost its launches); never with a
+    streamer that moves weights nor in deterministic mode.
     """
 
     def __init__(
@@ -519,6 +530,7 @@ class ModelRunner:
         deterministic: bool = False,
         kv_dtype: torch.dtype | None = None,
         prefill_attention: str | None = None,
+        fused_prefill: bool | None = None,
     ) -> None:
         self.family = family = family_of(loaded)
         model, config = loaded.model, loaded.config
@@ -586,6 +598,15 @@ class ModelRunner:
         self._decode_layer = (
             _compiled_decode_layer if self.device.type == "cuda" else family.decode_layer
         ) if self.fused_decode else None
+        fusable = family.prefill_parts is not None and not moves_weights and not deterministic
+        if fused_prefill and not fusable:
+            raise ModelError(
+                f"the fused prefill layer needs a rotary family ({family.name!r} given), weights that stay "
+                "on the device and the default (not deterministic) mode"
+            )
+        self.fused_prefill = fusable and self.device.type == "cuda" if fused_prefill is None else fused_prefill
+        cuda = self.device.type == "cuda"
+        self._prefill_stretches = dict(qkv=_compiled_prefill_qkv, mlp=_compiled_prefill_mlp) if cuda else {}
         self.graph_max_batch = graph_max_batch
         self._mode = invariant.BatchInvariantMode if deterministic else contextlib.nullcontext
         self._decode_key_tokens = invariant.key_tile(invariant.DECODE_KEY_TOKENS, block_tokens)
@@ -605,7 +626,7 @@ class ModelRunner:
             self._layers_bytes = _unique_nbytes(self.layers)
         else:
             streamer.prepare(self.layers, self.device, budget_bytes)
-        if self.fused_decode:
+        if self.fused_decode or self.fused_prefill:
             for layer in self.layers:
                 pack_projections(layer)
 
@@ -720,7 +741,7 @@ class ModelRunner:
         else:
             masks = {w: _attention_mask(start, tokens, w, self.device, self._additive_mask) for w in set(self._windows)}
         hidden, layer_kwargs = self._layer_inputs(ids, positions, cache, masks)
-        return ForwardCursor(self, kv, hidden, positions, layer_kwargs)
+        return ForwardCursor(self, kv, hidden, positions, layer_kwargs, fused=self.fused_prefill)
 
     def _prefill_rows(
         self, kvs: Sequence[SessionKV], starts: Sequence[int], lengths: Sequence[int], ends: Sequence[int]
@@ -811,17 +832,19 @@ class ModelRunner:
         cache = _PackedCache(self.pool, write, read, gather=not self.deterministic)
         with self._mode():
             hidden, layer_kwargs = self._layer_inputs(ids[None], positions, cache, masks)  # [1, sum T, hidden]
-            hidden = self._run_layers(hidden, layer_kwargs)
+            hidden = self._run_layers(hidden, layer_kwargs, fused=self.fused_prefill)
             logits = self.family.head(self.family.norm(hidden[:, last]))[0].float()  # [n, vocab]
         for kv, end in zip(kvs, ends):
             kv.length = end
         return logits
 
     def _run_layers(
-        self, hidden: torch.Tensor, layer_kwargs: list[dict[str, Any]], first: int = 0, stop: int | None = None
+        self, hidden: torch.Tensor, layer_kwargs: list[dict[str, Any]], first: int = 0, stop: int | None = None,
+        fused: bool = False,
     ) -> torch.Tensor:
         """Decoder layers ``[first, stop)`` (all by default) over ``hidden``, the streamer (if any)
-        moving weights around them: its pass begins at layer 0 and ends after the last layer."""
+        moving weights around them: its pass begins at layer 0 and ends after the last layer.
+        ``fused``: a prefill pass through the fused prefill layer (``_fused_parts``)."""
         stop = self.num_layers if stop is None else stop
         streamer = self.streamer
         if streamer is not None and first == 0 < stop:
@@ -830,7 +853,10 @@ class ModelRunner:
             for i in range(first, stop):
                 if streamer is not None:
                     streamer.before_layer(i)
-                hidden = self.layers[i](hidden, **layer_kwargs[i])
+                if fused:
+                    hidden = _rest_of(self._fused_parts(i, hidden, layer_kwargs[i]))
+                else:
+                    hidden = self.layers[i](hidden, **layer_kwargs[i])
                 if streamer is not None:
                     streamer.after_layer(i)
         if streamer is not None and first < stop == self.num_layers:
@@ -851,14 +877,24 @@ class ModelRunner:
                     "serve with [server] fused_decode = false or deterministic = true")
         return None
 
-    def layer_parts(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> LayerParts:
-        """Decoder layer ``index`` over ``hidden`` in its family's parts (``Family.layer_parts``),
-        with the streamer's calls of ``_run_layers`` around it; ``BreakpointError`` where
-        ``inside_layer_refusal`` says no."""
+    def layer_parts(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any], fused: bool = False) -> LayerParts:
+        """Decoder layer ``index`` over ``hidden`` in its family's parts (``Family.layer_parts``;
+        ``fused``: the fused prefill layer's, ``_fused_parts``), with the streamer's calls of
+        ``_run_layers`` around it; ``BreakpointError`` where ``inside_layer_refusal`` says no."""
         refusal = self.inside_layer_refusal(decode=False)
         if refusal is not None:
             raise BreakpointError(refusal)
+        if fused:
+            return self._parts_in_pass(index, self._fused_parts(index, hidden, kwargs))
         return self._parts_in_pass(index, self.family.layer_parts(self.layers[index], hidden, kwargs))
+
+    def _fused_parts(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> LayerParts:
+        """Decoder layer ``index`` of a prefill pass as the fused prefill layer
+        (``Family.prefill_parts``), from the keyword arguments its own layer would take."""
+        return self.family.prefill_parts(
+            self.layers[index], hidden, kwargs["position_embeddings"], kwargs[CACHE_KEYWORD],
+            kwargs["attention_mask"], runner_attention, **self._prefill_stretches,
+        )
 
     def _parts_in_pass(self, index: int, parts: LayerParts) -> LayerParts:
         streamer = self.streamer
@@ -953,12 +989,20 @@ class ModelRunner:
 
         The first pass of a new size loads GPU kernels (CUDA loads modules lazily, GEMM and
         attention pick kernels by shape); cold, that took over a second, stalling every session.
-        Sizes that do not fit the free pool blocks or the model's positions are skipped.
+        Sizes that do not fit the free pool blocks or the model's positions are skipped. With the
+        fused prefill layer a one-token pass runs too: its compiled stretches specialise on it.
         """
         bt = self.pool.block_tokens
         ragged = bt // 2 + 1  # a context that ends mid-block, as most do
         sizes = sorted({min(1 << k, max_tokens) for k in range(4, max(4, max_tokens.bit_length()) + 1)})
         passes = 0
+        if self.fused_prefill and self.pool.free_blocks:  # a one-token pass is a compile of its own
+            kv = self.new_kv()
+            try:
+                self.prefill([kv], [[0]])
+                passes += 1
+            finally:
+                kv.release()
         for tokens in sizes:
             half = max(1, tokens // 2)
             longest = ragged + 2 * tokens - half
@@ -1174,6 +1218,7 @@ class ForwardCursor:
         hidden: torch.Tensor,
         positions: torch.Tensor,
         layer_kwargs: list[dict[str, Any]],
+        fused: bool = False,
     ) -> None:
         self.runner = runner
         self.kv = kv
@@ -1186,6 +1231,7 @@ class ForwardCursor:
         self.site: str | None = None
         self._hidden = hidden  # [1, T, hidden]
         self._layer_kwargs = layer_kwargs
+        self._fused = fused  # a prefill pass through the fused prefill layer
         self._parts: LayerParts | None = None  # layer ``layer`` under way, paused at ``site``
         self._part: torch.Tensor | None = None  # the output at ``site``
 
@@ -1246,10 +1292,10 @@ class ForwardCursor:
                 self.site, self._part = next(self._parts)
 
     def _start_parts(self, index: int, hidden: torch.Tensor) -> LayerParts:
-        return self.runner.layer_parts(index, hidden, self._layer_kwargs[index])
+        return self.runner.layer_parts(index, hidden, self._layer_kwargs[index], fused=self._fused)
 
     def _layers(self, hidden: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-        return self.runner._run_layers(hidden, self._layer_kwargs, first, stop)
+        return self.runner._run_layers(hidden, self._layer_kwargs, first, stop, fused=self._fused)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.runner.last_logits(hidden)

@@ -149,6 +149,7 @@ class ModelService(KVBackend):
             decode_attention=None if config.server.decode_attention == "auto" else config.server.decode_attention,
             prefill_attention=None if config.server.prefill_attention == "auto" else config.server.prefill_attention,
             fused_decode=None if config.server.fused_decode or config.server.deterministic else False,
+            fused_prefill=None if config.server.fused_prefill or config.server.deterministic else False,
             deterministic=config.server.deterministic,
             kv_dtype=None if config.memory.kv_dtype == "auto" else KV_FP8_DTYPES[0],
         )

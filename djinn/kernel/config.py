@@ -81,6 +81,9 @@ class ServerSettings:
     prefill_attention: str = attrs.field(default="auto", validator=in_(("auto", "varlen", "masked")))
     #: paged decode steps of rotary families (llama, mistral, qwen2) run one fused, compiled layer (CUDA)
     fused_decode: bool = True
+    #: prefill passes of rotary families run a fused layer, two compiled stretches around the
+    #: attention (CUDA; pauses inside a layer still work)
+    fused_prefill: bool = True
     #: a session's greedy tokens do not depend on its batch, breakpoints, evictions or chunking (slower)
     deterministic: bool = False
 
