@@ -15,8 +15,9 @@ wait on the loop a few thousand times, a captured decode step a few. For each pa
   under the interpreter's switch interval ``interval`` (5 ms is Python's default);
 
 and, as the control, one batched decode step (a graph replay) of ``--decode-batch`` rows the same
-ways. Each of ``--fused-prefill`` (``on``, ``off``: the runner's fused prefill layer or the
-model's own layers) gets its own runner and entry in ``runs``. Random weights of the named shape
+ways. Each of ``--variants`` gets its own runner and entry in ``runs``: ``graphed`` (the default
+runner: short passes padded and replayed from captured graphs, through the fused prefill layer),
+``fused`` (the fused prefill layer, eager, unpadded) and ``plain`` (the model's own layers, eager). Random weights of the named shape
 stand in for a real checkpoint.
 """
 
@@ -120,7 +121,7 @@ def profile_runner(runner: ModelRunner, shapes: list[tuple[int, int, int]], deco
     runner.pool.grow((rows * 2 + 4) * (longest // runner.pool.block_tokens + 2))
     started = time.perf_counter()
     runner.warm_up(decode_batch, prefill_tokens=max(s * chunk for s, chunk, _ in shapes))
-    run: dict[str, Any] = {"fused_prefill": runner.fused_prefill, "prefill_attention": runner.prefill_attention,
+    run: dict[str, Any] = {"graphed_prefill": runner.graphed_prefill, "fused_prefill": runner.fused_prefill, "prefill_attention": runner.prefill_attention,
                            "fused_decode": runner.fused_decode, "warm_up_s": time.perf_counter() - started,
                            "prefill": []}
     for sessions, chunk, context in shapes:
@@ -139,7 +140,7 @@ def profile_runner(runner: ModelRunner, shapes: list[tuple[int, int, int]], deco
         point.update(sessions=sessions, chunk=chunk, context=context)
         run["prefill"].append(point)
         release(kvs)
-        click.echo(f"fused {runner.fused_prefill} prefill {sessions}x{chunk}@{context}: wall {point['wall_ms']:.2f} ms, "
+        click.echo(f"graphed {runner.graphed_prefill} fused {runner.fused_prefill} prefill {sessions}x{chunk}@{context}: wall {point['wall_ms']:.2f} ms, "
                    f"kernels {point['kernel_ms']:.2f} ms, {point['kernel_launches']} launches, "
                    f"{point['host_operators']} operators; contended {point['contended_ms']}")
     kvs, tokens = prefilled(runner, _prompts(decode_batch, 1024, runner.vocab_size, seed=7))
@@ -158,6 +159,10 @@ def profile_runner(runner: ModelRunner, shapes: list[tuple[int, int, int]], deco
                f"contended {point['contended_ms']}")
     run["captures"] = runner.captures
     return run
+
+
+#: what ``--variants`` may name
+VARIANTS = ("graphed", "fused", "plain")
 
 
 def _passes(spec: str) -> list[tuple[int, int, int]]:
@@ -179,10 +184,10 @@ def _passes(spec: str) -> list[tuple[int, int, int]]:
 @click.option("--duties", default="0.25,0.5", help="busy shares of the second thread")
 @click.option("--intervals-ms", default="5,0.5", help="interpreter switch intervals, ms")
 @click.option("--burst-ms", default=2.0, help="length of one busy slice of the second thread")
-@click.option("--fused-prefill", "fused_choices", default="on,off", help="comma-separated: on, off")
+@click.option("--variants", default="graphed,fused,plain", help="comma-separated: graphed, fused, plain")
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(model_name: str, passes: str, decode_batch: int, repeats: int, duties: str, intervals_ms: str,
-         burst_ms: float, fused_choices: str, out: Path) -> None:
+         burst_ms: float, variants: str, out: Path) -> None:
     """Profile short prefill passes and a decode step, alone and beside a busy thread."""
     if not torch.cuda.is_available():
         raise click.ClickException("profiling prefill passes needs a CUDA device")
@@ -196,14 +201,15 @@ def main(model_name: str, passes: str, decode_batch: int, repeats: int, duties: 
             "random weights of the named shape; bfloat16; one process, no server; the busy thread "
             "stands in for the server's event loop",
             dict(model=model_name, passes=passes, decode_batch=decode_batch, repeats=repeats, duties=duties,
-                 intervals_ms=intervals_ms, burst_ms=burst_ms, fused_prefill=fused_choices),
+                 intervals_ms=intervals_ms, burst_ms=burst_ms, variants=variants),
         ),
         "runs": [],
     }
-    for choice in fused_choices.split(","):
-        if choice not in ("on", "off"):
-            raise click.BadParameter(f"{choice!r}: give on or off", param_hint="--fused-prefill")
-        runner = ModelRunner(loaded, device="cuda", fused_prefill=choice == "on")
+    for variant in variants.split(","):
+        if variant not in VARIANTS:
+            raise click.BadParameter(f"{variant!r}: give one of {', '.join(VARIANTS)}", param_hint="--variants")
+        runner = ModelRunner(loaded, device="cuda", fused_prefill=variant != "plain")
+        runner.graphed_prefill = variant == "graphed"
         report["runs"].append(profile_runner(runner, shapes, decode_batch, repeats, duty_list, interval_list,
                                              burst_ms / 1e3))
         del runner

@@ -9,7 +9,11 @@ from djinn.client import connect
 from djinn.engine.batch import BatchEngine, EngineRequest, run_to_completion
 from djinn.kernel.errors import ModelError
 from djinn.engine.models import LoadedModel, load_model
-from djinn.engine.runner import BATCH_BUCKETS, DECODE_ATTENTION, ModelRunner, batch_bucket, greedy_generate, sample_generate, slot_bucket
+from djinn.engine.kvpool import SCRATCH_BLOCK
+from djinn.engine.runner import (
+    BATCH_BUCKETS, DECODE_ATTENTION, PREFILL_GRAPH_CHUNKS, ModelRunner, _PrefillInputs, batch_bucket, greedy_generate,
+    sample_generate, slot_bucket,
+)
 from tests.serving import serving_config, start_server, tiny_qwen2
 
 TINY = ["random:tiny-llama", "random:tiny-mistral", "random:tiny-gpt2"]
@@ -372,6 +376,31 @@ def test_a_pass_paused_inside_the_fused_prefill_layer_resumes_to_the_same_bits(m
     torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-4)
 
 
+def test_a_padded_prefill_pass_gives_each_chunk_its_own_queries_and_keys(models) -> None:
+    """The inputs of a pass padded to a captured shape: the chunks' tokens at their positions,
+    written to their sessions' slots; each chunk's keys its session's context and chunk; the
+    padding one chunk of its own over the scratch slot; the unused chunks empty."""
+    runner = ModelRunner(models["random:tiny-llama"])
+    first, second = runner.new_kv(), runner.new_kv()
+    runner.prefill([first], [list(range(70))])
+    chunks = [[5, 6, 7], [8] * 10]
+    starts, ends = [70, 0], [73, 10]
+    second.ensure_capacity(10)
+    first.ensure_capacity(73)
+    inputs = _PrefillInputs.empty(16, 1024, runner.pool.block_tokens, runner.device)
+    runner._fill_prefill(inputs, [first, second], chunks, starts, ends)
+    scratch = SCRATCH_BLOCK * runner.pool.block_tokens
+    assert inputs.ids.tolist() == [5, 6, 7] + [8] * 10 + [0] * 3
+    assert inputs.positions.tolist() == [70, 71, 72, *range(10), 0, 0, 0]
+    assert inputs.write.tolist() == first.slots(70, 73).tolist() + second.slots(0, 10).tolist() + [scratch] * 3
+    assert inputs.read.tolist() == first.slots(0, 73).tolist() + second.slots(0, 10).tolist() + [scratch] * (1024 - 83)
+    assert inputs.cu_q.tolist() == [0, 3, 13, 16] + [16] * (PREFILL_GRAPH_CHUNKS - 2)
+    assert inputs.cu_k.tolist() == [0, 73, 83, 1024] + [1024] * (PREFILL_GRAPH_CHUNKS - 2)
+    assert inputs.last.tolist() == [2, 12] + [0] * (PREFILL_GRAPH_CHUNKS - 2)
+    first.release()
+    second.release()
+
+
 def test_the_fused_prefill_layer_is_refused_where_it_does_not_apply(models) -> None:
     with pytest.raises(ModelError, match="fused prefill"):
         ModelRunner(models["random:tiny-gpt2"], fused_prefill=True)
@@ -462,3 +491,36 @@ def test_the_compiled_fused_prefill_layer_on_cuda_computes_what_the_models_layer
         fused.prefill([kv], [chunk])
     kv.release()
     assert compiled_graphs() == compiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captured prefill passes need a CUDA device")
+@pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral"])
+def test_captured_prefill_passes_on_cuda_equal_their_eager_passes(spec: str) -> None:
+    """Short passes replayed from the graphs captured at warm-up give the bits of the same padded
+    pass run eagerly (a cursor's), the logits of unpadded passes within bf16 rounding, and no
+    capture or compile happens after the warm-up."""
+    from djinn.engine.service import compiled_graphs
+
+    loaded = load_model(spec, dtype="bfloat16", device="cuda")
+    graphed = ModelRunner(loaded, device="cuda")
+    plain = ModelRunner(loaded, device="cuda", cuda_graphs=False)
+    assert graphed.graphed_prefill and not plain.graphed_prefill
+    graphed.pool.grow(64)
+    graphed.warm_up(max_batch=4, prefill_tokens=256)
+    captures, compiled = graphed.captures, compiled_graphs()
+    assert captures >= 8
+    first, second = _prompts(3, seed=11), _prompts(3, seed=12)
+    (got, got_kv), (want, want_kv) = (_prefill_results(runner, first, second) for runner in (graphed, plain))
+    assert float((got - want).norm() / want.norm()) < 0.03
+    assert float((got_kv - want_kv).norm() / want_kv.norm()) < 0.03
+    prompt = _prompts(1, seed=14)[0] * 4
+    kv = graphed.new_kv()
+    replayed = graphed.prefill([kv], [prompt])[0]
+    kv.length = 0
+    cursor = graphed.begin(kv, graphed.ids_tensor(prompt))
+    cursor.run_to(1, "attention")
+    assert torch.equal(cursor.finish(), replayed)
+    for chunk in ([5], [1, 2, 3], list(range(100)), [7]):
+        graphed.prefill([kv], [chunk])
+    kv.release()
+    assert (graphed.captures, compiled_graphs()) == (captures, compiled)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,6 +78,14 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 #: a step shape is captured the time it is used again: a one-off shape (a batch growing while
 #: sessions join) runs eagerly rather than paying for a capture it never replays
 CAPTURE_AFTER_USES = 2
+#: token counts a short prefill pass is padded to, each a captured graph: eager, such a pass cost
+#: its few thousand operator launches, not its kernels (``eval/results/profile_prefill_h200.json``).
+#: Steps of about 1.5x keep the padding's compute within half the pass; a longer pass runs eagerly
+PREFILL_GRAPH_TOKENS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+#: keys a captured prefill pass gathers (each chunk's session's context and chunk, summed), padded to
+PREFILL_GRAPH_KEYS = (1024, 2048, 4096, 8192, 16384)
+#: chunks one captured prefill pass holds at most; unused ones are empty
+PREFILL_GRAPH_CHUNKS = 32
 
 
 def _round_up(tokens: int, block: int) -> int:
@@ -140,6 +149,23 @@ class _PackedCache(_PoolCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Not meaningful for several sessions; the layers given here do not ask."""
         return 0
+
+
+class _PaddedPoolCache(_PoolCache):
+    """``past_key_values`` of a one-session pass padded to a captured prefill shape
+    (``_PrefillInputs``), as a ``PrefillCursor`` runs it: the session's slots are written into the
+    inputs' ``write`` and ``read`` on every layer (a paused pass's session may have moved), their
+    padding left pointing at the scratch slot."""
+
+    def __init__(self, kv: SessionKV, start: int, end: int, inputs: _PrefillInputs) -> None:
+        super().__init__(kv, start, end)
+        self.inputs = inputs
+
+    def _slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self.kv.slots(0, self.end)
+        self.inputs.write[: self.end - self.start].copy_(slots[self.start :])
+        self.inputs.read[: self.end].copy_(slots)
+        return self.inputs.write, self.inputs.read
 
 
 class _BatchCache:
@@ -442,6 +468,39 @@ class _StepInputs:
         )
 
 
+@attrs.define(eq=False)
+class _PrefillInputs:
+    """A prefill pass padded to a captured shape, at fixed addresses for its graph: ``tokens``
+    queries and ``keys`` gathered keys, in ``PREFILL_GRAPH_CHUNKS`` chunks plus one of padding
+    (its queries write the scratch slot and attend to scratch keys; unused chunks are empty)."""
+
+    ids: torch.Tensor  # [tokens] the chunks' tokens, one after another, then padding
+    positions: torch.Tensor  # [tokens] each token's position in its session
+    write: torch.Tensor  # [tokens] the slot each token is stored at
+    read: torch.Tensor  # [keys] the slots of each chunk's session's keys, one session after another
+    cu_q: torch.Tensor  # [chunks + 2] int32 where each chunk's queries begin (the padding's last)
+    cu_k: torch.Tensor  # [chunks + 2] int32 where each chunk's keys begin
+    last: torch.Tensor  # [chunks] each chunk's last token (unused chunks: 0)
+    tokens: int
+    keys: int
+    logits: torch.Tensor | None = None  # [chunks, vocab] float32, written by the pass
+    graph: Any = None
+
+    @classmethod
+    def empty(cls, tokens: int, keys: int, block_tokens: int, device: torch.device) -> _PrefillInputs:
+        """Inputs of a pass that is all padding."""
+        long = dict(dtype=torch.long, device=device)
+        scratch = SCRATCH_BLOCK * block_tokens
+        bounds = [0] + [tokens] * (PREFILL_GRAPH_CHUNKS + 1)
+        return cls(
+            ids=torch.zeros(tokens, **long), positions=torch.zeros(tokens, **long),
+            write=torch.full((tokens,), scratch, **long), read=torch.full((keys,), scratch, **long),
+            cu_q=torch.tensor(bounds, dtype=torch.int32, device=device),
+            cu_k=torch.tensor([0] + [keys] * (PREFILL_GRAPH_CHUNKS + 1), dtype=torch.int32, device=device),
+            last=torch.zeros(PREFILL_GRAPH_CHUNKS, **long), tokens=tokens, keys=keys,
+        )
+
+
 def _attention_mask(
     start: int, tokens: int, window: int | None, device: torch.device, additive: torch.dtype | None
 ) -> torch.Tensor | None:
@@ -587,6 +646,9 @@ class ModelRunner:
         )
         moves_weights = streamer is not None and streamer.streams_weights
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not moves_weights
+        #: short prefill passes are padded to a ``PREFILL_GRAPH_TOKENS`` x ``PREFILL_GRAPH_KEYS``
+        #: shape and replayed from captured graphs (varlen attention: the padding is a chunk of its own)
+        self.graphed_prefill = self.cuda_graphs and self.prefill_attention == "varlen"
         fusable = (family.decode_layer is not None and self.decode_attention == "paged" and not moves_weights
                    and not deterministic)
         if fused_decode and not fusable:
@@ -613,6 +675,9 @@ class ModelRunner:
         self._prefill_key_tokens = invariant.key_tile(invariant.PREFILL_KEY_TOKENS, block_tokens)
         self._graphs: dict[tuple[int, int], _StepInputs] = {}
         self._uses: dict[tuple[int, int], int] = {}
+        #: captured prefill passes by padded (tokens, keys); all are kept (a few dozen at most)
+        self._prefill_graphs: dict[tuple[int, int], _PrefillInputs] = {}
+        self._prefill_uses: dict[tuple[int, int], int] = {}
         self.captures = 0
         self._graph_generation = self.pool.generation
         self._graph_pool: Any = None
@@ -731,6 +796,12 @@ class ModelRunner:
         end = start + tokens
         self.check_positions(end)
         kv.ensure_capacity(end)
+        shape = self._prefill_shape(tokens, end, 1)
+        if shape is not None:
+            inputs = _PrefillInputs.empty(*shape, self.pool.block_tokens, self.device)
+            self._fill_prefill(inputs, [kv], [input_ids[0].tolist()], [start], [end])
+            hidden, layer_kwargs = self._prefill_layer_inputs(inputs, _PaddedPoolCache(kv, start, end, inputs))
+            return PrefillCursor(self, kv, inputs, tokens, hidden, layer_kwargs)
         ids = input_ids.to(self.device)
         positions = torch.arange(start, end, device=self.device).unsqueeze(0)  # [1, T]
         cache = _PoolCache(kv, start, end, gather=not self.deterministic)
@@ -793,13 +864,16 @@ class ModelRunner:
             raise ValueError("prefill needs one non-empty chunk per session")
         if len({id(kv) for kv in kvs}) != len(kvs):
             raise ValueError("a session may appear only once in a packed prefill")
-        if len(kvs) == 1:
-            return self.begin(kvs[0], self.ids_tensor(chunks[0])).finish()[None]
         starts = [kv.length for kv in kvs]
         ends = [start + len(chunk) for start, chunk in zip(starts, chunks)]
+        shape = self._prefill_shape(sum(map(len, chunks)), sum(ends), len(kvs))
+        if shape is None and len(kvs) == 1:
+            return self.begin(kvs[0], self.ids_tensor(chunks[0])).finish()[None]
         for kv, end in zip(kvs, ends):
             self.check_positions(end)
             kv.ensure_capacity(end)
+        if shape is not None:
+            return self._graphed_prefill(shape, kvs, chunks, starts, ends)
         device = self.device
         write = torch.cat([kv.slots(start, end) for kv, start, end in zip(kvs, starts, ends)])  # [sum T]
         read = torch.cat([kv.slots(0, end) for kv, end in zip(kvs, ends)])  # [sum (start + T)]
@@ -837,6 +911,95 @@ class ModelRunner:
         for kv, end in zip(kvs, ends):
             kv.length = end
         return logits
+
+    def _prefill_shape(self, tokens: int, keys: int, chunks: int) -> tuple[int, int] | None:
+        """The padded (tokens, keys) of a pass of ``chunks`` chunks, ``tokens`` in all, over
+        ``keys`` keys, if it is one a graph is captured for; None: it runs eagerly as it is. The
+        padding chunk needs a key of its own wherever it has queries."""
+        if not self.graphed_prefill or chunks > PREFILL_GRAPH_CHUNKS:
+            return None
+        padded = next((t for t in PREFILL_GRAPH_TOKENS if t >= tokens), None)
+        if padded is None:
+            return None
+        needed = keys + (padded > tokens)
+        gathered = next((k for k in PREFILL_GRAPH_KEYS if k >= max(needed, padded)), None)
+        return None if gathered is None else (padded, gathered)
+
+    def _fill_prefill(
+        self, inputs: _PrefillInputs, kvs: Sequence[SessionKV], chunks: Sequence[Sequence[int]],
+        starts: Sequence[int], ends: Sequence[int],
+    ) -> None:
+        """Write a pass's chunks into padded ``inputs``: one host-to-device copy for the tokens,
+        positions and bounds, and the slots gathered from each session's (device) slot table."""
+        n, bt = len(kvs), self.pool.block_tokens
+        lengths = [len(chunk) for chunk in chunks]
+        total, keys, unused = sum(lengths), sum(ends), PREFILL_GRAPH_CHUNKS - n
+        padding = [0] * (inputs.tokens - total)
+        cu_q = list(itertools.accumulate([0, *lengths, len(padding)] + [0] * unused))
+        cu_k = list(itertools.accumulate([0, *ends, inputs.keys - keys] + [0] * unused))
+        last = [bound - 1 for bound in cu_q[1 : n + 1]] + [0] * unused
+        positions = [p for start, end in zip(starts, ends) for p in range(start, end)]
+        host = torch.tensor([t for chunk in chunks for t in chunk] + padding + positions + padding + cu_q + cu_k + last,
+                            dtype=torch.long)
+        ids, positions_, cu_q_, cu_k_, last_ = host.to(self.device, non_blocking=True).split(
+            [inputs.tokens, inputs.tokens, len(cu_q), len(cu_k), len(last)])
+        inputs.ids.copy_(ids)
+        inputs.positions.copy_(positions_)
+        inputs.cu_q.copy_(cu_q_)
+        inputs.cu_k.copy_(cu_k_)
+        inputs.last.copy_(last_)
+        inputs.write[:total].copy_(torch.cat([kv.slots(s, e) for kv, s, e in zip(kvs, starts, ends)]))
+        inputs.write[total:].fill_(SCRATCH_BLOCK * bt)
+        inputs.read[:keys].copy_(torch.cat([kv.slots(0, e) for kv, e in zip(kvs, ends)]))
+        inputs.read[keys:].fill_(SCRATCH_BLOCK * bt)
+
+    def _prefill_layer_inputs(self, inputs: _PrefillInputs, cache: Any) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """A padded pass's embedded tokens ``[1, tokens, E]`` and its layers' keyword arguments."""
+        rows = {w: VarlenRows(inputs.cu_q, inputs.cu_k, inputs.tokens, inputs.keys, w) for w in set(self._windows)}
+        return self._layer_inputs(inputs.ids[None], inputs.positions[None], cache, rows)
+
+    def _prefill_head(self, hidden: torch.Tensor, inputs: _PrefillInputs) -> torch.Tensor:
+        """Final norm and head at each chunk's last token of a padded pass: float32 ``[chunks, vocab]``."""
+        return self.family.head(self.family.norm(hidden[:, inputs.last]))[0].float()
+
+    def _prefill_forward(self, inputs: _PrefillInputs) -> torch.Tensor:
+        """A padded prefill pass, eager (or being captured): float32 logits ``[chunks, vocab]``."""
+        hidden, layer_kwargs = self._prefill_layer_inputs(inputs, _PackedCache(self.pool, inputs.write, inputs.read))
+        return self._prefill_head(self._run_layers(hidden, layer_kwargs, fused=self.fused_prefill), inputs)
+
+    def _graphed_prefill(
+        self, shape: tuple[int, int], kvs: Sequence[SessionKV], chunks: Sequence[Sequence[int]],
+        starts: Sequence[int], ends: Sequence[int],
+    ) -> torch.Tensor:
+        """``prefill`` of a pass padded to ``shape``: replayed from its graph once captured, else
+        run eagerly over the same padded inputs (the same kernels, so the same bits)."""
+        inputs = self._prefill_graph(*shape)
+        if inputs is None:
+            inputs = _PrefillInputs.empty(*shape, self.pool.block_tokens, self.device)
+        self._fill_prefill(inputs, kvs, chunks, starts, ends)
+        if inputs.graph is not None:
+            inputs.graph.replay()
+            logits = inputs.logits[: len(kvs)].clone()  # the graph's buffer is overwritten by its next replay
+        else:
+            logits = self._prefill_forward(inputs)[: len(kvs)]
+        for kv, end in zip(kvs, ends):
+            kv.length = end
+        return logits
+
+    def _prefill_graph(self, tokens: int, keys: int, capture_now: bool = False) -> _PrefillInputs | None:
+        """The captured prefill pass of this padded shape; None: run this one eagerly. A shape is
+        captured the second time it is used, or at once with ``capture_now``."""
+        self._check_graph_generation()
+        key = (tokens, keys)
+        inputs = self._prefill_graphs.get(key)
+        if inputs is None:
+            self._prefill_uses[key] = uses = self._prefill_uses.get(key, 0) + 1
+            if uses < CAPTURE_AFTER_USES and not capture_now:
+                return None
+            inputs = self._prefill_graphs[key] = self._capture_graph(
+                _PrefillInputs.empty(tokens, keys, self.pool.block_tokens, self.device), self._prefill_forward)
+            self.captures += 1
+        return inputs
 
     def _run_layers(
         self, hidden: torch.Tensor, layer_kwargs: list[dict[str, Any]], first: int = 0, stop: int | None = None,
@@ -968,6 +1131,9 @@ class ModelRunner:
         if prefill_tokens:
             report(f"warm-up: prefill passes up to {prefill_tokens} tokens")
             self.warm_up_prefill(prefill_tokens)
+            if self.graphed_prefill:
+                report("warm-up: short prefill passes (capture)")
+                self.capture_prefill(prefill_tokens)
         if self.decode_attention != "paged":
             return
         span = self.pool.tensor.shape[2]
@@ -1023,6 +1189,18 @@ class ModelRunner:
                 second.release()
         return passes
 
+    @torch.inference_mode()
+    def capture_prefill(self, max_tokens: int) -> int:
+        """Capture the padded prefill pass of every shape a pass of at most ``max_tokens`` tokens
+        can take (``PREFILL_GRAPH_TOKENS`` x ``PREFILL_GRAPH_KEYS``, keys no more than the pool
+        holds); returns the shapes captured. Each runs once on all-padding inputs first."""
+        slots = self.pool.tensor.shape[2]
+        top = next((t for t in PREFILL_GRAPH_TOKENS if t >= max_tokens), PREFILL_GRAPH_TOKENS[-1])
+        shapes = [(t, k) for t in PREFILL_GRAPH_TOKENS if t <= top for k in PREFILL_GRAPH_KEYS if t <= k <= slots]
+        for tokens, keys in shapes:
+            self._prefill_graph(tokens, keys, capture_now=True)
+        return len(shapes)
+
     def _fill_inputs(self, inputs: _StepInputs, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> None:
         """Write the step's rows into ``inputs``: one host-to-device copy, then a few device ops.
 
@@ -1070,12 +1248,7 @@ class ModelRunner:
         A shape is captured the second time it is used, or at once with ``capture_now``."""
         if batch > self.graph_max_batch:
             return None
-        if self._graph_generation != self.pool.generation:
-            self._graphs.clear()  # the pool moved: graphs hold its old address
-            # with its last graph gone the private memory pool is freed; a stale handle must
-            # not be captured into again
-            self._graph_pool = None
-            self._graph_generation = self.pool.generation
+        self._check_graph_generation()
         key = (batch, span)
         inputs = self._graphs.pop(key, None)
         if inputs is None:
@@ -1084,23 +1257,35 @@ class ModelRunner:
                 return None
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
-            inputs = self._capture(batch, span)
+            inputs = self._capture_graph(_StepInputs.empty(batch, span, self.pool.block_tokens, self.device),
+                                         self._decode_forward)
             self.captures += 1
         self._graphs[key] = inputs  # most recently used last
         return inputs
 
-    def _capture(self, batch: int, span: int) -> _StepInputs:
-        inputs = _StepInputs.empty(batch, span, self.pool.block_tokens, self.device)
+    def _check_graph_generation(self) -> None:
+        """Drop every captured graph if the pool has moved since they were captured."""
+        if self._graph_generation != self.pool.generation:
+            self._graphs.clear()  # the pool moved: graphs hold its old address
+            self._prefill_graphs.clear()
+            # with its last graph gone the private memory pool is freed; a stale handle must
+            # not be captured into again
+            self._graph_pool = None
+            self._graph_generation = self.pool.generation
+
+    def _capture_graph(self, inputs: Any, forward: Callable[[Any], torch.Tensor]) -> Any:
+        """Capture ``forward(inputs)`` (a decode step or a padded prefill pass) into a graph in the
+        runner's graph memory pool: ``inputs.graph`` replays it into ``inputs.logits``."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._decode_forward(inputs)  # warm-up: lazy initialisation must not be captured
+            forward(inputs)  # warm-up: lazy initialisation must not be captured
         torch.cuda.current_stream().wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            inputs.logits = self._decode_forward(inputs)
+            inputs.logits = forward(inputs)
         inputs.graph = graph
         return inputs
 
@@ -1232,6 +1417,7 @@ class ForwardCursor:
         self._hidden = hidden  # [1, T, hidden]
         self._layer_kwargs = layer_kwargs
         self._fused = fused  # a prefill pass through the fused prefill layer
+        self._tokens: int | None = None  # of a padded pass, the tokens that are the chunk's
         self._parts: LayerParts | None = None  # layer ``layer`` under way, paused at ``site``
         self._part: torch.Tensor | None = None  # the output at ``site``
 
@@ -1239,7 +1425,8 @@ class ForwardCursor:
     def hidden(self) -> torch.Tensor:
         """The residual stream ``[1, T, hidden]`` after layer ``layer - 1``, or inside layer
         ``layer`` the output at ``site``."""
-        return self._hidden if self.site is None else self._part
+        current = self._hidden if self.site is None else self._part
+        return current if self._tokens is None else current[:, : self._tokens]
 
     @hidden.setter
     def hidden(self, value: torch.Tensor) -> None:
@@ -1249,11 +1436,11 @@ class ForwardCursor:
                 f"an edited activation must keep the shape {list(current.shape)}, not {list(value.shape)}"
             )
         value = value.to(device=current.device, dtype=current.dtype)
-        if self.site is None:
+        if self.site is None and self._tokens is None:
             self._hidden = value
-        else:  # the layer's parts hold this tensor: it is written in place
+        else:  # the layer's parts (or the padded pass) hold this tensor: it is written in place
             with torch.inference_mode():
-                self._part.copy_(value)
+                current.copy_(value)
 
     @torch.inference_mode()
     def run(self, until: int | None = None) -> None:
@@ -1317,6 +1504,23 @@ class ForwardCursor:
         self.kv.length = self.start + self.positions.shape[1]
         self.finished = True
         return logits
+
+
+class PrefillCursor(ForwardCursor):
+    """A one-session prefill pass in progress over a padded pass shape (``ModelRunner.begin`` of
+    a chunk that ``prefill`` would replay from a captured graph): the API of ``ForwardCursor``,
+    ``hidden`` ``[1, T, hidden]`` being the chunk's rows of the padded pass's, which runs the
+    captured pass's computation eagerly (the same kernels on the same shapes, so an unedited
+    cursor's logits equal ``prefill([kv], [chunk])``'s)."""
+
+    def __init__(self, runner: ModelRunner, kv: SessionKV, inputs: _PrefillInputs, tokens: int,
+                 hidden: torch.Tensor, layer_kwargs: list[dict[str, Any]]) -> None:
+        super().__init__(runner, kv, hidden, inputs.positions[None, :tokens], layer_kwargs, fused=runner.fused_prefill)
+        self._inputs = inputs
+        self._tokens = tokens
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.runner._prefill_head(hidden, self._inputs)[0]  # [vocab]
 
 
 class DecodeCursor(ForwardCursor):
