@@ -58,6 +58,7 @@ def test_exp1_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert summary["agents"] == 4 and summary["failures"] == 0
         assert summary["iterations"] == 4 * 2 == len(point["samples"])
         assert summary["engine_steps"] > 0 and 0 < summary["engine_mean_batch"] <= 4
+        assert summary["engine_graph_captures"] == summary["engine_compiles"] == 0  # nothing while serving
         assert 0 < summary["p50_latency_s"] <= summary["p99_latency_s"]
         assert 0 < summary["p99_wake_s"] <= summary["p99_latency_s"]
         assert all(s["ok"] and s["wake_s"] <= s["latency_s"] for s in point["samples"])

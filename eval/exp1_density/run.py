@@ -272,7 +272,9 @@ class PointResult:
             **{k: self.counters.get(k, 0) for k in (
                 "evictions", "restores", "restores_on_critical_path", "evict_failures", "write_backs", "write_back_skips",
                 "admission_waits", "admission_refusals", "drops", "recomputes",
-                "engine_steps", "engine_mean_batch", "engine_prefill_tokens")},
+                "engine_steps", "engine_mean_batch", "engine_prefill_tokens",
+                # graphs captured and compiled during the point: each made every session wait
+                "engine_graph_captures", "engine_compiles")},
             # the share of the run the engine spent in prefill chunks and in decode steps
             "engine_prefill_share": self.counters.get("engine_prefill_seconds", 0) / self.duration_s,
             "engine_decode_share": self.counters.get("engine_decode_seconds", 0) / self.duration_s,
@@ -564,6 +566,8 @@ class Trace:
 def _counters(vmu: dict[str, Any]) -> dict[str, float]:
     engine = vmu["engine"]
     return {**vmu["counters"], "engine_steps": engine["steps"], "engine_rows": engine["decode_rows"],
+            "engine_graph_captures": engine["graph_captures_after_start"],
+            "engine_compiles": engine["compiles_after_start"],
             **{f"engine_{k}": engine[k] for k in ("prefill_tokens", "prefill_seconds", "decode_seconds")}}
 
 
