@@ -112,6 +112,7 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     slowest = max(s["latency_s"] for s in point["samples"])
     assert sum(parts.values()) == pytest.approx(slowest)
     assert explained["trace"]["prefill_tokens_per_s"] > 0 and explained["moves"]["write_backs"] == counters["write_backs"]
+    assert explained["engine_first_uses"] == {"engine_graph_captures": 0, "engine_compiles": 0}
 
 
 def test_the_engine_table_reaches_the_server(tmp_path: Path) -> None:

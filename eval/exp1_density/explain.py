@@ -108,6 +108,8 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
             "evictions", "restores", "restores_on_critical_path", "write_backs", "write_back_skips", "reclaims",
             "demotions", "promotions", "evict_failures", "admission_waits", "drops", "recomputes")},
         "memory": _memory_milestones(point["memory"], capacities),
+        # graphs captured and compiled while the point ran (absent from reports made before they were counted)
+        "engine_first_uses": {k: summary[k] for k in ("engine_graph_captures", "engine_compiles") if k in summary},
     }
     if "trace" in point:
         out["trace"] = _trace_figures(point["trace"])
@@ -133,6 +135,8 @@ def _print(points: list[dict[str, Any]]) -> None:
                     f"{k.removesuffix('_s')} {part[k]['p50']:.3f}/{part[k]['p99']:.3f}" for k in ("latency_s", "wake_s", *PARTS)))
         print("  slowest 1 %: " + "  ".join(f"{k.removesuffix('_s')} {v:.3f} s" for k, v in p["slowest_1pct_mean_s"].items()))
         print("  moves: " + ", ".join(f"{k} {v:g}" for k, v in p["moves"].items() if v))
+        if p["engine_first_uses"]:
+            print("  while serving: " + ", ".join(f"{k.removeprefix('engine_')} {v:g}" for k, v in p["engine_first_uses"].items()))
         if p["memory"]:
             print("  tiers: " + ", ".join(f"{k} {v:.1f} s" for k, v in p["memory"].items()))
         trace = p.get("trace")
