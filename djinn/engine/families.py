@@ -171,7 +171,7 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` ``[B, H, 1, D]`` with ``cos``/``sin`` ``[B, 1, 1, D]``."""
+    """Rotary embedding of ``x`` ``[B, H, T, D]`` with ``cos``/``sin`` ``[B, 1, T, D]``."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
