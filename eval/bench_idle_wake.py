@@ -8,7 +8,8 @@ processes over loopback TCP: an asyncio echo server (``asyncio.start_server``; t
 blocking socket with ``TCP_NODELAY``): the floor of an event loop that wakes for a frame; and a
 Djinn server (``--model``, default plugins) answering PING, to the synchronous client (its
 requests run on the client's own event loop thread: two more threads to wake per round trip)
-and then to the asyncio client on the calling thread's loop. What grows with the gap for the
+and then to the asyncio client on the calling thread's loop; and the echo server again, from an
+asyncio client (``asyncio_echo_async``): asyncio on both ends. What grows with the gap for the
 echo too is the machine's wake-up (threads and cores asleep), not the server's work. Writes
 every sample and the medians per gap.
 """
@@ -101,6 +102,22 @@ async def _async_pings(url: str, gaps: list[float], rounds: int) -> dict[str, li
     return out
 
 
+async def _async_echoes(port: int, gaps: list[float], rounds: int) -> dict[str, list[float]]:
+    """Echo round trips from an asyncio client after each gap, on this thread's event loop."""
+    out: dict[str, list[float]] = {}
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(rounds):
+        for gap in gaps:
+            await asyncio.sleep(gap)
+            started = time.perf_counter()
+            writer.write(FRAME)
+            await writer.drain()
+            await reader.readexactly(len(FRAME))
+            out.setdefault(f"{gap * 1e3:g}ms", []).append(time.perf_counter() - started)
+    writer.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure both servers at every gap, in alternating rounds; write one JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                     samples["djinn_ping"].setdefault(key, []).append(ping_round_trip(client))
         sock.close()
         samples["djinn_ping_async"] = asyncio.run(_async_pings(url, gaps, args.rounds))
+        samples["asyncio_echo_async"] = asyncio.run(_async_echoes(port, gaps, args.rounds))
     finally:
         echo_process.kill()
         djinn_process.kill()
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     for name, by_gap in medians.items():
-        print(f"{name:<13}" + "  ".join(f"{gap} {ms:.3f} ms" for gap, ms in by_gap.items()))
+        print(f"{name:<19}" + "  ".join(f"{gap} {ms:.3f} ms" for gap, ms in by_gap.items()))
 
 
 if __name__ == "__main__":
