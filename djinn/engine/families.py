@@ -163,6 +163,23 @@ def _packed(owner: torch.nn.Module, name: str, x: torch.Tensor, sizes: list[int]
     return list(out.split(sizes, dim=-1))
 
 
+def _qkv(attn: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """A rotary layer's q, k and v projections of ``x``: one GEMM once ``pack_projections`` ran."""
+    if hasattr(attn, "djinn_qkv_weight"):
+        sizes = [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]]
+        return _packed(attn, "djinn_qkv", x, sizes)
+    return [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+
+
+def _gated_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A rotary layer's gated MLP of ``x``: gate and up in one GEMM once ``pack_projections`` ran."""
+    if hasattr(mlp, "djinn_gate_up_weight"):
+        gate, up = _packed(mlp, "djinn_gate_up", x, [mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]])
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
 def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The families' RMSNorm: in float32, scaled by the weight in the input's dtype."""
     h = x.float()
@@ -198,12 +215,7 @@ def rotary_decode_layer(
     """
     attn, mlp = layer.self_attn, layer.mlp
     batch, dim = hidden.shape[0], keys.shape[-1]
-    x = _rms_norm(layer.input_layernorm, hidden)  # [B, 1, E]
-    if hasattr(attn, "djinn_qkv_weight"):  # pack_projections ran
-        sizes = [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]]
-        q, k, v = _packed(attn, "djinn_qkv", x, sizes)
-    else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = _qkv(attn, _rms_norm(layer.input_layernorm, hidden))  # [B, 1, H * D], [B, 1, H_kv * D] x 2
     q = q.view(batch, 1, -1, dim).transpose(1, 2)  # [B, H, 1, D]
     k = k.view(batch, 1, -1, dim).transpose(1, 2)  # [B, H_kv, 1, D]
     v = v.view(batch, 1, -1, dim)  # [B, 1, H_kv, D]
@@ -216,12 +228,7 @@ def rotary_decode_layer(
         scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=kernel_options,
     )  # [B, H, 1, D]
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-    x = _rms_norm(layer.post_attention_layernorm, hidden)
-    if hasattr(mlp, "djinn_gate_up_weight"):
-        gate, up = _packed(mlp, "djinn_gate_up", x, [mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]])
-    else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)  # [B, 1, E]
+    return hidden + _gated_mlp(mlp, _rms_norm(layer.post_attention_layernorm, hidden))  # [B, 1, E]
 
 
 def rotary_prefill_qkv(
@@ -232,12 +239,7 @@ def rotary_prefill_qkv(
     Returns ``q`` ``[B, H, T, D]``, ``k`` and ``v`` ``[B, H_kv, T, D]``."""
     attn = layer.self_attn
     batch, tokens, dim = hidden.shape[0], hidden.shape[1], attn.head_dim
-    x = _rms_norm(layer.input_layernorm, hidden)  # [B, T, E]
-    if hasattr(attn, "djinn_qkv_weight"):  # pack_projections ran
-        sizes = [attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0]]
-        q, k, v = _packed(attn, "djinn_qkv", x, sizes)
-    else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = _qkv(attn, _rms_norm(layer.input_layernorm, hidden))  # [B, T, H * D], [B, T, H_kv * D] x 2
     q, k, v = (t.view(batch, tokens, -1, dim).transpose(1, 2) for t in (q, k, v))
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
@@ -249,14 +251,8 @@ def rotary_prefill_mlp(
     """The rest of a Llama-layout decoder layer after its attention block's output ``attention``
     ``[B, T, E]``: the residual add, RMSNorm and the gated MLP. Returns the residual stream
     ``[B, T, E]`` and the MLP's output, which the caller adds to it."""
-    mlp = layer.mlp
     hidden = hidden + attention
-    x = _rms_norm(layer.post_attention_layernorm, hidden)
-    if hasattr(mlp, "djinn_gate_up_weight"):
-        gate, up = _packed(mlp, "djinn_gate_up", x, [mlp.gate_proj.weight.shape[0], mlp.up_proj.weight.shape[0]])
-    else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return hidden, mlp.down_proj(mlp.act_fn(gate) * up)
+    return hidden, _gated_mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden))
 
 
 def rotary_prefill_parts(

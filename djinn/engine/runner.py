@@ -1163,11 +1163,13 @@ class ModelRunner:
         sizes = sorted({min(1 << k, max_tokens) for k in range(4, max(4, max_tokens.bit_length()) + 1)})
         passes = 0
         if self.fused_prefill and self.pool.free_blocks:  # a one-token pass is a compile of its own
-            kv = self.new_kv()
+            # unpadded, as a one-token chunk past the captured shapes' keys runs
+            kv, graphed, self.graphed_prefill = self.new_kv(), self.graphed_prefill, False
             try:
                 self.prefill([kv], [[0]])
                 passes += 1
             finally:
+                self.graphed_prefill = graphed
                 kv.release()
         for tokens in sizes:
             half = max(1, tokens // 2)
