@@ -11,7 +11,7 @@ from djinn.kernel.errors import ModelError
 from djinn.engine.models import LoadedModel, load_model
 from djinn.engine.kvpool import SCRATCH_BLOCK
 from djinn.engine.runner import (
-    BATCH_BUCKETS, DECODE_ATTENTION, PREFILL_GRAPH_CHUNKS, ModelRunner, _PrefillInputs, batch_bucket, greedy_generate,
+    BATCH_BUCKETS, DECODE_ATTENTION, PREFILL_GRAPH_CHUNKS, ModelRunner, _PrefillInputs, _StepInputs, batch_bucket, greedy_generate,
     sample_generate, slot_bucket,
 )
 from tests.serving import serving_config, start_server, tiny_qwen2
@@ -399,6 +399,42 @@ def test_a_padded_prefill_pass_gives_each_chunk_its_own_queries_and_keys(models)
     assert inputs.last.tolist() == [2, 12] + [0] * (PREFILL_GRAPH_CHUNKS - 2)
     first.release()
     second.release()
+
+
+def test_a_decode_steps_inputs_are_expanded_on_the_device_from_one_packed_copy(models) -> None:
+    """A step's host writes one packed tensor; on the device each row gets its token, position,
+    write slot and block table, each owned block its row and rank, padding rows the scratch
+    block, and entries a larger earlier step left past the rows' blocks are ignored."""
+    runner = ModelRunner(models["random:tiny-llama"])
+    bt = runner.pool.block_tokens
+    long_, short, other = runner.new_kv(), runner.new_kv(), runner.new_kv()
+    for kv, capacity, length in [(long_, 4 * bt, 2 * bt + 5), (short, bt, 3), (other, 3 * bt, 2 * bt)]:
+        kv.ensure_capacity(capacity)
+        kv.length = length
+    inputs = runner._step_inputs(4, runner.pool.num_blocks * bt)
+    inputs.pack([other, long_, short], [11, 12, 13])  # an earlier step: more blocks
+    inputs.pack([long_, short], [7, 8])
+    inputs.expand()
+    scratch = SCRATCH_BLOCK * bt
+    width = inputs.blocks.shape[1]
+    assert inputs.ids.tolist() == [7, 8, 0, 0]
+    assert inputs.positions.tolist() == [2 * bt + 5, 3, 0, 0]
+    assert inputs.write.tolist() == [long_.blocks[2] * bt + 5, short.blocks[0] * bt + 3, scratch, scratch]
+    assert inputs.pad.tolist() == [False, False, True, True]
+    assert inputs.block_count.tolist() == [3, 1, 1, 1]
+    assert inputs.blocks.tolist() == [
+        long_.blocks[:3] + [SCRATCH_BLOCK] * (width - 3), short.blocks[:1] + [SCRATCH_BLOCK] * (width - 1),
+        [SCRATCH_BLOCK] * width, [SCRATCH_BLOCK] * width,
+    ]
+    owner = [-1] * width
+    rank = [0] * width
+    for row, kv in enumerate([long_, short]):
+        for i, block in enumerate(kv.blocks[: kv.length // bt + 1]):
+            owner[block], rank[block] = row, i
+    assert inputs.block_owner.tolist() == owner
+    assert [r for r, o in zip(inputs.block_rank.tolist(), owner) if o >= 0] == [r for r, o in zip(rank, owner) if o >= 0]
+    for kv in (long_, short, other):
+        kv.release()
 
 
 def test_the_fused_prefill_layer_is_refused_where_it_does_not_apply(models) -> None:

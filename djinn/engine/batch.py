@@ -274,7 +274,10 @@ class BatchEngine:
             return 0
         self.batch_rows += len(batch)
         greedy = [i for i, r in enumerate(batch) if r.picker is None]
-        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
+        if len(greedy) == len(batch):  # the usual step: no index tensor to build and copy
+            picked = dict(enumerate(logits.argmax(-1).tolist()))
+        else:
+            picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         for i, request in enumerate(batch):
             if i in picked:
                 taken = self._take(request, picked[i], logits[i], ended)

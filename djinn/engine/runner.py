@@ -438,34 +438,102 @@ def slot_bucket(slots: int) -> int:
 
 @attrs.define(eq=False)
 class _StepInputs:
-    """A decode step's inputs and output at fixed addresses (what a captured graph reads and writes)."""
+    """A decode step's inputs and output at fixed addresses (what a captured graph reads and writes).
 
+    The host writes one tensor, ``packed``; ``expand()``, the first thing a step runs (inside its
+    graph), derives every other field from it on the device, so between two replays the host
+    issues one copy and no other operator.
+    """
+
+    packed: torch.Tensor  # [4B + C] per row: token, position, slot written, blocks read; then the rows' blocks
     ids: torch.Tensor  # [B] next token of each row
     positions: torch.Tensor  # [B] its position in the row's session
     write: torch.Tensor  # [B] the slot it is stored at
     block_owner: torch.Tensor  # [S / block] which row owns each block (-1: none)
     block_rank: torch.Tensor  # [S / block] each owned block's index in its session's block table
     pad: torch.Tensor  # [B] padding rows (they attend to the scratch slot only)
-    blocks: torch.Tensor  # [B, S / block] int32 each row's block table (padding: the scratch block)
+    table: torch.Tensor  # [B * S / block + 1] int32 the rows' block tables, then one slot for padding writes
     block_count: torch.Tensor  # [B] int32 blocks each row reads
     block_tokens: int
     logits: torch.Tensor | None = None  # [B, vocab] float32, written by the step
     graph: Any = None
 
     @classmethod
-    def empty(cls, batch: int, slots: int, block_tokens: int, device: torch.device) -> _StepInputs:
-        """Inputs for ``batch`` rows over ``slots`` slots, all rows padding."""
+    def empty(cls, batch: int, slots: int, block_tokens: int, device: torch.device,
+              pool_blocks: int) -> _StepInputs:
+        """Inputs for ``batch`` rows over ``slots`` slots, all rows padding. A step's rows own
+        distinct blocks of a pool of ``pool_blocks``, at most ``slots / block_tokens`` each."""
         long = dict(dtype=torch.long, device=device)
-        return cls(
-            ids=torch.zeros(batch, **long), positions=torch.zeros(batch, **long),
+        width = slots // block_tokens
+        capacity = min(batch * width, pool_blocks)
+        packed = torch.zeros(4 * batch + capacity, **long)
+        packed[2 * batch : 3 * batch] = SCRATCH_BLOCK * block_tokens
+        inputs = cls(
+            packed=packed, ids=torch.zeros(batch, **long), positions=torch.zeros(batch, **long),
             write=torch.full((batch,), SCRATCH_BLOCK * block_tokens, **long),
-            block_owner=torch.full((slots // block_tokens,), -1, **long),
-            block_rank=torch.zeros(slots // block_tokens, **long),
+            block_owner=torch.full((width,), -1, **long), block_rank=torch.zeros(width, **long),
             pad=torch.ones(batch, dtype=torch.bool, device=device),
-            blocks=torch.full((batch, slots // block_tokens), SCRATCH_BLOCK, dtype=torch.int32, device=device),
+            table=torch.full((batch * width + 1,), SCRATCH_BLOCK, dtype=torch.int32, device=device),
             block_count=torch.ones(batch, dtype=torch.int32, device=device),
             block_tokens=block_tokens,
         )
+        return inputs
+
+    @property
+    def blocks(self) -> torch.Tensor:
+        """``[B, S / block]`` int32 each row's block table (padding: the scratch block)."""
+        batch = self.ids.shape[0]
+        return self.table[:-1].view(batch, -1)
+
+    def pack(self, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> None:
+        """Write the step's rows into ``packed`` (rows past ``len(kvs)`` are padding): one
+        host-to-device copy. Per row the host touches only the session's block list."""
+        batch, bt = self.ids.shape[0], self.block_tokens
+        spare = batch - len(kvs)
+        lengths, writes, counts, flat = [], [], [], []
+        for kv in kvs:
+            n = kv.length
+            used = n // bt + 1  # blocks holding tokens [0, n]
+            lengths.append(n)
+            writes.append(kv.blocks[n // bt] * bt + n % bt)
+            counts.append(used)
+            flat.extend(kv.blocks[:used])
+        if len(flat) > self.packed.numel() - 4 * batch:
+            raise ValueError(f"a decode step's rows read {len(flat)} blocks, more than its inputs hold")
+        host = torch.tensor(
+            [*tokens, *[0] * spare, *lengths, *[0] * spare, *writes, *[SCRATCH_BLOCK * bt] * spare,
+             *counts, *[0] * spare, *flat], dtype=torch.long,
+        )
+        self.packed[: host.numel()].copy_(host, non_blocking=True)
+
+    def expand(self, maps: bool = True) -> None:
+        """Derive every field from ``packed``, on the device and with fixed shapes (no host sync),
+        so a captured step does it as part of its graph; the per-block maps ``block_owner`` and
+        ``block_rank`` only with ``maps``. Blocks past the rows' own are stale values left from
+        earlier steps and are ignored."""
+        batch = self.ids.shape[0]
+        width = self.block_owner.shape[0]
+        ids, positions, write, count = self.packed[: 4 * batch].view(4, batch)
+        flat = self.packed[4 * batch :]
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.write.copy_(write)
+        torch.eq(count, 0, out=self.pad)
+        self.block_count.copy_(count.clamp(min=1))
+        ends = torch.cumsum(count, 0)  # [B] where each row's blocks end in ``flat``
+        index = torch.arange(flat.shape[0], device=flat.device)
+        row = torch.searchsorted(ends, index, right=True)  # [C] each entry's row; B past the last
+        valid = row < batch
+        row = row.clamp(max=batch - 1)
+        rank = index - (ends - count)[row]  # each block's index in its row's table
+        block = torch.where(valid, flat, SCRATCH_BLOCK)  # ignored entries write the scratch block's
+        if maps:
+            self.block_owner.fill_(-1)
+            self.block_owner.index_copy_(0, block, torch.where(valid, row, -1))
+            self.block_rank.index_copy_(0, block, torch.where(valid, rank, 0))
+        self.table.fill_(SCRATCH_BLOCK)
+        dump = self.table.shape[0] - 1  # ignored entries land in the extra slot
+        self.table.index_copy_(0, torch.where(valid, row * width + rank, dump), block.to(torch.int32))
 
 
 @attrs.define(eq=False)
@@ -1096,8 +1164,8 @@ class ModelRunner:
         span = self._decode_span(max(kv.length for kv in kvs) + 1)
         inputs = self._graph_inputs(batch_bucket(rows), span) if self.cuda_graphs else None
         if inputs is None:
-            inputs = _StepInputs.empty(rows, span, self.pool.block_tokens, self.device)
-        self._fill_inputs(inputs, kvs, tokens)
+            inputs = self._step_inputs(rows, span)
+        inputs.pack(kvs, tokens)
         if inputs.graph is not None:
             inputs.graph.replay()
             logits = inputs.logits
@@ -1144,7 +1212,7 @@ class ModelRunner:
             if self.cuda_graphs and batch <= self.graph_max_batch:
                 self._graph_inputs(batch, span, capture_now=True)  # runs the step once (compiling it), then captures it
             else:
-                self._decode_forward(_StepInputs.empty(batch, span, self.pool.block_tokens, self.device))
+                self._decode_forward(self._step_inputs(batch, span))
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -1203,47 +1271,9 @@ class ModelRunner:
             self._prefill_graph(tokens, keys, capture_now=True)
         return len(shapes)
 
-    def _fill_inputs(self, inputs: _StepInputs, kvs: Sequence[SessionKV], tokens: Sequence[int]) -> None:
-        """Write the step's rows into ``inputs``: one host-to-device copy, then a few device ops.
-
-        Per row the host touches only the session's block list (no per-slot work), so a step's
-        preparation stays small beside the step however long the contexts are.
-        """
-        rows, bt, device = len(kvs), self.pool.block_tokens, self.device
-        lengths, writes, counts, flat = [], [], [], []
-        for kv in kvs:
-            n = kv.length
-            used = n // bt + 1  # blocks holding tokens [0, n]
-            lengths.append(n)
-            writes.append(kv.blocks[n // bt] * bt + n % bt)
-            counts.append(used)
-            flat.extend(kv.blocks[:used])
-        total = len(flat)
-        host = torch.tensor([*tokens, *lengths, *writes, *counts, *flat], dtype=torch.long)
-        ids, positions, write, count, blocks = host.to(device, non_blocking=True).split([rows] * 4 + [total])
-        padded = slice(rows, None)
-        inputs.ids[:rows].copy_(ids)
-        inputs.ids[padded].zero_()
-        inputs.positions[:rows].copy_(positions)
-        inputs.positions[padded].zero_()
-        inputs.write[:rows].copy_(write)
-        inputs.write[padded].fill_(SCRATCH_BLOCK * bt)
-        inputs.pad[:rows].fill_(False)
-        inputs.pad[padded].fill_(True)
-        row_of_block = torch.repeat_interleave(torch.arange(rows, device=device), count, output_size=total)
-        first = torch.cumsum(count, 0) - count
-        rank = torch.arange(total, device=device) - torch.repeat_interleave(first, count, output_size=total)
-        if self.decode_attention != "invariant":  # it reads the block tables only
-            inputs.block_owner.fill_(-1)
-            inputs.block_owner.index_copy_(0, blocks, row_of_block)
-            inputs.block_rank.index_copy_(0, blocks, rank)
-        if self.decode_attention == "masked":
-            return  # the masked step reads the per-block maps only
-        inputs.block_count[:rows].copy_(count)
-        inputs.block_count[padded].fill_(1)
-        inputs.blocks.fill_(SCRATCH_BLOCK)
-        width = inputs.blocks.shape[1]
-        inputs.blocks.view(-1).index_copy_(0, row_of_block * width + rank, blocks.to(torch.int32))
+    def _step_inputs(self, batch: int, span: int) -> _StepInputs:
+        """Fresh all-padding inputs of a decode step of ``batch`` rows over ``span`` slots."""
+        return _StepInputs.empty(batch, span, self.pool.block_tokens, self.device, self.pool.num_blocks)
 
     def _graph_inputs(self, batch: int, span: int, capture_now: bool = False) -> _StepInputs | None:
         """The captured step for this padded batch size and slot span; None: run this one eagerly.
@@ -1259,8 +1289,7 @@ class ModelRunner:
                 return None
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
-            inputs = self._capture_graph(_StepInputs.empty(batch, span, self.pool.block_tokens, self.device),
-                                         self._decode_forward)
+            inputs = self._capture_graph(self._step_inputs(batch, span), self._decode_forward)
             self.captures += 1
         self._graphs[key] = inputs  # most recently used last
         return inputs
@@ -1298,7 +1327,9 @@ class ModelRunner:
             return self._decode_head(self._decode_layers(step, step.hidden))
 
     def _decode_pass(self, inputs: _StepInputs) -> _DecodePass:
-        """A decode step's masks (one per window) and embedded tokens, from its ``inputs``."""
+        """A decode step's masks (one per window) and embedded tokens, from its ``inputs``
+        (expanded here from what the host packed)."""
+        inputs.expand(maps=self.decode_attention != "invariant")  # it reads the block tables only
         batch, span = inputs.ids.shape[0], inputs.blocks.shape[1] * self.pool.block_tokens
         positions = inputs.positions[:, None]  # [B, 1]
         if self.decode_attention == "masked":
@@ -1366,9 +1397,8 @@ class ModelRunner:
         """
         self.check_positions(kv.length + 1)
         kv.ensure_capacity(kv.length + 1)
-        inputs = _StepInputs.empty(batch_bucket(1), self._decode_span(kv.length + 1), self.pool.block_tokens,
-                                   self.device)
-        self._fill_inputs(inputs, [kv], [token])
+        inputs = self._step_inputs(batch_bucket(1), self._decode_span(kv.length + 1))
+        inputs.pack([kv], [token])
         return DecodeCursor(self, kv, self._decode_pass(inputs))
 
 
