@@ -260,8 +260,13 @@ class SessionKV:
             return
         pool, host = _raw(self.pool.tensor), _raw(host)  # [L, 2, slots, H_kv, D], [L, 2, capacity, H_kv, D]
         bt = self.pool.block_tokens
-        # built here, not cached: this runs on the copy stream, the cached slots serve the model's
-        slots = (torch.tensor(self.blocks)[:, None] * bt + torch.arange(bt)).reshape(-1).to(pool.device)
+        # built here, not cached: this runs on a copy stream, the cached slots serve the model's
+        slots = (torch.tensor(self.blocks)[:, None] * bt + torch.arange(bt)).reshape(-1)
+        if pool.is_cuda:
+            # from pinned memory, so that the caller does not wait for the stream's queued work
+            # (a copy to host first waits for the model's queued steps)
+            slots = slots.pin_memory()
+        slots = slots.to(pool.device, non_blocking=True)
         layer_bytes = pool[0, :, 0].numel() * pool.element_size() * slots.numel()
         group = max(1, MOVE_STAGING_BYTES // layer_bytes)
         for first in range(0, pool.shape[0], group):

@@ -182,7 +182,9 @@ class ModelService(KVBackend):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-model")
         self.waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-wait")
         if self.use_cuda:
-            self.copy_stream = torch.cuda.Stream()
+            # one stream per direction: a copy to host waits for the compute queued before it, and
+            # a restore queued behind it on a shared stream would wait for that compute too
+            self.to_host_stream, self.to_device_stream = torch.cuda.Stream(), torch.cuda.Stream()
         self._engine_task: asyncio.Task | None = None
         self._engine_done: dict[int, asyncio.Future] = {}
         self._inflight: dict[int, EngineRequest] = {}  # by id(kv)
@@ -294,7 +296,8 @@ class ModelService(KVBackend):
         await self._copy(kv.copy_in, host_kv, after_compute=False)
 
     async def _copy(self, move: Callable[..., None], host: torch.Tensor, *, after_compute: bool) -> None:
-        """Run ``move(host, non_blocking=...)`` on the copy stream and wait without blocking the loop.
+        """Run ``move(host, non_blocking=...)`` on a copy stream (copies to host on one, to the
+        device on another) and wait without blocking the loop.
 
         A copy to or from pinned memory is queued from the loop and awaited; one over pageable
         memory (a disk tier's mapping) runs synchronously in the host's CPU, page faults and all,
@@ -304,13 +307,15 @@ class ModelService(KVBackend):
             await self.run_model(move, host)
             return
 
+        stream = self.to_host_stream if after_compute else self.to_device_stream
+
         def queue() -> torch.cuda.Event:
-            with torch.cuda.stream(self.copy_stream):
+            with torch.cuda.stream(stream):
                 if after_compute:
-                    self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
+                    stream.wait_stream(torch.cuda.default_stream(self.device))
                 move(host, non_blocking=True)
                 done = torch.cuda.Event()
-                done.record(self.copy_stream)
+                done.record(stream)
             return done
 
         loop = asyncio.get_running_loop()
