@@ -34,6 +34,11 @@ def test_a_restore_overtakes_queued_compute_and_a_copy_to_host_leaves_the_loop_f
                 to_host = torch.zeros(kv.nbytes, dtype=torch.uint8).pin_memory()
                 from_host = torch.ones(other.nbytes, dtype=torch.uint8).pin_memory()
                 compute = torch.cuda.default_stream(model.device)
+                # once each way first: the copy streams' first allocations are device allocations,
+                # which wait for the whole device (a server pays them once, at its first moves)
+                await model.copy_out(kv, to_host)
+                await model.copy_in(other, from_host)
+                other.release(keep_capacity=True)
                 torch.cuda._sleep(QUEUED_COMPUTE_CYCLES)  # on the default stream, as the model's steps
                 copy_out = asyncio.ensure_future(model.copy_out(kv, to_host))
                 await asyncio.sleep(0)  # the copy to host is queued and waiting for the compute

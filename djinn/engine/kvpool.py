@@ -242,31 +242,33 @@ class SessionKV:
         for first, index, count in block_runs(self.blocks):
             yield first * bt, index * bt, count * bt
 
-    def copy_out(self, host: torch.Tensor, *, non_blocking: bool = False) -> None:
+    def copy_out(self, host: torch.Tensor, *, non_blocking: bool = False, slots: torch.Tensor | None = None) -> None:
         """Copy the KV into ``host`` ``[L, 2, capacity, H_kv, D]`` (see ``_copy``)."""
-        self._copy(host, to_host=True, non_blocking=non_blocking)
+        self._copy(host, to_host=True, non_blocking=non_blocking, slots=slots)
 
-    def copy_in(self, host: torch.Tensor, *, non_blocking: bool = False) -> None:
-        """Copy ``host`` ``[L, 2, capacity, H_kv, D]`` into the session's blocks."""
-        self._copy(host, to_host=False, non_blocking=non_blocking)
+    def copy_in(self, host: torch.Tensor, *, non_blocking: bool = False, slots: torch.Tensor | None = None) -> None:
+        """Copy ``host`` ``[L, 2, capacity, H_kv, D]`` into the session's blocks (see ``_copy``)."""
+        self._copy(host, to_host=False, non_blocking=non_blocking, slots=slots)
 
-    def _copy(self, host: torch.Tensor, *, to_host: bool, non_blocking: bool) -> None:
+    def move_slots(self) -> torch.Tensor:
+        """Pool slot indices ``[capacity]`` (int64, on the host) of every token the session holds,
+        in order: what a move gathers or scatters. Built anew, not the cached ``slots``: a move runs
+        on a copy stream, and those serve the model's."""
+        bt = self.pool.block_tokens
+        return (torch.tensor(self.blocks, dtype=torch.long)[:, None] * bt + torch.arange(bt)).reshape(-1)
+
+    def _copy(self, host: torch.Tensor, *, to_host: bool, non_blocking: bool, slots: torch.Tensor | None) -> None:
         """Per group of layers (``MOVE_STAGING_BYTES`` at most), one gather (or scatter) of all the
         session's slots on the device and one copy of that contiguous part of ``host``: a few
         calls per move however scattered the blocks are. A copy per run of blocks and layer was
         thousands of calls for a fragmented session, each holding the interpreter lock that the
-        model thread needs between steps."""
+        model thread needs between steps. ``slots``: ``move_slots()`` already on the pool's
+        device (uploaded here otherwise)."""
         if not self.blocks:
             return
         pool, host = _raw(self.pool.tensor), _raw(host)  # [L, 2, slots, H_kv, D], [L, 2, capacity, H_kv, D]
-        bt = self.pool.block_tokens
-        # built here, not cached: this runs on a copy stream, the cached slots serve the model's
-        slots = (torch.tensor(self.blocks)[:, None] * bt + torch.arange(bt)).reshape(-1)
-        if pool.is_cuda:
-            # from pinned memory, so that the caller does not wait for the stream's queued work
-            # (a copy to host first waits for the model's queued steps)
-            slots = slots.pin_memory()
-        slots = slots.to(pool.device, non_blocking=True)
+        if slots is None:
+            slots = self.move_slots().to(pool.device)
         layer_bytes = pool[0, :, 0].numel() * pool.element_size() * slots.numel()
         group = max(1, MOVE_STAGING_BYTES // layer_bytes)
         for first in range(0, pool.shape[0], group):

@@ -182,9 +182,9 @@ class ModelService(KVBackend):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-model")
         self.waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-wait")
         if self.use_cuda:
-            # one stream per direction: a copy to host waits for the compute queued before it, and
-            # a restore queued behind it on a shared stream would wait for that compute too
+            # KV moves (see _copy): one stream per direction, one for their slot indices
             self.to_host_stream, self.to_device_stream = torch.cuda.Stream(), torch.cuda.Stream()
+            self.index_stream = torch.cuda.Stream()
         self._engine_task: asyncio.Task | None = None
         self._engine_done: dict[int, asyncio.Future] = {}
         self._inflight: dict[int, EngineRequest] = {}  # by id(kv)
@@ -285,7 +285,7 @@ class ModelService(KVBackend):
 
     async def copy_out(self, kv: SessionKV, host: torch.Tensor) -> None:
         """Copy the KV to the tier, after the compute queued (no step may still be writing it)."""
-        await self._copy(kv.copy_out, self._host_kv(kv, host), after_compute=True)
+        await self._copy(kv, self._host_kv(kv, host), to_host=True)
 
     async def copy_in(self, kv: SessionKV, host: torch.Tensor) -> None:
         """Blocks for the KV's capacity, then the copy back; a restore does not wait behind
@@ -293,27 +293,35 @@ class ModelService(KVBackend):
         host_kv = self._host_kv(kv, host)
         blocks = await self._on_pool(self.runner.pool.allocate, kv.blocks_for(kv.capacity))
         kv.adopt(blocks)
-        await self._copy(kv.copy_in, host_kv, after_compute=False)
+        await self._copy(kv, host_kv, to_host=False)
 
-    async def _copy(self, move: Callable[..., None], host: torch.Tensor, *, after_compute: bool) -> None:
-        """Run ``move(host, non_blocking=...)`` on a copy stream (copies to host on one, to the
-        device on another) and wait without blocking the loop.
+    async def _copy(self, kv: SessionKV, host: torch.Tensor, *, to_host: bool) -> None:
+        """Move ``kv`` to or from ``host`` on a copy stream and wait without blocking the loop.
 
-        A copy to or from pinned memory is queued from the loop and awaited; one over pageable
-        memory (a disk tier's mapping) runs synchronously in the host's CPU, page faults and all,
-        so it is queued and waited for on a waiter thread instead.
+        A copy to host waits on its stream for the compute queued before it; a copy to the device
+        runs on a stream of its own, so it never queues behind that wait. Nothing here makes the
+        loop wait for queued GPU work either: the slot indices go up on an idle stream of their
+        own as a small copy from pageable memory (pinning memory for them would be a page-locked
+        allocation, which waits for the whole device). A copy to or from pinned memory is queued
+        from the loop and awaited; one over pageable memory (a disk tier's mapping) runs
+        synchronously in the host's CPU, page faults and all, so it is queued and waited for on a
+        waiter thread instead.
         """
+        move = kv.copy_out if to_host else kv.copy_in
         if not self.use_cuda:
             await self.run_model(move, host)
             return
-
-        stream = self.to_host_stream if after_compute else self.to_device_stream
+        stream = self.to_host_stream if to_host else self.to_device_stream
 
         def queue() -> torch.cuda.Event:
+            with torch.cuda.stream(self.index_stream):
+                slots = kv.move_slots().to(self.device)
             with torch.cuda.stream(stream):
-                if after_compute:
+                stream.wait_stream(self.index_stream)
+                slots.record_stream(stream)
+                if to_host:
                     stream.wait_stream(torch.cuda.default_stream(self.device))
-                move(host, non_blocking=True)
+                move(host, non_blocking=True, slots=slots)
                 done = torch.cuda.Event()
                 done.record(stream)
             return done
