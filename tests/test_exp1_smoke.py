@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import attrs
@@ -217,3 +218,24 @@ def test_agents_dropping_mid_request_fail_no_one_and_leak_nothing(tmp_path: Path
     assert summary["peak_sessions"] >= 2
     assert summary["peak_tier_bytes_by_tier"].get("disk", 0) > 0
     assert {m["sessions"] for m in point["memory"]} and "tiers" in point["memory"][0]
+
+
+def test_trace_samples_where_a_stalled_loop_is() -> None:
+    from tests.serving import serving_config, start_server
+
+    def hold_the_loop() -> None:
+        time.sleep(0.3)
+
+    server = start_server(serving_config())
+    try:
+        recorder = run_module.Trace(server)
+        recorder.start(time.perf_counter())
+        time.sleep(0.1)
+        server.call(hold_the_loop)
+        timeline = recorder.stop()
+    finally:
+        server.stop()
+    assert any(late >= 0.2 for _t, late in timeline["loop_stalls"])
+    held = sum(count for count, stack in timeline["stall_stacks"] if stack.split(" < ")[0].endswith("hold_the_loop"))
+    # one sample per STACK_SAMPLE_S while it slept, less the stall threshold and scheduling slack
+    assert held >= 0.15 / run_module.Trace.STACK_SAMPLE_S

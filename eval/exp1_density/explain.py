@@ -74,6 +74,7 @@ def _trace_figures(trace: dict[str, Any]) -> dict[str, Any]:
                                  if prefill else None),
         "median_decode_step_s": statistics.median(decode_only) if decode_only else None,
         "longest_restores": sorted((m for m in moves if m["kind"] == "restore"), key=lambda m: -m["seconds"])[:5],
+        "stall_stacks": trace.get("stall_stacks", [])[:5],
         **_short_passes(steps),
     }
 
@@ -147,6 +148,8 @@ def _print(points: list[dict[str, Any]]) -> None:
             print(f"  loop stalls: {trace['loop_stall_s']:.2f} s in all; longest {stalls or 'none'}")
             print(f"  longest engine steps: {steps}; prefill {rate or 0:,.0f} tokens/s; "
                   f"median decode-only step {1e3 * (trace['median_decode_step_s'] or 0):.2f} ms")
+            for count, stack in trace["stall_stacks"]:
+                print(f"  stalled loop, {count} samples: {stack}")
             if trace["short_passes"]:
                 launch = trace.get("short_pass_launch_median_s")
                 queued = f", {1e3 * launch:.1f} ms of it until queued" if launch is not None else ""

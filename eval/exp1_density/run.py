@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
 import random
 import statistics
 import sys
+import threading
 import time
 import tomllib
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -503,12 +506,19 @@ class Trace:
     MOVE_COLUMNS = ("t_end_s", "kind", "nbytes", "seconds", "on_critical_path")
     STALL_COLUMNS = ("t_s", "late_s")
 
+    #: a stalled loop's stack is sampled this often while the stall lasts, innermost frames kept
+    STACK_SAMPLE_S = 0.01
+    STACK_FRAMES = 8
+
     def __init__(self, server: BackgroundServer) -> None:
         self.server = server
         self.origin = time.perf_counter()
         self.moves: list[tuple[float, str, int, float, bool]] = []
         self.stalls: list[tuple[float, float]] = []
+        self.stall_stacks: collections.Counter[str] = collections.Counter()
         self._probe: Any = None
+        self._beat = time.perf_counter()
+        self._sampling = threading.Event()
 
     def start(self, origin: float) -> None:
         """Begin recording; ``origin`` is the point's time zero."""
@@ -516,14 +526,33 @@ class Trace:
         self.server.call(lambda: setattr(self.server.model.engine, "step_log", []))
         self.server.plugins.pm.register(self, name="exp1-trace")
         self._probe = self.server.spawn(self._watch_loop())
+        self._sampling.set()
+        loop_thread = self.server.call(threading.get_ident)
+        threading.Thread(target=self._sample_stalls, args=(loop_thread,), name="exp1-stall-sampler",
+                         daemon=True).start()
 
     async def _watch_loop(self) -> None:
         while True:
-            before = time.perf_counter()
+            before = self._beat = time.perf_counter()
             await asyncio.sleep(self.LOOP_PROBE_S)
-            now = time.perf_counter()
+            now = self._beat = time.perf_counter()
             if now - before - self.LOOP_PROBE_S > self.LOOP_STALL_S:
                 self.stalls.append((before - self.origin, now - before - self.LOOP_PROBE_S))
+
+    def _sample_stalls(self, loop_thread: int) -> None:
+        """While the loop is late, count where its thread is, one sample per ``STACK_SAMPLE_S``: a
+        stack that runs Python holds the loop; one inside a C call holds it or waits for the
+        interpreter lock there."""
+        late = self.LOOP_PROBE_S + self.LOOP_STALL_S
+        while self._sampling.is_set():
+            time.sleep(self.STACK_SAMPLE_S)
+            if time.perf_counter() - self._beat < late:
+                continue
+            frame = sys._current_frames().get(loop_thread)
+            if frame is not None:
+                stack = traceback.extract_stack(frame)[-self.STACK_FRAMES:]
+                self.stall_stacks[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                             for f in reversed(stack))] += 1
 
     @hookimpl
     def djinn_session_evicted(self, session: Any, tier: str, nbytes: int, seconds: float) -> None:
@@ -546,6 +575,7 @@ class Trace:
         if self._probe is None:
             return None
         self._probe.cancel()
+        self._sampling.clear()
         self.server.plugins.pm.unregister(self)
         engine = self.server.model.engine
 
@@ -560,6 +590,8 @@ class Trace:
                        s.prefill_keys, s.decode_rows, s.prefill_launch_s] for s in log],
             "move_columns": list(self.MOVE_COLUMNS), "moves": [list(m) for m in self.moves],
             "loop_stall_columns": list(self.STALL_COLUMNS), "loop_stalls": [list(s) for s in self.stalls],
+            "stall_sample_s": self.STACK_SAMPLE_S,
+            "stall_stacks": [[count, stack] for stack, count in self.stall_stacks.most_common(40)],
         }
 
 
