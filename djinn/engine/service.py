@@ -180,7 +180,9 @@ class ModelService(KVBackend):
                 ring_bytes=self.streamer.stats().ring_bytes,
             )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-model")
-        self.waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-wait")
+        # KV moves (see _copy): queued and awaited on threads of their own, one pool per direction
+        self.to_host_waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-out")
+        self.to_device_waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-in")
         if self.use_cuda:
             # KV moves (see _copy): one stream per direction, one for their slot indices
             self.to_host_stream, self.to_device_stream = torch.cuda.Stream(), torch.cuda.Stream()
@@ -285,35 +287,35 @@ class ModelService(KVBackend):
 
     async def copy_out(self, kv: SessionKV, host: torch.Tensor) -> None:
         """Copy the KV to the tier, after the compute queued (no step may still be writing it)."""
-        await self._copy(kv, self._host_kv(kv, host), to_host=True)
+        await self._copy(kv, host, to_host=True)
 
     async def copy_in(self, kv: SessionKV, host: torch.Tensor) -> None:
         """Blocks for the KV's capacity, then the copy back; a restore does not wait behind
         other sessions' queued steps, so a prefetch never waits for someone's decode."""
-        host_kv = self._host_kv(kv, host)
         blocks = await self._on_pool(self.runner.pool.allocate, kv.blocks_for(kv.capacity))
         kv.adopt(blocks)
-        await self._copy(kv, host_kv, to_host=False)
+        await self._copy(kv, host, to_host=False)
 
-    async def _copy(self, kv: SessionKV, host: torch.Tensor, *, to_host: bool) -> None:
-        """Move ``kv`` to or from ``host`` on a copy stream and wait without blocking the loop.
+    async def _copy(self, kv: SessionKV, raw: torch.Tensor, *, to_host: bool) -> None:
+        """Move ``kv`` to or from a tier's bytes ``raw`` on a copy stream, queued and waited for on
+        a thread of the direction's own, so the loop makes no CUDA call for it.
 
-        A copy to host waits on its stream for the compute queued before it; a copy to the device
-        runs on a stream of its own, so it never queues behind that wait. Nothing here makes the
-        loop wait for queued GPU work either: the slot indices go up on an idle stream of their
-        own as a small copy from pageable memory (pinning memory for them would be a page-locked
-        allocation, which waits for the whole device). A copy to or from pinned memory is queued
-        from the loop and awaited; one over pageable memory (a disk tier's mapping) runs
-        synchronously in the host's CPU, page faults and all, so it is queued and waited for on a
-        waiter thread instead.
+        Every CUDA call lets go of the interpreter lock, and under load the model thread then holds
+        it for a whole switch interval: the few calls a move makes held the loop up for about ten
+        milliseconds a move when the loop made them. A copy to host waits on its stream for the
+        compute queued before it; a copy to the device runs on a stream of its own, so it never
+        queues behind that wait; the slot indices go up on an idle stream of their own as a small
+        copy from pageable memory (pinning memory for them would be a page-locked allocation, which
+        waits for the whole device). A restore never waits for a thread behind copies to host.
         """
         move = kv.copy_out if to_host else kv.copy_in
         if not self.use_cuda:
-            await self.run_model(move, host)
+            await self.run_model(move, self._host_kv(kv, raw))
             return
         stream = self.to_host_stream if to_host else self.to_device_stream
 
-        def queue() -> torch.cuda.Event:
+        def copy() -> None:
+            host = self._host_kv(kv, raw)
             with torch.cuda.stream(self.index_stream):
                 slots = kv.move_slots().to(self.device)
             with torch.cuda.stream(stream):
@@ -324,14 +326,10 @@ class ModelService(KVBackend):
                 move(host, non_blocking=True, slots=slots)
                 done = torch.cuda.Event()
                 done.record(stream)
-            return done
+            done.synchronize()
 
-        loop = asyncio.get_running_loop()
-        if host.is_pinned():
-            done = queue()
-            await loop.run_in_executor(self.waiters, done.synchronize)
-        else:
-            await loop.run_in_executor(self.waiters, lambda: queue().synchronize())
+        waiters = self.to_host_waiters if to_host else self.to_device_waiters
+        await asyncio.get_running_loop().run_in_executor(waiters, copy)
 
     async def recompute(self, kv: SessionKV, tokens: Sequence[int]) -> None:
         """Prefill ``tokens`` again through the batch engine (a request that picks nothing)."""
@@ -362,7 +360,8 @@ class ModelService(KVBackend):
     def stop(self) -> None:
         """Stop the model and copy threads."""
         self.executor.shutdown(wait=True, cancel_futures=True)
-        self.waiters.shutdown(wait=True, cancel_futures=True)
+        for waiters in (self.to_host_waiters, self.to_device_waiters):
+            waiters.shutdown(wait=True, cancel_futures=True)
 
     def stats(self) -> dict[str, Any]:
         """The batch engine's and the pool's figures."""
