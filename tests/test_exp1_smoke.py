@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -220,7 +221,7 @@ def test_agents_dropping_mid_request_fail_no_one_and_leak_nothing(tmp_path: Path
     assert {m["sessions"] for m in point["memory"]} and "tiers" in point["memory"][0]
 
 
-def test_trace_samples_where_a_stalled_loop_is() -> None:
+def test_trace_samples_where_a_stalled_loop_is_and_every_collection() -> None:
     from tests.serving import serving_config, start_server
 
     def hold_the_loop() -> None:
@@ -232,6 +233,7 @@ def test_trace_samples_where_a_stalled_loop_is() -> None:
         recorder.start(time.perf_counter())
         time.sleep(0.1)
         server.call(hold_the_loop)
+        gc.collect()
         timeline = recorder.stop()
     finally:
         server.stop()
@@ -239,3 +241,5 @@ def test_trace_samples_where_a_stalled_loop_is() -> None:
     held = sum(count for count, stack in timeline["stall_stacks"] if stack.split(" < ")[0].endswith("hold_the_loop"))
     # one sample per STACK_SAMPLE_S while it slept, less the stall threshold and scheduling slack
     assert held >= 0.15 / run_module.Trace.STACK_SAMPLE_S
+    assert any(generation == 2 and seconds > 0 for _t, generation, seconds in timeline["collections"])
+    assert gc.callbacks.count(recorder._on_collection) == 0

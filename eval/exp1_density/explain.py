@@ -75,8 +75,20 @@ def _trace_figures(trace: dict[str, Any]) -> dict[str, Any]:
         "median_decode_step_s": statistics.median(decode_only) if decode_only else None,
         "longest_restores": sorted((m for m in moves if m["kind"] == "restore"), key=lambda m: -m["seconds"])[:5],
         "stall_stacks": trace.get("stall_stacks", [])[:5],
+        **_collections(trace),
         **_short_passes(steps),
     }
+
+
+def _collections(trace: dict[str, Any]) -> dict[str, Any]:
+    """The garbage collections' pauses by generation: how many, their total and their longest."""
+    if "collections" not in trace:
+        return {}
+    by_generation: dict[int, list[float]] = {}
+    for _t, generation, seconds in trace["collections"]:
+        by_generation.setdefault(generation, []).append(seconds)
+    return {"collections": {g: {"count": len(s), "total_s": sum(s), "max_s": max(s)}
+                            for g, s in sorted(by_generation.items())}}
 
 
 def _short_passes(steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,6 +160,10 @@ def _print(points: list[dict[str, Any]]) -> None:
             print(f"  loop stalls: {trace['loop_stall_s']:.2f} s in all; longest {stalls or 'none'}")
             print(f"  longest engine steps: {steps}; prefill {rate or 0:,.0f} tokens/s; "
                   f"median decode-only step {1e3 * (trace['median_decode_step_s'] or 0):.2f} ms")
+            if trace.get("collections"):
+                print("  garbage collections: " + ", ".join(
+                    f"gen {g} {c['count']} x, {c['total_s']:.2f} s, longest {1e3 * c['max_s']:.0f} ms"
+                    for g, c in trace["collections"].items()))
             for count, stack in trace["stall_stacks"]:
                 print(f"  stalled loop, {count} samples: {stack}")
             if trace["short_passes"]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import math
 import os
@@ -519,6 +520,9 @@ class Trace:
         self._probe: Any = None
         self._beat = time.perf_counter()
         self._sampling = threading.Event()
+        #: every garbage collection while recording: (t_s, generation, seconds); it holds every thread
+        self.collections: list[tuple[float, int, float]] = []
+        self._collecting_since = 0.0
 
     def start(self, origin: float) -> None:
         """Begin recording; ``origin`` is the point's time zero."""
@@ -527,6 +531,7 @@ class Trace:
         self.server.plugins.pm.register(self, name="exp1-trace")
         self._probe = self.server.spawn(self._watch_loop())
         self._sampling.set()
+        gc.callbacks.append(self._on_collection)
         loop_thread = self.server.call(threading.get_ident)
         threading.Thread(target=self._sample_stalls, args=(loop_thread,), name="exp1-stall-sampler",
                          daemon=True).start()
@@ -538,6 +543,14 @@ class Trace:
             now = self._beat = time.perf_counter()
             if now - before - self.LOOP_PROBE_S > self.LOOP_STALL_S:
                 self.stalls.append((before - self.origin, now - before - self.LOOP_PROBE_S))
+
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._collecting_since = now
+        else:
+            self.collections.append((self._collecting_since - self.origin, info["generation"],
+                                     now - self._collecting_since))
 
     def _sample_stalls(self, loop_thread: int) -> None:
         """While the loop is late, count where its thread is, one sample per ``STACK_SAMPLE_S``: a
@@ -576,6 +589,7 @@ class Trace:
             return None
         self._probe.cancel()
         self._sampling.clear()
+        gc.callbacks.remove(self._on_collection)
         self.server.plugins.pm.unregister(self)
         engine = self.server.model.engine
 
@@ -590,6 +604,7 @@ class Trace:
                        s.prefill_keys, s.decode_rows, s.prefill_launch_s] for s in log],
             "move_columns": list(self.MOVE_COLUMNS), "moves": [list(m) for m in self.moves],
             "loop_stall_columns": list(self.STALL_COLUMNS), "loop_stalls": [list(s) for s in self.stalls],
+            "collection_columns": ["t_s", "generation", "seconds"], "collections": [list(c) for c in self.collections],
             "stall_sample_s": self.STACK_SAMPLE_S,
             "stall_stacks": [[count, stack] for stack, count in self.stall_stacks.most_common(40)],
         }
