@@ -218,7 +218,7 @@ class _Owner:
 
 
 def test_the_engine_prefills_in_the_schedulers_deadline_order(runner):
-    scheduler = SemanticScheduler(SemanticSettings())
+    scheduler = SemanticScheduler(SemanticSettings(resume_latency_s=0.25, arrival_latency_s=2.0))
 
     def order(requests):
         ordered = scheduler.order_prefill([r.owner.info for r in requests], 100.0)
