@@ -52,9 +52,8 @@ class SemanticSettings:
     write_back: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     #: prefill deadline of a request that resumes after a tool call, from its arrival
     resume_latency_s: float = attrs.field(default=0.25, validator=_non_negative)
-    #: prefill deadline of any other request, from its arrival: a fresh prompt has its whole
-    #: generation still ahead, so a deadline much later than a resume's starves it under load
-    arrival_latency_s: float = attrs.field(default=0.5, validator=_non_negative)
+    #: prefill deadline of any other request, from its arrival
+    arrival_latency_s: float = attrs.field(default=2.0, validator=_non_negative)
 
 
 class SemanticScheduler(Scheduler):
