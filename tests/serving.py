@@ -27,13 +27,15 @@ def default_budget_gb() -> float:
 def serving_config(model: str = "random:tiny-llama", *, budget_gb: float | None = None, tier_gb: float = 0.0625,
                 settings: dict | None = None, **server) -> DjinnConfig:
     """Defaults with free ports, a small host tier and the given model and GPU budget
-    (``default_budget_gb()`` when none is given)."""
+    (``default_budget_gb()`` when none is given). The heap is not frozen (``freeze_gc_heap``):
+    a test process starts hundreds of servers, and each freeze first collects the whole heap."""
     base = DjinnConfig()
     merged = {"pinned_host": {"capacity_gb": tier_gb}}
     merged.update(settings or {})
     return attrs.evolve(
         base,
-        server=attrs.evolve(base.server, port=0, metrics_port=0, tick_s=0.01, **server),
+        server=attrs.evolve(base.server, **{"port": 0, "metrics_port": 0, "tick_s": 0.01, "freeze_gc_heap": False,
+                                            **server}),
         model=attrs.evolve(base.model, name=model),
         memory=attrs.evolve(base.memory, gpu_memory_budget_gb=default_budget_gb() if budget_gb is None else budget_gb),
         settings=merged,

@@ -61,6 +61,8 @@ class ServerSettings:
     hello_timeout_s: float = attrs.field(default=10.0, validator=gt(0))
     #: requests of one connection served at once; its further frames wait unread until one ends
     max_requests_per_connection: int = attrs.field(default=256, validator=gt(0))
+    #: while serving, the garbage collector skips what start-up left alive (``gc.freeze``)
+    freeze_gc_heap: bool = True
     #: how often the scheduler's ``on_tick`` runs (timed prefetch, idle fallback)
     tick_s: float = attrs.field(default=0.05, validator=gt(0))
     #: prompt tokens per engine step: smaller stalls the decoders less, larger reads the weights less often

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import signal
 import threading
 import time
@@ -46,6 +47,32 @@ def build_runtime(config: DjinnConfig, plugins: DjinnPlugins, report: Callable[[
     return Runtime(kernel, model)
 
 
+class _FrozenHeap:
+    """The garbage collector skips what is alive once a server is up (``gc.freeze``, as vLLM does
+    after its warm-up) until the last server of the process stops. A full collection walks every
+    tracked object, the model's and the plugins' included, holding the interpreter lock: on an
+    H200 at 416 agents one took 0.54 s, and every session's step waited for it."""
+
+    _lock = threading.Lock()
+    _serving = 0
+
+    @classmethod
+    def enter(cls) -> None:
+        """A server is up: collect what start-up left behind, then freeze the survivors."""
+        with cls._lock:
+            gc.collect()
+            gc.freeze()
+            cls._serving += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        """A server stopped; with the last one, the frozen objects are collectable again."""
+        with cls._lock:
+            cls._serving -= 1
+            if not cls._serving:
+                gc.unfreeze()
+
+
 async def serve(
     config: DjinnConfig, plugins: DjinnPlugins, *, token: str | None, announce: Callable[[str], None],
     stop: asyncio.Event | None = None, runtime: Runtime | None = None,
@@ -57,7 +84,9 @@ async def serve(
     Unless ``serve_http`` is False, the OpenAI-compatible HTTP API listens on ``http_port`` (0: a
     free port), or, when None, on ``[server] http_port`` (0 there disables it), with the native
     port's host and token.
-    ``ready(urls, metrics_port)`` is called once everything listens, after ``http_ready(port)``.
+    ``ready(urls, metrics_port)`` is called once everything listens, after ``http_ready(port)``;
+    from then until it stops, the garbage collector skips what start-up left alive (``_FrozenHeap``,
+    unless ``[server] freeze_gc_heap`` is false).
     """
     runtime = runtime or build_runtime(config, plugins)
     server = Server(runtime, token=token)
@@ -65,6 +94,7 @@ async def serve(
     stop = stop or asyncio.Event()
     metrics = None
     api = None
+    frozen = False
     try:
         host, port = config.server.host, config.server.port
         bound = await server.start([t.default_url(host, port) for t in runtime.kernel.transports.values()])
@@ -84,10 +114,15 @@ async def serve(
                 http_ready(port_http)
         announce(f"djinn {__version__} serving {config.model.name} on {', '.join(bound)}")
         announce("plugins: " + ", ".join(plugins.selection.names()))
+        if config.server.freeze_gc_heap:
+            _FrozenHeap.enter()
+            frozen = True
         if ready is not None:
             ready(bound, metrics.port if metrics is not None else None)
         await stop.wait()
     finally:
+        if frozen:
+            _FrozenHeap.leave()
         if api is not None:
             await api.close()
         await server.close()
