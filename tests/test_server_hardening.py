@@ -261,7 +261,6 @@ def test_before_its_hello_a_client_cannot_make_the_server_hold_a_large_frame(ser
         assert reply.op is Op.OK
 
 
-
 FREEZE_PROBE = """
 import gc
 from tests.serving import serving_config, start_server
