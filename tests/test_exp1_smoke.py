@@ -102,6 +102,8 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert all(0 <= s["prefill_launch_s"] <= s["prefill_s"] for s in steps)
     assert all(s["prefill_launch_s"] > 0 for s in steps if s["prefill_tokens"])
     assert trace["loop_stall_columns"] == ["t_s", "late_s"]
+    # the server's wait for memory is a part of its queue time, reported with every result
+    assert all(0 <= s["admission_s"] <= s["queue_s"] for s in point["samples"] if s["ok"])
     starts = {(s["agent"], s["iteration"]): s["started_s"] for s in point["samples"]}
     assert all(starts[(a, 0)] < starts[(a, 1)] for a in range(3))
     # what the trace hooked into is gone after the point
@@ -110,6 +112,7 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     explained = explain(json.loads(out.read_text()))[0]
     assert explained["first_turns"]["iterations"] == 3 and explained["resumes"]["iterations"] == 3
     parts = explained["slowest_1pct_mean_s"]
+    assert 0 <= explained["slowest_1pct_admission_s"] <= parts["queue_s"] + 1e-9
     assert explained["dominated_by"] == max(parts, key=parts.get)
     slowest = max(s["latency_s"] for s in point["samples"])
     assert sum(parts.values()) == pytest.approx(slowest)

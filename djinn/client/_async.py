@@ -41,9 +41,9 @@ class TokenLogprob:
 @attrs.frozen
 class Generation:
     """A finished generate request: the new tokens, their text when the model has a tokenizer,
-    the server's timings (queue, restore, prefill, decode, first token), why it ended
-    (``"length"`` or ``"stop"``), the context tokens whose KV was reused, and the tokens'
-    log-probabilities when asked for."""
+    the server's timings (queue, of it the admission wait for memory, restore, prefill, decode,
+    first token), why it ended (``"length"`` or ``"stop"``), the context tokens whose KV was
+    reused, and the tokens' log-probabilities when asked for."""
 
     tokens: list[int]
     text: str | None

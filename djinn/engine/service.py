@@ -102,6 +102,9 @@ class GenerateResult:
 
     tokens: list[int]
     queue_s: float = 0.0
+    #: of ``queue_s``, the wait until the request's KV was resident and grown: its admission
+    #: (memory it waited for), not the engine's queue
+    admission_s: float = 0.0
     restore_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -441,7 +444,7 @@ class ModelService(KVBackend):
         kv = session.kv
         async with self.kernel.serving(session, context + params.max_new_tokens) as restore_s:
             result = GenerateResult(tokens=[], restore_s=restore_s)
-            result.queue_s = time.perf_counter() - arrived - restore_s
+            result.queue_s = result.admission_s = time.perf_counter() - arrived - restore_s
             if whole_context:
                 feed = self._reuse_prefix(session, list(input_ids))
             else:

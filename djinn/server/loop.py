@@ -346,7 +346,8 @@ class Server:
                 picked.put_nowait(None)
                 await settled(sender)  # every TOKEN frame goes out before the RESULT
         reply_meta = {
-            "queue_s": result.queue_s, "restore_s": result.restore_s, "prefill_s": result.prefill_s,
+            "queue_s": result.queue_s, "admission_s": result.admission_s, "restore_s": result.restore_s,
+            "prefill_s": result.prefill_s,
             "decode_s": result.decode_s, "first_token_s": result.first_token_s,
             "server_s": time.perf_counter() - started, "finish_reason": result.finish_reason,
             "cached_tokens": result.cached_tokens,

@@ -31,9 +31,10 @@ def _split(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if not samples:
         return {"iterations": 0}
     out: dict[str, Any] = {"iterations": len(samples)}
-    for key in ("latency_s", "wake_s", *PARTS):
+    for key in ("latency_s", "wake_s", *PARTS, "admission_s"):
         values = [s[key] for s in samples if s.get(key) is not None]
-        out[key] = {"p50": percentile(values, 50), "p99": percentile(values, 99)}
+        if values:  # reports before admission_s have none
+            out[key] = {"p50": percentile(values, 50), "p99": percentile(values, 99)}
     return out
 
 
@@ -44,6 +45,13 @@ def _tail_cause(samples: list[dict[str, Any]]) -> dict[str, float]:
     means = {key: statistics.fmean(s[key] or 0.0 for s in slowest) for key in PARTS}
     means["outside_s"] = statistics.fmean(s["latency_s"] for s in slowest) - sum(means.values())
     return means
+
+
+def _tail_admission(samples: list[dict[str, Any]]) -> float | None:
+    """Of the slowest 1 %'s queue time, the mean wait for memory; None for reports without it."""
+    slowest = sorted(samples, key=lambda s: -s["latency_s"])[: max(1, len(samples) // 100)]
+    waits = [s["admission_s"] for s in slowest if s.get("admission_s") is not None]
+    return statistics.fmean(waits) if waits else None
 
 
 def _memory_milestones(memory: list[dict[str, Any]], capacities: dict[str, float]) -> dict[str, Any]:
@@ -117,6 +125,7 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
         "first_turns": _split([s for s in done if s["iteration"] == 0]),
         "resumes": _split([s for s in done if s["iteration"] > 0]),
         "slowest_1pct_mean_s": tail, "dominated_by": cause,
+        "slowest_1pct_admission_s": _tail_admission(done) if done else None,
         "moves": {k: counters.get(k, 0) for k in (
             "evictions", "restores", "restores_on_critical_path", "write_backs", "write_back_skips", "reclaims",
             "demotions", "promotions", "evict_failures", "admission_waits", "drops", "recomputes")},
@@ -145,8 +154,10 @@ def _print(points: list[dict[str, Any]]) -> None:
             part = p[name]
             if part["iterations"]:
                 print(f"  {name:<11} n={part['iterations']:<5} " + "  ".join(
-                    f"{k.removesuffix('_s')} {part[k]['p50']:.3f}/{part[k]['p99']:.3f}" for k in ("latency_s", "wake_s", *PARTS)))
-        print("  slowest 1 %: " + "  ".join(f"{k.removesuffix('_s')} {v:.3f} s" for k, v in p["slowest_1pct_mean_s"].items()))
+                    f"{k.removesuffix('_s')} {part[k]['p50']:.3f}/{part[k]['p99']:.3f}" for k in ("latency_s", "wake_s", *PARTS, "admission_s") if k in part))
+        admission = p["slowest_1pct_admission_s"]
+        print("  slowest 1 %: " + "  ".join(f"{k.removesuffix('_s')} {v:.3f} s" for k, v in p["slowest_1pct_mean_s"].items())
+              + (f" (of the queue, {admission:.3f} s waiting for memory)" if admission is not None else ""))
         print("  moves: " + ", ".join(f"{k} {v:g}" for k, v in p["moves"].items() if v))
         if p["engine_first_uses"]:
             print("  while serving: " + ", ".join(f"{k.removeprefix('engine_')} {v:g}" for k, v in p["engine_first_uses"].items()))

@@ -221,6 +221,8 @@ class IterationSample:
     latency_s: float
     wake_s: float = math.nan
     queue_s: float = math.nan
+    #: of ``queue_s``, the wait for memory (admission and KV growth) before the engine's queue
+    admission_s: float = math.nan
     restore_s: float = math.nan
     first_token_s: float = math.nan
     decode_s: float = math.nan
@@ -398,7 +400,8 @@ async def _agent(
             t = out.timings
             samples.append(IterationSample(
                 index, iteration, True, latency,
-                wake_s=latency - t["decode_s"], queue_s=t["queue_s"], restore_s=t["restore_s"],
+                wake_s=latency - t["decode_s"], queue_s=t["queue_s"], admission_s=t["admission_s"],
+                restore_s=t["restore_s"],
                 first_token_s=t["first_token_s"], decode_s=t["decode_s"], started_s=started - origin,
             ))
             on_iteration()
