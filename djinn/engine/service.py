@@ -183,11 +183,10 @@ class ModelService(KVBackend):
                 ring_bytes=self.streamer.stats().ring_bytes,
             )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="djinn-model")
-        # KV moves (see _copy): queued and awaited on threads of their own, one pool per direction
+        # KV moves (see _copy): a thread pool and a stream per direction, a stream for their slot indices
         self.to_host_waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-out")
         self.to_device_waiters = ThreadPoolExecutor(max_workers=4, thread_name_prefix="djinn-copy-in")
         if self.use_cuda:
-            # KV moves (see _copy): one stream per direction, one for their slot indices
             self.to_host_stream, self.to_device_stream = torch.cuda.Stream(), torch.cuda.Stream()
             self.index_stream = torch.cuda.Stream()
         self._engine_task: asyncio.Task | None = None

@@ -38,18 +38,21 @@ def _split(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _tail_cause(samples: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean seconds per part over the slowest 1 % of iterations (at least one), with what the
-    server's parts leave unexplained (``outside_s``)."""
-    slowest = sorted(samples, key=lambda s: -s["latency_s"])[: max(1, len(samples) // 100)]
+def _slowest(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The slowest 1 % of iterations (at least one)."""
+    return sorted(samples, key=lambda s: -s["latency_s"])[: max(1, len(samples) // 100)]
+
+
+def _tail_cause(slowest: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per part over ``slowest``, with what the server's parts leave unexplained
+    (``outside_s``)."""
     means = {key: statistics.fmean(s[key] or 0.0 for s in slowest) for key in PARTS}
     means["outside_s"] = statistics.fmean(s["latency_s"] for s in slowest) - sum(means.values())
     return means
 
 
-def _tail_admission(samples: list[dict[str, Any]]) -> float | None:
-    """Of the slowest 1 %'s queue time, the mean wait for memory; None for reports without it."""
-    slowest = sorted(samples, key=lambda s: -s["latency_s"])[: max(1, len(samples) // 100)]
+def _tail_admission(slowest: list[dict[str, Any]]) -> float | None:
+    """Of ``slowest``'s queue time, the mean wait for memory; None for reports without it."""
     waits = [s["admission_s"] for s in slowest if s.get("admission_s") is not None]
     return statistics.fmean(waits) if waits else None
 
@@ -116,7 +119,8 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
     """What one point's report says about its latency."""
     summary = point["summary"]
     done = [s for s in point["samples"] if s["ok"]]
-    tail = _tail_cause(done) if done else {}
+    slowest = _slowest(done)
+    tail = _tail_cause(slowest) if slowest else {}
     cause = max(tail, key=tail.get) if tail else None
     counters = point["counters"]
     out = {
@@ -125,7 +129,7 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
         "first_turns": _split([s for s in done if s["iteration"] == 0]),
         "resumes": _split([s for s in done if s["iteration"] > 0]),
         "slowest_1pct_mean_s": tail, "dominated_by": cause,
-        "slowest_1pct_admission_s": _tail_admission(done) if done else None,
+        "slowest_1pct_admission_s": _tail_admission(slowest),
         "moves": {k: counters.get(k, 0) for k in (
             "evictions", "restores", "restores_on_critical_path", "write_backs", "write_back_skips", "reclaims",
             "demotions", "promotions", "evict_failures", "admission_waits", "drops", "recomputes")},

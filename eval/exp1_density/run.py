@@ -523,6 +523,7 @@ class Trace:
         self._probe: Any = None
         self._beat = time.perf_counter()
         self._sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
         #: every garbage collection while recording: (t_s, generation, seconds); it holds every thread
         self.collections: list[tuple[float, int, float]] = []
         self._collecting_since = 0.0
@@ -536,8 +537,9 @@ class Trace:
         self._sampling.set()
         gc.callbacks.append(self._on_collection)
         loop_thread = self.server.call(threading.get_ident)
-        threading.Thread(target=self._sample_stalls, args=(loop_thread,), name="exp1-stall-sampler",
-                         daemon=True).start()
+        self._sampler = threading.Thread(target=self._sample_stalls, args=(loop_thread,),
+                                         name="exp1-stall-sampler", daemon=True)
+        self._sampler.start()
 
     async def _watch_loop(self) -> None:
         while True:
@@ -592,6 +594,7 @@ class Trace:
             return None
         self._probe.cancel()
         self._sampling.clear()
+        self._sampler.join()  # it counts stacks until here; read them once it is gone
         gc.callbacks.remove(self._on_collection)
         self.server.plugins.pm.unregister(self)
         engine = self.server.model.engine
