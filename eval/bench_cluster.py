@@ -292,10 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         workload = json.loads(json.dumps(_json_safe(report["config"]["experiment"])))
         if earlier["config"]["experiment"] != workload or earlier["config"]["budget_gb"] != budget_gb:
             parser.error(f"{args.out} was measured with another workload or budget; write to another file")
-        report["arms"] = {name: arm for name, arm in earlier["arms"].items() if name not in arms}
+        # an arm measured by an earlier run keeps that run's commit
+        report["arms"] = {name: {"commit": earlier["commit"], **arm}
+                          for name, arm in earlier["arms"].items() if name not in arms}
         report["runs"] = [*earlier.get("runs", [earlier["command"]]), report["command"]]
     for arm in arms:
-        report["arms"][arm] = run_arm(arm, experiment, args, budget_gb)
+        report["arms"][arm] = {"commit": report["commit"], **run_arm(arm, experiment, args, budget_gb)}
         report["comparison"] = compare(report["arms"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_json_safe(report), indent=1))  # what a run cut short measured

@@ -1,13 +1,15 @@
 """flex_attention's decoding kernel over the engine's paged KV pool: which kernel options read it fastest.
 
     python -m eval.tune_flex_decode --out eval/results/tune_flex_decode_<tag>.json
+    python -m eval.tune_flex_decode --kv-dtype fp8_e4m3 --out eval/results/tune_flex_decode_fp8_<tag>.json
 
 The paged decode step (``djinn.engine.runner``) attends ``B`` one-token rows over one layer's pool
 view ``[1, H_kv, S, D]`` (strided out of ``[2, S, H_kv, D]``), each row reading only its session's
-blocks through a ``BlockMask`` built as the runner builds it (one row's blocks scattered over the
-pool, the runner's ``mask_mod``). For each batch size the compiled kernel runs with inductor's
+blocks through a ``BlockMask`` built as the runner builds it (the pool in bf16, or in fp8 with
+bf16 queries, as ``kv_dtype = "fp8_e4m3"`` stores it; one row's blocks scattered over the pool,
+the runner's ``mask_mod``). For each batch size the compiled kernel runs with inductor's
 default options and with other ``kernel_options`` (``num_stages``/``num_warps`` first, then
-``SPLIT_KV`` at the best of those); every variant is captured in a CUDA graph of ``--calls``
+``SPLIT_KV`` at the best of those, then the key tile ``BLOCK_N``); every variant is captured in a CUDA graph of ``--calls``
 calls, so its time is the device's, and checked against the default's output. The KV bytes read
 per call over its time give the rate, beside the device's read rate measured in the same run.
 """
@@ -27,8 +29,12 @@ from djinn.engine.runner import _FLEX_QUERY_BLOCK, _NO_Q_BLOCKS
 from eval.report import result_header
 
 #: (num_stages, num_warps) tried at inductor's split; then these SPLIT_KV at the best pair
-PIPELINES = ((1, 2), (2, 2), (3, 2), (2, 4), (3, 4), (4, 4))
+PIPELINES = ((1, 2), (2, 2), (3, 2), (2, 4), (3, 4), (4, 4), (3, 8), (4, 8))
+#: the pool's dtype by ``--kv-dtype`` (the engine's ``kv_dtype`` names)
+KV_DTYPES = {"bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 SPLITS = (1, 2, 4, 8, 16, 32)
+#: then these key tiles at the best so far (at most ``--block-tokens``: a tile lies in one block)
+BLOCK_NS = (16, 32, 64, 128)
 
 
 def read_rate(device: torch.device, nbytes: int = 4 << 30) -> float:
@@ -99,23 +105,24 @@ def time_variant(q, keys, values, mask, options: dict[str, Any] | None, calls: i
 @click.option("--head-dim", default=128)
 @click.option("--block-tokens", default=64)
 @click.option("--pool-tokens", default=262144, help="slots in the pool (the H200 7B server holds about 230k)")
+@click.option("--kv-dtype", type=click.Choice(sorted(KV_DTYPES)), default="bfloat16", help="the pool's dtype")
 @click.option("--calls", default=20, help="kernel calls per captured graph")
 @click.option("--repeats", default=10)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(batches: str, context: int, kv_heads: int, head_dim: int, block_tokens: int, pool_tokens: int,
-         calls: int, repeats: int, out: Path) -> None:
+         kv_dtype: str, calls: int, repeats: int, out: Path) -> None:
     """Time every variant per batch size; write one JSON file (after each batch) and print a table."""
     if not torch.cuda.is_available():
         raise click.ClickException("tuning the CUDA decoding kernel needs a CUDA device")
     device = torch.device("cuda")
     torch.manual_seed(0)
-    pool = torch.randn(2, pool_tokens, kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+    pool = torch.randn(2, pool_tokens, kv_heads, head_dim, dtype=torch.bfloat16, device=device).to(KV_DTYPES[kv_dtype])
     keys, values = (pool[i].transpose(0, 1)[None] for i in range(2))  # [1, H_kv, S, D], strided as the engine's
     report: dict[str, Any] = {
         **result_header(
             "tune_flex_decode", "eval.tune_flex_decode",
-            "compiled flex_attention decoding kernel over a bf16 paged pool; device time from CUDA graphs",
-            dict(batches=batches, context=context, kv_heads=kv_heads, head_dim=head_dim,
+            f"compiled flex_attention decoding kernel over a {kv_dtype} paged pool; device time from CUDA graphs",
+            dict(batches=batches, context=context, kv_heads=kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
                  block_tokens=block_tokens, pool_tokens=pool_tokens, calls=calls, repeats=repeats),
         ),
         "read_rate_bytes_per_s": read_rate(device),
@@ -125,7 +132,7 @@ def main(batches: str, context: int, kv_heads: int, head_dim: int, block_tokens:
     for batch in (int(b) for b in batches.split(",")):
         q = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device=device)
         mask = paged_mask(batch, context, block_tokens, pool_tokens // block_tokens, device)
-        kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+        kv_bytes = 2 * batch * context * kv_heads * head_dim * pool.element_size()
         base_s, base_samples, reference = time_variant(q, keys, values, mask, None, calls, repeats)
         variants = [{"options": None, "seconds": base_s, "samples": base_samples, "max_abs_diff": 0.0}]
 
@@ -146,6 +153,10 @@ def main(batches: str, context: int, kv_heads: int, head_dim: int, block_tokens:
         best = min(timed, key=lambda v: v["seconds"])["options"] if timed else {}
         for split in SPLITS:
             attempt({**best, "SPLIT_KV": split})
+        timed = [v for v in variants if "seconds" in v and v["options"]]
+        best = min(timed, key=lambda v: v["seconds"])["options"] if timed else {}
+        for block_n in (n for n in BLOCK_NS if n <= block_tokens):
+            attempt({**best, "BLOCK_N": block_n})
         fastest = min((v for v in variants if "seconds" in v), key=lambda v: v["seconds"])
         point = {"batch": batch, "kv_bytes": kv_bytes, "default_s": base_s, "best": fastest["options"],
                  "best_s": fastest["seconds"], "speedup": base_s / fastest["seconds"],
