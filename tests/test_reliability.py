@@ -445,9 +445,10 @@ def test_a_soak_keeps_memory_flat_and_the_books_balanced(server):
 
 
 def test_a_soak_with_write_back_balances_the_books():
-    """The semantic scheduler's default: every IO_WAIT copies the KV to the tier and keeps the
-    GPU blocks; the next turn frees the copy. 40 lives leave no byte behind."""
-    srv = start_server(server_config(budget_gb=default_budget_gb(), settings={"semantic": {"write_back": True}}),
+    """Write-back at every IO_WAIT (whatever the free memory): each copies the KV to the tier and
+    keeps the GPU blocks; the next turn frees the copy. 40 lives leave no byte behind."""
+    settings = {"semantic": {"write_back": True, "write_back_headroom": 1.0}}
+    srv = start_server(server_config(budget_gb=default_budget_gb(), settings=settings),
                        ["semantic", "tcp"])
     try:
         report = soak(srv, 40, concurrency=2)

@@ -6,6 +6,7 @@ prefill cap while decoding."""
 from __future__ import annotations
 
 import collections
+import time
 
 import attrs
 import pytest
@@ -15,11 +16,12 @@ from djinn.engine.batch import BatchEngine, EngineRequest
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.strategies import ActionKind, MemoryView, Phase, Residency, SchedulerView, SessionInfo
 from djinn.plugins.schedulers.semantic import SemanticScheduler, SemanticSettings
-from eval.reliability.run import PROMPT, kv_budget_gb
+from eval.reliability.run import PROMPT, kv_budget_gb, kv_sizes
 from tests.serving import serving_config
 from tests.test_kernel import _local_turns, serve_with, wait_for
 
-WRITE_BACK = {"semantic": {"write_back": True}}
+#: write back at every IO_WAIT, whatever the free memory
+WRITE_BACK = {"semantic": {"write_back": True, "write_back_headroom": 1.0}}
 
 
 def _count_copies(server) -> collections.Counter:
@@ -169,12 +171,109 @@ def test_io_wait_writes_back_and_prefetches_from_the_hint_else_from_the_learned_
     assert [a.kind for a in scheduler.on_phase(evicted, _view(303.0))] == [ActionKind.RESTORE]
 
 
-def test_io_wait_writes_back_by_default_and_evicts_without_write_back():
+def test_io_wait_writes_back_by_default_when_memory_is_short_and_evicts_without_write_back():
     waiting = _info(1, phase=Phase.IO_WAIT)
     assert [a.kind for a in SemanticScheduler(SemanticSettings()).on_phase(waiting, _view(1.0))] == [
         ActionKind.WRITE_BACK]
     scheduler = SemanticScheduler(SemanticSettings(write_back=False))
     assert [a.kind for a in scheduler.on_phase(waiting, _view(1.0))] == [ActionKind.EVICT]
+
+
+def _memory_view(now: float, *sessions: SessionInfo, free: int, tier_free: int = 10_000) -> SchedulerView:
+    """A device budget of 1,000 bytes with ``free`` of them free, one tier with ``tier_free``."""
+    return SchedulerView(now=now, sessions=sessions, memory=MemoryView(1000, free, {"pinned_host": tier_free}, 0))
+
+
+def test_io_wait_writes_back_only_while_free_and_reclaimable_bytes_are_under_the_headroom():
+    scheduler = SemanticScheduler(SemanticSettings(write_back_headroom=0.25))  # 250 of 1,000 bytes
+    waiting = _info(1, phase=Phase.IO_WAIT, kv_bytes=100, expected_resume_at=30.0)
+    assert [a.kind for a in scheduler.on_phase(waiting, _memory_view(10.0, free=600))] == [ActionKind.RESTORE]
+    assert [a.kind for a in scheduler.on_phase(waiting, _memory_view(10.0, free=200))] == [
+        ActionKind.WRITE_BACK, ActionKind.RESTORE]
+    backed = _info(2, kv_bytes=30, backed=True)
+    moving = _info(3, kv_bytes=20, residency=Residency.EVICTING)
+    view = _memory_view(10.0, backed, moving, free=200)  # 200 free + 50 reclaimable: the headroom
+    assert scheduler.headroom_deficit(view) == 0
+    assert [a.kind for a in scheduler.on_phase(waiting, view)] == [ActionKind.RESTORE]
+    everywhere = SemanticScheduler(SemanticSettings(write_back_headroom=1.0))
+    assert [a.kind for a in everywhere.on_phase(waiting, _memory_view(10.0, free=1000))][0] is ActionKind.WRITE_BACK
+    nowhere = SemanticScheduler(SemanticSettings(write_back_headroom=0.0))
+    assert [a.kind for a in nowhere.on_phase(waiting, _memory_view(10.0, free=0))] == [ActionKind.RESTORE]
+    with pytest.raises(ValueError, match="write_back_headroom"):
+        SemanticSettings(write_back_headroom=1.5)
+
+
+def test_the_tick_writes_back_waiting_sessions_expected_back_last_first_until_the_headroom_is_covered():
+    scheduler = SemanticScheduler(SemanticSettings(write_back_headroom=0.5, idle_threshold_s=0))
+    soon = _info(1, phase=Phase.IO_WAIT, kv_bytes=100, expected_resume_at=20.0)
+    late = _info(2, phase=Phase.IO_WAIT, kv_bytes=100, expected_resume_at=90.0)
+    unknown = _info(3, phase=Phase.IO_WAIT, kv_bytes=100)  # no hint, nothing learned: back last
+    busy = _info(4, phase=Phase.IO_WAIT, kv_bytes=100, busy=True)
+    backed = _info(5, phase=Phase.IO_WAIT, kv_bytes=100, backed=True)
+    computing = _info(6, kv_bytes=100)
+    sessions = (soon, late, unknown, busy, backed, computing)
+    written = lambda view: [(a.kind, a.session_id) for a in scheduler.on_tick(view)]  # noqa: E731
+    # 500 of 1,000 bytes wanted; 250 free + 100 backed: 150 short, so two sessions' worth
+    assert written(_memory_view(10.0, *sessions, free=400)) == []
+    assert written(_memory_view(10.0, *sessions, free=250, tier_free=150)) == [(ActionKind.WRITE_BACK, 3)]
+    # asked once per IO_WAIT: the next tick asks the others (say the kernel skipped that one)
+    assert written(_memory_view(10.0, *sessions, free=250)) == [(ActionKind.WRITE_BACK, 2), (ActionKind.WRITE_BACK, 1)]
+    assert written(_memory_view(10.0, *sessions, free=0)) == []
+    scheduler.on_phase(attrs.evolve(unknown, phase=Phase.COMPUTE), _memory_view(11.0, free=0))
+    scheduler.on_phase(unknown, _memory_view(12.0, free=1000))  # a new IO_WAIT, room to spare
+    assert written(_memory_view(12.0, *sessions, free=250)) == [(ActionKind.WRITE_BACK, 3)]
+    without = SemanticScheduler(SemanticSettings(write_back=False, idle_threshold_s=0))
+    assert without.on_tick(_memory_view(10.0, *sessions, free=0)) == []
+
+
+def test_a_gpu_with_room_to_spare_writes_nothing_back_and_the_session_resumes_in_place():
+    server = serve_with(serving_config(), ["semantic", "tcp"])  # the default headroom
+    kernel = server.kernel
+    copies = _count_copies(server)
+    try:
+        with connect(server.url("tcp")) as client, client.model().session() as session:
+            first = session.generate(PROMPT, max_new_tokens=2).tokens
+            view = server.call(kernel.view)
+            assert server.call(lambda: kernel.scheduler.headroom_deficit(view)) < 0  # the premise
+            session.signal_phase("IO_WAIT", expected_s=30)
+            time.sleep(30 * server.config.server.tick_s)  # the scheduler's ticks see the idle session
+            assert _state(server, session.id) == (Residency.RESIDENT, False, None)
+            session.signal_phase("COMPUTE")
+            assert len(session.generate([first[-1]], max_new_tokens=2).tokens) == 2
+            assert copies == {}
+            counters = server.call(lambda: dict(kernel.counters))
+            assert counters["write_backs"] == counters["evictions"] == counters["restores"] == 0
+    finally:
+        server.stop()
+
+
+def test_once_memory_runs_short_the_tick_writes_back_a_session_already_waiting():
+    """Room for four sessions of 64 tokens and a headroom of two and a half: the first session
+    goes idle with three sessions' room free (no copy), and the tick writes it back once a second
+    session leaves only two."""
+    weights, kv = kv_sizes("random:tiny-llama", 64)
+    budget_gb = kv_budget_gb("random:tiny-llama", 4, 64)
+    headroom = 2.5 * kv / (budget_gb * 2**30)
+    server = serve_with(serving_config(budget_gb=budget_gb, settings={"semantic": {"write_back_headroom": headroom}}),
+                        ["semantic", "tcp"])
+    kernel = server.kernel
+    deficit = lambda: server.call(lambda: kernel.scheduler.headroom_deficit(kernel.view()))  # noqa: E731
+    try:
+        with connect(server.url("tcp")) as client:
+            model = client.model()
+            first, second = model.session(), model.session()
+            first.generate(list(range(1, 60)), max_new_tokens=2)
+            assert deficit() < 0  # the premise: room to spare
+            first.signal_phase("IO_WAIT", expected_s=30)
+            time.sleep(30 * server.config.server.tick_s)
+            assert server.call(lambda: kernel.counters["write_backs"]) == 0
+            second.generate(list(range(1, 60)), max_new_tokens=2)
+            assert wait_for(lambda: server.call(lambda: kernel.counters["write_backs"]) == 1)
+            assert _state(server, first.id) == (Residency.RESIDENT, True, "pinned_host")
+            assert _state(server, second.id) == (Residency.RESIDENT, False, None)
+            assert deficit() <= 0
+    finally:
+        server.stop()
 
 
 def test_victims_are_backed_sessions_first_then_waiting_then_least_recently_used():

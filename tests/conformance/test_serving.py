@@ -27,9 +27,13 @@ def local_tokens(spec: str, prompt: list[int], n: int, device: str = "cpu") -> l
     return greedy_generate(runner, runner.new_kv(), runner.ids_tensor(prompt), n)
 
 
+#: semantic writes back at every IO_WAIT, whatever the free memory, so every scheduler's moves are tested
+EVERY_IO_WAIT = {"semantic": {"write_back_headroom": 1.0}}
+
+
 @pytest.fixture(scope="module", params=["random:tiny-llama", "random:tiny-gpt2"])
 def server(request):
-    srv = start_server(serving_config(request.param))
+    srv = start_server(serving_config(request.param, settings=EVERY_IO_WAIT))
     yield srv
     srv.stop()
 
