@@ -12,7 +12,7 @@ import pytest
 
 from djinn.kernel.errors import ConfigError
 from eval.exp1_density import run as run_module
-from eval.exp1_density.explain import explain
+from eval.exp1_density.explain import _steps_beside_moves, explain
 from eval.exp1_density.run import load_experiment, percentile, run
 
 SMOKE = Path(__file__).resolve().parents[1] / "eval" / "exp1_density" / "configs" / "smoke.toml"
@@ -118,6 +118,26 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert sum(parts.values()) == pytest.approx(slowest)
     assert explained["trace"]["prefill_tokens_per_s"] > 0 and explained["moves"]["write_backs"] == counters["write_backs"]
     assert explained["engine_first_uses"] == {"engine_graph_captures": 0, "engine_compiles": 0}
+    assert set(explained["trace"]["steps_beside_moves"]) == {"decode_only", "with_prefill"}
+
+
+def test_steps_beside_a_move_are_compared_with_steps_of_their_shape_beside_none() -> None:
+    def step(t_s: float, seconds: float, rows: int, prefill_tokens: int = 0) -> dict:
+        return {"t_s": t_s, "prefill_s": 0.0, "decode_s": seconds, "decode_rows": rows, "prefill_tokens": prefill_tokens}
+
+    moves = [{"t_end_s": 11.0, "seconds": 2.0}, {"t_end_s": 10.5, "seconds": 0.2},  # merged: 9-11 s
+             {"t_end_s": 30.0, "seconds": 1.0}]
+    steps = [
+        step(1.0, 0.010, 8), step(2.0, 0.010, 8), step(3.0, 0.030, 40),  # no move runs
+        step(9.5, 0.012, 8), step(10.9, 0.015, 7), step(29.5, 0.036, 40),  # overlap a move
+        step(8.99, 0.005, 8),  # ends at 8.995 s, before the first move
+        step(4.0, 0.020, 8, 512), step(29.0, 0.030, 8, 500),  # with a prefill, beside none / one
+        step(29.9, 0.040, 60),  # beside a move, but no step of its shape beside none
+    ]
+    assert _steps_beside_moves(steps, moves) == {
+        "decode_only": {"steps_beside_moves": 3, "median_ratio": pytest.approx(1.2)},  # 1.2, 1.5 and 1.2
+        "with_prefill": {"steps_beside_moves": 1, "median_ratio": pytest.approx(1.5)},
+    }
 
 
 def test_the_engine_table_reaches_the_server(tmp_path: Path) -> None:

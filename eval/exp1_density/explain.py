@@ -13,6 +13,7 @@ parts, or the time outside them (transport and the client's own event loop).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 from pathlib import Path
@@ -88,6 +89,7 @@ def _trace_figures(trace: dict[str, Any]) -> dict[str, Any]:
         "stall_stacks": trace.get("stall_stacks", [])[:5],
         **_collections(trace),
         **_short_passes(steps),
+        "steps_beside_moves": _steps_beside_moves(steps, moves),
     }
 
 
@@ -112,6 +114,39 @@ def _short_passes(steps: list[dict[str, Any]]) -> dict[str, Any]:
     out = {"short_passes": len(short), "short_pass_median_s": statistics.median(s["prefill_s"] for s in short)}
     if "prefill_launch_s" in short[0]:
         out["short_pass_launch_median_s"] = statistics.median(s["prefill_launch_s"] for s in short)
+    return out
+
+
+def _steps_beside_moves(steps: list[dict[str, Any]], moves: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a KV move in flight (write-back, eviction or restore) costs the engine's steps: each
+    step that overlaps one over the median of the steps of its shape (decode rows in 4s, prefill
+    tokens in 128s) that overlap none. Per kind (decode-only, or also prefilling): the median of
+    those ratios, and how many steps overlapped a move."""
+    merged: list[list[float]] = []
+    for start, end in sorted((m["t_end_s"] - m["seconds"], m["t_end_s"]) for m in moves):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts = [m[0] for m in merged]
+
+    def overlaps(step: dict[str, Any]) -> bool:
+        end = step["t_s"] + step["prefill_s"] + step["decode_s"]
+        i = bisect.bisect_left(starts, end) - 1  # the last move starting before the step ends
+        return i >= 0 and merged[i][1] > step["t_s"]
+
+    beside: dict[tuple[int, int], list[float]] = {}
+    without: dict[tuple[int, int], list[float]] = {}
+    for step in steps:
+        if step["decode_rows"]:
+            group = (-(-step["prefill_tokens"] // 128), -(-step["decode_rows"] // 4))
+            (beside if overlaps(step) else without).setdefault(group, []).append(step["prefill_s"] + step["decode_s"])
+    out: dict[str, Any] = {}
+    for kind, prefilling in (("decode_only", False), ("with_prefill", True)):
+        ratios = [seconds / statistics.median(without[group])
+                  for group, times in beside.items() if bool(group[0]) is prefilling and group in without
+                  for seconds in times]
+        out[kind] = {"steps_beside_moves": len(ratios), "median_ratio": statistics.median(ratios) if ratios else None}
     return out
 
 
@@ -181,6 +216,10 @@ def _print(points: list[dict[str, Any]]) -> None:
                     for g, c in trace["collections"].items()))
             for count, stack in trace["stall_stacks"]:
                 print(f"  stalled loop, {count} samples: {stack}")
+            beside = trace["steps_beside_moves"]
+            print("  steps while a KV move runs, over those of their shape while none does: " + ", ".join(
+                f"{kind.replace('_', '-')} {v['median_ratio']:.2f} x ({v['steps_beside_moves']} steps)"
+                for kind, v in beside.items() if v["median_ratio"] is not None))
             if trace["short_passes"]:
                 launch = trace.get("short_pass_launch_median_s")
                 queued = f", {1e3 * launch:.1f} ms of it until queued" if launch is not None else ""
