@@ -34,6 +34,23 @@ def _raw(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.uint8) if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1 else tensor
 
 
+#: the integer dtypes a move may read a KV row as, widest first
+_ROW_WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
+
+
+def move_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """KV tensors ``[L, 2, slots, H_kv, D]`` as the same bytes ``[L, 2, slots, W]`` in the widest
+    integer words that divide a slot's row and every tensor's address (one word for all, so a
+    gather from one fills the other). A move's gather and scatter copy one element per thread:
+    over one-byte words the H200 gathered 590 GB/s, over eight-byte words 2,138 GB/s, and a
+    gather beside a pass is what slows it (``eval/results/move_interference_h200.json``)."""
+    first = tensors[0]
+    row = first.shape[-2] * first.shape[-1] * first.element_size()
+    word = next(w for w in _ROW_WORDS
+                if row % w.itemsize == 0 and all(t.data_ptr() % w.itemsize == 0 for t in tensors))
+    return tuple(t.view(*t.shape[:-2], -1).view(torch.uint8).view(word) for t in tensors)  # views, never copies
+
+
 def store_slots(dst: torch.Tensor, slots: torch.Tensor, src: torch.Tensor) -> None:
     """``dst[slots] = src`` along the first dimension, ``src`` rounded to ``dst``'s dtype."""
     if dst.is_cuda and dst.dtype.itemsize == 1:
@@ -266,7 +283,7 @@ class SessionKV:
         device (uploaded here otherwise)."""
         if not self.blocks:
             return
-        pool, host = _raw(self.pool.tensor), _raw(host)  # [L, 2, slots, H_kv, D], [L, 2, capacity, H_kv, D]
+        pool, host = move_rows(self.pool.tensor, host)  # [L, 2, slots, W], [L, 2, capacity, W]
         if slots is None:
             slots = self.move_slots().to(pool.device)
         layer_bytes = pool[0, :, 0].numel() * pool.element_size() * slots.numel()
