@@ -12,8 +12,11 @@ replayed while a thread moves KV the way ``SessionKV`` does, on a stream of its 
 - ``none``: nothing beside the pass;
 - ``dma``: a contiguous device buffer of one move's size copied to pinned host memory;
 - ``gather``: the move's gather alone (``index_select`` of a session's scattered slots, per
-  group of layers of at most 64 MiB, from a pool laid out ``[L, 2, slots, H_kv * D]`` in fp8);
-- ``move``: the gather and the copy of each group to pinned host memory, as a write-back does.
+  group of layers of at most 64 MiB, from an fp8 pool ``[L, 2, slots, H_kv, D]`` read in the
+  engine's words, ``move_rows``), back to back;
+- ``move``: the gather and the copy of each group to pinned host memory, as a write-back does;
+- ``gather_bytes``, ``move_bytes``: the same over one-byte words, as moves were made before
+  ``move_rows``.
 
 Each arm replays the pass ``--passes`` times; every replay is timed by CUDA events. The report
 gives each arm's median pass and its ratio to ``none``'s, and the mover's rate.
@@ -31,11 +34,12 @@ from typing import Any
 import click
 import torch
 
+from djinn.engine.kvpool import move_rows
 from eval.report import result_header
 
 #: the engine's staging limit for one gather (``djinn.engine.kvpool.MOVE_STAGING_BYTES``)
 STAGING_BYTES = 64 << 20
-ARMS = ("none", "dma", "gather", "move")
+ARMS = ("none", "dma", "gather", "move", "gather_bytes", "move_bytes")
 
 
 def block_weights(hidden: int, intermediate: int, device: torch.device) -> list[torch.Tensor]:
@@ -71,7 +75,11 @@ class Mover(threading.Thread):
     def __init__(self, arm: str, pool: torch.Tensor, slots: torch.Tensor, host: torch.Tensor,
                  contiguous: torch.Tensor) -> None:
         super().__init__(daemon=True)
-        self.arm, self.pool, self.slots, self.host, self.contiguous = arm, pool, slots, host, contiguous
+        self.arm, self.slots, self.contiguous, self.host_bytes = arm, slots, contiguous, host
+        if arm.endswith("_bytes"):
+            self.pool, self.host = pool.view(*pool.shape[:-2], -1), host.view(*host.shape[:-2], -1)
+        else:
+            self.pool, self.host = move_rows(pool, host)
         self.stream = torch.cuda.Stream()
         self.halt = threading.Event()
         self.moves = 0
@@ -84,12 +92,12 @@ class Mover(threading.Thread):
         while not self.halt.is_set():
             with torch.cuda.stream(self.stream):
                 if self.arm == "dma":
-                    self.host.view(-1).copy_(self.contiguous, non_blocking=True)
+                    self.host_bytes.view(-1).copy_(self.contiguous, non_blocking=True)
                 else:
                     for first in range(0, self.pool.shape[0], group):
                         layers = slice(first, first + group)
                         gathered = self.pool[layers].index_select(2, self.slots)
-                        if self.arm == "move":
+                        if self.arm.startswith("move"):
                             self.host[layers].copy_(gathered, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self.stream)
@@ -118,7 +126,7 @@ def time_passes(graph: torch.cuda.CUDAGraph, passes: int) -> list[float]:
 @click.option("--intermediate", default=11008)
 @click.option("--move-tokens", default=1100, help="one session's tokens (its KV is one move)")
 @click.option("--pool-slots", default=131072, help="slots in the pool the gather reads from")
-@click.option("--kv-row-bytes", default=4096, help="one layer's K (or V) bytes per slot: H_kv * D in fp8")
+@click.option("--kv-row-bytes", default=4096, help="one layer's K (or V) bytes per slot: H_kv * D in fp8 (a multiple of 128)")
 @click.option("--passes", default=200)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(tokens: str, layers: int, hidden: int, intermediate: int, move_tokens: int, pool_slots: int,
@@ -129,11 +137,12 @@ def main(tokens: str, layers: int, hidden: int, intermediate: int, move_tokens: 
     device = torch.device("cuda")
     torch.manual_seed(0)
     blocks = [block_weights(hidden, intermediate, device) for _ in range(4)]
-    pool = torch.empty(layers, 2, pool_slots, kv_row_bytes, dtype=torch.uint8, device=device)
+    # [L, 2, slots, H_kv, D] with D = 128 one-byte values, as an fp8 pool is stored
+    pool = torch.empty(layers, 2, pool_slots, kv_row_bytes // 128, 128, dtype=torch.uint8, device=device)
     block = 64
     chosen = torch.randperm(pool_slots // block, device=device)[: -(-move_tokens // block)]
     slots = (chosen[:, None] * block + torch.arange(block, device=device)).reshape(-1)[:move_tokens]
-    host = torch.empty(layers, 2, move_tokens, kv_row_bytes, dtype=torch.uint8, pin_memory=True)
+    host = torch.empty(layers, 2, move_tokens, kv_row_bytes // 128, 128, dtype=torch.uint8, pin_memory=True)
     contiguous = torch.empty(host.numel(), dtype=torch.uint8, device=device)
     move_bytes = host.numel()
     report: dict[str, Any] = {

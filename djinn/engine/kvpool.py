@@ -41,9 +41,10 @@ _ROW_WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 def move_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """KV tensors ``[L, 2, slots, H_kv, D]`` as the same bytes ``[L, 2, slots, W]`` in the widest
     integer words that divide a slot's row and every tensor's address (one word for all, so a
-    gather from one fills the other). A move's gather and scatter copy one element per thread:
-    over one-byte words the H200 gathered 590 GB/s, over eight-byte words 2,138 GB/s, and a
-    gather beside a pass is what slows it (``eval/results/move_interference_h200.json``)."""
+    gather from one fills the other). A move's gather and scatter copy one element per thread,
+    so wider words keep the device busy for less of the move; beside the engine's passes, the
+    gather is the part of a move that slows them (``eval/results/move_interference_h200.json``;
+    ``eval.bench_move_interference`` times both word widths)."""
     first = tensors[0]
     row = first.shape[-2] * first.shape[-1] * first.element_size()
     word = next(w for w in _ROW_WORDS
