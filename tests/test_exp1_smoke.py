@@ -183,6 +183,11 @@ def test_merge_puts_separate_runs_side_by_side() -> None:
     assert merged["summary"]["max_agents_within_limit"] == {"lru": 96, "semantic": 48, "static": 0}
     assert merged["agent_counts"] == [48, 64, 96] and len(merged["points"]) == 6
     assert merged["merged_from"] == ["a", "b", "c", "d"]
+    assert merged["commit"] is None  # the test reports name none
+    same = [{**_report("lru", [(8, True)]), "commit": "abc"}, {**_report("lru", [(16, True)]), "commit": "abc"}]
+    assert run_module.merge(same, ["x", "y"])["commit"] == "abc"
+    same[1]["commit"] = "def"
+    assert run_module.merge(same, ["x", "y"])["commit"] == {"x": "abc", "y": "def"}
     traced = _report("lru", [(8, True)])
     traced["points"][0]["trace"] = {"steps": []}
     assert "trace" not in run_module.merge([traced], ["t"])["points"][0]

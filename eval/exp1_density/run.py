@@ -829,8 +829,11 @@ def merge(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> dict[str
         best = max_agents.setdefault(s["scheduler"], 0)
         if s["meets_limit"]:
             max_agents[s["scheduler"]] = max(best, s["agents"])
+    commits = {source: report.get("commit") for report, source in zip(reports, sources)}
     return {
         **{k: reports[0][k] for k in ("experiment", "hardware", "versions", "config")},
+        # one commit when every run measured the same code, else each source's
+        "commit": next(iter(commits.values())) if len(set(commits.values())) == 1 else commits,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "merged_from": list(sources),
         "schedulers": list(max_agents),
