@@ -141,10 +141,11 @@ def _steps_beside_moves(steps: list[dict[str, Any]], moves: list[dict[str, Any]]
         if step["decode_rows"]:
             group = (-(-step["prefill_tokens"] // 128), -(-step["decode_rows"] // 4))
             (beside if overlaps(step) else without).setdefault(group, []).append(step["prefill_s"] + step["decode_s"])
+    medians = {group: statistics.median(times) for group, times in without.items()}
     out: dict[str, Any] = {}
     for kind, prefilling in (("decode_only", False), ("with_prefill", True)):
-        ratios = [seconds / statistics.median(without[group])
-                  for group, times in beside.items() if bool(group[0]) is prefilling and group in without
+        ratios = [seconds / medians[group]
+                  for group, times in beside.items() if bool(group[0]) is prefilling and group in medians
                   for seconds in times]
         out[kind] = {"steps_beside_moves": len(ratios), "median_ratio": statistics.median(ratios) if ratios else None}
     return out
@@ -216,10 +217,10 @@ def _print(points: list[dict[str, Any]]) -> None:
                     for g, c in trace["collections"].items()))
             for count, stack in trace["stall_stacks"]:
                 print(f"  stalled loop, {count} samples: {stack}")
-            beside = trace["steps_beside_moves"]
-            print("  steps while a KV move runs, over those of their shape while none does: " + ", ".join(
-                f"{kind.replace('_', '-')} {v['median_ratio']:.2f} x ({v['steps_beside_moves']} steps)"
-                for kind, v in beside.items() if v["median_ratio"] is not None))
+            beside = [f"{kind.replace('_', '-')} {v['median_ratio']:.2f} x ({v['steps_beside_moves']} steps)"
+                      for kind, v in trace["steps_beside_moves"].items() if v["median_ratio"] is not None]
+            if beside:
+                print("  steps while a KV move runs, over those of their shape while none does: " + ", ".join(beside))
             if trace["short_passes"]:
                 launch = trace.get("short_pass_launch_median_s")
                 queued = f", {1e3 * launch:.1f} ms of it until queued" if launch is not None else ""
