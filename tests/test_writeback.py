@@ -251,7 +251,7 @@ def test_once_memory_runs_short_the_tick_writes_back_a_session_already_waiting()
     """Room for four sessions of 64 tokens and a headroom of two and a half: the first session
     goes idle with three sessions' room free (no copy), and the tick writes it back once a second
     session leaves only two."""
-    weights, kv = kv_sizes("random:tiny-llama", 64)
+    _weights, kv = kv_sizes("random:tiny-llama", 64)
     budget_gb = kv_budget_gb("random:tiny-llama", 4, 64)
     headroom = 2.5 * kv / (budget_gb * 2**30)
     server = serve_with(serving_config(budget_gb=budget_gb, settings={"semantic": {"write_back_headroom": headroom}}),
