@@ -188,11 +188,13 @@ class Kernel:
         await self.backend.cancel(session.kv)  # the engine lets go of the blocks before they are freed
         if session.moving is not None:
             await asyncio.wait({session.moving})
-        self.sessions.pop(session.info.id, None)
         held = self.backend.held_bytes(session.kv)
         if held:
             await self.backend.release(session.kv, keep_capacity=False)
         self._free_session_memory(session, held)
+        # gone from the open sessions only once its bytes are back, so no one sees a session
+        # missing whose memory is still accounted
+        self.sessions.pop(session.info.id, None)
         await self._notify_freed()
         self.plugins.notify("djinn_session_closed", session=session.info, reason=reason)
 
