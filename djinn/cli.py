@@ -344,9 +344,13 @@ def _check_router_address(host: str, port: int, token: str | None, option: str) 
 @_fail_cleanly
 def demo_command(config_path, plugin_names, model_name, agents, turns) -> None:
     """Start a server and a few agents over TCP loopback in one process; print what happened."""
-    config, plugins = _load(config_path, plugin_names, name=model_name, port=0, metrics_port=0)
-    from djinn.demo import run_demo
+    from djinn.demo import demo_config, run_demo
+    from djinn.kernel.plugins import get_plugin_manager
 
+    config = demo_config(_with_changes(load_config(config_path), dict(name=model_name, port=0, metrics_port=0)))
+    plugins = get_plugin_manager(config, split_plugin_names(plugin_names))
+    if plugins.selection.scheduler == "semantic":
+        click.echo("the demo's semantic scheduler writes back at every IO_WAIT (write_back_headroom = 1.0)")
     run_demo(config, plugins, agents=agents, turns=turns, echo=click.echo)
 
 

@@ -1,7 +1,9 @@
 """``djinn demo``: a server and a few agents over real TCP loopback, in one process.
 
-Each agent runs the loop Djinn is built for: generate -> tool call (IO_WAIT, its KV leaves the
-GPU) -> resume (COMPUTE, its KV comes back) -> generate, and the demo prints what happened.
+Each agent runs the loop Djinn is built for: generate -> tool call (IO_WAIT: its KV is written
+back, copied to the host tier while its GPU blocks stay) -> resume (COMPUTE) -> generate, and the
+demo prints what happened. A few agents never run a GPU short of memory, where a server writes
+back only once memory runs short, so the demo has semantic write back at every IO_WAIT.
 Then one agent speaks the OpenAI API to a model that answers with a tool call: the server puts
 its session in IO_WAIT by itself, and the request bringing the tool's result resumes it.
 """
@@ -16,6 +18,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import DjinnPlugins
@@ -40,6 +44,12 @@ def _agent(url: str, index: int, turns: int, vocab: int, rows: list[dict[str, An
             time.sleep(think)  # the "tool call"
             session.signal_phase("COMPUTE")
             prompt = [rng.randrange(vocab) for _ in range(8)]  # the tool's result
+
+
+def demo_config(config: DjinnConfig) -> DjinnConfig:
+    """``config`` with semantic writing back at every IO_WAIT (``write_back_headroom = 1.0``)."""
+    semantic = {**config.settings.get("semantic", {}), "write_back_headroom": 1.0}
+    return attrs.evolve(config, settings={**config.settings, "semantic": semantic})
 
 
 def run_demo(config: DjinnConfig, plugins: DjinnPlugins, *, agents: int, turns: int, echo: Callable[[str], None]) -> None:

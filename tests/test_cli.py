@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,7 @@ def test_demo_runs_agents_over_tcp():
     result = run("demo", "--agents", "2", "--turns", "2", timeout=240)
     assert result.returncode == 0, result.stderr
     assert "evictions:" in result.stdout and "agent turns" in result.stdout
+    assert int(re.search(r"write-backs: (\d+)", result.stdout).group(1)) > 0  # the demo shows its KV moving
     # the OpenAI-API agent: its model's tool call put the session in IO_WAIT, the tool result resumed it
     assert "finish_reason 'tool_calls': get_weather" in result.stdout and "now IO_WAIT" in result.stdout
     assert "resumed it: COMPUTE" in result.stdout
