@@ -2,8 +2,8 @@
 
 Each agent runs the loop Djinn is built for: generate -> tool call (IO_WAIT: its KV is written
 back, copied to the host tier while its GPU blocks stay) -> resume (COMPUTE) -> generate, and the
-demo prints what happened. A few agents never run a GPU short of memory, where a server writes
-back only once memory runs short, so the demo has semantic write back at every IO_WAIT.
+demo prints what happened. A server writes back only once memory runs short, which a few agents
+never cause, so the demo has semantic write back at every IO_WAIT.
 Then one agent speaks the OpenAI API to a model that answers with a tool call: the server puts
 its session in IO_WAIT by itself, and the request bringing the tool's result resumes it.
 """

@@ -27,7 +27,7 @@ def local_tokens(spec: str, prompt: list[int], n: int, device: str = "cpu") -> l
     return greedy_generate(runner, runner.new_kv(), runner.ids_tensor(prompt), n)
 
 
-#: semantic writes back at every IO_WAIT, whatever the free memory, so every scheduler's moves are tested
+#: semantic writes back at every IO_WAIT, whatever the free memory: its moves are tested here too
 EVERY_IO_WAIT = {"semantic": {"write_back_headroom": 1.0}}
 
 
