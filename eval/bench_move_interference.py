@@ -35,6 +35,7 @@ import click
 import torch
 
 from djinn.engine.kvpool import move_rows
+from eval.cuda_timing import replay_seconds
 from eval.report import result_header
 
 #: the engine's staging limit for one gather (``djinn.engine.kvpool.MOVE_STAGING_BYTES``)
@@ -106,19 +107,6 @@ class Mover(threading.Thread):
         self.seconds = time.perf_counter() - started
 
 
-def time_passes(graph: torch.cuda.CUDAGraph, passes: int) -> list[float]:
-    """Seconds of each of ``passes`` replays, by CUDA events."""
-    samples = []
-    for _ in range(passes):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) / 1e3)
-    return samples
-
-
 @click.command()
 @click.option("--tokens", default="512,48", help="tokens per pass, one pass shape each")
 @click.option("--layers", default=32)
@@ -156,14 +144,14 @@ def main(tokens: str, layers: int, hidden: int, intermediate: int, move_tokens: 
     for count in (int(t) for t in tokens.split(",")):
         x = torch.randn(count, hidden, dtype=torch.bfloat16, device=device)
         graph = captured_pass(x, blocks, layers)
-        time_passes(graph, 10)
+        replay_seconds(graph, 10)
         shape: dict[str, Any] = {"tokens": count, "arms": {}}
         for arm in ARMS:
             mover = None if arm == "none" else Mover(arm, pool, slots, host, contiguous)
             if mover is not None:
                 mover.start()
                 time.sleep(0.05)
-            samples = time_passes(graph, passes)
+            samples = replay_seconds(graph, passes)
             if mover is not None:
                 mover.halt.set()
                 mover.join()

@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from djinn.engine.runner import _FLEX_QUERY_BLOCK, _NO_Q_BLOCKS
+from eval.cuda_timing import replay_seconds
 from eval.report import result_header
 
 #: (num_stages, num_warps) tried at inductor's split; then these SPLIT_KV at the best pair
@@ -87,14 +88,7 @@ def time_variant(q, keys, values, mask, options: dict[str, Any] | None, calls: i
             run()
     graph.replay()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(stop) / 1e3 / calls)
+    samples = [seconds / calls for seconds in replay_seconds(graph, repeats)]
     return statistics.median(samples), samples, out
 
 
