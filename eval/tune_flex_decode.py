@@ -2,11 +2,13 @@
 
     python -m eval.tune_flex_decode --out eval/results/tune_flex_decode_<tag>.json
     python -m eval.tune_flex_decode --kv-dtype fp8_e4m3 --out eval/results/tune_flex_decode_fp8_<tag>.json
+    python -m eval.tune_flex_decode --kv-dtype fp8_e4m3 --query-dtype float16 --out eval/results/tune_flex_decode_fp8_f16q_<tag>.json
 
 The paged decode step (``djinn.engine.runner``) attends ``B`` one-token rows over one layer's pool
 view ``[1, H_kv, S, D]`` (strided out of ``[2, S, H_kv, D]``), each row reading only its session's
-blocks through a ``BlockMask`` built as the runner builds it (the pool in bf16, or in fp8 with
-bf16 queries, as ``kv_dtype = "fp8_e4m3"`` stores it; one row's blocks scattered over the pool,
+blocks through a ``BlockMask`` built as the runner builds it (the pool in bf16, or in fp8 as
+``kv_dtype = "fp8_e4m3"`` stores it, with bf16 or ``--query-dtype float16`` queries; one row's
+blocks scattered over the pool,
 the runner's ``mask_mod``). For each batch size the compiled kernel runs with inductor's
 default options and with other ``kernel_options`` (``num_stages``/``num_warps`` first, then
 ``SPLIT_KV`` at the best of those, then the key tile ``BLOCK_N``); every variant is captured in a CUDA graph of ``--calls``
@@ -33,6 +35,8 @@ from eval.report import result_header
 PIPELINES = ((1, 2), (2, 2), (3, 2), (2, 4), (3, 4), (4, 4), (3, 8), (4, 8))
 #: the pool's dtype by ``--kv-dtype`` (the engine's ``kv_dtype`` names)
 KV_DTYPES = {"bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
+#: the queries' dtype by ``--query-dtype``
+QUERY_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 SPLITS = (1, 2, 4, 8, 16, 32)
 #: then these key tiles at the best so far (at most ``--block-tokens``: a tile lies in one block)
 BLOCK_NS = (16, 32, 64, 128)
@@ -100,11 +104,12 @@ def time_variant(q, keys, values, mask, options: dict[str, Any] | None, calls: i
 @click.option("--block-tokens", default=64)
 @click.option("--pool-tokens", default=262144, help="slots in the pool (the H200 7B server holds about 230k)")
 @click.option("--kv-dtype", type=click.Choice(sorted(KV_DTYPES)), default="bfloat16", help="the pool's dtype")
+@click.option("--query-dtype", type=click.Choice(sorted(QUERY_DTYPES)), default="bfloat16", help="the queries' dtype")
 @click.option("--calls", default=20, help="kernel calls per captured graph")
 @click.option("--repeats", default=10)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def main(batches: str, context: int, kv_heads: int, head_dim: int, block_tokens: int, pool_tokens: int,
-         kv_dtype: str, calls: int, repeats: int, out: Path) -> None:
+         kv_dtype: str, query_dtype: str, calls: int, repeats: int, out: Path) -> None:
     """Time every variant per batch size; write one JSON file (after each batch) and print a table."""
     if not torch.cuda.is_available():
         raise click.ClickException("tuning the CUDA decoding kernel needs a CUDA device")
@@ -115,8 +120,10 @@ def main(batches: str, context: int, kv_heads: int, head_dim: int, block_tokens:
     report: dict[str, Any] = {
         **result_header(
             "tune_flex_decode", "eval.tune_flex_decode",
-            f"compiled flex_attention decoding kernel over a {kv_dtype} paged pool; device time from CUDA graphs",
+            f"compiled flex_attention decoding kernel, {query_dtype} queries over a {kv_dtype} paged pool; "
+            "device time from CUDA graphs",
             dict(batches=batches, context=context, kv_heads=kv_heads, head_dim=head_dim, kv_dtype=kv_dtype,
+                 query_dtype=query_dtype,
                  block_tokens=block_tokens, pool_tokens=pool_tokens, calls=calls, repeats=repeats),
         ),
         "read_rate_bytes_per_s": read_rate(device),
@@ -124,7 +131,7 @@ def main(batches: str, context: int, kv_heads: int, head_dim: int, block_tokens:
     }
     click.echo(f"device read rate {report['read_rate_bytes_per_s'] / 1e12:.2f} TB/s")
     for batch in (int(b) for b in batches.split(",")):
-        q = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device=device)
+        q = torch.randn(batch, kv_heads, 1, head_dim, dtype=torch.bfloat16, device=device).to(QUERY_DTYPES[query_dtype])
         mask = paged_mask(batch, context, block_tokens, pool_tokens // block_tokens, device)
         kv_bytes = 2 * batch * context * kv_heads * head_dim * pool.element_size()
         base_s, base_samples, reference = time_variant(q, keys, values, mask, None, calls, repeats)

@@ -13,7 +13,10 @@ import attrs
 import pytest
 import torch
 
+from torch.nn.attention.flex_attention import flex_attention
+
 from djinn.client import connect
+from djinn.engine.families import pool_attention
 from djinn.engine.models import load_model
 from djinn.engine.runner import DECODE_ATTENTION, KV_FP8_DTYPES, ModelRunner, greedy_generate
 from djinn.kernel.errors import ConfigError, ModelError
@@ -103,6 +106,26 @@ def test_an_fp8_session_leaves_and_comes_back_bitwise_and_continues_as_if_it_nev
             assert session.generate([5, 6], max_new_tokens=6).tokens == second
     finally:
         server.stop()
+
+
+def test_a_bfloat16_query_attends_an_fp8_pool_in_float16_and_returns_bfloat16():
+    torch.manual_seed(0)
+    query = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16)
+    keys, values = (torch.randn(1, 4, 64, 16).to(FP8) for _ in range(2))
+    seen = []
+
+    def attend(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return flex_attention(q, k, v, **kwargs)
+
+    out = pool_attention(attend, query, keys, values, scale=0.25)
+    reference = flex_attention(query.float(), keys.float(), values.float(), scale=0.25)
+    assert seen == [torch.float16] and out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, atol=2e-2, rtol=1e-2)
+    # over a pool in the query's own dtype, or a float32 query, the query goes in as it is
+    pool_attention(attend, query, keys.bfloat16(), values.bfloat16())
+    pool_attention(attend, query.float(), keys, values)
+    assert seen[1:] == [torch.bfloat16, torch.float32]
 
 
 def test_unknown_kv_dtypes_are_refused_naming_the_allowed_ones():

@@ -193,6 +193,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def pool_attention(
+    attend: Callable[..., torch.Tensor], query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``attend(query, keys, values, **kwargs)`` (flex_attention over a KV pool's view), in the
+    query's dtype. A bfloat16 query over an fp8 pool attends as float16: the kernel widens every
+    key and value it reads to the query's dtype, e4m3 to float16 is a single conversion where
+    to bfloat16 is not, and float16 holds every e4m3 value and a bfloat16 query's significand
+    exactly (its range, 65504, is far past a rotary query's)."""
+    if keys.element_size() == 1 and query.dtype == torch.bfloat16:
+        return attend(query.to(torch.float16), keys, values, **kwargs).to(query.dtype)
+    return attend(query, keys, values, **kwargs)
+
+
 def rotary_decode_layer(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
@@ -223,8 +237,8 @@ def rotary_decode_layer(
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     store_slots(keys, write, k[:, :, 0])
     store_slots(values, write, v[:, 0])
-    out = attend(
-        q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], block_mask=block_mask,
+    out = pool_attention(
+        attend, q, keys.transpose(0, 1)[None], values.transpose(0, 1)[None], block_mask=block_mask,
         scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1], kernel_options=kernel_options,
     )  # [B, H, 1, D]
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))

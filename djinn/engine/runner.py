@@ -60,7 +60,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from djinn.kernel.errors import BreakpointError, ModelError
 from djinn.engine.kvpool import SCRATCH_BLOCK, KVPool, SessionKV, load_slots, store_slots
 from djinn.engine.families import (
-    LAYER_SITES, LayerParts, family_of, pack_projections, rotary_decode_layer, rotary_prefill_mlp, rotary_prefill_qkv,
+    LAYER_SITES, LayerParts, family_of, pack_projections, pool_attention, rotary_decode_layer, rotary_prefill_mlp,
+    rotary_prefill_qkv,
 )
 from djinn.engine import invariant
 from djinn.engine.models import LoadedModel, kv_geometry
@@ -288,8 +289,8 @@ def paged_decode_attention(
     # torch functions disabled dynamo cannot trace flex_attention and falls back to the unfused
     # reference, which materialises every row's scores over the whole pool.)
     options = getattr(module.config, "djinn_flex_options", None)
-    out = flex(
-        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+    out = pool_attention(
+        flex, query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
         kernel_options=options,
     )  # [B, H, 1, D]
     return out.transpose(1, 2), None
