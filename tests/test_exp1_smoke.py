@@ -151,6 +151,26 @@ def test_the_engine_table_reaches_the_server(tmp_path: Path) -> None:
         load_experiment(config)
 
 
+def test_plugin_settings_reach_the_server_and_bad_ones_are_refused_at_load(tmp_path: Path) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text('[memory]\npinned_host_capacity_gb = 2.0\n[settings.semantic]\narrival_latency_s = 0.25\n')
+    experiment = load_experiment(config)
+    assert experiment.to_dict()["settings"] == {"semantic": {"arrival_latency_s": 0.25}}
+    server = run_module.djinn_config(experiment, "semantic")
+    assert server.settings["semantic"] == {"arrival_latency_s": 0.25}
+    assert server.settings["pinned_host"] == {"capacity_gb": 2.0}
+    for text, message in [
+        ("[settings.semantic]\narrival_latency = 0.25\n", "arrival_latency"),  # a misspelt key
+        ("[settings.semantic]\narrival_latency_s = -1.0\n", "arrival_latency_s"),
+        ("[settings.fifo]\nx = 1\n", "names no installed plugin"),
+        ("[settings.pinned_host]\ncapacity_gb = 4.0\n", "set by \\[memory\\]"),
+        ("[settings]\nsemantic = 1\n", "one table per plugin"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(config)
+
+
 def test_exp1_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[workload]\ncontext_tokens = 0\n")

@@ -167,10 +167,18 @@ class ExperimentConfig:
     engine: EngineSpec = EngineSpec()
     workload: WorkloadSpec = WorkloadSpec()
     sweep: SweepSpec = SweepSpec()
+    #: ``[settings.NAME]``: a plugin's settings, as in ``plugins.toml`` (the tiers' capacities come
+    #: from ``[memory]``)
+    settings: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as JSON-ready tables."""
-        return {"source": self.source, **{name: attrs.asdict(getattr(self, name)) for name in _TABLES}}
+        return {"source": self.source, **{name: attrs.asdict(getattr(self, name)) for name in _TABLES},
+                "settings": self.settings}
+
+
+#: plugin settings ``[memory]`` sets, so a ``[settings.NAME]`` table may not
+_MEMORY_SETTINGS = {"pinned_host": ("capacity_gb",), "disk": ("capacity_gb", "path")}
 
 
 def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
@@ -183,20 +191,31 @@ def load_experiment(path: str | os.PathLike[str]) -> ExperimentConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     tables: dict[str, Any] = {}
+    settings = data.pop("settings", {})
     for name, table in data.items():
         if name not in _TABLES or not isinstance(table, dict):
-            raise ConfigError(f"{source}: unknown table [{name}]; allowed tables: {', '.join(_TABLES)}")
+            raise ConfigError(f"{source}: unknown table [{name}]; allowed tables: {', '.join([*_TABLES, 'settings'])}")
         tables[name] = build_settings(_TABLES[name], table, source=source, where=name)
-    return ExperimentConfig(source=source, **tables)
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise ConfigError(f"{source}: [settings] must hold one table per plugin, e.g. [settings.semantic]")
+    for name, keys in _MEMORY_SETTINGS.items():
+        if clash := sorted(set(keys) & set(settings.get(name, {}))):
+            raise ConfigError(f"{source}: [settings.{name}] {', '.join(clash)}: set by [memory], not here")
+    experiment = ExperimentConfig(source=source, settings=settings, **tables)
+    for scheduler in experiment.sweep.schedulers:  # a plugin's settings are checked as a server checks them
+        get_plugin_manager(djinn_config(experiment, scheduler))
+    return experiment
 
 
 def djinn_config(experiment: ExperimentConfig, scheduler: str) -> DjinnConfig:
     """The server configuration of one point: TCP only, ephemeral port, no metrics endpoint."""
     memory = experiment.memory
-    tiers, settings = ("pinned_host",), {"pinned_host": {"capacity_gb": memory.pinned_host_capacity_gb}}
+    settings = {name: dict(table) for name, table in experiment.settings.items()}
+    tiers = ("pinned_host",)
+    settings.setdefault("pinned_host", {})["capacity_gb"] = memory.pinned_host_capacity_gb
     if memory.disk_capacity_gb:
         tiers += ("disk",)
-        settings["disk"] = {"capacity_gb": memory.disk_capacity_gb, "path": memory.disk_path}
+        settings.setdefault("disk", {}).update(capacity_gb=memory.disk_capacity_gb, path=memory.disk_path)
     return DjinnConfig(
         source=experiment.source,
         plugins=PluginSelection(scheduler=scheduler, tiers=tiers, streamer="resident", transports=("tcp",)),
