@@ -199,9 +199,10 @@ def pool_attention(
 ) -> torch.Tensor:
     """``attend(query, keys, values, **kwargs)`` (flex_attention over a KV pool's view), in the
     query's dtype. A bfloat16 query over an fp8 pool attends as float16: the kernel widens every
-    key and value it reads to the query's dtype, e4m3 to float16 is a single conversion where
-    to bfloat16 is not, and float16 holds every e4m3 value and a bfloat16 query's significand
-    exactly (its range, 65504, is far past a rotary query's)."""
+    key and value it reads to the query's dtype, and it reads an fp8 pool faster widening to
+    float16 (``eval/results/tune_flex_decode_fp8_f16q_h200.json``). float16 holds every e4m3
+    value, and a bfloat16 query's significand exactly (its range, 65504, is far past a rotary
+    query's)."""
     if keys.element_size() == 1 and query.dtype == torch.bfloat16:
         return attend(query.to(torch.float16), keys, values, **kwargs).to(query.dtype)
     return attend(query, keys, values, **kwargs)
