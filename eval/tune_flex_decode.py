@@ -8,8 +8,7 @@ The paged decode step (``djinn.engine.runner``) attends ``B`` one-token rows ove
 view ``[1, H_kv, S, D]`` (strided out of ``[2, S, H_kv, D]``), each row reading only its session's
 blocks through a ``BlockMask`` built as the runner builds it (the pool in bf16, or in fp8 as
 ``kv_dtype = "fp8_e4m3"`` stores it, with bf16 or ``--query-dtype float16`` queries; one row's
-blocks scattered over the pool,
-the runner's ``mask_mod``). For each batch size the compiled kernel runs with inductor's
+blocks scattered over the pool, the runner's ``mask_mod``). For each batch size the compiled kernel runs with inductor's
 default options and with other ``kernel_options`` (``num_stages``/``num_warps`` first, then
 ``SPLIT_KV`` at the best of those, then the key tile ``BLOCK_N``); every variant is captured in a CUDA graph of ``--calls``
 calls, so its time is the device's, and checked against the default's output. The KV bytes read

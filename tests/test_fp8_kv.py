@@ -12,7 +12,6 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
-
 from torch.nn.attention.flex_attention import flex_attention
 
 from djinn.client import connect
