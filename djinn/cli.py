@@ -93,12 +93,15 @@ def _selection_options(fn: F) -> F:
     return fn
 
 
-def _load(config_path: str | None, plugin_names: str, **changes: Any):
+def _load(config_path: str | None, plugin_names: str, adjust: Callable[[Any], Any] | None = None, **changes: Any):
+    """The configuration with the CLI's ``changes`` (then ``adjust``) applied, and its plugins."""
     from djinn.kernel.plugins import get_plugin_manager
 
     config = load_config(config_path)
     if changes:
         config = _with_changes(config, changes)
+    if adjust is not None:
+        config = adjust(config)
     return config, get_plugin_manager(config, split_plugin_names(plugin_names))
 
 
@@ -345,10 +348,8 @@ def _check_router_address(host: str, port: int, token: str | None, option: str) 
 def demo_command(config_path, plugin_names, model_name, agents, turns) -> None:
     """Start a server and a few agents over TCP loopback in one process; print what happened."""
     from djinn.demo import demo_config, run_demo
-    from djinn.kernel.plugins import get_plugin_manager
 
-    config = demo_config(_with_changes(load_config(config_path), dict(name=model_name, port=0, metrics_port=0)))
-    plugins = get_plugin_manager(config, split_plugin_names(plugin_names))
+    config, plugins = _load(config_path, plugin_names, demo_config, name=model_name, port=0, metrics_port=0)
     if plugins.selection.scheduler == "semantic":
         click.echo("the demo's semantic scheduler writes back at every IO_WAIT (write_back_headroom = 1.0)")
     run_demo(config, plugins, agents=agents, turns=turns, echo=click.echo)

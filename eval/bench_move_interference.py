@@ -34,12 +34,10 @@ from typing import Any
 import click
 import torch
 
-from djinn.engine.kvpool import move_rows
+from djinn.engine.kvpool import MOVE_STAGING_BYTES, move_rows
 from eval.cuda_timing import replay_seconds
 from eval.report import result_header
 
-#: the engine's staging limit for one gather (``djinn.engine.kvpool.MOVE_STAGING_BYTES``)
-STAGING_BYTES = 64 << 20
 ARMS = ("none", "dma", "gather", "move", "gather_bytes", "move_bytes")
 
 
@@ -88,7 +86,7 @@ class Mover(threading.Thread):
 
     def run(self) -> None:
         layer_bytes = self.pool[0, :, 0].numel() * self.pool.element_size() * self.slots.numel()
-        group = max(1, STAGING_BYTES // layer_bytes)
+        group = max(1, MOVE_STAGING_BYTES // layer_bytes)
         started = time.perf_counter()
         while not self.halt.is_set():
             with torch.cuda.stream(self.stream):

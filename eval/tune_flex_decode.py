@@ -147,16 +147,18 @@ def main(batches: str, context: int, kv_heads: int, head_dim: int, block_tokens:
             variants.append(entry)
             return entry
 
+        def best() -> dict[str, Any]:  # the fastest options tried so far ({}: none ran)
+            timed = [v for v in variants if "seconds" in v and v["options"]]
+            return min(timed, key=lambda v: v["seconds"])["options"] if timed else {}
+
         for stages, warps in PIPELINES:
             attempt({"num_stages": stages, "num_warps": warps})
-        timed = [v for v in variants if "seconds" in v and v["options"]]
-        best = min(timed, key=lambda v: v["seconds"])["options"] if timed else {}
+        base = best()
         for split in SPLITS:
-            attempt({**best, "SPLIT_KV": split})
-        timed = [v for v in variants if "seconds" in v and v["options"]]
-        best = min(timed, key=lambda v: v["seconds"])["options"] if timed else {}
+            attempt({**base, "SPLIT_KV": split})
+        base = best()
         for block_n in (n for n in BLOCK_NS if n <= block_tokens):
-            attempt({**best, "BLOCK_N": block_n})
+            attempt({**base, "BLOCK_N": block_n})
         fastest = min((v for v in variants if "seconds" in v), key=lambda v: v["seconds"])
         point = {"batch": batch, "kv_bytes": kv_bytes, "default_s": base_s, "best": fastest["options"],
                  "best_s": fastest["seconds"], "speedup": base_s / fastest["seconds"],
