@@ -87,11 +87,13 @@ def test_an_fp8_session_leaves_and_comes_back_bitwise_and_continues_as_if_it_nev
     kernel = server.kernel
     try:
         assert server.model.runner.pool.tensor.dtype == FP8
-        runner = ModelRunner(load_model("random:tiny-llama"), kv_dtype=FP8)
-        kv = runner.new_kv()
-        first = greedy_generate(runner, kv, runner.ids_tensor(PROMPT), 6)
-        second = greedy_generate(runner, kv, runner.ids_tensor(first[-1:] + [5, 6]), 6)
         with connect(server.url("tcp")) as client:
+            # the reference: a session of the same server that never leaves (the same device,
+            # dtype and kernels as the one that does)
+            stays = client.model().session()
+            first = stays.generate(PROMPT, max_new_tokens=6).tokens
+            second = stays.generate([5, 6], max_new_tokens=6).tokens
+            stays.close()
             session = client.model().session()
             assert session.generate(PROMPT, max_new_tokens=6).tokens == first
             on_gpu = _device_kv(server, session.id)
