@@ -258,6 +258,10 @@ _compiled_prefill_mlp = torch.compile(rotary_prefill_mlp, dynamic=True)
 #: and four warps read the paged pool 1.34-1.35x faster than inductor's default (one stage, two
 #: warps) at 16 to 128 rows and 1.17-1.44x at 1 to 4 (``eval/results/tune_flex_decode_h200.json``)
 PAGED_DECODE_FLEX_OPTIONS: dict[str, Any] = {"num_stages": 2, "num_warps": 4}
+#: the same over an fp8 pool (attended with float16 queries, ``families.pool_attention``): three
+#: stages and two warps read it 1.19-1.52x faster than the options above at 16 to 128 rows, and
+#: 1.06-1.13x slower at 1 and 4 (``eval/results/tune_flex_decode_fp8_f16q_batches_h200.json``)
+PAGED_DECODE_FP8_FLEX_OPTIONS: dict[str, Any] = {"num_stages": 3, "num_warps": 2}
 #: flex_attention's query block; a decode step has one query per row, so one block
 _FLEX_QUERY_BLOCK = 128
 #: the query-major block lists serve only the backward pass; skip them where torch allows
@@ -695,10 +699,12 @@ class ModelRunner:
             raise ModelError(f"the KV pool stores the model's dtype or {KV_FP8_DTYPES[0]}, not {kv_dtype}")
         self.kv_bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * kv_dtype.itemsize
         self._additive_mask = self.dtype if attention == "eager" else None
+        #: the paged decode kernel's options (default mode)
+        self.decode_flex_options = PAGED_DECODE_FP8_FLEX_OPTIONS if kv_dtype in KV_FP8_DTYPES else PAGED_DECODE_FLEX_OPTIONS
         if self.decode_attention != "paged":
             flex_options = None
         else:
-            flex_options = invariant.flex_kernel_options(block_tokens) if deterministic else PAGED_DECODE_FLEX_OPTIONS
+            flex_options = invariant.flex_kernel_options(block_tokens) if deterministic else self.decode_flex_options
         self._use_runner_attention(attention, flex_options)
         self._windows = family.windows
         varlen = (self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16) and attention == "sdpa"
@@ -1378,7 +1384,7 @@ class ModelRunner:
         for i in range(first, stop):
             hidden = self._decode_layer(
                 self.layers[i], hidden, cos, sin, pool[i, 0, :span], pool[i, 1, :span], step.inputs.write,
-                step.masks[self._windows[i]], kernel_options=PAGED_DECODE_FLEX_OPTIONS,
+                step.masks[self._windows[i]], kernel_options=self.decode_flex_options,
             )
         return hidden
 
