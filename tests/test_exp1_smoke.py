@@ -12,7 +12,7 @@ import pytest
 
 from djinn.kernel.errors import ConfigError
 from eval.exp1_density import run as run_module
-from eval.exp1_density.explain import _steps_beside_moves, explain
+from eval.exp1_density.explain import _steps_beside_moves, _steps_while_decoding, explain
 from eval.exp1_density.run import load_experiment, percentile, run
 
 SMOKE = Path(__file__).resolve().parents[1] / "eval" / "exp1_density" / "configs" / "smoke.toml"
@@ -119,6 +119,7 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert explained["trace"]["prefill_tokens_per_s"] > 0 and explained["moves"]["write_backs"] == counters["write_backs"]
     assert explained["engine_first_uses"] == {"engine_graph_captures": 0, "engine_compiles": 0}
     assert set(explained["trace"]["steps_beside_moves"]) == {"decode_only", "with_prefill"}
+    assert explained["trace"]["slowest_1pct_decode_steps"]["steps"] > 0
 
 
 def test_steps_beside_a_move_are_compared_with_steps_of_their_shape_beside_none() -> None:
@@ -292,3 +293,18 @@ def test_trace_samples_where_a_stalled_loop_is_and_every_collection() -> None:
     assert held >= 5
     assert any(generation == 2 and seconds > 0 for _t, generation, seconds in timeline["collections"])
     assert gc.callbacks.count(recorder._on_collection) == 0
+
+
+def test_the_steps_the_slowest_iterations_decoded_in_are_counted_once_each() -> None:
+    def step(t_s: float, seconds: float, rows: int, prefill_tokens: int = 0) -> dict:
+        return {"t_s": t_s, "prefill_s": 0.0, "decode_s": seconds, "decode_rows": rows, "prefill_tokens": prefill_tokens}
+
+    steps = [step(0.5, 0.010, 2), step(1.0, 0.030, 40, 512), step(1.5, 0.040, 50, 256), step(2.0, 0.020, 30),
+             step(3.5, 0.010, 4)]
+    # decoding 1.0-2.0 s and 1.4-2.4 s: the steps at 1.0, 1.5 and 2.0 s, the one at 1.5 s shared
+    slowest = [{"started_s": 0.2, "latency_s": 1.8, "decode_s": 1.0}, {"started_s": 0.9, "latency_s": 1.5, "decode_s": 1.0}]
+    assert _steps_while_decoding(slowest, steps) == {
+        "steps": 3, "median_step_s": pytest.approx(0.030), "mean_decode_rows": pytest.approx(40.0),
+        "prefill_share": pytest.approx(2 / 3), "mean_prefill_tokens": pytest.approx(384.0),
+    }
+    assert _steps_while_decoding([{"started_s": 5.0, "latency_s": 1.0, "decode_s": 0.5}], steps) == {"steps": 0}

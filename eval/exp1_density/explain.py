@@ -5,8 +5,8 @@
 For every point: the iteration latency split into the server's parts (queue, restore, first
 token, decode) at P50 and P99, for first turns (the C-token prompt) and resumes apart; the KV
 moves and the tier's refusals; when the first tier filled and when a later one was first used;
-and, with a trace, the longest event-loop stalls and engine steps, the engine's prefill rate and
-the median decode step. The verdict names what dominated the P99 iterations: one of the server's
+and, with a trace, the longest event-loop stalls and engine steps, the engine's prefill rate, the
+median decode step and the steps the slowest iterations decoded in. The verdict names what dominated the P99 iterations: one of the server's
 parts, or the time outside them (transport and the client's own event loop).
 """
 
@@ -151,6 +151,29 @@ def _steps_beside_moves(steps: list[dict[str, Any]], moves: list[dict[str, Any]]
     return out
 
 
+def _steps_while_decoding(slowest: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine steps that began while ``slowest``'s iterations decoded (from ``decode_s``
+    before each iteration ended, as the agent saw it: the transport's few milliseconds off):
+    how many, their median length, mean decode rows, the share that also ran a prefill pass and
+    the mean prefill tokens of those. A step two iterations share counts once."""
+    starts = [s["t_s"] for s in steps]
+    seen: set[int] = set()
+    for sample in slowest:
+        end = sample["started_s"] + sample["latency_s"]
+        seen.update(range(bisect.bisect_left(starts, end - sample["decode_s"]), bisect.bisect_left(starts, end)))
+    chosen = [steps[i] for i in sorted(seen)]
+    if not chosen:
+        return {"steps": 0}
+    prefilling = [s for s in chosen if s["prefill_tokens"]]
+    return {
+        "steps": len(chosen),
+        "median_step_s": statistics.median(s["prefill_s"] + s["decode_s"] for s in chosen),
+        "mean_decode_rows": statistics.fmean(s["decode_rows"] for s in chosen),
+        "prefill_share": len(prefilling) / len(chosen),
+        "mean_prefill_tokens": statistics.fmean(s["prefill_tokens"] for s in prefilling) if prefilling else 0.0,
+    }
+
+
 def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[str, Any]:
     """What one point's report says about its latency."""
     summary = point["summary"]
@@ -175,6 +198,8 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
     }
     if "trace" in point:
         out["trace"] = _trace_figures(point["trace"])
+        steps = [dict(zip(point["trace"]["step_columns"], row)) for row in point["trace"]["steps"]]
+        out["trace"]["slowest_1pct_decode_steps"] = _steps_while_decoding(slowest, steps)
     return out
 
 
@@ -221,6 +246,11 @@ def _print(points: list[dict[str, Any]]) -> None:
                       for kind, v in trace["steps_beside_moves"].items() if v["median_ratio"] is not None]
             if beside:
                 print("  steps while a KV move runs, over those of their shape while none does: " + ", ".join(beside))
+            during = trace["slowest_1pct_decode_steps"]
+            if during["steps"]:
+                print(f"  steps while the slowest 1 % decoded: {during['steps']}, median {1e3 * during['median_step_s']:.1f} ms, "
+                      f"{during['mean_decode_rows']:.1f} decode rows, {100 * during['prefill_share']:.0f} % with a prefill "
+                      f"pass of {during['mean_prefill_tokens']:.0f} tokens on average")
             if trace["short_passes"]:
                 launch = trace.get("short_pass_launch_median_s")
                 queued = f", {1e3 * launch:.1f} ms of it until queued" if launch is not None else ""
