@@ -6,8 +6,9 @@ For every point: the iteration latency split into the server's parts (queue, res
 token, decode) at P50 and P99, for first turns (the C-token prompt) and resumes apart; the KV
 moves and the tier's refusals; when the first tier filled and when a later one was first used;
 and, with a trace, the longest event-loop stalls and engine steps, the engine's prefill rate, the
-median decode step and the steps the slowest iterations decoded in. The verdict names what dominated the P99 iterations: one of the server's
-parts, or the time outside them (transport and the client's own event loop).
+median decode step and the steps the slowest iterations decoded in. The verdict names what
+dominated the P99 iterations: one of the server's parts, or the time outside them (transport and
+the client's own event loop).
 """
 
 from __future__ import annotations
