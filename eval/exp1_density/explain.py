@@ -72,7 +72,7 @@ def _memory_milestones(memory: list[dict[str, Any]], capacities: dict[str, float
     return out
 
 
-def _trace_figures(trace: dict[str, Any]) -> dict[str, Any]:
+def _trace_figures(trace: dict[str, Any], slowest: list[dict[str, Any]]) -> dict[str, Any]:
     steps = [dict(zip(trace["step_columns"], row)) for row in trace["steps"]]
     stalls = sorted((dict(zip(trace["loop_stall_columns"], row)) for row in trace["loop_stalls"]),
                     key=lambda s: -s["late_s"])
@@ -91,6 +91,7 @@ def _trace_figures(trace: dict[str, Any]) -> dict[str, Any]:
         **_collections(trace),
         **_short_passes(steps),
         "steps_beside_moves": _steps_beside_moves(steps, moves),
+        "slowest_1pct_decode_steps": _steps_while_decoding(slowest, steps),
     }
 
 
@@ -198,9 +199,7 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
         "engine_first_uses": {k: summary[k] for k in ("engine_graph_captures", "engine_compiles") if k in summary},
     }
     if "trace" in point:
-        out["trace"] = _trace_figures(point["trace"])
-        steps = [dict(zip(point["trace"]["step_columns"], row)) for row in point["trace"]["steps"]]
-        out["trace"]["slowest_1pct_decode_steps"] = _steps_while_decoding(slowest, steps)
+        out["trace"] = _trace_figures(point["trace"], slowest)
     return out
 
 
