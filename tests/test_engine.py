@@ -560,3 +560,107 @@ def test_captured_prefill_passes_on_cuda_equal_their_eager_passes(spec: str) -> 
         graphed.prefill([kv], [chunk])
     kv.release()
     assert (graphed.captures, compiled_graphs()) == (captures, compiled)
+
+
+def _mixed_runner(loaded: LoadedModel) -> ModelRunner:
+    """A runner whose steps prefill and decode in one pass (off CUDA only when asked for)."""
+    runner = ModelRunner(loaded, decode_attention="paged", fused_decode=True, fused_prefill=True, mixed_steps=True)
+    assert runner.mixed_steps
+    return runner
+
+
+def _sessions_after(runner: ModelRunner, prompts: list[list[int]]) -> list:
+    kvs = [runner.new_kv() for _ in prompts]
+    for kv, prompt in zip(kvs, prompts):
+        if prompt:
+            runner.prefill([kv], [prompt])
+    return kvs
+
+
+@pytest.mark.parametrize("spec", ["random:tiny-llama", "random:tiny-mistral", "tiny-qwen2"])
+def test_a_mixed_step_computes_what_a_prefill_pass_and_a_decode_step_compute(models, spec: str) -> None:
+    """One pass of prefill chunks (a first one, one after a context) and decode rows (on both sides
+    of the sliding window and of a block) gives both passes' logits, commits both, and leaves the
+    KV the next step reads as the two passes apart leave it (float32)."""
+    runner = _mixed_runner(models[spec])
+    contexts = _prompts(5, seed=21)  # 3, 9, 15, 30 and 70 tokens
+    chunks = [contexts[4][:40], contexts[1]]
+    tokens = [5, 6, 7]
+    sessions = []
+    for _ in range(2):
+        prefilling = _sessions_after(runner, [[], contexts[3]])
+        decoding = _sessions_after(runner, [contexts[0], contexts[2], contexts[4]])
+        sessions.append((prefilling, decoding))
+    (mixed_prefill, mixed_decode), (apart_prefill, apart_decode) = sessions
+    got = runner.mixed_step(mixed_prefill, chunks, mixed_decode, tokens)
+    assert got is not None
+    want = runner.prefill(apart_prefill, chunks), runner.decode(apart_decode, tokens)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert [kv.length for kv in mixed_prefill + mixed_decode] == [kv.length for kv in apart_prefill + apart_decode]
+    following = [1, 2, 3, 4, 5]
+    torch.testing.assert_close(runner.decode(mixed_prefill + mixed_decode, following),
+                               runner.decode(apart_prefill + apart_decode, following), rtol=1e-4, atol=1e-4)
+
+
+def test_a_mixed_step_without_a_padded_shape_is_left_to_the_passes_apart(models) -> None:
+    runner = _mixed_runner(models["random:tiny-llama"])
+    decoding = _sessions_after(runner, [[1, 2, 3]])
+    many = [runner.new_kv() for _ in range(PREFILL_GRAPH_CHUNKS + 1)]
+    assert runner.mixed_step(many, [[1]] * len(many), decoding, [4]) is None
+    assert [kv.length for kv in many] == [0] * len(many) and decoding[0].length == 3  # nothing committed
+    with pytest.raises(ValueError, match="only once"):
+        runner.mixed_step(decoding, [[1]], decoding, [4])
+    off = ModelRunner(models["random:tiny-llama"], decode_attention="paged", fused_decode=True, fused_prefill=True,
+                      mixed_steps=False)
+    assert off.mixed_step(many[:1], [[1]], decoding, [4]) is None
+
+
+def test_mixed_steps_are_refused_without_both_fused_layers(models) -> None:
+    with pytest.raises(ModelError, match="mixed steps"):
+        ModelRunner(models["random:tiny-llama"], mixed_steps=True)  # neither fused layer on the CPU by default
+    with pytest.raises(ModelError, match="mixed steps"):
+        ModelRunner(models["random:tiny-gpt2"], mixed_steps=True)
+    assert ModelRunner(models["random:tiny-llama"]).mixed_steps is False
+
+
+def test_the_engine_runs_prompts_and_decode_rows_in_mixed_steps_and_keeps_each_sessions_tokens(models) -> None:
+    runner = _mixed_runner(models["random:tiny-mistral"])
+    prompts = _prompts(8, seed=22)
+    lengths = [5, 25, 12, 1, 30, 8, 17, 22]
+    expected = [_alone(runner, p, n) for p, n in zip(prompts, lengths)]
+    engine = BatchEngine(runner, prefill_chunk_tokens=16)
+    engine.step_log = []
+    requests = [EngineRequest(runner.new_kv(), p, n) for p, n in zip(prompts, lengths)]
+    for request in requests[:3]:
+        engine.submit(request)
+    for _ in range(4):
+        engine.step()
+    for request in requests[3:]:  # they arrive while the first ones decode
+        engine.submit(request)
+    while not all(r.done for r in requests):
+        engine.step()
+    assert [r.tokens for r in requests] == expected
+    mixed = [s for s in engine.step_log if s.mixed]
+    assert mixed and all(s.prefill_tokens and s.decode_rows for s in mixed)
+    assert engine.prefill_tokens == sum(map(len, prompts))
+
+
+def test_a_request_that_fails_in_a_mixed_step_fails_alone(models) -> None:
+    """A chunk whose pass raises (a token past the vocabulary) fails its mixed step; the step runs
+    again as the passes apart, where that request fails alone and the others keep their tokens."""
+    runner = _mixed_runner(models["random:tiny-llama"])
+    good = [EngineRequest(runner.new_kv(), p, 6) for p in _prompts(3, seed=23)]
+    bad = EngineRequest(runner.new_kv(), [1, runner.vocab_size + 5], 4)
+    engine = BatchEngine(runner)
+    engine.step_log = []
+    for arriving in ([good[0]], [bad, good[1]], [good[2]]):  # each while the ones before decode
+        for request in arriving:
+            engine.submit(request)
+        engine.step()
+    while not all(r.done for r in good):
+        engine.step()
+    assert bad.done and bad.error is not None and bad.kv.length == 0
+    assert all(r.error is None for r in good)
+    assert [r.tokens for r in good] == [_alone(runner, r.prompt, 6) for r in good]
+    assert [s.mixed for s in engine.step_log[:3]] == [False, False, True]  # the failed one ran apart

@@ -79,6 +79,9 @@ class StepRecord:
     #: of ``prefill_s``, the time until the pass was queued (its launches, on CUDA; the rest waits
     #: for the device and picks the tokens)
     prefill_launch_s: float = 0.0
+    #: the prefill chunks and the decode rows ran as one pass (``ModelRunner.mixed_step``):
+    #: ``prefill_s`` is that pass, ``decode_s`` what picking the rows' tokens took after it
+    mixed: bool = False
 
 
 class BatchEngine:
@@ -130,9 +133,16 @@ class BatchEngine:
         self._drop_cancelled(ended)
         started = time.perf_counter()
         self._prefill_launch_s = 0.0
-        chunks, tokens, keys = self._prefill(ended)
-        prefilled = time.perf_counter()
-        rows = self._decode(ended)
+        batch = self._prefill_batch()
+        chunks, tokens = len(batch), sum(len(c) for _, c in batch)
+        keys = sum(r.kv.length for r, _ in batch) + tokens
+        mixed = self._mixed(batch, ended) if batch and self._decoding and self.runner.mixed_steps else None
+        if mixed is None:
+            self._prefill(batch, ended)
+            prefilled = time.perf_counter()
+            rows = self._decode(ended)
+        else:
+            prefilled, rows = mixed
         finished = time.perf_counter()
         self.prefill_seconds += prefilled - started
         self.decode_seconds += finished - prefilled
@@ -140,7 +150,7 @@ class BatchEngine:
         log = self.step_log  # read once: another thread may stop the recording meanwhile
         if log is not None:
             log.append(StepRecord(started, prefilled - started, finished - prefilled, chunks, tokens, keys, rows,
-                                  self._prefill_launch_s))
+                                  self._prefill_launch_s, mixed is not None))
         return ended
 
     def fail_all(self, error: BaseException) -> list[EngineRequest]:
@@ -165,10 +175,10 @@ class BatchEngine:
         request.finished_at = time.perf_counter()
         ended.append(request)
 
-    def _prefill(self, ended: list[EngineRequest]) -> tuple[int, int, int]:
-        """Prefill the waiting prompts, oldest first (or in ``order``'s order), up to ``prefill_chunk_tokens`` tokens in all
-        (``prefill_tokens_while_decoding`` when decode rows wait), packed into one forward pass; a prompt longer than what is left goes on next step.
-        Returns the pass's chunks, tokens and attended keys."""
+    def _prefill_batch(self) -> list[tuple[EngineRequest, list[int]]]:
+        """The chunks this step prefills: the waiting prompts, oldest first (or in ``order``'s
+        order), up to ``prefill_chunk_tokens`` tokens in all (``prefill_tokens_while_decoding``
+        when decode rows wait); a prompt longer than what is left goes on next step."""
         budget = self.prefill_tokens_while_decoding if self._decoding else self.prefill_chunk_tokens
         batch: list[tuple[EngineRequest, list[int]]] = []
         waiting: Sequence[EngineRequest] = self._prefilling
@@ -180,23 +190,58 @@ class BatchEngine:
             chunk = request.prompt[request.prefilled : request.prefilled + budget]
             batch.append((request, chunk))
             budget -= len(chunk)
-        if not batch:
-            return 0, 0, 0
-        tokens = sum(len(c) for _, c in batch)
-        keys = sum(r.kv.length for r, _ in batch) + tokens
         now = time.perf_counter()
         for request, _ in batch:
             if request.started_at is None:
                 request.started_at = now
+        return batch
+
+    def _prefill(self, batch: list[tuple[EngineRequest, list[int]]], ended: list[EngineRequest]) -> None:
+        """Prefill ``batch``'s chunks in one packed forward pass."""
+        if not batch:
+            return
+        started = time.perf_counter()
         try:
             logits = self.runner.prefill([r.kv for r, _ in batch], [c for _, c in batch])
-            self._prefill_launch_s = time.perf_counter() - now
+            self._prefill_launch_s = time.perf_counter() - started
             rows = list(logits)
         except Exception as exc:  # noqa: BLE001 - find the request that fails, alone
             if len(batch) == 1:
                 rows = [exc]
             else:
                 rows = [self._prefill_alone(request, chunk) for request, chunk in batch]
+        self._prefilled(batch, rows, ended)
+
+    def _mixed(self, batch: list[tuple[EngineRequest, list[int]]], ended: list[EngineRequest]) -> tuple[float, int] | None:
+        """Prefill ``batch`` and decode the rows past their prompts in one pass
+        (``ModelRunner.mixed_step``): when the pass ended, and its decode rows. None: the runner
+        has no mixed pass of this shape, or it failed (then nothing of it is committed): run the
+        two apart, which finds the request that fails."""
+        self._end_past_positions(ended)
+        decoding = self._decoding[: self.max_batch]
+        if not decoding:
+            return None
+        started = time.perf_counter()
+        try:
+            logits = self.runner.mixed_step([r.kv for r, _ in batch], [c for _, c in batch],
+                                            [r.kv for r in decoding], [r.tokens[-1] for r in decoding])
+        except Exception:  # noqa: BLE001 - the passes apart say whose it is
+            return None
+        if logits is None:
+            return None
+        self._prefill_launch_s = time.perf_counter() - started
+        prefill_logits, decode_logits = logits
+        self._prefilled(batch, list(prefill_logits), ended)
+        prefilled = time.perf_counter()
+        self._decoded(decoding, decode_logits, ended)
+        return prefilled, len(decoding)
+
+    def _prefilled(
+        self, batch: list[tuple[EngineRequest, list[int]]], rows: Sequence[torch.Tensor | Exception],
+        ended: list[EngineRequest],
+    ) -> None:
+        """Commit a pass's chunks: ``rows[i]`` is chunk ``i``'s last logits or what it raised. A
+        prompt now whole picks its first token and joins the decode rows."""
         for (request, chunk), row in zip(batch, rows):
             if isinstance(row, Exception):
                 request.error = row
@@ -218,7 +263,6 @@ class BatchEngine:
                 self._end(request, ended)
             else:
                 self._decoding.append(request)
-        return len(batch), tokens, keys
 
     def _prefill_alone(self, request: EngineRequest, chunk: list[int]) -> torch.Tensor | Exception:
         """One request's chunk in a pass of its own: its logits ``[vocab]``, or what it raised."""
@@ -272,6 +316,11 @@ class BatchEngine:
                 self._decoding.remove(request)
                 self._end(request, ended)
             return 0
+        self._decoded(batch, logits, ended)
+        return len(batch)
+
+    def _decoded(self, batch: list[EngineRequest], logits: torch.Tensor, ended: list[EngineRequest]) -> None:
+        """Commit a decode step's rows: pick each row's token from ``logits`` ``[B, vocab]``."""
         self.batch_rows += len(batch)
         greedy = [i for i, r in enumerate(batch) if r.picker is None]
         if len(greedy) == len(batch):  # the usual step: no index tensor to build and copy
@@ -294,7 +343,6 @@ class BatchEngine:
             self._decoding = [r for r in self._decoding if id(r) not in served] + [
                 r for r in self._decoding if id(r) in served
             ]
-        return len(batch)
 
     def _end_past_positions(self, ended: list[EngineRequest]) -> None:
         """End the requests whose next token would pass the model's positions: alone, before the

@@ -339,6 +339,8 @@ def varlen_prefill_attention(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, D], views of contiguous states
     # causal with the window's left edge; flash aligns it at the end of each chunk's keys
     options: dict[str, Any] = {"scale": scaling, "window_size": (-1 if rows.window is None else rows.window - 1, 0)}
+    if not q.is_cuda:
+        return _varlen_reference(q, k, v, rows, scaling).unsqueeze(0)
     if k.shape[1] != q.shape[1]:
         if _VARLEN_GQA:
             options["enable_gqa"] = True
@@ -346,6 +348,64 @@ def varlen_prefill_attention(
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = varlen_attn(q, k, v, rows.cu_q, rows.cu_k, rows.max_q, rows.max_k, **options)
     return out.unsqueeze(0)
+
+
+def _varlen_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: VarlenRows, scaling: float | None
+) -> torch.Tensor:
+    """What ``varlen_attn`` computes, chunk by chunk through SDPA (off CUDA, where it has no
+    kernel): ``q`` ``[sum T, H, D]`` over ``k``/``v`` ``[sum K, H_kv, D]``; a query with no key
+    in its causal window (a padding chunk's) gets zeros, as flash attention gives it."""
+    cu_q, cu_k = rows.cu_q.tolist(), rows.cu_k.tolist()
+    out = torch.zeros_like(q)
+    for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+        if q1 == q0:
+            continue
+        query_position = torch.arange(k1 - k0 - (q1 - q0), k1 - k0)[:, None]  # aligned at the keys' end
+        key_position = torch.arange(k1 - k0)[None, :]
+        allowed = key_position <= query_position
+        if rows.window is not None:
+            allowed &= query_position - key_position < rows.window
+        seen = allowed.any(-1)  # [T]
+        chunk = torch.nn.functional.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1),
+            attn_mask=allowed | ~seen[:, None], scale=scaling, enable_gqa=k.shape[1] != q.shape[1],
+        ).transpose(0, 1)  # [T, H, D]
+        out[q0:q1] = torch.where(seen[:, None, None], chunk, 0)
+    return out
+
+
+@attrs.frozen
+class MixedRows:
+    """The attention inputs of a mixed pass (``ModelRunner.mixed_step``): its first
+    ``prefill_tokens`` queries are prefill chunks (``prefill``, over the keys the cache gathered),
+    the rest one decode row each, which attends over its own blocks of the pool (``decode``, a
+    paged decode step's ``BlockMask``; ``flex_options`` its kernel's options)."""
+
+    prefill: VarlenRows
+    prefill_tokens: int
+    decode: BlockMask
+    pool: KVPool
+    flex_options: dict[str, Any] | None
+
+
+def mixed_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    rows: MixedRows, scaling: float | None,
+) -> torch.Tensor:
+    """A mixed pass's attention: ``query`` ``[1, H, T + B, D]``; ``key``/``value`` the prefill
+    chunks' gathered keys ``[1, H_kv, sum (start + T), D]``; every new key (the decode rows'
+    too) is already in the pool. Returns ``[1, T + B, H, D]``."""
+    tokens = rows.prefill_tokens
+    prefill = varlen_prefill_attention(module, query[:, :, :tokens], key, value, rows.prefill, scaling)  # [1, T, H, D]
+    layer = rows.pool.tensor[module.layer_idx]  # [2, S, H_kv, D]
+    decode = query[0, :, tokens:].transpose(0, 1)[:, :, None]  # [B, H, 1, D]
+    flex = _compiled_flex if query.is_cuda else flex_attention
+    out = pool_attention(
+        flex, decode, layer[0].transpose(0, 1)[None], layer[1].transpose(0, 1)[None], block_mask=rows.decode,
+        scale=scaling, enable_gqa=decode.shape[1] != layer.shape[2], kernel_options=rows.flex_options,
+    )  # [B, H, 1, D]
+    return torch.cat([prefill, out.permute(2, 0, 1, 3)], dim=1)
 
 
 def runner_attention(
@@ -362,10 +422,11 @@ def runner_attention(
 
     The mask says which pass this is: a ``BlockMask`` is a paged decode step, a
     ``_SharedKeysMask`` a masked one, ``VarlenRows`` a prefill by variable-length attention,
-    ``invariant.DecodeRows`` / ``PrefillRows`` a deterministic decode step / prefill (which read
-    the pool themselves); anything else (a prefill's boolean or additive mask, or
-    None) goes to the implementation the model was loaded with (``djinn_base_attention`` on the
-    layers' config: sdpa or eager), so the model's own forward works unchanged.
+    ``MixedRows`` a pass of prefill chunks and decode rows, ``invariant.DecodeRows`` /
+    ``PrefillRows`` a deterministic decode step / prefill (which read the pool themselves);
+    anything else (a prefill's boolean or additive mask, or None) goes to the implementation the
+    model was loaded with (``djinn_base_attention`` on the layers' config: sdpa or eager), so the
+    model's own forward works unchanged.
     """
     if isinstance(attention_mask, BlockMask):
         return paged_decode_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
@@ -375,6 +436,8 @@ def runner_attention(
         return invariant.prefill_attention(module, query, attention_mask, scaling), None
     if isinstance(attention_mask, VarlenRows):
         return varlen_prefill_attention(module, query, key, value, attention_mask, scaling), None
+    if isinstance(attention_mask, MixedRows):
+        return mixed_attention(module, query, key, value, attention_mask, scaling), None
     if isinstance(attention_mask, _SharedKeysMask):
         return batched_decode_attention(module, query, key, value, attention_mask.mask, dropout, scaling, **kwargs)
     base = getattr(module.config, "djinn_base_attention", "sdpa")
@@ -574,6 +637,17 @@ class _PrefillInputs:
         )
 
 
+@attrs.define(eq=False)
+class _MixedInputs:
+    """A mixed pass (``ModelRunner.mixed_step``) at fixed addresses for its graph: a padded
+    prefill pass's inputs and a decode step's."""
+
+    prefill: _PrefillInputs
+    decode: _StepInputs
+    logits: torch.Tensor | None = None  # [PREFILL_GRAPH_CHUNKS + B, vocab] float32: the chunks', then the rows'
+    graph: Any = None
+
+
 def _attention_mask(
     start: int, tokens: int, window: int | None, device: torch.device, additive: torch.dtype | None
 ) -> torch.Tensor | None:
@@ -644,7 +718,9 @@ class ModelRunner:
     applies): prefill passes of rotary families run ``Family.prefill_parts``, two compiled
     stretches per layer around the cache and the attention, instead of the model's own layers
     (whose few dozen small operators per layer made a short pass cost its launches); never with a
-    streamer that moves weights nor in deterministic mode.
+    streamer that moves weights nor in deterministic mode. ``mixed_steps`` (default: wherever it
+    applies, both fused layers and, on CUDA, varlen prefill attention): ``mixed_step`` runs a
+    step's prefill chunks and decode rows as one pass.
     """
 
     def __init__(
@@ -663,6 +739,7 @@ class ModelRunner:
         kv_dtype: torch.dtype | None = None,
         prefill_attention: str | None = None,
         fused_prefill: bool | None = None,
+        mixed_steps: bool | None = None,
     ) -> None:
         self.family = family = family_of(loaded)
         model, config = loaded.model, loaded.config
@@ -743,6 +820,10 @@ class ModelRunner:
             )
         self.fused_prefill = fusable and self.device.type == "cuda" if fused_prefill is None else fused_prefill
         cuda = self.device.type == "cuda"
+        mixable = self.fused_decode and self.fused_prefill and (self.prefill_attention == "varlen" or not cuda)
+        if mixed_steps and not mixable:
+            raise ModelError("mixed steps need the fused decode and prefill layers and, on CUDA, varlen prefill attention")
+        self.mixed_steps = mixable if mixed_steps is None else mixed_steps
         self._prefill_stretches = dict(qkv=_compiled_prefill_qkv, mlp=_compiled_prefill_mlp) if cuda else {}
         self.graph_max_batch = graph_max_batch
         self._mode = invariant.BatchInvariantMode if deterministic else contextlib.nullcontext
@@ -753,6 +834,9 @@ class ModelRunner:
         #: captured prefill passes by padded (tokens, keys); all are kept (a few dozen at most)
         self._prefill_graphs: dict[tuple[int, int], _PrefillInputs] = {}
         self._prefill_uses: dict[tuple[int, int], int] = {}
+        #: captured mixed passes by padded (tokens, keys, rows), most recently used last
+        self._mixed_graphs: dict[tuple[int, int, int], _MixedInputs] = {}
+        self._mixed_uses: dict[tuple[int, int, int], int] = {}
         self.captures = 0
         self._graph_generation = self.pool.generation
         self._graph_pool: Any = None
@@ -989,9 +1073,14 @@ class ModelRunner:
 
     def _prefill_shape(self, tokens: int, keys: int, chunks: int) -> tuple[int, int] | None:
         """The padded (tokens, keys) of a pass of ``chunks`` chunks, ``tokens`` in all, over
-        ``keys`` keys, if it is one a graph is captured for; None: it runs eagerly as it is. The
-        padding chunk needs a key of its own wherever it has queries."""
-        if not self.graphed_prefill or chunks > PREFILL_GRAPH_CHUNKS:
+        ``keys`` keys, if it is one a graph is captured for; None: it runs eagerly as it is."""
+        return self._padded_prefill(tokens, keys, chunks) if self.graphed_prefill else None
+
+    @staticmethod
+    def _padded_prefill(tokens: int, keys: int, chunks: int) -> tuple[int, int] | None:
+        """The padded (tokens, keys) of such a pass (``PREFILL_GRAPH_TOKENS`` x ``PREFILL_GRAPH_KEYS``);
+        None: no padded shape holds it. The padding chunk needs a key of its own wherever it has queries."""
+        if chunks > PREFILL_GRAPH_CHUNKS:
             return None
         padded = next((t for t in PREFILL_GRAPH_TOKENS if t >= tokens), None)
         if padded is None:
@@ -1062,18 +1151,29 @@ class ModelRunner:
         return logits
 
     def _prefill_graph(self, tokens: int, keys: int, capture_now: bool = False) -> _PrefillInputs | None:
-        """The captured prefill pass of this padded shape; None: run this one eagerly. A shape is
-        captured the second time it is used, or at once with ``capture_now``."""
+        """The captured prefill pass of this padded shape; None: run this one eagerly (all are kept)."""
+        return self._cached_graph(
+            self._prefill_graphs, self._prefill_uses, (tokens, keys), self._prefill_forward,
+            lambda: _PrefillInputs.empty(tokens, keys, self.pool.block_tokens, self.device), capture_now, limit=None)
+
+    def _cached_graph(
+        self, graphs: dict[Any, Any], uses: dict[Any, int], key: Any, forward: Callable[[Any], torch.Tensor],
+        make: Callable[[], Any], capture_now: bool = False, limit: int | None = MAX_GRAPHS,
+    ) -> Any:
+        """The captured pass of ``key`` in ``graphs`` (most recently used last, at most ``limit``),
+        captured from ``forward(make())`` the second time its key is used, or at once with
+        ``capture_now``; None: run this one eagerly."""
         self._check_graph_generation()
-        key = (tokens, keys)
-        inputs = self._prefill_graphs.get(key)
+        inputs = graphs.pop(key, None)
         if inputs is None:
-            self._prefill_uses[key] = uses = self._prefill_uses.get(key, 0) + 1
-            if uses < CAPTURE_AFTER_USES and not capture_now:
+            uses[key] = count = uses.get(key, 0) + 1
+            if count < CAPTURE_AFTER_USES and not capture_now:
                 return None
-            inputs = self._prefill_graphs[key] = self._capture_graph(
-                _PrefillInputs.empty(tokens, keys, self.pool.block_tokens, self.device), self._prefill_forward)
+            if limit is not None and len(graphs) >= limit:
+                graphs.pop(next(iter(graphs)))
+            inputs = self._capture_graph(make(), forward)
             self.captures += 1
+        graphs[key] = inputs
         return inputs
 
     def _run_layers(
@@ -1194,12 +1294,18 @@ class ModelRunner:
         return min(_round_up(slot_bucket(self.pool.high_water_slots()), bt), pool_slots)
 
     @torch.inference_mode()
-    def warm_up(self, max_batch: int, prefill_tokens: int = 0, report: Callable[[str], None] | None = None) -> None:
+    def warm_up(
+        self, max_batch: int, prefill_tokens: int = 0, report: Callable[[str], None] | None = None,
+        mixed_tokens: int = 0,
+    ) -> None:
         """Pay every first-use cost now, before any request waits for it: prefill passes of each
         size up to ``prefill_tokens`` (``warm_up_prefill``), then, for paged decode on CUDA, the
         compile of the attention kernel and the capture of the decode graph of every batch bucket
         up to ``max_batch``, with all-padding steps that touch only the scratch block (a compile
-        or a capture takes seconds on a 7B model). ``report(text)`` hears each stage."""
+        or a capture takes seconds on a 7B model); with ``mixed_steps``, a mixed pass of every
+        batch bucket, and the capture of those with ``mixed_tokens`` prompt tokens (the prefill
+        budget of a step that decodes: the shape of every step while prompts queue).
+        ``report(text)`` hears each stage."""
         if self.device.type != "cuda":
             return
         report = report or (lambda _text: None)
@@ -1220,7 +1326,25 @@ class ModelRunner:
                 self._graph_inputs(batch, span, capture_now=True)  # runs the step once (compiling it), then captures it
             else:
                 self._decode_forward(self._step_inputs(batch, span))
+        if self.mixed_steps:
+            self._warm_up_mixed(max_batch, mixed_tokens, report)
         torch.cuda.synchronize(self.device)
+
+    def _warm_up_mixed(self, max_batch: int, tokens: int, report: Callable[[str], None]) -> None:
+        """``warm_up``'s mixed passes: the smallest padded pass of every batch bucket up to
+        ``max_batch`` (compiling the rows' attention kernel for it), then, with graphs, the
+        capture of every key count with ``tokens`` prompt tokens, for every bucket."""
+        padded = self._padded_prefill(tokens, tokens, 1) if tokens else None
+        slots = self.pool.tensor.shape[2]
+        for batch in BATCH_BUCKETS:
+            if batch > min(batch_bucket(max_batch), self.graph_max_batch):
+                break
+            report(f"warm-up: mixed passes with {batch} decode rows")
+            self._mixed_forward(self._mixed_inputs(PREFILL_GRAPH_TOKENS[0], PREFILL_GRAPH_KEYS[0], batch))
+            if padded is not None and self.cuda_graphs:
+                for keys in PREFILL_GRAPH_KEYS:
+                    if padded[0] <= keys <= slots:
+                        self._mixed_graph(padded[0], keys, batch, capture_now=True)
 
     @torch.inference_mode()
     def warm_up_prefill(self, max_tokens: int) -> int:
@@ -1283,29 +1407,18 @@ class ModelRunner:
         return _StepInputs.empty(batch, span, self.pool.block_tokens, self.device, self.pool.num_blocks)
 
     def _graph_inputs(self, batch: int, span: int, capture_now: bool = False) -> _StepInputs | None:
-        """The captured step for this padded batch size and slot span; None: run this one eagerly.
-        A shape is captured the second time it is used, or at once with ``capture_now``."""
+        """The captured step for this padded batch size and slot span; None: run this one eagerly."""
         if batch > self.graph_max_batch:
             return None
-        self._check_graph_generation()
-        key = (batch, span)
-        inputs = self._graphs.pop(key, None)
-        if inputs is None:
-            self._uses[key] = uses = self._uses.get(key, 0) + 1
-            if uses < CAPTURE_AFTER_USES and not capture_now:
-                return None
-            if len(self._graphs) >= MAX_GRAPHS:
-                self._graphs.pop(next(iter(self._graphs)))
-            inputs = self._capture_graph(self._step_inputs(batch, span), self._decode_forward)
-            self.captures += 1
-        self._graphs[key] = inputs  # most recently used last
-        return inputs
+        return self._cached_graph(self._graphs, self._uses, (batch, span), self._decode_forward,
+                                  lambda: self._step_inputs(batch, span), capture_now)
 
     def _check_graph_generation(self) -> None:
         """Drop every captured graph if the pool has moved since they were captured."""
         if self._graph_generation != self.pool.generation:
             self._graphs.clear()  # the pool moved: graphs hold its old address
             self._prefill_graphs.clear()
+            self._mixed_graphs.clear()
             # with its last graph gone the private memory pool is freed; a stale handle must
             # not be captured into again
             self._graph_pool = None
@@ -1352,11 +1465,7 @@ class ModelRunner:
             if self.decode_attention == "invariant":
                 mask = invariant.DecodeRows(self.pool, inputs.positions, inputs.blocks, window, self._decode_key_tokens)
             elif self.decode_attention == "paged":
-                mask = BlockMask.from_kv_blocks(
-                    inputs.block_count[:, None, None], inputs.blocks[:, None, None, :],
-                    BLOCK_SIZE=(_FLEX_QUERY_BLOCK, self.pool.block_tokens),
-                    mask_mod=_paged_mask_mod(inputs, window), seq_lengths=(1, span), **_NO_Q_BLOCKS,
-                )
+                mask = self._paged_block_mask(inputs, span, window)
             else:
                 allowed = own if window is None else own & (positions - slot_position < window)
                 mask = _SharedKeysMask(allowed.repeat(group, 1)[None, None])  # [1, 1, g*B, S]
@@ -1367,6 +1476,15 @@ class ModelRunner:
         cache = _BatchCache(self.pool, inputs.write, span)
         hidden, layer_kwargs = self._layer_inputs(inputs.ids[:, None], positions, cache, masks)  # [B, 1, E]
         return _DecodePass(inputs, span, hidden, masks, layer_kwargs=layer_kwargs)
+
+    def _paged_block_mask(self, inputs: _StepInputs, span: int, window: int | None) -> BlockMask:
+        """A paged decode step's ``BlockMask`` over ``span`` slots: each row's block list is its
+        session's block table (``_paged_mask_mod`` within the blocks)."""
+        return BlockMask.from_kv_blocks(
+            inputs.block_count[:, None, None], inputs.blocks[:, None, None, :],
+            BLOCK_SIZE=(_FLEX_QUERY_BLOCK, self.pool.block_tokens),
+            mask_mod=_paged_mask_mod(inputs, window), seq_lengths=(1, span), **_NO_Q_BLOCKS,
+        )
 
     def _decode_layers(
         self, step: _DecodePass, hidden: torch.Tensor, first: int = 0, stop: int | None = None
@@ -1391,6 +1509,82 @@ class ModelRunner:
     def _decode_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head of a decode step: float32 logits ``[B, vocab]``."""
         return self.family.head(self.family.norm(hidden))[:, -1].float()
+
+    @torch.inference_mode()
+    def mixed_step(
+        self, kvs: Sequence[SessionKV], chunks: Sequence[Sequence[int]], decode_kvs: Sequence[SessionKV],
+        tokens: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``prefill(kvs, chunks)`` and ``decode(decode_kvs, tokens)`` as one forward pass: the
+        layers' matrices multiply the chunks' tokens and the decode rows together, so a step reads
+        the weights once, and each part attends as its own pass would (``MixedRows``).
+
+        Returns float32 logits ``[n, vocab]`` at each chunk's last token and ``[B, vocab]`` of the
+        rows, and commits both; None (nothing done) where ``mixed_steps`` is off or the step has no
+        padded shape (``_padded_prefill``; rows past ``graph_max_batch``): run the two apart.
+        """
+        if not self.mixed_steps or not kvs or not decode_kvs:
+            return None
+        if len(kvs) != len(chunks) or not all(chunks) or len(decode_kvs) != len(tokens):
+            raise ValueError("a mixed step needs one non-empty chunk per prefilled session and one token per decoded one")
+        if len({id(kv) for kv in (*kvs, *decode_kvs)}) != len(kvs) + len(decode_kvs):
+            raise ValueError("a session may appear only once in a mixed step")
+        starts = [kv.length for kv in kvs]
+        ends = [start + len(chunk) for start, chunk in zip(starts, chunks)]
+        shape = self._padded_prefill(sum(map(len, chunks)), sum(ends), len(kvs))
+        rows = batch_bucket(len(decode_kvs))
+        if shape is None or rows > self.graph_max_batch:
+            return None
+        self.check_positions(max([*ends, *(kv.length + 1 for kv in decode_kvs)]))
+        for kv, end in zip([*kvs, *decode_kvs], [*ends, *(kv.length + 1 for kv in decode_kvs)]):
+            kv.ensure_capacity(end)
+        inputs = self._mixed_graph(*shape, rows) if self.cuda_graphs else None
+        if inputs is None:
+            inputs = self._mixed_inputs(*shape, rows)
+        self._fill_prefill(inputs.prefill, kvs, chunks, starts, ends)
+        inputs.decode.pack(decode_kvs, tokens)
+        if inputs.graph is not None:
+            inputs.graph.replay()
+            logits = inputs.logits
+        else:
+            logits = self._mixed_forward(inputs)
+        # clones: a graph's buffer is overwritten by its next replay
+        prefill = logits[: len(kvs)].clone()
+        decode = logits[PREFILL_GRAPH_CHUNKS : PREFILL_GRAPH_CHUNKS + len(decode_kvs)].clone()
+        for kv, end in zip(kvs, ends):
+            kv.length = end
+        for kv in decode_kvs:
+            kv.length += 1
+        return prefill, decode
+
+    def _mixed_inputs(self, tokens: int, keys: int, rows: int) -> _MixedInputs:
+        """Fresh all-padding inputs of a mixed pass."""
+        return _MixedInputs(_PrefillInputs.empty(tokens, keys, self.pool.block_tokens, self.device),
+                            self._step_inputs(rows, self.pool.tensor.shape[2]))
+
+    def _mixed_graph(self, tokens: int, keys: int, rows: int, capture_now: bool = False) -> _MixedInputs | None:
+        """The captured mixed pass of this padded shape; None: run this one eagerly."""
+        return self._cached_graph(self._mixed_graphs, self._mixed_uses, (tokens, keys, rows), self._mixed_forward,
+                                  lambda: self._mixed_inputs(tokens, keys, rows), capture_now)
+
+    def _mixed_forward(self, inputs: _MixedInputs) -> torch.Tensor:
+        """A mixed pass over padded ``inputs``, eager (or being captured): float32 logits
+        ``[PREFILL_GRAPH_CHUNKS + B, vocab]``, the chunks' then the decode rows'."""
+        prefill, step = inputs.prefill, inputs.decode
+        step.expand()
+        rows, span = step.ids.shape[0], self.pool.tensor.shape[2]
+        masks: dict[int | None, Any] = {
+            w: MixedRows(VarlenRows(prefill.cu_q, prefill.cu_k, prefill.tokens, prefill.keys, w), prefill.tokens,
+                         self._paged_block_mask(step, span, w), self.pool, self.decode_flex_options)
+            for w in set(self._windows)
+        }
+        # every new key, the rows' too, is stored at its slot; the chunks' sessions' keys are gathered
+        cache = _PackedCache(self.pool, torch.cat([prefill.write, step.write]), prefill.read)
+        ids, positions = torch.cat([prefill.ids, step.ids])[None], torch.cat([prefill.positions, step.positions])[None]
+        hidden, layer_kwargs = self._layer_inputs(ids, positions, cache, masks)  # [1, T + B, E]
+        hidden = self._run_layers(hidden, layer_kwargs, fused=True)
+        last = torch.cat([prefill.last, prefill.tokens + torch.arange(rows, device=self.device)])  # [chunks + B]
+        return self.family.head(self.family.norm(hidden[:, last]))[0].float()
 
     @torch.inference_mode()
     def begin_decode(self, kv: SessionKV, token: int) -> DecodeCursor:

@@ -153,6 +153,7 @@ class ModelService(KVBackend):
             prefill_attention=None if config.server.prefill_attention == "auto" else config.server.prefill_attention,
             fused_decode=None if config.server.fused_decode or config.server.deterministic else False,
             fused_prefill=None if config.server.fused_prefill or config.server.deterministic else False,
+            mixed_steps=None if config.server.mixed_steps else False,
             deterministic=config.server.deterministic,
             kv_dtype=None if config.memory.kv_dtype == "auto" else KV_FP8_DTYPES[0],
         )
@@ -166,7 +167,10 @@ class ModelService(KVBackend):
         if self.use_cuda:
             report("sizing the KV pool")
             self._size_kv_pool()
-            self.runner.warm_up(config.server.max_batch, config.server.prefill_chunk_tokens, report)
+            self.runner.warm_up(
+                config.server.max_batch, config.server.prefill_chunk_tokens, report,
+                mixed_tokens=config.server.prefill_tokens_while_decoding or config.server.prefill_chunk_tokens,
+            )
         # what start-up compiled and captured; anything after it is a request waiting for one
         self._captures_at_start = self.runner.captures
         self._compiles_at_start = compiled_graphs()

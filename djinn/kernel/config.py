@@ -86,6 +86,8 @@ class ServerSettings:
     #: prefill passes of rotary families run a fused layer, two compiled stretches around the
     #: attention (CUDA; pauses inside a layer still work)
     fused_prefill: bool = True
+    #: a step's prefill chunks and decode rows run as one pass, which reads the weights once (CUDA)
+    mixed_steps: bool = True
     #: a session's greedy tokens do not depend on its batch, breakpoints, evictions or chunking (slower)
     deterministic: bool = False
 

@@ -76,7 +76,9 @@ def _trace_figures(trace: dict[str, Any], slowest: list[dict[str, Any]]) -> dict
     steps = [dict(zip(trace["step_columns"], row)) for row in trace["steps"]]
     stalls = sorted((dict(zip(trace["loop_stall_columns"], row)) for row in trace["loop_stalls"]),
                     key=lambda s: -s["late_s"])
-    prefill = [s for s in steps if s["prefill_tokens"]]
+    # the prefill rate of passes apart: a mixed pass's time holds its decode rows' too
+    prefill = [s for s in steps if s["prefill_tokens"] and not s.get("mixed")]
+    mixed = [s for s in steps if s.get("mixed")]
     decode_only = [s["decode_s"] for s in steps if s["decode_rows"] and not s["prefill_tokens"]]
     moves = [dict(zip(trace["move_columns"], row)) for row in trace["moves"]]
     return {
@@ -86,6 +88,8 @@ def _trace_figures(trace: dict[str, Any], slowest: list[dict[str, Any]]) -> dict
         "prefill_tokens_per_s": (sum(s["prefill_tokens"] for s in prefill) / sum(s["prefill_s"] for s in prefill)
                                  if prefill else None),
         "median_decode_step_s": statistics.median(decode_only) if decode_only else None,
+        "mixed_steps": len(mixed),
+        "median_mixed_step_s": statistics.median(s["prefill_s"] + s["decode_s"] for s in mixed) if mixed else None,
         "longest_restores": sorted((m for m in moves if m["kind"] == "restore"), key=lambda m: -m["seconds"])[:5],
         "stall_stacks": trace.get("stall_stacks", [])[:5],
         **_collections(trace),
@@ -234,8 +238,11 @@ def _print(points: list[dict[str, Any]]) -> None:
             steps = ", ".join(f"{s['prefill_s'] + s['decode_s']:.2f} s at {s['t_s']:.0f} s" for s in trace["longest_steps"][:3])
             rate = trace["prefill_tokens_per_s"]
             print(f"  loop stalls: {trace['loop_stall_s']:.2f} s in all; longest {stalls or 'none'}")
-            print(f"  longest engine steps: {steps}; prefill {rate or 0:,.0f} tokens/s; "
+            print(f"  longest engine steps: {steps}; prefill apart {rate or 0:,.0f} tokens/s; "
                   f"median decode-only step {1e3 * (trace['median_decode_step_s'] or 0):.2f} ms")
+            if trace.get("mixed_steps"):
+                print(f"  mixed steps (prefill chunks and decode rows in one pass): {trace['mixed_steps']}, "
+                      f"median {1e3 * trace['median_mixed_step_s']:.2f} ms")
             if trace.get("collections"):
                 print("  garbage collections: " + ", ".join(
                     f"gen {g} {c['count']} x, {c['total_s']:.2f} s, longest {1e3 * c['max_s']:.0f} ms"

@@ -138,6 +138,8 @@ class EngineSpec:
 
     #: prompt tokens per engine step while decode rows wait (0: a whole prefill chunk)
     prefill_tokens_while_decoding: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    #: a step's prefill chunks and decode rows run as one pass (false: two passes)
+    mixed_steps: bool = True
 
 
 @attrs.frozen
@@ -525,7 +527,7 @@ class Trace:
     LOOP_PROBE_S = 0.01
     LOOP_STALL_S = 0.005
     STEP_COLUMNS = ("t_s", "prefill_s", "decode_s", "prefill_chunks", "prefill_tokens", "prefill_keys",
-                    "decode_rows", "prefill_launch_s")
+                    "decode_rows", "prefill_launch_s", "mixed")
     MOVE_COLUMNS = ("t_end_s", "kind", "nbytes", "seconds", "on_critical_path")
     STALL_COLUMNS = ("t_s", "late_s")
 
@@ -626,7 +628,7 @@ class Trace:
         return {
             "step_columns": list(self.STEP_COLUMNS),
             "steps": [[s.started - self.origin, s.prefill_s, s.decode_s, s.prefill_chunks, s.prefill_tokens,
-                       s.prefill_keys, s.decode_rows, s.prefill_launch_s] for s in log],
+                       s.prefill_keys, s.decode_rows, s.prefill_launch_s, s.mixed] for s in log],
             "move_columns": list(self.MOVE_COLUMNS), "moves": [list(m) for m in self.moves],
             "loop_stall_columns": list(self.STALL_COLUMNS), "loop_stalls": [list(s) for s in self.stalls],
             "collection_columns": ["t_s", "generation", "seconds"], "collections": [list(c) for c in self.collections],
