@@ -834,9 +834,8 @@ class ModelRunner:
         #: captured prefill passes by padded (tokens, keys); all are kept (a few dozen at most)
         self._prefill_graphs: dict[tuple[int, int], _PrefillInputs] = {}
         self._prefill_uses: dict[tuple[int, int], int] = {}
-        #: captured mixed passes by padded (tokens, keys, rows), most recently used last
+        #: mixed passes captured at warm-up, by padded (tokens, keys, rows)
         self._mixed_graphs: dict[tuple[int, int, int], _MixedInputs] = {}
-        self._mixed_uses: dict[tuple[int, int, int], int] = {}
         self.captures = 0
         self._graph_generation = self.pool.generation
         self._graph_pool: Any = None
@@ -1344,7 +1343,7 @@ class ModelRunner:
             if padded is not None and self.cuda_graphs:
                 for keys in PREFILL_GRAPH_KEYS:
                     if padded[0] <= keys <= slots:
-                        self._mixed_graph(padded[0], keys, batch, capture_now=True)
+                        self._capture_mixed(padded[0], keys, batch)
 
     @torch.inference_mode()
     def warm_up_prefill(self, max_tokens: int) -> int:
@@ -1435,7 +1434,8 @@ class ModelRunner:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread-local: a KV move another thread runs meanwhile (its own stream) is no error of the capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             inputs.logits = forward(inputs)
         inputs.graph = graph
         return inputs
@@ -1521,7 +1521,9 @@ class ModelRunner:
 
         Returns float32 logits ``[n, vocab]`` at each chunk's last token and ``[B, vocab]`` of the
         rows, and commits both; None (nothing done) where ``mixed_steps`` is off or the step has no
-        padded shape (``_padded_prefill``; rows past ``graph_max_batch``): run the two apart.
+        padded shape (``_padded_prefill``; rows past ``graph_max_batch``) or, with CUDA graphs, none
+        that ``warm_up`` captured (``mixed_tokens``: the budget of a step while prompts queue): run
+        the two apart.
         """
         if not self.mixed_steps or not kvs or not decode_kvs:
             return None
@@ -1538,8 +1540,12 @@ class ModelRunner:
         self.check_positions(max([*ends, *(kv.length + 1 for kv in decode_kvs)]))
         for kv, end in zip([*kvs, *decode_kvs], [*ends, *(kv.length + 1 for kv in decode_kvs)]):
             kv.ensure_capacity(end)
-        inputs = self._mixed_graph(*shape, rows) if self.cuda_graphs else None
-        if inputs is None:
+        if self.cuda_graphs:  # only the shapes warm-up captured: a capture while serving stalls every session
+            self._check_graph_generation()
+            inputs = self._mixed_graphs.get((*shape, rows))
+            if inputs is None:
+                return None
+        else:
             inputs = self._mixed_inputs(*shape, rows)
         self._fill_prefill(inputs.prefill, kvs, chunks, starts, ends)
         inputs.decode.pack(decode_kvs, tokens)
@@ -1562,10 +1568,13 @@ class ModelRunner:
         return _MixedInputs(_PrefillInputs.empty(tokens, keys, self.pool.block_tokens, self.device),
                             self._step_inputs(rows, self.pool.tensor.shape[2]))
 
-    def _mixed_graph(self, tokens: int, keys: int, rows: int, capture_now: bool = False) -> _MixedInputs | None:
-        """The captured mixed pass of this padded shape; None: run this one eagerly."""
-        return self._cached_graph(self._mixed_graphs, self._mixed_uses, (tokens, keys, rows), self._mixed_forward,
-                                  lambda: self._mixed_inputs(tokens, keys, rows), capture_now)
+    def _capture_mixed(self, tokens: int, keys: int, rows: int) -> None:
+        """Capture the mixed pass of this padded shape (``warm_up``; all are kept)."""
+        self._check_graph_generation()
+        if (tokens, keys, rows) not in self._mixed_graphs:
+            self._mixed_graphs[tokens, keys, rows] = self._capture_graph(
+                self._mixed_inputs(tokens, keys, rows), self._mixed_forward)
+            self.captures += 1
 
     def _mixed_forward(self, inputs: _MixedInputs) -> torch.Tensor:
         """A mixed pass over padded ``inputs``, eager (or being captured): float32 logits
