@@ -1520,7 +1520,7 @@ class ModelRunner:
         the weights once, and each part attends as its own pass would (``MixedRows``).
 
         Returns float32 logits ``[n, vocab]`` at each chunk's last token and ``[B, vocab]`` of the
-        rows, and commits both; None (nothing done) where ``mixed_steps`` is off or the step has no
+        rows, and commits both; None (nothing computed) where ``mixed_steps`` is off or the step has no
         padded shape (``_padded_prefill``; rows past ``graph_max_batch``) or, with CUDA graphs, none
         that ``warm_up`` captured (``mixed_tokens``: the budget of a step while prompts queue): run
         the two apart.
@@ -1537,9 +1537,6 @@ class ModelRunner:
         rows = batch_bucket(len(decode_kvs))
         if shape is None or rows > self.graph_max_batch:
             return None
-        self.check_positions(max([*ends, *(kv.length + 1 for kv in decode_kvs)]))
-        for kv, end in zip([*kvs, *decode_kvs], [*ends, *(kv.length + 1 for kv in decode_kvs)]):
-            kv.ensure_capacity(end)
         if self.cuda_graphs:  # only the shapes warm-up captured: a capture while serving stalls every session
             self._check_graph_generation()
             inputs = self._mixed_graphs.get((*shape, rows))
@@ -1547,6 +1544,12 @@ class ModelRunner:
                 return None
         else:
             inputs = self._mixed_inputs(*shape, rows)
+        self.check_positions(max([*ends, *(kv.length + 1 for kv in decode_kvs)]))
+        generation = self.pool.generation
+        for kv, end in zip([*kvs, *decode_kvs], [*ends, *(kv.length + 1 for kv in decode_kvs)]):
+            kv.ensure_capacity(end)
+        if inputs.graph is not None and self.pool.generation != generation:
+            return None  # the pool grew and moved: the graph reads its old address (the passes apart recapture)
         self._fill_prefill(inputs.prefill, kvs, chunks, starts, ends)
         inputs.decode.pack(decode_kvs, tokens)
         if inputs.graph is not None:
