@@ -1537,19 +1537,20 @@ class ModelRunner:
         rows = batch_bucket(len(decode_kvs))
         if shape is None or rows > self.graph_max_batch:
             return None
+        captured = None
         if self.cuda_graphs:  # only the shapes warm-up captured: a capture while serving stalls every session
             self._check_graph_generation()
-            inputs = self._mixed_graphs.get((*shape, rows))
-            if inputs is None:
+            captured = self._mixed_graphs.get((*shape, rows))
+            if captured is None:
                 return None
-        else:
-            inputs = self._mixed_inputs(*shape, rows)
         self.check_positions(max([*ends, *(kv.length + 1 for kv in decode_kvs)]))
         generation = self.pool.generation
         for kv, end in zip([*kvs, *decode_kvs], [*ends, *(kv.length + 1 for kv in decode_kvs)]):
             kv.ensure_capacity(end)
-        if inputs.graph is not None and self.pool.generation != generation:
-            return None  # the pool grew and moved: the graph reads its old address (the passes apart recapture)
+        if captured is not None and self.pool.generation != generation:
+            return None  # the pool grew and moved: the graph reads its old address
+        # eager inputs are built after the growth: a step's inputs hold the pool's blocks of now
+        inputs = captured if captured is not None else self._mixed_inputs(*shape, rows)
         self._fill_prefill(inputs.prefill, kvs, chunks, starts, ends)
         inputs.decode.pack(decode_kvs, tokens)
         if inputs.graph is not None:
