@@ -16,7 +16,7 @@ from djinn import __version__
 from djinn.kernel.errors import ConfigError, DjinnError, PluginError
 
 if TYPE_CHECKING:
-    from djinn.kernel.config import DjinnConfig
+    from djinn.config import DjinnConfig
     from djinn.kernel.plugins import DjinnPlugins
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,7 +29,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> DjinnConfig:
     ``./plugins.toml``, else the built-in defaults."""
     import tomllib
 
-    from djinn.kernel.config import DjinnConfig, parse_config
+    from djinn.config import DjinnConfig, parse_config
 
     if path is None:
         path = os.environ.get(CONFIG_ENV) or Path.cwd() / DEFAULT_FILE

@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.server.launch import BackgroundServer
 

@@ -47,7 +47,7 @@ import attrs
 from djinn.cluster.launch import BackgroundRouter, LocalNode, build_router
 from djinn.cluster.node import DjinnNode
 from djinn.cluster.router import Backend, RouterSettings
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from eval.exp1_density.run import (
     ExperimentConfig,
     IterationSample,

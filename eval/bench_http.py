@@ -43,7 +43,7 @@ import click
 import torch
 
 from djinn.client import connect_async
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from eval.report import result_header

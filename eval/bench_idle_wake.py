@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 
 from djinn.client import Client, connect, connect_async
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from djinn.wire.frames import Op

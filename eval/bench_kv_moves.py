@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.engine.service import SamplingParams
 from djinn.server.launch import Runtime, build_runtime

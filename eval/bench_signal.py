@@ -28,7 +28,7 @@ import attrs
 import click
 
 from djinn.client import connect
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer

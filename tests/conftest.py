@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from djinn.cli import split_plugin_names
-from djinn.kernel.config import DjinnConfig, PluginSelection
+from djinn.config import DjinnConfig
+from djinn.kernel.config import PluginSelection
 from djinn.kernel.plugins import get_plugin_manager
 
 

@@ -8,8 +8,8 @@ import attrs
 import torch
 
 from djinn.cli import split_plugin_names
+from djinn.config import DjinnConfig
 from djinn.engine.models import LoadedModel
-from djinn.kernel.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 

@@ -33,8 +33,9 @@ def test_kernel_never_imports_plugins():
 
 
 def test_kernel_never_imports_the_layers_that_call_it():
-    """Not even for type annotations: the wire, the engine and the server depend on the kernel."""
-    layers = ("djinn.wire", "djinn.engine", "djinn.server")
+    """Not even for type annotations: the wire, the engine, the server and the whole configuration
+    (``djinn.config``, the server's and the model's tables) depend on the kernel."""
+    layers = ("djinn.wire", "djinn.engine", "djinn.server", "djinn.config")
     offenders = [
         f"{p.relative_to(ROOT)}: {name}"
         for p in (ROOT / "djinn" / "kernel").rglob("*.py")
@@ -66,14 +67,16 @@ def _runtime_imports(path: Path) -> list[str]:
 #: what each layer's modules may import of djinn (anything else is a dependency the wrong way)
 _ALLOWED = {
     "kernel": ("djinn.kernel",),
+    # the whole configuration: the kernel's tables and machinery, the server's and the model's tables
+    "config": ("djinn.kernel",),
     # how bytes move, shared by the client, the server and the transport and serializer plugins
     "wire": ("djinn.kernel", "djinn.wire"),
     "engine": ("djinn.kernel", "djinn.engine"),
-    "server": ("djinn.kernel", "djinn.wire", "djinn.engine", "djinn.server", "=djinn"),
+    "server": ("djinn.kernel", "djinn.config", "djinn.wire", "djinn.engine", "djinn.server", "=djinn"),
     "client": ("djinn.kernel", "djinn.wire", "djinn.client"),
     "testing": ("djinn.kernel", "djinn.wire", "djinn.engine.streaming", "djinn.testing", "djinn.arena"),
     # the cluster drives whole servers: never the engine or the plugins directly
-    "cluster": ("djinn.kernel", "djinn.wire", "djinn.server", "djinn.client", "djinn.cluster", "=djinn"),
+    "cluster": ("djinn.kernel", "djinn.config", "djinn.wire", "djinn.server", "djinn.client", "djinn.cluster", "=djinn"),
     # the contracts they implement (the streamer's is the engine's), the tiers' arena, and
     # djinn.plugins for a slot's own private module (the next test allows no other)
     "plugins": ("djinn.kernel", "djinn.wire", "djinn.engine.streaming", "djinn.arena", "djinn.plugins"),
@@ -86,11 +89,17 @@ def _allowed(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p[1:] if p.startswith("=") else name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _layer_files(layer: str) -> list[Path]:
+    """The files of a layer: a package's modules, or the one module ``djinn/LAYER.py``."""
+    module = ROOT / "djinn" / f"{layer}.py"
+    return [module] if module.is_file() else list((ROOT / "djinn" / layer).rglob("*.py"))
+
+
 def test_imports_point_one_way_between_the_layers():
     offenders = [
         f"{p.relative_to(ROOT)}: {name}"
         for layer, prefixes in _ALLOWED.items()
-        for p in (ROOT / "djinn" / layer).rglob("*.py")
+        for p in _layer_files(layer)
         for name in _runtime_imports(p)
         if name.startswith("djinn") and not _allowed(name, prefixes)
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from djinn.cli import CONFIG_ENV, load_config
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,11 @@ import attrs
 import pytest
 import torch
 
+from djinn.config import parse_config
 from djinn.engine import models
 from djinn.engine.models import FP8, decoder_layers, dequantize_weights, load_model, quantize_fp8
 from djinn.engine.runner import ModelRunner, greedy_generate, outside_layers_bytes
-from djinn.kernel.config import build_settings, parse_config
+from djinn.kernel.config import build_settings
 from djinn.kernel.errors import ConfigError, ModelError
 from djinn.plugins.streamers.resident import ResidentStreamer, module_nbytes as layer_bytes
 from djinn.plugins.streamers.ringbuffer import RingbufferSettings, RingbufferStreamer, _scaled_linear

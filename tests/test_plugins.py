@@ -8,7 +8,8 @@ import attrs
 import pytest
 
 from djinn.cli import plugin_rows, split_plugin_names
-from djinn.kernel.config import DjinnConfig, PluginSelection
+from djinn.config import DjinnConfig
+from djinn.kernel.config import PluginSelection
 from djinn.kernel.errors import ConfigError, PluginError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import attrs
 
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from djinn.testing.scripted import build_model_dir

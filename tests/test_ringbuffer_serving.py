@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from djinn.client import connect
+from djinn.config import DjinnConfig
 from djinn.engine.batch import BatchEngine, EngineRequest, run_to_completion
 from djinn.engine.families import family_of
 from djinn.engine.models import load_model, weight_bytes
 from djinn.engine.runner import ModelRunner, outside_layers_bytes
-from djinn.kernel.config import DjinnConfig
 from djinn.plugins.streamers.resident import module_nbytes
 from djinn.plugins.streamers.ringbuffer import RingbufferSettings, RingbufferStreamer
 from tests.serving import serving_config, start_server

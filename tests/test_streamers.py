@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from djinn.kernel.config import parse_config
+from djinn.config import parse_config
 from djinn.kernel.errors import ConfigError, ModelError
 from djinn.kernel.plugins import StrategyRegistry
 from djinn.plugins.streamers import resident, ringbuffer

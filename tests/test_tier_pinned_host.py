@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from djinn.kernel.config import parse_config
+from djinn.config import parse_config
 from djinn.kernel.errors import ConfigError, TierFullError
 from djinn.kernel.plugins import StrategyRegistry
 from djinn.kernel.strategies import TierBlock

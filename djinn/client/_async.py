@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import attrs
 import torch
 
-from djinn.kernel.config import DjinnConfig, PluginSelection
+from djinn.kernel.config import KernelConfig, PluginSelection
 from djinn.kernel.errors import BreakpointError, DjinnError, PluginError, SessionError
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.kernel.strategies import Phase
@@ -60,7 +60,7 @@ def _logprobs(entries: Any) -> list[TokenLogprob] | None:
 
 
 def _plugins_for_client(serializer: str) -> DjinnPlugins:
-    plugins = DjinnPlugins(DjinnConfig(plugins=PluginSelection(serializer=serializer)))
+    plugins = DjinnPlugins(KernelConfig(plugins=PluginSelection(serializer=serializer)))
     plugins.discover()
     return plugins
 

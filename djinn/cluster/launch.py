@@ -28,7 +28,7 @@ import attrs
 from djinn.cluster.http import HttpRouter
 from djinn.cluster.node import DjinnNode
 from djinn.cluster.router import Backend, Router, RouterSettings
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.errors import ConfigError, DjinnError
 from djinn.kernel.plugins import get_plugin_manager
 

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from djinn.cluster.handoff import SessionState, export_session, host_bytes, import_session, kv_layout
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.errors import SessionError
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.kernel.strategies import Residency

@@ -1,6 +1,6 @@
-"""Mechanism and contracts: hookspecs, plugin manager, config, the scheduler, tier and placement
-contracts, sessions, residency, admission, memory.
+"""Mechanism and contracts: hookspecs, plugin manager, the configuration it reads, the scheduler,
+tier and placement contracts, sessions, residency, admission, memory.
 
-Nothing in this package imports ``djinn.plugins``, ``djinn.wire``, ``djinn.engine`` or ``djinn.server``,
-nor torch at run time.
+Nothing in this package imports ``djinn.plugins``, ``djinn.wire``, ``djinn.engine``, ``djinn.server``
+or ``djinn.config``, nor torch at run time.
 """

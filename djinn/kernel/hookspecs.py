@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from djinn.kernel.config import DjinnConfig
+    from djinn.kernel.config import KernelConfig
     from djinn.kernel.kernel import Kernel
     from djinn.kernel.plugins import StrategyRegistry
     from djinn.kernel.strategies import Phase, SessionInfo
@@ -39,9 +39,10 @@ def djinn_register_strategies(registry: StrategyRegistry) -> None:
 
 # =========================================================================== lifecycle
 @hookspec
-def djinn_configure(config: DjinnConfig) -> None:
-    """The configuration is validated and the selection final. Once, before start-up, for selected
-    plugins only. Raise ``ConfigError`` to refuse it."""
+def djinn_configure(config: KernelConfig) -> None:
+    """The configuration is validated and the selection final (a server passes the whole
+    ``djinn.config.DjinnConfig``). Once, before start-up, for selected plugins only. Raise
+    ``ConfigError`` to refuse it."""
 
 
 @hookspec

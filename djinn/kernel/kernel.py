@@ -37,7 +37,7 @@ from typing import Any
 import attrs
 
 from djinn.kernel.backend import KVBackend
-from djinn.kernel.config import DjinnConfig
+from djinn.kernel.config import KernelConfig
 from djinn.kernel.errors import AdmissionError, SessionError, TierFullError
 from djinn.kernel.memory import MemoryAccounting
 from djinn.kernel.plugins import DjinnPlugins
@@ -87,11 +87,13 @@ class Session:
 
 
 class Kernel:
-    """One server's mechanism: strategies, sessions, residency, admission, memory."""
+    """One server's mechanism: strategies, sessions, residency, admission, memory. ``tick_s``: how
+    often the scheduler's ``on_tick`` runs (a request waiting for memory looks again every 4 ticks)."""
 
-    def __init__(self, config: DjinnConfig, plugins: DjinnPlugins) -> None:
+    def __init__(self, config: KernelConfig, plugins: DjinnPlugins, *, tick_s: float) -> None:
         self.config = config
         self.plugins = plugins
+        self.tick_s = tick_s
         self.sessions: dict[int, Session] = {}
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self.memory = MemoryAccounting(0)
@@ -264,9 +266,8 @@ class Kernel:
         session.moving.add_done_callback(_log_failed_move)
 
     async def _tick_loop(self) -> None:
-        period = self.config.server.tick_s
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self.tick_s)
             now = time.monotonic()
             try:
                 while self._timed and self._timed[0][0] <= now:
@@ -567,7 +568,7 @@ class Kernel:
                                         free_bytes=self.memory.free_bytes(), queued=self._waiting)
                 async with self._memory_freed:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._memory_freed.wait(), timeout=self.config.server.tick_s * 4)
+                        await asyncio.wait_for(self._memory_freed.wait(), timeout=self.tick_s * 4)
         finally:
             if queued:
                 self._waiting -= 1

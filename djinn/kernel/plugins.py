@@ -19,7 +19,7 @@ import attrs
 import pluggy
 
 from djinn.kernel import hookspecs
-from djinn.kernel.config import DjinnConfig, PluginSelection, build_settings
+from djinn.kernel.config import KernelConfig, PluginSelection, build_settings
 from djinn.kernel.errors import ConfigError, PluginError
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class StrategyRegistry:
 class DjinnPlugins:
     """A plugin manager for one kernel (or one CLI command): catalog, selection, settings, hooks."""
 
-    def __init__(self, config: DjinnConfig) -> None:
+    def __init__(self, config: KernelConfig) -> None:
         self.config = config
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
@@ -291,7 +291,7 @@ def _plugin_in_traceback(caller: Any, exc: BaseException) -> str | None:
 
 
 def get_plugin_manager(
-    config: DjinnConfig, overrides: Sequence[str] = (), *,
+    config: KernelConfig, overrides: Sequence[str] = (), *,
     entry_points: Iterable[importlib.metadata.EntryPoint] | None = None,
     extra_plugins: Mapping[str, object] | None = None,
 ) -> DjinnPlugins:

@@ -15,8 +15,8 @@ from typing import Any
 import attrs
 
 from djinn import __version__
+from djinn.config import DjinnConfig
 from djinn.engine.service import ModelService
-from djinn.kernel.config import DjinnConfig
 from djinn.kernel.kernel import Kernel
 from djinn.kernel.plugins import DjinnPlugins
 from djinn.server.http import MetricsEndpoint, vmu
@@ -34,7 +34,7 @@ class Runtime:
 def build_runtime(config: DjinnConfig, plugins: DjinnPlugins, report: Callable[[str], None] | None = None) -> Runtime:
     """The composition root: configure the kernel's plugins, load the engine, start the kernel.
     ``report(text)`` hears each stage (loading, warm-up, allocating the tiers)."""
-    kernel = Kernel(config, plugins)
+    kernel = Kernel(config, plugins, tick_s=config.server.tick_s)
     kernel.configure()
     model = ModelService(kernel, report)
     if report is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from djinn.kernel.config import DjinnConfig
+from djinn.kernel.config import KernelConfig
 from djinn.kernel.plugins import get_plugin_manager
 
 
@@ -14,7 +14,7 @@ def build_strategy(name: str, slot: str, settings: Mapping[str, Any] | None = No
 
     ``settings`` is the ``[settings.NAME]`` table; the strategy must belong to ``slot``.
     """
-    config = DjinnConfig(settings={name: dict(settings)} if settings else {})
+    config = KernelConfig(settings={name: dict(settings)} if settings else {})
     plugins = get_plugin_manager(config, [name])
     spec = plugins.strategies.get(name)
     assert spec is not None, f"no installed plugin registers a strategy named {name!r}"

@@ -57,9 +57,9 @@ from djinn.engine.models import (
     resolve_dtype,
     weight_bytes,
 )
+from djinn.config import DjinnConfig
 from djinn.engine.families import family_of
 from djinn.engine.runner import ModelRunner
-from djinn.kernel.config import DjinnConfig
 from djinn.kernel.errors import ModelError
 from djinn.plugins.streamers.ringbuffer import RingbufferSettings, RingbufferStreamer, chunk_bytes
 from eval.report import library_versions, result_header

@@ -39,7 +39,7 @@ import attrs
 import torch
 
 from djinn.client import Client, connect
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.errors import DjinnError
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.engine.runner import greedy_generate

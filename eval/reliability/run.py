@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from djinn.client import connect
-from djinn.kernel.config import DjinnConfig
+from djinn.config import DjinnConfig
 from djinn.kernel.errors import AdmissionError, DjinnError
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
