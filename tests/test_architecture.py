@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 from djinn.kernel import hookspecs
+from djinn.kernel.plugins import declared_hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,8 +142,10 @@ def test_nothing_in_the_package_can_unpickle():
 
 
 def _hookspecs():
+    """Every hook: the kernel's and those the other layers declare (the ``djinn.hookspecs`` group)."""
     return [
-        (name, fn) for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        (name, fn) for module in (hookspecs, *declared_hookspecs())
+        for name, fn in inspect.getmembers(module, inspect.isfunction)
         if name.startswith("djinn_")
     ]
 
@@ -161,6 +165,17 @@ def test_every_hookspec_is_exercised_by_some_test():
     )
     missing = [name for name, _ in _hookspecs() if name not in sources]
     assert missing == []
+
+
+def test_each_hook_is_declared_by_the_layer_that_calls_it():
+    declared = {name: fn.__module__ for name, fn in _hookspecs()}
+    offenders = [
+        f"{p.relative_to(ROOT)}: {name} is declared in {declared.get(name)}"
+        for p in (ROOT / "djinn").rglob("*.py")
+        for name in re.findall(r'notify\(\s*"(djinn_\w+)"', p.read_text())
+        if declared.get(name) != f"djinn.{p.relative_to(ROOT / 'djinn').parts[0]}.hookspecs"
+    ]
+    assert offenders == []
 
 
 def test_cli_start_up_does_not_import_torch():

@@ -1,4 +1,4 @@
-"""Hooks do what their docstrings in ``djinn/kernel/hookspecs.py`` say, end to end on a tiny server."""
+"""Hooks do what their docstrings in the ``hookspecs.py`` modules say, end to end on a tiny server."""
 
 from __future__ import annotations
 

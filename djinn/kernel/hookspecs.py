@@ -1,4 +1,10 @@
-"""Every hook Djinn's kernel calls, grouped by family.
+"""The hooks the kernel calls, grouped by family, and the markers every hook is declared and
+implemented with.
+
+The engine's and the server's hooks are declared next to their callers (``djinn.engine.hookspecs``,
+``djinn.server.hookspecs``); every plugin manager loads those modules through the entry-point group
+``djinn.hookspecs`` before any plugin registers, so a plugin implements any hook with ``hookimpl``
+from here, whichever layer declares it.
 
 Hooks are for registration and events: called per start-up, request, phase change or step, never
 per chunk or per layer per token (a pluggy call costs microseconds). Hot-path work goes through the
@@ -11,7 +17,7 @@ a hook says otherwise, it is called on the server's event-loop thread and its re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -102,51 +108,3 @@ def djinn_session_restored(session: SessionInfo, tier: str, nbytes: int, seconds
 def djinn_admission_blocked(need_bytes: int, free_bytes: int, queued: int) -> None:
     """A request did not fit and no eviction could make room; it waits in the admission queue
     (``queued`` requests now) or, when the queue is full, fails with ``AdmissionError``."""
-
-
-# =========================================================================== weight streaming
-@hookspec
-def djinn_stream_plan(model: str, layers: int, layer_bytes: list[int], ring_bytes: int) -> None:
-    """A model's layers will be streamed through a ring of ``ring_bytes``. Once per model load."""
-
-
-@hookspec
-def djinn_stream_pass(model: str, bytes_streamed: int, seconds: float, stall_seconds: float) -> None:
-    """A generate request on a streamed model finished: the weight bytes streamed for it, its model
-    time and the time compute waited for copies. Once per request (never per chunk or layer)."""
-
-
-# =========================================================================== breakpoints
-@hookspec
-def djinn_breakpoint_hit(session: SessionInfo, layer: int, step: int, phase: str, at: str) -> None:
-    """A forward pass paused at an armed point (``phase``: "prefill" or "decode"; ``at``: "output"
-    after the layer, "attention" or "mlp" inside it). Called only when a breakpoint is armed, once per hit."""
-
-
-@hookspec
-def djinn_breakpoint_resumed(session: SessionInfo, layer: int, edited: bool, waited_s: float) -> None:
-    """A paused forward pass resumed, with or without an edit of the activation."""
-
-
-# =========================================================================== transports
-@hookspec
-def djinn_connection_opened(peer: str, transport: str) -> None:
-    """A client connected (after authentication). Once per connection."""
-
-
-@hookspec
-def djinn_connection_closed(peer: str, transport: str, reason: str) -> None:
-    """A connection ended; its sessions have been freed. Once per connection."""
-
-
-@hookspec
-def djinn_request_failed(op: str, session_id: int | None, error: BaseException) -> None:
-    """A request ended with an error reply. Once per failed request."""
-
-
-# =========================================================================== metrics
-@hookspec
-def djinn_metrics(kernel: Kernel) -> dict[str, Any] | None:
-    """Contribute figures to ``/metrics/vmu`` when it is read: a dict, conventionally ``{plugin_name:
-    {...}}``, merged with the other plugins' into its ``plugins`` table. For Prometheus series, register
-    ``prometheus_client`` collectors on ``kernel.metrics_registry`` (``/metrics``) in ``djinn_startup``."""

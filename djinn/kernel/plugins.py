@@ -6,10 +6,13 @@ registers the strategies it offers (``djinn_register_strategies``); the configur
 then select one strategy per single-choice slot and any number per multi-choice slot. Unselected
 plugins stay in the catalog (``djinn plugins`` lists them) but are unregistered from the hook relay,
 so their event hooks never run. There is no module-global manager: ``get_plugin_manager`` builds one.
+Its hooks are the kernel's (``hookspecs``) and those of the modules named by the entry-point group
+``djinn.hookspecs`` (the engine's, the server's), known before any plugin registers.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,6 +28,8 @@ from djinn.kernel.errors import ConfigError, PluginError
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "djinn.plugins"
+#: modules of hook specifications besides the kernel's (the engine's, the server's, any distribution's)
+HOOKSPEC_GROUP = "djinn.hookspecs"
 #: every slot, and the ``PluginSelection`` field that names what fills it; ``extension`` plugins
 #: implement hooks only, with no strategy
 SLOTS = {
@@ -95,7 +100,8 @@ class DjinnPlugins:
     def __init__(self, config: KernelConfig) -> None:
         self.config = config
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        for module in (hookspecs, *declared_hookspecs()):
+            self.pm.add_hookspecs(module)
         self.catalog: dict[str, PluginInfo] = {}
         self.strategies: dict[str, StrategySpec] = {}
         self.selection: PluginSelection = config.plugins
@@ -277,6 +283,22 @@ class DjinnPlugins:
             culprit = _plugin_in_traceback(caller, exc)
             where = self.catalog[culprit].describe() if culprit in self.catalog else "a plugin"
             raise PluginError(f"plugin {where} raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
+
+
+@functools.cache
+def declared_hookspecs() -> tuple[object, ...]:
+    """The hook specification modules of the entry-point group ``djinn.hookspecs``, by name: the
+    layers that call hooks of their own declare them there, and the kernel never imports those layers."""
+    modules = []
+    for ep in sorted(importlib.metadata.entry_points(group=HOOKSPEC_GROUP), key=lambda e: e.name):
+        try:
+            modules.append(ep.load())
+        except Exception as exc:  # every plugin implementing one of its hooks would be refused
+            dist = getattr(ep, "dist", None)
+            where = f"{dist.name} {dist.version}" if dist is not None else "?"
+            raise PluginError(f"hook specifications {ep.name} ({where}) failed to import {ep.value}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return tuple(modules)
 
 
 def _plugin_in_traceback(caller: Any, exc: BaseException) -> str | None:
