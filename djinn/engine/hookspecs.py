@@ -1,10 +1,6 @@
 """The hooks the engine calls: weight streaming and breakpoint hits (the server calls
-``djinn_breakpoint_resumed``, ``djinn.server.hookspecs``).
-
-Declared with the kernel's markers (``djinn.kernel.hookspecs``) and loaded by every plugin manager
-through the entry-point group ``djinn.hookspecs``, before any plugin registers: a plugin implements
-them with ``djinn.kernel.hookspecs.hookimpl`` like any other hook. Called on the server's event-loop
-thread; their results are ignored.
+``djinn_breakpoint_resumed``). A plugin implements them with the kernel's ``hookimpl``;
+``djinn.kernel.hookspecs`` says how every plugin manager learns them and where hooks are called.
 """
 
 from __future__ import annotations

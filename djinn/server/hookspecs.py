@@ -1,10 +1,6 @@
-"""The hooks the server calls: breakpoint resumes (the engine calls ``djinn_breakpoint_hit``,
-``djinn.engine.hookspecs``), connections, failed requests and metrics.
-
-Declared with the kernel's markers (``djinn.kernel.hookspecs``) and loaded by every plugin manager
-through the entry-point group ``djinn.hookspecs``, before any plugin registers: a plugin implements
-them with ``djinn.kernel.hookspecs.hookimpl`` like any other hook. Unless a hook says otherwise, it
-is called on the server's event-loop thread and its result is ignored.
+"""The hooks the server calls: breakpoint resumes (the engine calls ``djinn_breakpoint_hit``),
+connections, failed requests and metrics. A plugin implements them with the kernel's ``hookimpl``;
+``djinn.kernel.hookspecs`` says how every plugin manager learns them and where hooks are called.
 """
 
 from __future__ import annotations
