@@ -60,8 +60,10 @@ class SemanticSettings:
     #: or evict it at once (False, the behaviour before write-back)
     write_back: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     #: write back only while free plus reclaimable (backed) device bytes are under this share of
-    #: the device budget (1.0: at every IO_WAIT; 0: never)
-    write_back_headroom: float = attrs.field(default=0.25, validator=_fraction)
+    #: the device budget (1.0: at every IO_WAIT; 0: never). A tenth leaves the copies seconds
+    #: ahead of a busy GPU's growth; a larger share starts them sooner, mostly for sessions that
+    #: resume before anyone needs their blocks, and every copy slows the steps it overlaps
+    write_back_headroom: float = attrs.field(default=0.1, validator=_fraction)
     #: prefill deadline of a request that resumes after a tool call, from its arrival
     resume_latency_s: float = attrs.field(default=0.25, validator=_non_negative)
     #: prefill deadline of any other request, from its arrival
