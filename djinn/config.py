@@ -1,8 +1,10 @@
 """The whole configuration: a parsed ``plugins.toml`` into frozen attrs records, validated at load.
 
-The kernel's tables (``[plugins]``, ``[memory]``) and the validation machinery are the kernel's
-(``djinn.kernel.config``); this module adds the server's and the model's tables. Every error names
-the file, the table and the key, and the allowed keys or values. The repository's ``plugins.toml``
+The kernel's tables (``[plugins]``, ``[memory]``'s budgets) and the validation of a table are the
+kernel's (``djinn.kernel.config``); this module adds the server's and the model's tables and the
+engine's ``[memory]`` keys, and reads a whole document into a ``DjinnConfig`` (``parse_config``) and
+back (``DjinnConfig.to_dict``). Every error names the file, the table and the key, and the allowed
+keys or values. The repository's ``plugins.toml``
 equals the built-in defaults and says what each key does; the CLI finds and reads the file
 (``djinn.cli.load_config``).
 """
@@ -15,7 +17,9 @@ from typing import Any, ClassVar
 import attrs
 from attrs.validators import ge, gt, in_
 
-from djinn.kernel.config import KernelConfig, MemorySettings, PluginSelection, parse_tables
+from djinn.kernel import config as kernel_config
+from djinn.kernel.config import KernelConfig, PluginSelection, build_settings
+from djinn.kernel.errors import ConfigError
 
 
 @attrs.frozen
@@ -82,17 +86,58 @@ class ModelSettings:
 
 
 @attrs.frozen
+class MemorySettings(kernel_config.MemorySettings):
+    """The whole ``[memory]`` table: the kernel's budgets, and the engine's KV pool and workspace."""
+
+    #: KV is allocated in blocks of this many tokens
+    kv_block_tokens: int = attrs.field(default=64, validator=gt(0))
+    #: GPU memory kept out of the KV pool for activations and captured graphs (CUDA only)
+    workspace_gb: float = attrs.field(default=1.5, validator=ge(0))
+    #: how the KV pool stores keys and values: auto (the model's dtype) | fp8_e4m3 (one byte each)
+    kv_dtype: str = attrs.field(default="auto", validator=in_(("auto", "fp8_e4m3")))
+
+
+@attrs.frozen
 class DjinnConfig(KernelConfig):
     """The whole effective configuration: the kernel's tables, the server's and the model's."""
 
+    #: the tables a file may hold, in the order the file lists them
     TABLES: ClassVar[Mapping[str, type]] = {
         "plugins": PluginSelection, "server": ServerSettings, "model": ModelSettings, "memory": MemorySettings,
     }
 
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
+    memory: MemorySettings = MemorySettings()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as TOML-ready tables in ``TABLES`` order, then ``settings`` (tuples as
+        lists, no ``source``)."""
+        data = attrs.asdict(self, filter=lambda field, _value: field.name != "source",
+                            value_serializer=lambda _inst, _field, v: list(v) if isinstance(v, tuple) else v)
+        return {name: data[name] for name in (*self.TABLES, "settings")}
 
 
 def parse_config(data: Mapping[str, Any], *, source: str) -> DjinnConfig:
     """Validate a parsed TOML document into a ``DjinnConfig``."""
     return DjinnConfig(source=source, **parse_tables(data, DjinnConfig.TABLES, source=source))
+
+
+def parse_tables(data: Mapping[str, Any], tables: Mapping[str, type], *, source: str) -> dict[str, Any]:
+    """Validate a parsed TOML document: each table named in ``tables`` into its attrs class, and
+    ``[settings]`` kept as one raw table per plugin. The result is keyword arguments for a
+    ``DjinnConfig`` (or a record extending it) whose ``TABLES`` are ``tables``, ``source`` aside."""
+    parsed: dict[str, Any] = {}
+    for name, table in data.items():
+        if name == "settings":
+            continue
+        if name not in tables:
+            allowed = ", ".join([*sorted(tables), "settings"])
+            raise ConfigError(f"{source}: unknown table [{name}]; allowed tables: {allowed}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        parsed[name] = build_settings(tables[name], table, source=source, where=name)
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
+        raise ConfigError(f"{source}: [settings] must hold one table per plugin, e.g. [settings.semantic]")
+    return {**parsed, "settings": settings}

@@ -1,9 +1,10 @@
 """Configuration machinery: the kernel's own tables and the validation every table goes through.
 
-The kernel reads ``[plugins]``, ``[memory]`` and each plugin's ``[settings.NAME]`` (``KernelConfig``);
-the whole configuration, with the server's and the model's tables, is ``djinn.config.DjinnConfig``,
-parsed with the same ``parse_tables``. Every error names the file, the table and the key, and the
-allowed keys or values.
+The kernel reads ``[plugins]``, ``[memory]``'s budgets and each plugin's ``[settings.NAME]``
+(``KernelConfig``); ``build_settings`` builds each table from its TOML, for the kernel's tables and
+every plugin's. The whole configuration, with the server's, the model's and the engine's keys, and
+the reading of a whole ``plugins.toml`` document are ``djinn.config``'s. Every error names the file,
+the table and the key, and the allowed keys or values.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import attrs
-from attrs.validators import ge, gt, in_
+from attrs.validators import ge
 
 from djinn.kernel.errors import ConfigError
 
@@ -45,40 +46,26 @@ class PluginSelection:
 
 @attrs.frozen
 class MemorySettings:
-    """Budgets that the kernel's accounting enforces."""
+    """The budgets of ``[memory]`` that the kernel's accounting enforces (``djinn.config.MemorySettings``
+    adds the engine's keys of the table: the KV pool's blocks and dtype, the workspace)."""
 
     #: cap on GPU bytes the kernel may use (weights + KV + workspace); 0 means the device's free memory
     gpu_memory_budget_gb: float = attrs.field(default=0.0, validator=ge(0))
     #: requests that may wait for memory at once; one more fails with AdmissionError
     admission_queue: int = attrs.field(default=256, validator=ge(0))
-    #: KV is allocated in blocks of this many tokens
-    kv_block_tokens: int = attrs.field(default=64, validator=gt(0))
-    #: GPU memory kept out of the KV pool for activations and captured graphs (CUDA only)
-    workspace_gb: float = attrs.field(default=1.5, validator=ge(0))
-    #: how the KV pool stores keys and values: auto (the model's dtype) | fp8_e4m3 (one byte each)
-    kv_dtype: str = attrs.field(default="auto", validator=in_(("auto", "fp8_e4m3")))
 
 
 @attrs.frozen
 class KernelConfig:
     """The configuration the kernel reads: the plugin selection, the memory budgets and the plugins'
-    settings. ``djinn.config.DjinnConfig`` extends it with the server's and the model's tables."""
-
-    #: the tables a file may hold for this record, in the order the file lists them
-    TABLES: ClassVar[Mapping[str, type]] = {"plugins": PluginSelection, "memory": MemorySettings}
+    settings. ``djinn.config.DjinnConfig`` extends it with the server's and the model's tables and
+    the engine's ``[memory]`` keys."""
 
     source: str = "<defaults>"
     plugins: PluginSelection = PluginSelection()
     memory: MemorySettings = MemorySettings()
     #: raw ``[settings.NAME]`` tables, validated by the plugin manager against each plugin's class
     settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The configuration as TOML-ready tables in ``TABLES`` order, then ``settings`` (tuples as
-        lists, no ``source``)."""
-        data = attrs.asdict(self, filter=lambda field, _value: field.name != "source",
-                            value_serializer=lambda _inst, _field, v: list(v) if isinstance(v, tuple) else v)
-        return {name: data[name] for name in (*self.TABLES, "settings")}
 
 
 T = TypeVar("T")
@@ -130,25 +117,3 @@ def _explain(exc: Exception) -> str:
         _msg, attribute, options, value = exc.args
         return f"{attribute.name} = {value!r}; allowed values: {', '.join(map(str, options))}"
     return str(exc.args[0]) if exc.args else str(exc)
-
-
-
-
-def parse_tables(data: Mapping[str, Any], tables: Mapping[str, type], *, source: str) -> dict[str, Any]:
-    """Validate a parsed TOML document: each table named in ``tables`` into its attrs class, and
-    ``[settings]`` kept as one raw table per plugin. The result is keyword arguments for a
-    ``KernelConfig`` (or a record extending it) whose ``TABLES`` are ``tables``, ``source`` aside."""
-    parsed: dict[str, Any] = {}
-    for name, table in data.items():
-        if name == "settings":
-            continue
-        if name not in tables:
-            allowed = ", ".join([*sorted(tables), "settings"])
-            raise ConfigError(f"{source}: unknown table [{name}]; allowed tables: {allowed}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table")
-        parsed[name] = build_settings(tables[name], table, source=source, where=name)
-    settings = data.get("settings", {})
-    if not isinstance(settings, dict) or not all(isinstance(v, dict) for v in settings.values()):
-        raise ConfigError(f"{source}: [settings] must hold one table per plugin, e.g. [settings.semantic]")
-    return {**parsed, "settings": settings}

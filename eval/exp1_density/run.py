@@ -50,8 +50,8 @@ from typing import Any
 
 import attrs
 
-from djinn.config import DjinnConfig, ModelSettings, ServerSettings
-from djinn.kernel.config import MemorySettings, PluginSelection, build_settings
+from djinn.config import DjinnConfig, MemorySettings, ModelSettings, ServerSettings
+from djinn.kernel.config import PluginSelection, build_settings
 from djinn.kernel.errors import ConfigError, DjinnError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
