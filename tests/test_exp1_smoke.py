@@ -22,9 +22,12 @@ def test_exp1_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     smoke = load_experiment(SMOKE)
     # generous limits: on a loaded 2-core machine a tiny-model iteration can take seconds, and
     # this test checks the report, not the latency
+    # semantic writes back at every IO_WAIT (its default waits until memory runs short), so each
+    # point's write-backs can be counted against its agents below
+    semantic = {**smoke.settings.get("semantic", {}), "write_back_headroom": 1.0}
     experiment = attrs.evolve(
         smoke, workload=attrs.evolve(smoke.workload, request_timeout_s=120.0),
-        sweep=attrs.evolve(smoke.sweep, p99_limit_s=120.0),
+        sweep=attrs.evolve(smoke.sweep, p99_limit_s=120.0), settings={**smoke.settings, "semantic": semantic},
     )
     out = tmp_path / "exp1.json"
     written: list[int] = []
