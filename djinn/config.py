@@ -4,9 +4,8 @@ The kernel's tables (``[plugins]``, ``[memory]``'s budgets) and the validation o
 kernel's (``djinn.kernel.config``); this module adds the server's and the model's tables and the
 engine's ``[memory]`` keys, and reads a whole document into a ``DjinnConfig`` (``parse_config``) and
 back (``DjinnConfig.to_dict``). Every error names the file, the table and the key, and the allowed
-keys or values. The repository's ``plugins.toml``
-equals the built-in defaults and says what each key does; the CLI finds and reads the file
-(``djinn.cli.load_config``).
+keys or values. The repository's ``plugins.toml`` equals the built-in defaults and says what each
+key does; the CLI finds and reads the file (``djinn.cli.load_config``).
 """
 
 from __future__ import annotations
