@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import time
@@ -44,6 +45,7 @@ def test_exp1_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the report is on disk after every point, not only at the end
     assert written[:6] == [1, 2, 3, 4, 5, 6]
     report = json.loads(out.read_text())
+    assert report["load_generator"] == run_module.LOAD_GENERATOR
     for key in ("hardware", "versions", "config", "points", "summary", "plots"):
         assert key in report
     assert report["config"]["workload"]["iterations"] == 2
@@ -217,6 +219,11 @@ def test_merge_puts_separate_runs_side_by_side() -> None:
     assert "trace" not in run_module.merge([traced], ["t"])["points"][0]
     with pytest.raises(ValueError, match="another model or workload"):
         run_module.merge([_report("lru", [(8, True)]), _report("lru", [(8, True)], {"iterations": 2})], ["a", "b"])
+    # agents in the server's process (reports without the key) and in their own do not merge
+    own = {**_report("lru", [(8, True)]), "load_generator": run_module.LOAD_GENERATOR}
+    assert run_module.merge([own, own], ["a", "b"])["load_generator"] == run_module.LOAD_GENERATOR
+    with pytest.raises(ValueError, match="do not merge"):
+        run_module.merge([own, _report("lru", [(8, True)])], ["a", "b"])
 
 
 def test_every_shipped_config_loads_and_reaches_the_server_config() -> None:
@@ -311,3 +318,14 @@ def test_the_steps_the_slowest_iterations_decoded_in_are_counted_once_each() -> 
         "prefill_share": pytest.approx(2 / 3), "mean_prefill_tokens": pytest.approx(384.0),
     }
     assert _steps_while_decoding([{"started_s": 5.0, "latency_s": 1.0, "decode_s": 0.5}], steps) == {"steps": 0}
+
+
+def test_a_failing_agents_process_says_why() -> None:
+    from eval.exp1_density.agents import run_agents
+
+    started: list[float] = []
+    # nothing listens on port 1: the agent's connection is refused in the child process
+    with pytest.raises(RuntimeError, match="(?s)agents' process failed.*Connect"):
+        asyncio.run(run_agents("tcp://127.0.0.1:1", load_experiment(SMOKE).workload, 32, [0.0], {},
+                               started.append, lambda: None))
+    assert len(started) == 1 and started[0] <= time.perf_counter()

@@ -4,7 +4,8 @@
         --schedulers static,lru,semantic --agents 8,16,32 --out eval/results/exp1_<tag>.json
 
 For each scheduler, one server (kernel + TCP listener on a background thread, in this process)
-serves every agent count N in ascending order; it is empty (every session closed) at the start
+serves every agent count N in ascending order, its agents' clients running in a process of their
+own (``agents.py``); it is empty (every session closed) at the start
 of each point, and each point reports its own share of the server's counters. Agents arrive by a
 Poisson process (or all N within ``arrival_window_s``) and each runs K iterations: [COMPUTE ->] append a tool result (T random tokens;
 the first iteration sends the C-token prompt instead) -> generate G tokens -> IO_WAIT with
@@ -37,7 +38,6 @@ import gc
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import threading
@@ -52,26 +52,28 @@ import attrs
 
 from djinn.config import DjinnConfig, MemorySettings, ModelSettings, ServerSettings
 from djinn.kernel.config import PluginSelection, build_settings
-from djinn.kernel.errors import ConfigError, DjinnError
+from djinn.kernel.errors import ConfigError
 from djinn.kernel.hookspecs import hookimpl
 from djinn.kernel.plugins import get_plugin_manager
 from djinn.server.launch import BackgroundServer
 from eval.bench_transport import hardware
+from eval.exp1_density.agents import (
+    IterationSample,
+    WorkloadSpec,
+    _non_negative,
+    _positive,
+    arrival_delays,
+    plan_faults,
+    run_agents,
+)
 from eval.reliability.run import idle_books
 from eval.report import library_versions, source_commit
 
 SCHEDULERS = ("static", "lru", "recompute", "semantic")
 GiB = 1 << 30
+#: a report's ``load_generator``: the agents ran in a process of their own (``agents.py``)
+LOAD_GENERATOR = "own process"
 
-
-def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
-
-
-def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -106,31 +108,6 @@ class MemorySpec:
     disk_path: str = ""
 
 
-@attrs.frozen
-class WorkloadSpec:
-    """``[workload]``: what every agent does (C, G, T, K and the think time U(a, b))."""
-
-    context_tokens: int = attrs.field(default=64, validator=_positive)  # C
-    generate_tokens: int = attrs.field(default=8, validator=_positive)  # G
-    tool_tokens: int = attrs.field(default=16, validator=_positive)  # T
-    iterations: int = attrs.field(default=2, validator=_positive)  # K
-    think_min_s: float = attrs.field(default=0.05, validator=_non_negative)
-    think_max_s: float = attrs.field(default=0.2, validator=_non_negative)
-    #: agents arriving per second (Poisson)
-    arrival_rate: float = attrs.field(default=20.0, validator=_positive)
-    #: > 0: all N agents arrive within this many seconds (N uniform draws, so a Poisson process
-    #: conditioned on N arrivals), whatever N, and ``arrival_rate`` is not used
-    arrival_window_s: float = attrs.field(default=0.0, validator=_non_negative)
-    #: the share of agents that drop their connection once, mid-generate or mid-restore
-    fault_fraction: float = attrs.field(default=0.0, validator=attrs.validators.and_(
-        attrs.validators.ge(0.0), attrs.validators.lt(1.0)))
-    #: an iteration slower than this is a failure
-    request_timeout_s: float = attrs.field(default=5.0, validator=_positive)
-    seed: int = 0
-
-    def __attrs_post_init__(self) -> None:
-        if self.think_max_s < self.think_min_s:
-            raise ValueError(f"think_max_s ({self.think_max_s}) < think_min_s ({self.think_min_s})")
 
 
 @attrs.frozen
@@ -233,25 +210,6 @@ def djinn_config(experiment: ExperimentConfig, scheduler: str) -> DjinnConfig:
 # --------------------------------------------------------------------------- one point
 
 
-@attrs.define
-class IterationSample:
-    """One agent iteration as the client saw it, with the server's timings."""
-
-    agent: int
-    iteration: int
-    ok: bool
-    latency_s: float
-    wake_s: float = math.nan
-    queue_s: float = math.nan
-    #: of ``queue_s``, the wait for memory (admission and KV growth) before the engine's queue
-    admission_s: float = math.nan
-    restore_s: float = math.nan
-    first_token_s: float = math.nan
-    decode_s: float = math.nan
-    error: str | None = None
-    #: when the iteration began, in seconds from the start of the point
-    started_s: float = math.nan
-
 
 @attrs.define
 class PointResult:
@@ -346,140 +304,39 @@ def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
     }
 
 
-@attrs.frozen
-class Fault:
-    """An agent's planned disconnect: at ``iteration``, mid-generate or mid-restore."""
-
-    iteration: int
-    mode: str  # "generate" or "restore"
-    #: mid-generate: how long after sending GENERATE the connection drops
-    after_s: float = 0.0
-
-
-def plan_faults(workload: WorkloadSpec, agents: int) -> dict[int, Fault]:
-    """Which agents drop their connection, when and how: round(N x ``fault_fraction``) agents,
-    drawn from the workload's seed, alternately mid-generate and mid-restore (mid-restore needs
-    an earlier tool call, so with one iteration every fault is mid-generate)."""
-    rng = random.Random(workload.seed * 7919 + agents)
-    chosen = sorted(rng.sample(range(agents), round(agents * workload.fault_fraction)))
-    faults = {}
-    for k, agent in enumerate(chosen):
-        if k % 2 and workload.iterations > 1:
-            faults[agent] = Fault(rng.randrange(1, workload.iterations), "restore")
-        else:
-            faults[agent] = Fault(rng.randrange(workload.iterations), "generate", rng.uniform(0.01, 0.2))
-    return faults
-
-
-async def _drop_during(session: Any, ids: list[int], workload: WorkloadSpec, fault: Fault) -> bool:
-    """Send GENERATE (after COMPUTE for a restore) and leave before it ends; whether the request
-    was still running when the connection dropped (a mid-generate drop asks for 4 x G tokens, so
-    it almost always is)."""
-    if fault.mode == "restore":
-        await session.signal_phase("COMPUTE")  # the restore of a session whose KV left starts now
-    new_tokens = workload.generate_tokens * (4 if fault.mode == "generate" else 1)
-    request = asyncio.ensure_future(session.generate(ids, new_tokens))
-    await asyncio.sleep(fault.after_s)
-    in_flight = not request.done()
-    request.cancel()
-    await asyncio.gather(request, return_exceptions=True)
-    return in_flight
-
-
-async def _agent(
-    url: str, index: int, delay_s: float, workload: WorkloadSpec, vocab: int,
-    samples: list[IterationSample], on_iteration: Callable[[], None], origin: float,
-    fault: Fault | None = None, faults: list[dict[str, Any]] | None = None,
-) -> None:
-    from djinn.client import connect_async
-
-    rng = random.Random(workload.seed * 1_000_003 + index)
-    await asyncio.sleep(delay_s)
-    client = await connect_async(url)
-    try:
-        session = await (await client.model()).session()
-        ids = [rng.randrange(vocab) for _ in range(workload.context_tokens)]
-        for iteration in range(workload.iterations):
-            started = time.perf_counter()
-            if fault is not None and fault.iteration == iteration:
-                in_flight = await _drop_during(session, ids, workload, fault)
-                if faults is not None:
-                    faults.append({"agent": index, "iteration": iteration, "mode": fault.mode,
-                                   "t_s": started - origin, "in_flight": in_flight})
-                return  # the connection closes below, mid-request
-            try:
-                if iteration:
-                    await session.signal_phase("COMPUTE")
-                out = await asyncio.wait_for(
-                    session.generate(ids, workload.generate_tokens), workload.request_timeout_s
-                )
-            except (TimeoutError, DjinnError) as exc:
-                samples.append(IterationSample(index, iteration, False, time.perf_counter() - started,
-                                               error=f"{type(exc).__name__}: {exc}", started_s=started - origin))
-                on_iteration()
-                return  # the connection closes below, which frees the session on the server
-            latency = time.perf_counter() - started
-            t = out.timings
-            samples.append(IterationSample(
-                index, iteration, True, latency,
-                wake_s=latency - t["decode_s"], queue_s=t["queue_s"], admission_s=t["admission_s"],
-                restore_s=t["restore_s"],
-                first_token_s=t["first_token_s"], decode_s=t["decode_s"], started_s=started - origin,
-            ))
-            on_iteration()
-            if iteration + 1 < workload.iterations:
-                think = rng.uniform(workload.think_min_s, workload.think_max_s)
-                await session.signal_phase("IO_WAIT", expected_s=think)
-                await asyncio.sleep(think)  # the tool call
-                ids = [rng.randrange(vocab) for _ in range(workload.tool_tokens)]
-    finally:
-        await client.close()
-
 
 async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
                  on_iteration: Callable[[], None], trace: Trace | None = None,
-                 ) -> tuple[list[IterationSample], list[dict[str, Any]], list[dict[str, Any]]]:
+                 ) -> tuple[list[IterationSample], list[dict[str, Any]], list[dict[str, Any]], float]:
+    """The point's agents in their own process (``run_agents``), the server's memory sampled
+    here meanwhile; samples, memory samples, dropped connections and the point's time zero."""
     workload = experiment.workload
-    url = server.url("tcp")
-    vocab = server.model.runner.vocab_size
-    delays = arrival_delays(workload, agents)
-    planned = plan_faults(workload, agents)
-    faults: list[dict[str, Any]] = []
-    samples: list[IterationSample] = []
     memory: list[dict[str, float]] = []
+    sampler: asyncio.Task[None] | None = None
     started = time.perf_counter()
-    if trace is not None:
-        trace.start(started)
 
     async def sample_memory() -> None:
         while True:
             memory.append(_memory_sample(await asyncio.to_thread(server.vmu), started))
             await asyncio.sleep(experiment.sweep.sample_every_s)
 
-    sampler = asyncio.create_task(sample_memory())
+    def on_start(origin: float) -> None:
+        nonlocal started, sampler
+        started = origin
+        if trace is not None:
+            trace.start(origin)
+        sampler = asyncio.create_task(sample_memory())
+
     try:
-        await asyncio.gather(*(
-            _agent(url, i, delay, workload, vocab, samples, on_iteration, started, planned.get(i), faults)
-            for i, delay in enumerate(delays)
-        ))
+        samples, faults = await run_agents(server.url("tcp"), workload, server.model.runner.vocab_size,
+                                           arrival_delays(workload, agents), plan_faults(workload, agents),
+                                           on_start, on_iteration)
     finally:
-        sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+        if sampler is not None:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
     memory.append(_memory_sample(await asyncio.to_thread(server.vmu), started))
-    return samples, memory, faults
-
-
-def arrival_delays(workload: WorkloadSpec, agents: int) -> list[float]:
-    """When each agent arrives, in seconds from the start: a Poisson process at ``arrival_rate``,
-    or N uniform draws within ``arrival_window_s`` when it is set."""
-    rng = random.Random(workload.seed)
-    if workload.arrival_window_s:
-        return sorted(rng.uniform(0.0, workload.arrival_window_s) for _ in range(agents))
-    delays, at = [], 0.0
-    for _ in range(agents):
-        delays.append(at)
-        at += rng.expovariate(workload.arrival_rate)
-    return delays
+    return samples, memory, faults, started
 
 
 async def _warm_up(url: str, workload: WorkloadSpec, vocab: int) -> None:
@@ -504,10 +361,9 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
     """
     asyncio.run(_warm_up(server.url("tcp"), experiment.workload, server.model.runner.vocab_size))
     before = _counters(server.vmu())
-    started = time.perf_counter()
     recorder = Trace(server) if trace else None
     try:
-        samples, memory, faults = asyncio.run(_drive(server, experiment, agents, on_iteration, recorder))
+        samples, memory, faults, started = asyncio.run(_drive(server, experiment, agents, on_iteration, recorder))
     finally:
         timeline = recorder.stop() if recorder is not None else None
     duration = time.perf_counter() - started
@@ -690,6 +546,8 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
         "commit": source_commit(),
         "command": "python -m eval.exp1_density.run " + " ".join(sys.argv[1:]),
         "config": experiment.to_dict(),
+        # where the agents' clients ran; reports without this key ran them in the server's process
+        "load_generator": LOAD_GENERATOR,
         "schedulers": list(schedulers),
         "agent_counts": sorted(agent_counts),
         "points": points,
@@ -844,6 +702,9 @@ def merge(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> dict[str
     for report, source in zip(reports, sources):
         if report["config"]["workload"] != config["workload"] or report["config"]["model"] != config["model"]:
             raise ValueError(f"{source}: another model or workload than {sources[0]}; only one experiment merges")
+        if _load_generator(report) != _load_generator(reports[0]):
+            raise ValueError(f"{source}: its agents ran in the {_load_generator(report)}, those of {sources[0]} "
+                             f"in the {_load_generator(reports[0])}; such reports do not merge")
     points = [{k: v for k, v in p.items() if k != "trace"} for report in reports for p in report["points"]]
     max_agents: dict[str, int] = {}
     for p in points:
@@ -854,6 +715,7 @@ def merge(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> dict[str
     commits = {source: report.get("commit") for report, source in zip(reports, sources)}
     return {
         **{k: reports[0][k] for k in ("experiment", "hardware", "versions", "config")},
+        "load_generator": _load_generator(reports[0]),
         # one commit when every run measured the same code, else each source's
         "commit": next(iter(commits.values())) if len(set(commits.values())) == 1 else commits,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -863,6 +725,10 @@ def merge(reports: Sequence[dict[str, Any]], sources: Sequence[str]) -> dict[str
         "points": points,
         "summary": {"points": [p["summary"] for p in points], "max_agents_within_limit": max_agents},
     }
+
+
+def _load_generator(report: dict[str, Any]) -> str:
+    return report.get("load_generator", "server's process")
 
 
 def main(argv: list[str] | None = None) -> None:
