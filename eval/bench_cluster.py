@@ -18,8 +18,9 @@ Arms (each starts its servers afresh, runs the workload, stops them):
   ``--migrate-tokens`` size move between the two servers, timed (export, import, total).
 
 Every arm runs experiment 1's agent workload (``eval.exp1_density``: same seed, so the same
-arrivals, prompts and think times) from a child process, so the agents never share an
-interpreter lock with the servers or the router. The servers and the router run in this process
+arrivals, prompts and think times) from exp1's load generator, a process of its own
+(``eval.exp1_density.agents``), so the agents never share an interpreter lock with the servers
+or the router. The servers and the router run in this process
 (``LocalNode``; no Ray needed), so the router here competes with the servers for this process's
 interpreter lock: its measured cost is an upper bound of what it costs in a process of its own
 (``djinn cluster``, where Ray runs each server as an actor). The report gives each arm's P50 and
@@ -36,7 +37,6 @@ import json
 import math
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,10 +48,9 @@ from djinn.cluster.launch import BackgroundRouter, LocalNode, build_router
 from djinn.cluster.node import DjinnNode
 from djinn.cluster.router import Backend, RouterSettings
 from djinn.config import DjinnConfig
+from eval.exp1_density.agents import arrival_delays, run_agents
 from eval.exp1_density.run import (
     ExperimentConfig,
-    IterationSample,
-    _agent,
     _json_safe,
     _release_device,
     _warm_up,
@@ -95,40 +94,15 @@ def device_budget_gb(asked: float) -> float:
 # --------------------------------------------------------------------------- the agents, in a child process
 
 
-def run_agents(url: str, args: argparse.Namespace, vocab: int) -> list[dict[str, Any]]:
-    """The workload's agents against ``url``, run by a child process; their samples."""
-    command = [sys.executable, "-m", "eval.bench_cluster", "agents", url, "--vocab", str(vocab),
-               "--agents", str(args.agents)]
-    for flag, value in (("--config", args.config), ("--iterations", args.iterations), ("--seed", args.seed)):
-        if value is not None:
-            command += [flag, str(value)]
-    if args.think_s is not None:
-        command += ["--think-s", *map(str, args.think_s)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"the agents' process failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
-
-
-def agents_main(args: argparse.Namespace) -> None:
-    """The child: every agent of the workload against one URL; prints the samples as one JSON line."""
-    experiment = experiment_from(args)
+def drive_agents(url: str, experiment: ExperimentConfig, agents: int, vocab: int) -> tuple[list[dict[str, Any]], float]:
+    """One warm-up generate, then the workload's agents against ``url`` from a process of their
+    own (exp1's load generator); their samples and the seconds from the first arrival to the last reply."""
     workload = experiment.workload
-    rng = random.Random(workload.seed)
-    delays, at = [], 0.0
-    for _ in range(args.agents):
-        delays.append(at)
-        at += rng.expovariate(workload.arrival_rate)
-    samples: list[IterationSample] = []
-
-    async def drive() -> None:
-        await _warm_up(args.url, workload, args.vocab)
-        origin = time.perf_counter()
-        await asyncio.gather(*(_agent(args.url, i, delay, workload, args.vocab, samples, lambda: None, origin)
-                               for i, delay in enumerate(delays)))
-
-    asyncio.run(drive())
-    print(json.dumps(_json_safe([attrs.asdict(s) for s in samples])))
+    asyncio.run(_warm_up(url, workload, vocab))
+    began: list[float] = []
+    samples, _faults = asyncio.run(run_agents(url, workload, vocab, arrival_delays(workload, agents), {},
+                                              began.append, lambda: None))
+    return [attrs.asdict(s) for s in samples], time.perf_counter() - began[0]
 
 
 def summary(samples: list[dict[str, Any]], agents: int, iterations: int, duration_s: float) -> dict[str, Any]:
@@ -194,12 +168,10 @@ def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, bu
         start_s = time.perf_counter() - started
         url = router.url() if router is not None else nodes[0].describe()["urls"][0]
         vocab = nodes[0].server.model.runner.vocab_size
-        began = time.perf_counter()
-        samples = run_agents(url, args, vocab)
+        samples, duration_s = drive_agents(url, experiment, args.agents, vocab)
         result = {"arm": arm, "servers": servers, "budget_gb_each": budget_gb / servers,
                   "tier_gb_each": tier_gb / servers, "start_s": start_s,
-                  "summary": summary(samples, args.agents, experiment.workload.iterations,
-                                     time.perf_counter() - began),
+                  "summary": summary(samples, args.agents, experiment.workload.iterations, duration_s),
                   "handoffs": [n.load()["handoffs"] for n in nodes], "samples": samples}
         if router is not None:
             result["router"] = router.router.status()
@@ -257,12 +229,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--think-s", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="override [workload] think_min_s and think_max_s")
     parser.add_argument("--seed", type=int, default=None)
-    if argv[:1] == ["agents"]:
-        parser.add_argument("mode")
-        parser.add_argument("url")
-        parser.add_argument("--vocab", type=int, required=True)
-        agents_main(parser.parse_args(argv))
-        return
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--budget-gb", type=float, default=0.0,
                         help="the whole GPU budget (two servers get half each); 0: 90 %% of the free GPU memory")

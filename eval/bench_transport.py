@@ -461,8 +461,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.frame_mb} MiB frames over tcp and raw sockets ...", file=sys.stderr)
     throughput = measure_throughput(args.frame_mb << 20, args.rounds, args.frames_per_round)
 
+    from eval.report import source_commit
+
     report = {
         "benchmark": "transport",
+        "command": "python -m eval.bench_transport " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": source_commit(),
         "hardware": hardware(),
         "versions": versions(ucx_available),
         "config": {
