@@ -94,9 +94,11 @@ def device_budget_gb(asked: float) -> float:
 # --------------------------------------------------------------------------- the agents, in a child process
 
 
-def drive_agents(url: str, experiment: ExperimentConfig, agents: int, vocab: int) -> tuple[list[dict[str, Any]], float]:
+def drive_agents(url: str, experiment: ExperimentConfig, agents: int,
+                 vocab: int) -> tuple[list[dict[str, Any]], float]:
     """One warm-up generate, then the workload's agents against ``url`` from a process of their
-    own (exp1's load generator); their samples and the seconds from the first arrival to the last reply."""
+    own (exp1's load generator); their samples, and the seconds from the first arrival to the
+    last reply."""
     workload = experiment.workload
     asyncio.run(_warm_up(url, workload, vocab))
     began: list[float] = []

@@ -27,6 +27,7 @@ import attrs
 
 from djinn.kernel.errors import DjinnError
 
+
 def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
@@ -35,7 +36,6 @@ def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
 def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name} must be >= 0, not {value!r}")
-
 
 
 @attrs.frozen
@@ -83,7 +83,6 @@ class IterationSample:
     error: str | None = None
     #: when the iteration began, in seconds from the start of the point
     started_s: float = math.nan
-
 
 
 @attrs.frozen
@@ -176,7 +175,6 @@ async def _agent(
         await client.close()
 
 
-
 def arrival_delays(workload: WorkloadSpec, agents: int) -> list[float]:
     """When each agent arrives, in seconds from the start: a Poisson process at ``arrival_rate``,
     or N uniform draws within ``arrival_window_s`` when it is set."""
@@ -188,7 +186,6 @@ def arrival_delays(workload: WorkloadSpec, agents: int) -> list[float]:
         delays.append(at)
         at += rng.expovariate(workload.arrival_rate)
     return delays
-
 
 
 # --------------------------------------------------------------------------- the agents' process

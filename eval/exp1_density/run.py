@@ -75,7 +75,6 @@ GiB = 1 << 30
 LOAD_GENERATOR = "own process"
 
 
-
 # --------------------------------------------------------------------------- configuration
 
 
@@ -106,8 +105,6 @@ class MemorySpec:
     disk_capacity_gb: float = attrs.field(default=0.0, validator=_non_negative)
     #: the disk tier's file (empty: a new file in the system's temporary directory)
     disk_path: str = ""
-
-
 
 
 @attrs.frozen
@@ -210,7 +207,6 @@ def djinn_config(experiment: ExperimentConfig, scheduler: str) -> DjinnConfig:
 # --------------------------------------------------------------------------- one point
 
 
-
 @attrs.define
 class PointResult:
     """Everything measured at one (scheduler, N)."""
@@ -302,7 +298,6 @@ def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
         "cuda_alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0,
         "rss_bytes": _rss_bytes(),
     }
-
 
 
 async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
