@@ -461,27 +461,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.frame_mb} MiB frames over tcp and raw sockets ...", file=sys.stderr)
     throughput = measure_throughput(args.frame_mb << 20, args.rounds, args.frames_per_round)
 
-    from eval.report import source_commit
+    from eval.report import result_header
 
+    config = {
+        "rtt_frame_bytes": args.rtt_bytes,
+        "rtt_n": args.rtt_n,
+        "rtt_warmup": args.rtt_warmup,
+        "rtt_rounds": args.rtt_rounds,
+        "throughput_frame_bytes": args.frame_mb << 20,
+        "throughput_rounds": args.rounds,
+        "throughput_frames_per_round": args.frames_per_round,
+        "tcp_settings": attrs.asdict(tcp.TcpSettings()),
+        "ucx_settings": attrs.asdict(ucx.UcxSettings()) if ucx_available else None,
+        "transports": names,
+        "ucx_skipped_because": ucx_note,
+    }
+    note = (f"{args.rtt_bytes}-byte echo round trips per transport beside raw and asyncio sockets; "
+            f"{args.frame_mb} MiB frames over tcp and raw sockets")
     report = {
-        "benchmark": "transport",
-        "command": "python -m eval.bench_transport " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": source_commit(),
-        "hardware": hardware(),
+        **result_header("transport", "eval.bench_transport", note, config, argv),
         "versions": versions(ucx_available),
-        "config": {
-            "rtt_frame_bytes": args.rtt_bytes,
-            "rtt_n": args.rtt_n,
-            "rtt_warmup": args.rtt_warmup,
-            "rtt_rounds": args.rtt_rounds,
-            "throughput_frame_bytes": args.frame_mb << 20,
-            "throughput_rounds": args.rounds,
-            "throughput_frames_per_round": args.frames_per_round,
-            "tcp_settings": attrs.asdict(tcp.TcpSettings()),
-            "ucx_settings": attrs.asdict(ucx.UcxSettings()) if ucx_available else None,
-            "transports": names,
-            "ucx_skipped_because": ucx_note,
-        },
         "latency": latency,
         "throughput": throughput,
         "summary": {
