@@ -20,13 +20,19 @@ Arms (each starts its servers afresh, runs the workload, stops them):
 Every arm runs experiment 1's agent workload (``eval.exp1_density``: same seed, so the same
 arrivals, prompts and think times) from exp1's load generator, a process of its own
 (``eval.exp1_density.agents``), so the agents never share an interpreter lock with the servers
-or the router. The servers and the router run in this process
-(``LocalNode``; no Ray needed), so the router here competes with the servers for this process's
-interpreter lock: its measured cost is an upper bound of what it costs in a process of its own
-(``djinn cluster``, where Ray runs each server as an actor). The report gives each arm's P50 and
-P99 iteration latency and the ratios to ``one`` (the goal: ``routed`` within 5 % on P99), and
-the part of each iteration outside the server's own timings (queue, restore, first token,
-decode): the transport and, behind the router, the router's forwarding.
+or the router. Where the servers run is ``--servers-in``:
+
+- ``process`` (the default; no Ray needed): the servers and the router in this process
+  (``LocalNode``), so the router competes with the servers for one interpreter lock and its
+  measured cost is an upper bound of what it costs in a process of its own.
+- ``ray``: each server a Ray actor in a process of its own (``start_cluster``, as ``djinn
+  cluster`` runs them; two servers take half the GPU each), the router alone in this one: the
+  router's cost as a cluster pays it. A migration's bytes travel through Ray's object store.
+
+The report gives each arm's P50 and P99 iteration latency and the ratios to ``one`` (the goal:
+``routed`` within 5 % on P99), and the part of each iteration outside the server's own timings
+(queue, restore, first token, decode): the transport and, behind the router, the router's
+forwarding.
 """
 
 from __future__ import annotations
@@ -35,16 +41,18 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from djinn.cluster.launch import BackgroundRouter, LocalNode, build_router
+from djinn.cluster.launch import BackgroundRouter, LocalNode, build_router, start_cluster
 from djinn.cluster.node import DjinnNode
 from djinn.cluster.router import Backend, RouterSettings
 from djinn.config import DjinnConfig
@@ -61,6 +69,8 @@ from eval.exp1_density.run import (
 from eval.report import result_header
 
 ARMS = ("one", "routed", "two")
+#: where an arm's servers run (see the module's docstring)
+SERVERS_IN = ("process", "ray")
 GiB = 1 << 30
 
 
@@ -94,16 +104,16 @@ def device_budget_gb(asked: float) -> float:
 # --------------------------------------------------------------------------- the agents, in a child process
 
 
-def drive_agents(url: str, experiment: ExperimentConfig, agents: int,
-                 vocab: int) -> tuple[list[dict[str, Any]], float]:
+def drive_agents(url: str, experiment: ExperimentConfig, agents: int, vocab: int,
+                 token: str | None = None) -> tuple[list[dict[str, Any]], float]:
     """One warm-up generate, then the workload's agents against ``url`` from a process of their
     own (exp1's load generator); their samples, and the seconds from the first arrival to the
     last reply."""
     workload = experiment.workload
-    asyncio.run(_warm_up(url, workload, vocab))
+    asyncio.run(_warm_up(url, workload, vocab, token))
     began: list[float] = []
     samples, _faults = asyncio.run(run_agents(url, workload, vocab, arrival_delays(workload, agents), {},
-                                              began.append, lambda: None))
+                                              began.append, lambda: None, token))
     return [attrs.asdict(s) for s in samples], time.perf_counter() - began[0]
 
 
@@ -128,14 +138,61 @@ def summary(samples: list[dict[str, Any]], agents: int, iterations: int, duratio
 # --------------------------------------------------------------------------- arms
 
 
-def start_nodes(configs: list[DjinnConfig], routed: bool) -> tuple[list[DjinnNode], BackgroundRouter | None]:
+@attrs.define
+class ArmServers:
+    """An arm's running servers: where its agents connect, and how to read and stop them."""
+
+    url: str
+    #: what a client connecting to ``url`` presents (a Ray cluster's servers ask for a secret)
+    token: str | None
+    vocab: int
+    router: BackgroundRouter | None
+    #: each server's migration counters (``DjinnNode.load()["handoffs"]``)
+    handoffs: Callable[[], list[dict[str, Any]]]
+    stop: Callable[[], None]
+
+
+def start_in_process(configs: list[DjinnConfig], routed: bool) -> ArmServers:
+    """The servers (and the router, when ``routed``) in this process."""
     nodes = [DjinnNode(config, name=f"djinn-{i}") for i, config in enumerate(configs)]
-    if not routed:
-        return nodes, None
-    backends = [Backend(n.name, n.describe()["urls"][0], LocalNode(n)) for n in nodes]
-    router = build_router(configs[0], [], backends, token=None, server_token=None,
-                          settings=RouterSettings(migrate=True))
-    return nodes, BackgroundRouter(router, ["tcp://127.0.0.1:0"]).start()
+    router = None
+    if routed:
+        backends = [Backend(n.name, n.describe()["urls"][0], LocalNode(n)) for n in nodes]
+        router = BackgroundRouter(build_router(configs[0], [], backends, token=None, server_token=None,
+                                               settings=RouterSettings(migrate=True)), ["tcp://127.0.0.1:0"])
+        router.start()
+
+    def stop() -> None:
+        if router is not None:
+            router.stop()
+        for node in nodes:
+            node.stop()
+        nodes.clear()
+
+    return ArmServers(router.url() if router is not None else nodes[0].describe()["urls"][0], None,
+                      nodes[0].server.model.runner.vocab_size, router,
+                      lambda: [n.load()["handoffs"] for n in nodes], stop)
+
+
+def start_on_ray(config: DjinnConfig, servers: int, routed: bool, args: argparse.Namespace) -> ArmServers:
+    """Each server a Ray actor (a local Ray this starts; the GPU shared evenly between them), the
+    router in this process; agents connect to the router when ``routed``, else to the first server."""
+    import torch
+
+    gpus = min(torch.cuda.device_count(), 1)  # the arms compare servers sharing one GPU
+    cpus = max(1, (os.cpu_count() or 2) // 2 // servers)
+    cluster = start_cluster(
+        config, servers=servers, gpus_per_server=gpus / servers, cpus_per_server=cpus,
+        settings=RouterSettings(migrate=True),
+        ray_init={"num_cpus": max(os.cpu_count() or 1, cpus * servers), "num_gpus": gpus,
+                  "object_store_memory": int(args.object_store_gb * GiB)},
+    )
+    ray, actors = cluster.ray, list(cluster.actors.values())
+    first = ray.get(actors[0].describe.remote())
+    url = cluster.url if routed else first["urls"][0]
+    return ArmServers(url, None if routed else cluster.server_token, first["vocab_size"],
+                      cluster.router if routed else None,
+                      lambda: [h["handoffs"] for h in ray.get([a.load.remote() for a in actors])], cluster.stop)
 
 
 def migrations(router: BackgroundRouter, sizes: list[int], repeats: int, vocab: int) -> list[dict[str, Any]]:
@@ -163,29 +220,29 @@ def migrations(router: BackgroundRouter, sizes: list[int], repeats: int, vocab: 
 def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, budget_gb: float) -> dict[str, Any]:
     tier_gb = experiment.memory.pinned_host_capacity_gb
     servers = 2 if arm == "two" else 1
-    configs = [server_config(experiment, budget_gb / servers, tier_gb / servers)] * servers
+    config = server_config(experiment, budget_gb / servers, tier_gb / servers)
     started = time.perf_counter()
-    nodes, router = start_nodes(configs, routed=arm != "one")
+    if args.servers_in == "ray":
+        arm_servers = start_on_ray(config, servers, routed=arm != "one", args=args)
+    else:
+        arm_servers = start_in_process([config] * servers, routed=arm != "one")
     try:
         start_s = time.perf_counter() - started
-        url = router.url() if router is not None else nodes[0].describe()["urls"][0]
-        vocab = nodes[0].server.model.runner.vocab_size
-        samples, duration_s = drive_agents(url, experiment, args.agents, vocab)
+        samples, duration_s = drive_agents(arm_servers.url, experiment, args.agents, arm_servers.vocab,
+                                           arm_servers.token)
         result = {"arm": arm, "servers": servers, "budget_gb_each": budget_gb / servers,
                   "tier_gb_each": tier_gb / servers, "start_s": start_s,
                   "summary": summary(samples, args.agents, experiment.workload.iterations, duration_s),
-                  "handoffs": [n.load()["handoffs"] for n in nodes], "samples": samples}
+                  "samples": samples}
+        router = arm_servers.router
         if router is not None:
             result["router"] = router.router.status()
         if arm == "two" and args.migrate_tokens:
-            result["migrations"] = migrations(router, args.migrate_tokens, args.migrate_repeats, vocab)
+            result["migrations"] = migrations(router, args.migrate_tokens, args.migrate_repeats, arm_servers.vocab)
+        result["handoffs"] = arm_servers.handoffs()  # the workload's moves and the timed ones
         return result
     finally:
-        if router is not None:
-            router.stop()
-        for node in nodes:
-            node.stop()
-        del nodes
+        arm_servers.stop()
         _release_device()
         import torch
 
@@ -236,6 +293,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="the whole GPU budget (two servers get half each); 0: 90 %% of the free GPU memory")
     parser.add_argument("--migrate-tokens", default="", help="comma-separated session sizes to move, in tokens")
     parser.add_argument("--migrate-repeats", type=int, default=3)
+    parser.add_argument("--servers-in", choices=SERVERS_IN, default="process",
+                        help="process: servers and router in this process; ray: each server a Ray actor")
+    parser.add_argument("--object-store-gb", type=float, default=8.0,
+                        help="with --servers-in ray: the size of Ray's object store (a migration's bytes)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--append", action="store_true",
                         help="keep the arms already in --out (a run split into one command per arm)")
@@ -248,18 +309,22 @@ def main(argv: list[str] | None = None) -> None:
     args.migrate_tokens = [int(t) for t in args.migrate_tokens.split(",") if t]
     experiment = experiment_from(args)
     budget_gb = device_budget_gb(args.budget_gb)
+    where = {"process": "servers and router in one process (LocalNode)",
+             "ray": "each server a Ray actor, the router in the benchmark's process"}[args.servers_in]
     report: dict[str, Any] = {
-        **result_header("bench_cluster", "eval.bench_cluster", args.note or
-                        "random-weight model of the named shape; servers and router in one process (LocalNode)",
-                        {"experiment": experiment.to_dict(), "arms": arms, "budget_gb": budget_gb,
-                         "agents": args.agents, "migrate_tokens": args.migrate_tokens}, argv),
+        **result_header("bench_cluster", "eval.bench_cluster", args.note or f"random-weight model of the named "
+                        f"shape; {where}", {"experiment": experiment.to_dict(), "arms": arms, "budget_gb": budget_gb,
+                                            "agents": args.agents, "migrate_tokens": args.migrate_tokens,
+                                            "servers_in": args.servers_in}, argv),
         "arms": {},
     }
     if args.append and args.out.exists():
         earlier = json.loads(args.out.read_text())
         workload = json.loads(json.dumps(_json_safe(report["config"]["experiment"])))
-        if earlier["config"]["experiment"] != workload or earlier["config"]["budget_gb"] != budget_gb:
-            parser.error(f"{args.out} was measured with another workload or budget; write to another file")
+        if (earlier["config"]["experiment"] != workload or earlier["config"]["budget_gb"] != budget_gb
+                or earlier["config"].get("servers_in", "process") != args.servers_in):
+            parser.error(f"{args.out} was measured with another workload, budget or --servers-in; "
+                         "write to another file")
         # an arm measured by an earlier run keeps that run's commit
         report["arms"] = {name: {"commit": earlier["commit"], **arm}
                           for name, arm in earlier["arms"].items() if name not in arms}

@@ -391,3 +391,27 @@ def test_the_cluster_benchmark_runs_its_arms_and_times_a_migration(tmp_path, cap
     assert {m["source"] for m in two["migrations"]} == {"djinn-0", "djinn-1"}  # there and back
     assert report["comparison"]["migration"][0]["tokens"] == 100
     assert "move    100 tokens" in capsys.readouterr().out
+
+
+@needs_ray
+def test_the_cluster_benchmark_runs_its_servers_as_ray_actors(tmp_path, capsys, cluster):
+    """``--servers-in ray``: each arm's servers are actors of their own (here, of the module's
+    Ray), a client bypassing the router presents their secret, and a migration's bytes cross
+    between two actors."""
+    from eval import bench_cluster
+
+    out = tmp_path / "cluster.json"
+    workload = ["--agents", "2", "--iterations", "2", "--think-s", "0.01", "0.02", "--out", str(out)]
+    bench_cluster.main([*workload, "--servers-in", "ray", "--arms", "one,two", "--migrate-tokens", "100",
+                        "--migrate-repeats", "1"])
+    report = json.loads(out.read_text())
+    assert report["config"]["servers_in"] == "ray" and "Ray actor" in report["note"]
+    for arm in ("one", "two"):
+        assert report["arms"][arm]["summary"]["iterations"] == 4 and report["arms"][arm]["summary"]["failures"] == 0
+    assert "router" not in report["arms"]["one"]  # its agents spoke to the server itself
+    two = report["arms"]["two"]
+    assert [m["nbytes"] for m in two["migrations"]] == [2 * BLOCK]
+    assert sum(h["exports"] for h in two["handoffs"]) == sum(h["imports"] for h in two["handoffs"]) == 1
+    with pytest.raises(SystemExit):  # an arm measured in one process does not join Ray's
+        bench_cluster.main([*workload, "--arms", "routed", "--append"])
+    assert "--servers-in" in capsys.readouterr().err

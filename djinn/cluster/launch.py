@@ -182,6 +182,12 @@ class Cluster:
         """The router's TCP URL: what clients connect to."""
         return self.router.url("tcp")
 
+    @property
+    def server_token(self) -> str | None:
+        """The secret the servers ask of whoever connects to them (the router, or a client that
+        bypasses it)."""
+        return self.recipe[2]["token"]
+
     def kill(self, name: str, timeout_s: float = 30.0) -> None:
         """Kill one server's actor and return once it is gone (its process ends; its sessions are
         lost). ``ray.kill`` only asks: the actor may answer a call or two before it ends."""

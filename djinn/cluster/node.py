@@ -58,11 +58,11 @@ class DjinnNode:
 
     def describe(self) -> dict[str, Any]:
         """Where it listens and what it serves: name, URLs (``http_url``: its OpenAI API, or ""),
-        model, KV layout, device, process id."""
+        model and its vocabulary size, KV layout, device, process id."""
         http_url = "" if self.server.http_port is None else f"http://{self.server.config.server.host}:{self.server.http_port}"
         return {
             "name": self.name, "urls": list(self.server.urls), "http_url": http_url,
-            "model": self.server.config.model.name,
+            "model": self.server.config.model.name, "vocab_size": self.server.model.runner.vocab_size,
             "layout": self.server.call(lambda: kv_layout(self.server.kernel, self.server.model)),
             "device": str(self.server.model.device), "pid": os.getpid(),
         }

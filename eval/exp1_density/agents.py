@@ -128,13 +128,13 @@ async def _drop_during(session: Any, ids: list[int], workload: WorkloadSpec, fau
 async def _agent(
     url: str, index: int, delay_s: float, workload: WorkloadSpec, vocab: int,
     samples: list[IterationSample], on_iteration: Callable[[], None], origin: float,
-    fault: Fault | None = None, faults: list[dict[str, Any]] | None = None,
+    fault: Fault | None = None, faults: list[dict[str, Any]] | None = None, token: str | None = None,
 ) -> None:
     from djinn.client import connect_async
 
     rng = random.Random(workload.seed * 1_000_003 + index)
     await asyncio.sleep(delay_s)
-    client = await connect_async(url)
+    client = await connect_async(url, token)
     try:
         session = await (await client.model()).session()
         ids = [rng.randrange(vocab) for _ in range(workload.context_tokens)]
@@ -196,10 +196,11 @@ _REPORT_LIMIT = 1 << 28
 
 async def run_agents(url: str, workload: WorkloadSpec, vocab: int, delays: list[float],
                      planned: dict[int, Fault], on_start: Callable[[float], None],
-                     on_iteration: Callable[[], None]) -> tuple[list[IterationSample], list[dict[str, Any]]]:
-    """Run every agent in a child process against the server at ``url``; its samples and
-    dropped connections. ``on_start`` gets the point's time zero just
-    before the agents start; ``on_iteration`` is called once per finished iteration."""
+                     on_iteration: Callable[[], None], token: str | None = None,
+                     ) -> tuple[list[IterationSample], list[dict[str, Any]]]:
+    """Run every agent in a child process against the server at ``url`` (presenting ``token``,
+    if it asks for one); its samples and dropped connections. ``on_start`` gets the point's time
+    zero just before the agents start; ``on_iteration`` is called once per finished iteration."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
            "CUDA_VISIBLE_DEVICES": ""}  # a client needs no GPU
@@ -211,7 +212,8 @@ async def run_agents(url: str, workload: WorkloadSpec, vocab: int, delays: list[
         origin = time.perf_counter()
         on_start(origin)
         job = {"url": url, "workload": attrs.asdict(workload), "vocab": vocab, "delays": delays,
-               "faults": {str(agent): attrs.asdict(fault) for agent, fault in planned.items()}, "origin": origin}
+               "faults": {str(agent): attrs.asdict(fault) for agent, fault in planned.items()}, "origin": origin,
+               "token": token}
         child.stdin.write(json.dumps(job).encode() + b"\n")
         await child.stdin.drain()
         while (message := await _expect(child, "iteration", "report"))["kind"] == "iteration":
@@ -251,7 +253,7 @@ def _serve_job(out: Any) -> None:
     async def every_agent() -> None:
         await asyncio.gather(*(
             _agent(job["url"], i, delay, workload, job["vocab"], samples, lambda: send({"kind": "iteration"}),
-                   job["origin"], _fault(job["faults"].get(str(i))), faults)
+                   job["origin"], _fault(job["faults"].get(str(i))), faults, job["token"])
             for i, delay in enumerate(job["delays"])
         ))
 

@@ -334,11 +334,11 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
     return samples, memory, faults, started
 
 
-async def _warm_up(url: str, workload: WorkloadSpec, vocab: int) -> None:
+async def _warm_up(url: str, workload: WorkloadSpec, vocab: int, token: str | None = None) -> None:
     """One generate of the workload's shape, so first-call costs stay out of the samples."""
     from djinn.client import connect_async
 
-    async with await connect_async(url) as client:
+    async with await connect_async(url, token) as client:
         session = await (await client.model()).session()
         await session.generate(list(range(min(workload.context_tokens, vocab))), workload.generate_tokens)
         await session.close()
