@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -58,8 +59,11 @@ def python(tmp_path_factory: pytest.TempPathFactory) -> str:
     # with their .pth files (djinn's editable install is one)
     lines = [f"import site; site.addsitedir({d!r})" for d in site.getsitepackages()]
     Path(purelib, "_outer_environment.pth").write_text("\n".join(lines) + "\n")
+    # built from a copy: a build writes its build/ and egg-info directories beside the sources
+    source = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("example-source") / EXAMPLE.name,
+                             ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([interpreter, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", str(EXAMPLE)], check=True, cwd=venv)
+                    "--no-index", str(source)], check=True, cwd=venv)
     return str(interpreter)
 
 
