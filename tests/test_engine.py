@@ -11,7 +11,7 @@ from djinn.kernel.errors import ModelError
 from djinn.engine.models import LoadedModel, load_model
 from djinn.engine.kvpool import SCRATCH_BLOCK
 from djinn.engine.runner import (
-    BATCH_BUCKETS, DECODE_ATTENTION, PREFILL_GRAPH_CHUNKS, ModelRunner, _PrefillInputs, _StepInputs, batch_bucket, greedy_generate,
+    BATCH_BUCKETS, DECODE_ATTENTION, PREFILL_GRAPH_CHUNKS, ModelRunner, _PrefillInputs, batch_bucket, greedy_generate,
     sample_generate, slot_bucket,
 )
 from tests.serving import serving_config, start_server, tiny_qwen2

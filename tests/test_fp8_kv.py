@@ -18,7 +18,7 @@ from djinn.client import connect
 from djinn.config import parse_config
 from djinn.engine.families import pool_attention
 from djinn.engine.models import load_model
-from djinn.engine.runner import DECODE_ATTENTION, KV_FP8_DTYPES, ModelRunner, greedy_generate
+from djinn.engine.runner import DECODE_ATTENTION, KV_FP8_DTYPES, ModelRunner
 from djinn.kernel.errors import ConfigError, ModelError
 from djinn.kernel.strategies import Residency
 from tests.serving import serving_config

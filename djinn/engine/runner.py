@@ -742,7 +742,7 @@ class ModelRunner:
         mixed_steps: bool | None = None,
     ) -> None:
         self.family = family = family_of(loaded)
-        model, config = loaded.model, loaded.config
+        config = loaded.config
         # the modules dispatch on this attribute; transformers offers no public reader
         attention = getattr(config, "_attn_implementation", None) or "eager"
         if attention not in ATTENTION_IMPLEMENTATIONS:

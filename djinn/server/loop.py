@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from djinn import __version__
-from djinn.kernel.errors import BreakpointError, ConfigError, DjinnError, PluginError, SessionError
+from djinn.kernel.errors import ConfigError, DjinnError, PluginError, SessionError
 from djinn.engine.service import SamplingParams
 from djinn.kernel.kernel import Session, settled
 from djinn.kernel.strategies import Phase
