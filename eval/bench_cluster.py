@@ -16,6 +16,15 @@ Arms (each starts its servers afresh, runs the workload, stops them):
 - ``two``: two servers, each with half the budget and half the host tier (each holds its own
   copy of the weights), behind the router. After the workload, idle sessions of each
   ``--migrate-tokens`` size move between the two servers, timed (export, import, total).
+- ``gpus`` (``--servers-in ray``, on a host with ``--gpus`` GPUs): ``--gpus`` servers behind
+  the router, each with a GPU of its own, the whole ``--budget-gb`` and a host tier of
+  ``--tier-gb-each`` (default: the experiment's); recorded as ``gpus{G}_{N}``. Run it for a few
+  ``--agents`` counts per GPU count (one process each, ``--append``): the report's ``scaling``
+  gives the largest N within the experiment's P99 limit and no failure for each GPU count, and
+  that N per GPU against one GPU's (the goal: at least 0.9).
+
+    python -m eval.bench_cluster --config eval/exp1_density/configs/h200_fp8_short_chunks.toml \\
+        --servers-in ray --arms gpus --gpus 2 --agents 832 --budget-gb 120 --out /tmp/cluster_scaling.json
 
 Every arm runs experiment 1's agent workload (``eval.exp1_density``: same seed, so the same
 arrivals, prompts and think times) from exp1's load generator, a process of its own
@@ -68,7 +77,7 @@ from eval.exp1_density.run import (
 )
 from eval.report import result_header
 
-ARMS = ("one", "routed", "two")
+ARMS = ("one", "routed", "two", "gpus")
 #: where an arm's servers run (see the module's docstring)
 SERVERS_IN = ("process", "ray")
 GiB = 1 << 30
@@ -174,17 +183,18 @@ def start_in_process(configs: list[DjinnConfig], routed: bool) -> ArmServers:
                       lambda: [n.load()["handoffs"] for n in nodes], stop)
 
 
-def start_on_ray(config: DjinnConfig, servers: int, routed: bool, args: argparse.Namespace) -> ArmServers:
-    """Each server a Ray actor (a local Ray this starts; the GPU shared evenly between them), the
-    router in this process; agents connect to the router when ``routed``, else to the first server."""
+def start_on_ray(config: DjinnConfig, servers: int, gpus_each: float, routed: bool,
+                 args: argparse.Namespace) -> ArmServers:
+    """Each server a Ray actor with ``gpus_each`` GPUs (a local Ray this starts, given every GPU
+    of this host), the router in this process; agents connect to the router when ``routed``,
+    else to the first server."""
     import torch
 
-    gpus = min(torch.cuda.device_count(), 1)  # the arms compare servers sharing one GPU
     cpus = max(1, (os.cpu_count() or 2) // 2 // servers)
     cluster = start_cluster(
-        config, servers=servers, gpus_per_server=gpus / servers, cpus_per_server=cpus,
+        config, servers=servers, gpus_per_server=gpus_each, cpus_per_server=cpus,
         settings=RouterSettings(migrate=True),
-        ray_init={"num_cpus": max(os.cpu_count() or 1, cpus * servers), "num_gpus": gpus,
+        ray_init={"num_cpus": max(os.cpu_count() or 1, cpus * servers), "num_gpus": torch.cuda.device_count(),
                   "object_store_memory": int(args.object_store_gb * GiB)},
     )
     ray, actors = cluster.ray, list(cluster.actors.values())
@@ -217,21 +227,38 @@ def migrations(router: BackgroundRouter, sizes: list[int], repeats: int, vocab: 
     return moves
 
 
-def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, budget_gb: float) -> dict[str, Any]:
-    tier_gb = experiment.memory.pinned_host_capacity_gb
+def arm_key(arm: str, args: argparse.Namespace) -> str:
+    """The arm's name in the report: a ``gpus`` arm's names its GPUs and agents."""
+    return f"gpus{args.gpus}_{args.agents}" if arm == "gpus" else arm
+
+
+def arm_layout(arm: str, args: argparse.Namespace, budget_gb: float, tier_gb: float) -> tuple[int, float, float, float]:
+    """An arm's servers, and each one's GPU budget, host tier and share of GPUs (0 on a machine
+    without CUDA)."""
+    import torch
+
+    gpu = 1.0 if torch.cuda.is_available() else 0.0
+    if arm == "gpus":
+        return args.gpus, budget_gb, args.tier_gb_each or tier_gb, gpu
     servers = 2 if arm == "two" else 1
-    config = server_config(experiment, budget_gb / servers, tier_gb / servers)
+    return servers, budget_gb / servers, tier_gb / servers, gpu / servers
+
+
+def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, budget_gb: float) -> dict[str, Any]:
+    servers, budget_each, tier_each, gpus_each = arm_layout(arm, args, budget_gb,
+                                                            experiment.memory.pinned_host_capacity_gb)
+    config = server_config(experiment, budget_each, tier_each)
     started = time.perf_counter()
     if args.servers_in == "ray":
-        arm_servers = start_on_ray(config, servers, routed=arm != "one", args=args)
+        arm_servers = start_on_ray(config, servers, gpus_each, routed=arm != "one", args=args)
     else:
         arm_servers = start_in_process([config] * servers, routed=arm != "one")
     try:
         start_s = time.perf_counter() - started
         samples, duration_s = drive_agents(arm_servers.url, experiment, args.agents, arm_servers.vocab,
                                            arm_servers.token)
-        result = {"arm": arm, "servers": servers, "budget_gb_each": budget_gb / servers,
-                  "tier_gb_each": tier_gb / servers, "start_s": start_s,
+        result = {"arm": arm, "servers": servers, "agents": args.agents, "budget_gb_each": budget_each,
+                  "tier_gb_each": tier_each, "gpus_each": gpus_each, "start_s": start_s,
                   "summary": summary(samples, args.agents, experiment.workload.iterations, duration_s),
                   "samples": samples}
         router = arm_servers.router
@@ -252,15 +279,16 @@ def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, bu
             torch._dynamo.reset()
 
 
-def compare(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each arm's P50/P99 beside ``one``'s, and the migration rate by size."""
+def compare(arms: dict[str, dict[str, Any]], p99_limit_s: float) -> dict[str, Any]:
+    """Each arm's P50/P99 beside ``one``'s, the migration rate by size, and how the ``gpus``
+    arms' largest N within ``p99_limit_s`` scales with their GPUs."""
     base = arms.get("one", {}).get("summary")
     out: dict[str, Any] = {}
     for name, arm in arms.items():
         s = arm["summary"]
         row = {k: s[k] for k in ("p50_latency_s", "p99_latency_s", "p50_outside_server_s", "p99_outside_server_s",
                                  "failures", "iterations")}
-        if base is not None and name != "one" and base["p99_latency_s"]:
+        if base is not None and arm["arm"] in ("routed", "two") and base["p99_latency_s"]:
             row["p99_vs_one"] = s["p99_latency_s"] / base["p99_latency_s"] - 1
             row["p50_vs_one"] = s["p50_latency_s"] / base["p50_latency_s"] - 1
         out[name] = row
@@ -276,7 +304,27 @@ def compare(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
          "median_s_per_gib": statistics.median(m["total_s"] / (m["nbytes"] / GiB) for m in group)}
         for tokens, group in sorted(by_size.items())
     ]
+    out["scaling"] = scaling([a for a in arms.values() if a["arm"] == "gpus"], p99_limit_s)
     return out
+
+
+def scaling(points: list[dict[str, Any]], p99_limit_s: float) -> list[dict[str, Any]]:
+    """For each GPU count of the ``gpus`` arms: the agent counts run, the largest within
+    ``p99_limit_s`` with no failure (None: none passed), and that N per GPU against one GPU's."""
+    by_gpus: dict[int, list[dict[str, Any]]] = {}
+    for point in points:
+        by_gpus.setdefault(point["servers"], []).append(point)
+    rows = []
+    for gpus, group in sorted(by_gpus.items()):
+        passed = [p["agents"] for p in group
+                  if p["summary"]["failures"] == 0 and p["summary"]["p99_latency_s"] <= p99_limit_s]
+        rows.append({"gpus": gpus, "agents_run": sorted(p["agents"] for p in group),
+                     "largest_agents": max(passed, default=None)})
+    one = next((r["largest_agents"] for r in rows if r["gpus"] == 1), None)
+    for row in rows:
+        row["per_gpu_vs_one"] = (row["largest_agents"] / (row["gpus"] * one)
+                                 if one and row["largest_agents"] is not None else None)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -297,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="process: servers and router in this process; ray: each server a Ray actor")
     parser.add_argument("--object-store-gb", type=float, default=8.0,
                         help="with --servers-in ray: the size of Ray's object store (a migration's bytes)")
+    parser.add_argument("--gpus", type=int, default=1, help="the gpus arm's servers, a GPU each")
+    parser.add_argument("--tier-gb-each", type=float, default=0.0,
+                        help="the gpus arm's host tier per server (0: the experiment's pinned_host_capacity_gb)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--append", action="store_true",
                         help="keep the arms already in --out (a run split into one command per arm)")
@@ -304,8 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
-    if unknown or args.agents < 1:
-        parser.error(f"unknown arms {unknown}; arms are {', '.join(ARMS)}" if unknown else "--agents must be >= 1")
+    if unknown or args.agents < 1 or args.gpus < 1:
+        parser.error(f"unknown arms {unknown}; arms are {', '.join(ARMS)}" if unknown
+                     else "--agents and --gpus must be >= 1")
+    if "gpus" in arms and args.servers_in != "ray":
+        parser.error("the gpus arm runs each server on a GPU of its own: give --servers-in ray")
     args.migrate_tokens = [int(t) for t in args.migrate_tokens.split(",") if t]
     experiment = experiment_from(args)
     budget_gb = device_budget_gb(args.budget_gb)
@@ -326,21 +380,28 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{args.out} was measured with another workload, budget or --servers-in; "
                          "write to another file")
         # an arm measured by an earlier run keeps that run's commit
+        keys = {arm_key(arm, args) for arm in arms}
         report["arms"] = {name: {"commit": earlier["commit"], **arm}
-                          for name, arm in earlier["arms"].items() if name not in arms}
+                          for name, arm in earlier["arms"].items() if name not in keys}
         report["runs"] = [*earlier.get("runs", [earlier["command"]]), report["command"]]
     for arm in arms:
-        report["arms"][arm] = {"commit": report["commit"], **run_arm(arm, experiment, args, budget_gb)}
-        report["comparison"] = compare(report["arms"])
+        key = arm_key(arm, args)
+        report["arms"][key] = {"commit": report["commit"], **run_arm(arm, experiment, args, budget_gb)}
+        report["comparison"] = compare(report["arms"], experiment.sweep.p99_limit_s)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_json_safe(report), indent=1))  # what a run cut short measured
-        s = report["arms"][arm]["summary"]
-        print(f"{arm:>6}: p50 {s['p50_latency_s']:.3f} s  p99 {s['p99_latency_s']:.3f} s  "
+        s = report["arms"][key]["summary"]
+        print(f"{key:>6}: p50 {s['p50_latency_s']:.3f} s  p99 {s['p99_latency_s']:.3f} s  "
               f"outside the server p50 {s['p50_outside_server_s'] * 1000:.1f} ms p99 "
               f"{s['p99_outside_server_s'] * 1000:.1f} ms  failures {s['failures']}  ({s['duration_s']:.1f} s)",
               flush=True)
     for name, row in report["comparison"].items():
-        if name == "migration":
+        if name == "scaling":
+            for r in row:
+                per_gpu = "" if r["per_gpu_vs_one"] is None else f", {r['per_gpu_vs_one']:.2f} x one GPU's per GPU"
+                print(f"{r['gpus']} GPU(s): largest N within the P99 limit {r['largest_agents']} "
+                      f"(ran {', '.join(map(str, r['agents_run']))}){per_gpu}")
+        elif name == "migration":
             for m in row:
                 print(f"move {m['tokens']:>6} tokens ({m['gib']:.3f} GiB): {m['median_total_s'] * 1000:.1f} ms "
                       f"({m['median_s_per_gib']:.3f} s/GiB; export {m['median_export_s'] * 1000:.1f} ms, "

@@ -415,3 +415,43 @@ def test_the_cluster_benchmark_runs_its_servers_as_ray_actors(tmp_path, capsys, 
     with pytest.raises(SystemExit):  # an arm measured in one process does not join Ray's
         bench_cluster.main([*workload, "--arms", "routed", "--append"])
     assert "--servers-in" in capsys.readouterr().err
+
+
+@needs_ray
+def test_the_cluster_benchmark_scales_its_servers_over_gpus_and_finds_the_largest_passing_n(tmp_path, capsys, cluster):
+    """The ``gpus`` arm: one point per (GPU count, agents), appended; ``scaling`` takes the
+    largest N within the P99 limit for each count. Here (no GPU) its servers run on the CPU."""
+    from eval import bench_cluster
+
+    out = tmp_path / "scaling.json"
+    common = ["--iterations", "1", "--think-s", "0.01", "0.02", "--servers-in", "ray", "--arms", "gpus",
+              "--out", str(out), "--append"]
+    for gpus, agents in ((1, 2), (1, 4), (2, 4)):
+        bench_cluster.main([*common, "--gpus", str(gpus), "--agents", str(agents)])
+    report = json.loads(out.read_text())
+    assert sorted(report["arms"]) == ["gpus1_2", "gpus1_4", "gpus2_4"]
+    two = report["arms"]["gpus2_4"]
+    assert two["servers"] == 2 and two["agents"] == 4 and two["summary"]["failures"] == 0
+    rows = {r["gpus"]: r for r in report["comparison"]["scaling"]}
+    assert rows[1]["agents_run"] == [2, 4] and rows[1]["largest_agents"] == 4
+    assert rows[2]["largest_agents"] == 4 and rows[2]["per_gpu_vs_one"] == 0.5
+    assert "2 GPU(s): largest N within the P99 limit 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_cluster.main(["--arms", "gpus", "--out", str(tmp_path / "other.json")])
+    assert "--servers-in ray" in capsys.readouterr().err
+
+
+def test_scaling_takes_the_largest_passing_n_per_gpu_count():
+    from eval.bench_cluster import scaling
+
+    def point(gpus, agents, p99, failures=0):
+        return {"arm": "gpus", "servers": gpus, "agents": agents,
+                "summary": {"p99_latency_s": p99, "failures": failures}}
+
+    rows = scaling([point(1, 352, 1.5), point(1, 416, 2.5), point(2, 704, 1.6), point(2, 832, 1.9, failures=1),
+                    point(4, 1664, 3.0)], p99_limit_s=2.0)
+    assert rows == [
+        {"gpus": 1, "agents_run": [352, 416], "largest_agents": 352, "per_gpu_vs_one": 1.0},
+        {"gpus": 2, "agents_run": [704, 832], "largest_agents": 704, "per_gpu_vs_one": 1.0},
+        {"gpus": 4, "agents_run": [1664], "largest_agents": None, "per_gpu_vs_one": None},
+    ]
