@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -190,14 +192,23 @@ class Cluster:
 
     def kill(self, name: str, timeout_s: float = 30.0) -> None:
         """Kill one server's actor and return once it is gone (its process ends; its sessions are
-        lost). ``ray.kill`` only asks: the actor may answer a call or two before it ends."""
+        lost). ``ray.kill`` only asks: the actor may answer a call or two before it ends, and Ray
+        may call it dead while its process still serves its clients for a moment, so this waits
+        until its port refuses connections too."""
         actor = self.actors[name]
+        address = urlsplit(self.router.router.backends[name].url)
         self.ray.kill(actor, no_restart=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 self.ray.get(actor.load.remote(), timeout=timeout_s)
             except self.ray.exceptions.RayActorError:
+                break
+            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((address.hostname, address.port), timeout=1.0).close()
+            except OSError:  # refused: the process and its listening socket are gone
                 return
             time.sleep(0.05)
         raise TimeoutError(f"server {name} was still answering {timeout_s:.0f} s after it was killed")
