@@ -55,8 +55,8 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -177,6 +177,14 @@ def start_in_process(configs: list[DjinnConfig], routed: bool) -> ArmServers:
         for node in nodes:
             node.stop()
         nodes.clear()
+        _release_device()
+        import torch
+
+        if torch.cuda.is_available():
+            # each KV pool size compiles its own decode kernels; past dynamo's recompile limit a
+            # later arm's servers in this process would run them eagerly, which a CUDA graph
+            # cannot capture
+            torch._dynamo.reset()
 
     return ArmServers(router.url() if router is not None else nodes[0].describe()["urls"][0], None,
                       nodes[0].server.model.runner.vocab_size, router,
@@ -270,13 +278,6 @@ def run_arm(arm: str, experiment: ExperimentConfig, args: argparse.Namespace, bu
         return result
     finally:
         arm_servers.stop()
-        _release_device()
-        import torch
-
-        if torch.cuda.is_available():
-            # each KV pool size compiles its own decode kernels; past dynamo's recompile limit a
-            # later arm's servers would run them eagerly, which a CUDA graph cannot capture
-            torch._dynamo.reset()
 
 
 def compare(arms: dict[str, dict[str, Any]], p99_limit_s: float) -> dict[str, Any]:
