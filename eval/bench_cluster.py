@@ -121,8 +121,8 @@ def drive_agents(url: str, experiment: ExperimentConfig, agents: int, vocab: int
     workload = experiment.workload
     asyncio.run(_warm_up(url, workload, vocab, token))
     began: list[float] = []
-    samples, _faults = asyncio.run(run_agents(url, workload, vocab, arrival_delays(workload, agents), {},
-                                              began.append, lambda: None, token))
+    samples, _faults, _loop = asyncio.run(run_agents(url, workload, vocab, arrival_delays(workload, agents), {},
+                                                     began.append, lambda: None, token))
     return [attrs.asdict(s) for s in samples], time.perf_counter() - began[0]
 
 

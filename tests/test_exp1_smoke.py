@@ -13,7 +13,8 @@ import pytest
 
 from djinn.kernel.errors import ConfigError
 from eval.exp1_density import run as run_module
-from eval.exp1_density.explain import _steps_beside_moves, _steps_while_decoding, explain
+from eval.exp1_density.agents import LoopWatch
+from eval.exp1_density.explain import _late_during, _steps_beside_moves, _steps_while_decoding, explain
 from eval.exp1_density.run import load_experiment, percentile, run
 
 SMOKE = Path(__file__).resolve().parents[1] / "eval" / "exp1_density" / "configs" / "smoke.toml"
@@ -107,8 +108,17 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert all(0 <= s["prefill_launch_s"] <= s["prefill_s"] for s in steps)
     assert all(s["prefill_launch_s"] > 0 for s in steps if s["prefill_tokens"])
     assert trace["loop_stall_columns"] == ["t_s", "late_s"]
-    # the server's wait for memory is a part of its queue time, reported with every result
-    assert all(0 <= s["admission_s"] <= s["queue_s"] for s in point["samples"] if s["ok"])
+    # the server's wait for memory is a part of its queue time, reported with every result; its
+    # handler's time holds every part it reports and lies within what the agent saw
+    done = [s for s in point["samples"] if s["ok"]]
+    assert all(0 <= s["admission_s"] <= s["queue_s"] for s in done)
+    assert all(s["queue_s"] + s["restore_s"] + s["first_token_s"] + s["decode_s"] <= s["server_s"] + 1e-6
+               and s["server_s"] <= s["latency_s"] for s in done)
+    # the agents' process watched its own loop: stalls and collections, as the server's trace has them
+    loop = point["load_generator_loop"]
+    assert loop["loop_stall_columns"] == ["t_s", "late_s"]
+    assert loop["collection_columns"] == ["t_s", "generation", "seconds"]
+    assert all(late > 0 for _t, late in loop["loop_stalls"])
     starts = {(s["agent"], s["iteration"]): s["started_s"] for s in point["samples"]}
     assert all(starts[(a, 0)] < starts[(a, 1)] for a in range(3))
     # what the trace hooked into is gone after the point
@@ -119,8 +129,18 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     parts = explained["slowest_1pct_mean_s"]
     assert 0 <= explained["slowest_1pct_admission_s"] <= parts["queue_s"] + 1e-9
     assert explained["dominated_by"] == max(parts, key=parts.get)
-    slowest = max(s["latency_s"] for s in point["samples"])
-    assert sum(parts.values()) == pytest.approx(slowest)
+    slowest = max(point["samples"], key=lambda s: s["latency_s"])
+    assert sum(parts.values()) == pytest.approx(slowest["latency_s"])
+    assert parts["outside_s"] == pytest.approx(slowest["latency_s"] - slowest["server_s"])
+    assert parts["handler_s"] >= -1e-6
+    # the slowest resume's wake, split the same way, with how late the agents' loop ran meanwhile
+    wakes = explained["slowest_1pct_wakes"]
+    woke = max((s for s in done if s["iteration"] > 0), key=lambda s: s["wake_s"])
+    assert wakes["wake_s"] == pytest.approx(woke["wake_s"])
+    assert sum(wakes["parts"].values()) == pytest.approx(woke["wake_s"])
+    assert set(wakes["parts"]) == {"queue_s", "restore_s", "first_token_s", "handler_s", "outside_s"}
+    assert wakes["agents_loop"]["late_s"] >= 0 and wakes["agents_loop"]["collecting_s"] >= 0
+    assert explained["agents_loop"]["loop_stall_s"] == pytest.approx(sum(late for _t, late in loop["loop_stalls"]))
     assert explained["trace"]["prefill_tokens_per_s"] > 0 and explained["moves"]["write_backs"] == counters["write_backs"]
     assert explained["engine_first_uses"] == {"engine_graph_captures": 0, "engine_compiles": 0}
     assert set(explained["trace"]["steps_beside_moves"]) == {"decode_only", "with_prefill"}
@@ -302,7 +322,44 @@ def test_trace_samples_where_a_stalled_loop_is_and_every_collection() -> None:
     # machine schedules the sampler late, so only several are required
     assert held >= 5
     assert any(generation == 2 and seconds > 0 for _t, generation, seconds in timeline["collections"])
-    assert gc.callbacks.count(recorder._on_collection) == 0
+    assert gc.callbacks.count(recorder.watch.on_collection) == 0
+
+
+def test_the_agents_loop_counts_only_what_held_it_during_each_iteration() -> None:
+    probe = LoopWatch.PROBE_S
+    loop = {"loop_stall_columns": ["t_s", "late_s"], "loop_stalls": [[1.0, 0.2], [5.0, 0.5], [9.0, 0.1]],
+            "collection_columns": ["t_s", "generation", "seconds"], "collections": [[2.0, 2, 0.05], [8.95, 0, 0.04]]}
+    # 0.5-3 s holds the stall at 1 s and the collection at 2 s; 8.97-9.02 s catches the last
+    # 0.02 s of the collection at 8.95 s and the first 0.02 s of the probe's sleep at 9 s (the
+    # loop may have been held anywhere in it, so at most that much counts)
+    first, second = {"started_s": 0.5, "latency_s": 2.5}, {"started_s": 8.97, "latency_s": 0.05}
+    assert _late_during([first], loop) == {"late_s": pytest.approx(0.2), "collecting_s": pytest.approx(0.05)}
+    assert _late_during([second], loop) == {"late_s": pytest.approx(0.02), "collecting_s": pytest.approx(0.02)}
+    assert _late_during([first, second], loop)["late_s"] == pytest.approx(0.11)
+    # a stall that began just before an iteration counts from where the iteration began
+    assert _late_during([{"started_s": 5.0 + probe, "latency_s": 1.0}], loop)["late_s"] == pytest.approx(0.5)
+
+
+def test_a_watched_loop_records_its_stalls_and_collections() -> None:
+    watch = LoopWatch(time.perf_counter())
+
+    async def stalled() -> None:
+        probe = asyncio.create_task(watch.watch())
+        await asyncio.sleep(0.05)
+        time.sleep(0.2)  # holds the loop
+        gc.collect()
+        await asyncio.sleep(0.05)
+        probe.cancel()
+
+    watch.time_collections()
+    try:
+        asyncio.run(stalled())
+    finally:
+        watch.time_collections(False)
+    assert watch.on_collection not in gc.callbacks
+    timeline = watch.timeline()
+    assert any(late >= 0.15 for _t, late in timeline["loop_stalls"])
+    assert any(generation == 2 and seconds > 0 for _t, generation, seconds in timeline["collections"])
 
 
 def test_the_steps_the_slowest_iterations_decoded_in_are_counted_once_each() -> None:

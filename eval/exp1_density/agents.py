@@ -5,14 +5,16 @@ their interpreter lock are not the server's: what an iteration waits for is the 
 wire, not the benchmark. ``run_agents`` starts ``python -m eval.exp1_density.agents`` and talks
 to it in JSON lines: the child says it is ready once imported, gets the job (the server's URL,
 the workload, each agent's arrival and planned fault, and the point's time zero), writes a line
-per finished iteration and a last line with every sample and dropped connection. Time zero is a
-``time.perf_counter()`` reading of the parent's: on Linux both processes read one monotonic
-clock, so the samples' ``started_s`` line up with the server's trace.
+per finished iteration and a last line with every sample, dropped connection and stall of its
+own event loop (``LoopWatch``). Time zero is a ``time.perf_counter()`` reading of the parent's:
+on Linux both processes read one monotonic clock, so the samples' ``started_s`` line up with the
+server's trace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -80,6 +82,9 @@ class IterationSample:
     restore_s: float = math.nan
     first_token_s: float = math.nan
     decode_s: float = math.nan
+    #: the server's time in the request's handler (its parts above, and building the reply);
+    #: what ``latency_s`` has beyond it is the wire and the two processes' event loops
+    server_s: float = math.nan
     error: str | None = None
     #: when the iteration began, in seconds from the start of the point
     started_s: float = math.nan
@@ -163,7 +168,8 @@ async def _agent(
                 index, iteration, True, latency,
                 wake_s=latency - t["decode_s"], queue_s=t["queue_s"], admission_s=t["admission_s"],
                 restore_s=t["restore_s"],
-                first_token_s=t["first_token_s"], decode_s=t["decode_s"], started_s=started - origin,
+                first_token_s=t["first_token_s"], decode_s=t["decode_s"], server_s=t["server_s"],
+                started_s=started - origin,
             ))
             on_iteration()
             if iteration + 1 < workload.iterations:
@@ -173,6 +179,57 @@ async def _agent(
                 ids = [rng.randrange(vocab) for _ in range(workload.tool_tokens)]
     finally:
         await client.close()
+
+
+class LoopWatch:
+    """How late an event loop ran and when the interpreter collected garbage, in seconds from
+    ``origin``: a probe sleeps ``PROBE_S`` at a time and records each wake more than ``STALL_S``
+    late (``watch``, run as a task on the loop); between the two calls of ``time_collections`` every
+    garbage collection is timed (one holds every thread of the process)."""
+
+    PROBE_S = 0.01
+    STALL_S = 0.005
+    STALL_COLUMNS = ("t_s", "late_s")
+    COLLECTION_COLUMNS = ("t_s", "generation", "seconds")
+
+    def __init__(self, origin: float) -> None:
+        self.origin = origin
+        self.stalls: list[tuple[float, float]] = []
+        self.collections: list[tuple[float, int, float]] = []
+        #: when the probe last went to sleep or woke; a reader on another thread sees a stall here
+        self.beat = time.perf_counter()
+        self._collecting_since = 0.0
+
+    async def watch(self) -> None:
+        """Probe the running loop until cancelled."""
+        while True:
+            before = self.beat = time.perf_counter()
+            await asyncio.sleep(self.PROBE_S)
+            now = self.beat = time.perf_counter()
+            if now - before - self.PROBE_S > self.STALL_S:
+                self.stalls.append((before - self.origin, now - before - self.PROBE_S))
+
+    def on_collection(self, phase: str, info: dict[str, int]) -> None:
+        """``gc.callbacks`` entry: time each collection."""
+        now = time.perf_counter()
+        if phase == "start":
+            self._collecting_since = now
+        else:
+            self.collections.append((self._collecting_since - self.origin, info["generation"],
+                                     now - self._collecting_since))
+
+    def time_collections(self, on: bool = True) -> None:
+        """Start (or, ``on`` false, stop) timing this process's garbage collections."""
+        if on:
+            gc.callbacks.append(self.on_collection)
+        else:
+            gc.callbacks.remove(self.on_collection)
+
+    def timeline(self) -> dict[str, Any]:
+        """The stalls and collections as column-named rows (JSON-ready)."""
+        return {"loop_stall_columns": list(self.STALL_COLUMNS), "loop_stalls": [list(s) for s in self.stalls],
+                "collection_columns": list(self.COLLECTION_COLUMNS),
+                "collections": [list(c) for c in self.collections]}
 
 
 def arrival_delays(workload: WorkloadSpec, agents: int) -> list[float]:
@@ -197,10 +254,12 @@ _REPORT_LIMIT = 1 << 28
 async def run_agents(url: str, workload: WorkloadSpec, vocab: int, delays: list[float],
                      planned: dict[int, Fault], on_start: Callable[[float], None],
                      on_iteration: Callable[[], None], token: str | None = None,
-                     ) -> tuple[list[IterationSample], list[dict[str, Any]]]:
+                     ) -> tuple[list[IterationSample], list[dict[str, Any]], dict[str, Any]]:
     """Run every agent in a child process against the server at ``url`` (presenting ``token``,
-    if it asks for one); its samples and dropped connections. ``on_start`` gets the point's time
-    zero just before the agents start; ``on_iteration`` is called once per finished iteration."""
+    if it asks for one); its samples, dropped connections, and the child's own event-loop stalls
+    and garbage collections (``LoopWatch.timeline``: a late load generator delays what it
+    measures). ``on_start`` gets the point's time zero just before the agents start;
+    ``on_iteration`` is called once per finished iteration."""
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
            "CUDA_VISIBLE_DEVICES": ""}  # a client needs no GPU
@@ -218,7 +277,7 @@ async def run_agents(url: str, workload: WorkloadSpec, vocab: int, delays: list[
         await child.stdin.drain()
         while (message := await _expect(child, "iteration", "report"))["kind"] == "iteration":
             on_iteration()
-        return [IterationSample(**s) for s in message["samples"]], message["faults"]
+        return [IterationSample(**s) for s in message["samples"]], message["faults"], message["loop"]
     finally:
         if child.returncode is None:
             child.kill()
@@ -250,15 +309,26 @@ def _serve_job(out: Any) -> None:
     samples: list[IterationSample] = []
     faults: list[dict[str, Any]] = []
 
-    async def every_agent() -> None:
-        await asyncio.gather(*(
-            _agent(job["url"], i, delay, workload, job["vocab"], samples, lambda: send({"kind": "iteration"}),
-                   job["origin"], _fault(job["faults"].get(str(i))), faults, job["token"])
-            for i, delay in enumerate(job["delays"])
-        ))
+    watch = LoopWatch(job["origin"])
 
-    asyncio.run(every_agent())
-    send({"kind": "report", "samples": [attrs.asdict(s) for s in samples], "faults": faults})
+    async def every_agent() -> None:
+        probe = asyncio.create_task(watch.watch())
+        try:
+            await asyncio.gather(*(
+                _agent(job["url"], i, delay, workload, job["vocab"], samples, lambda: send({"kind": "iteration"}),
+                       job["origin"], _fault(job["faults"].get(str(i))), faults, job["token"])
+                for i, delay in enumerate(job["delays"])
+            ))
+        finally:
+            probe.cancel()
+
+    watch.time_collections()
+    try:
+        asyncio.run(every_agent())
+    finally:
+        watch.time_collections(False)
+    send({"kind": "report", "samples": [attrs.asdict(s) for s in samples], "faults": faults,
+          "loop": watch.timeline()})
 
 
 def _fault(fields: dict[str, Any] | None) -> Fault | None:

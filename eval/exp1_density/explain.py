@@ -3,12 +3,13 @@
     python -m eval.exp1_density.explain eval/results/exp1_h200_semantic_160.json [--json]
 
 For every point: the iteration latency split into the server's parts (queue, restore, first
-token, decode) at P50 and P99, for first turns (the C-token prompt) and resumes apart; the KV
-moves and the tier's refusals; when the first tier filled and when a later one was first used;
-and, with a trace, the longest event-loop stalls and engine steps, the engine's prefill rate, the
-median decode step and the steps the slowest iterations decoded in. The verdict names what
-dominated the P99 iterations: one of the server's parts, or the time outside them (transport and
-the client's own event loop).
+token, decode) at P50 and P99, for first turns (the C-token prompt) and resumes apart; the
+slowest 1 % of iterations and of resumes' wakes split the same way, with the server's handler
+outside those parts and the time outside the server (the wire and the two processes' event
+loops), and how late the agents' own loop ran meanwhile; the KV moves and the tier's refusals;
+when the first tier filled and when a later one was first used; and, with a trace, the longest
+event-loop stalls and engine steps, the engine's prefill rate, the median decode step and the
+steps the slowest iterations decoded in. The verdict names what dominated the P99 iterations.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
 
+from eval.exp1_density.agents import LoopWatch
 from eval.exp1_density.run import percentile
 
 GiB = 1 << 30
 PARTS = ("queue_s", "restore_s", "first_token_s", "decode_s")
+#: the server's parts of a wake (an iteration's latency less its decode)
+WAKE_PARTS = ("queue_s", "restore_s", "first_token_s")
 #: the most tokens of a pass of one chunk counted as short (an agent's turn after its context)
 SHORT_PASS_TOKENS = 256
 
@@ -45,12 +50,59 @@ def _slowest(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(samples, key=lambda s: -s["latency_s"])[: max(1, len(samples) // 100)]
 
 
-def _tail_cause(slowest: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean seconds per part over ``slowest``, with what the server's parts leave unexplained
-    (``outside_s``)."""
-    means = {key: statistics.fmean(s[key] or 0.0 for s in slowest) for key in PARTS}
-    means["outside_s"] = statistics.fmean(s["latency_s"] for s in slowest) - sum(means.values())
+def _tail_cause(slowest: list[dict[str, Any]], parts: tuple[str, ...] = PARTS, total: str = "latency_s",
+                ) -> dict[str, float]:
+    """Mean seconds per part over ``slowest``, which add up to their mean ``total``: the server's
+    ``parts``, the rest of its handler's time (``handler_s``, from ``server_s``; absent from
+    reports without it) and the time outside the server (``outside_s``: the wire and both
+    processes' event loops; with no ``server_s``, all that the parts leave)."""
+    means = {key: statistics.fmean(s[key] or 0.0 for s in slowest) for key in parts}
+    rest = statistics.fmean(s[total] for s in slowest) - sum(means.values())
+    if all(s.get("server_s") is not None and not math.isnan(s["server_s"]) for s in slowest):
+        means["outside_s"] = statistics.fmean(s["latency_s"] - s["server_s"] for s in slowest)
+        means["handler_s"] = rest - means["outside_s"]
+    else:
+        means["outside_s"] = rest
     return means
+
+
+def _slowest_wakes(resumes: list[dict[str, Any]], loop: dict[str, Any] | None) -> dict[str, Any]:
+    """The slowest 1 % of resumes by wake (COMPUTE to first token, ``wake_s``): their mean wake
+    split as ``_tail_cause`` splits a latency, and, where the report has the agents' own
+    loop timeline, how long that loop was late or collecting garbage during those iterations."""
+    if not resumes:
+        return {}
+    slowest = sorted(resumes, key=lambda s: -s["wake_s"])[: max(1, len(resumes) // 100)]
+    out: dict[str, Any] = {"wake_s": statistics.fmean(s["wake_s"] for s in slowest),
+                           "parts": _tail_cause(slowest, WAKE_PARTS, "wake_s")}
+    if loop:
+        out["agents_loop"] = _late_during(slowest, loop)
+    return out
+
+
+def _late_during(samples: list[dict[str, Any]], loop: dict[str, Any]) -> dict[str, float]:
+    """Mean seconds per iteration of ``samples`` (from its start to its reply) that the agents'
+    process's loop was late (``late_s``) or collecting garbage (``collecting_s``)."""
+    stalls = [dict(zip(loop["loop_stall_columns"], row)) for row in loop["loop_stalls"]]
+    collections = [dict(zip(loop["collection_columns"], row)) for row in loop["collections"]]
+
+    def held(begin: float, end: float, intervals: list[tuple[float, float, float]]) -> float:
+        return sum(min(seconds, max(0.0, min(end, stop) - max(begin, start))) for start, stop, seconds in intervals)
+
+    # a probe that woke late_s late was held for late_s somewhere between its sleep and its wake
+    late = [(s["t_s"], s["t_s"] + LoopWatch.PROBE_S + s["late_s"], s["late_s"]) for s in stalls]
+    collecting = [(c["t_s"], c["t_s"] + c["seconds"], c["seconds"]) for c in collections]
+    windows = [(s["started_s"], s["started_s"] + s["latency_s"]) for s in samples]
+    return {"late_s": statistics.fmean(held(b, e, late) for b, e in windows),
+            "collecting_s": statistics.fmean(held(b, e, collecting) for b, e in windows)}
+
+
+def _agents_loop(loop: dict[str, Any]) -> dict[str, Any]:
+    """The agents' process's loop over the whole point: its stalls in all, the longest, and its
+    garbage collections by generation."""
+    stalls = sorted((dict(zip(loop["loop_stall_columns"], row)) for row in loop["loop_stalls"]),
+                    key=lambda s: -s["late_s"])
+    return {"loop_stall_s": sum(s["late_s"] for s in stalls), "longest_loop_stalls": stalls[:5], **_collections(loop)}
 
 
 def _tail_admission(slowest: list[dict[str, Any]]) -> float | None:
@@ -187,14 +239,17 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
     slowest = _slowest(done)
     tail = _tail_cause(slowest) if slowest else {}
     cause = max(tail, key=tail.get) if tail else None
+    resumes = [s for s in done if s["iteration"] > 0]
+    loop = point.get("load_generator_loop")
     counters = point["counters"]
     out = {
         "scheduler": summary["scheduler"], "agents": summary["agents"], "meets_limit": summary["meets_limit"],
         "p99_latency_s": summary["p99_latency_s"], "failures": summary["failures"],
         "first_turns": _split([s for s in done if s["iteration"] == 0]),
-        "resumes": _split([s for s in done if s["iteration"] > 0]),
+        "resumes": _split(resumes),
         "slowest_1pct_mean_s": tail, "dominated_by": cause,
         "slowest_1pct_admission_s": _tail_admission(slowest),
+        "slowest_1pct_wakes": _slowest_wakes(resumes, loop),
         "moves": {k: counters.get(k, 0) for k in (
             "evictions", "restores", "restores_on_critical_path", "write_backs", "write_back_skips", "reclaims",
             "demotions", "promotions", "evict_failures", "admission_waits", "drops", "recomputes")},
@@ -202,6 +257,8 @@ def explain_point(point: dict[str, Any], capacities: dict[str, float]) -> dict[s
         # graphs captured and compiled while the point ran (absent from reports made before they were counted)
         "engine_first_uses": {k: summary[k] for k in ("engine_graph_captures", "engine_compiles") if k in summary},
     }
+    if loop:
+        out["agents_loop"] = {**_agents_loop(loop), "slowest_1pct": _late_during(slowest, loop)}
     if "trace" in point:
         out["trace"] = _trace_figures(point["trace"], slowest)
     return out
@@ -227,6 +284,19 @@ def _print(points: list[dict[str, Any]]) -> None:
         admission = p["slowest_1pct_admission_s"]
         print("  slowest 1 %: " + "  ".join(f"{k.removesuffix('_s')} {v:.3f} s" for k, v in p["slowest_1pct_mean_s"].items())
               + (f" (of the queue, {admission:.3f} s waiting for memory)" if admission is not None else ""))
+        wakes = p["slowest_1pct_wakes"]
+        if wakes:
+            held = wakes.get("agents_loop")
+            print(f"  slowest 1 % of resumes' wakes, {wakes['wake_s']:.3f} s: " + "  ".join(
+                f"{k.removesuffix('_s')} {v:.3f} s" for k, v in wakes["parts"].items())
+                + (f" (the agents' loop late {held['late_s']:.3f} s, collecting {held['collecting_s']:.3f} s)"
+                   if held else ""))
+        agents = p.get("agents_loop")
+        if agents:
+            longest = ", ".join(f"{s['late_s']:.2f} s at {s['t_s']:.0f} s" for s in agents["longest_loop_stalls"][:3])
+            print(f"  the agents' loop: late {agents['loop_stall_s']:.2f} s in all, longest {longest or 'none'}; "
+                  f"during the slowest 1 %: late {agents['slowest_1pct']['late_s']:.3f} s, "
+                  f"collecting {agents['slowest_1pct']['collecting_s']:.3f} s")
         print("  moves: " + ", ".join(f"{k} {v:g}" for k, v in p["moves"].items() if v))
         if p["engine_first_uses"]:
             print("  while serving: " + ", ".join(f"{k.removeprefix('engine_')} {v:g}" for k, v in p["engine_first_uses"].items()))

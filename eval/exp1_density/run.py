@@ -59,6 +59,7 @@ from djinn.server.launch import BackgroundServer
 from eval.bench_transport import hardware
 from eval.exp1_density.agents import (
     IterationSample,
+    LoopWatch,
     WorkloadSpec,
     _non_negative,
     _positive,
@@ -222,6 +223,8 @@ class PointResult:
     faults: list[dict[str, Any]] = attrs.Factory(list)
     #: the server's books once every session of the point has closed (``idle_books``)
     books_after: dict[str, int] = attrs.Factory(dict)
+    #: the agents' process's own event-loop stalls and collections (``LoopWatch.timeline``)
+    load_generator_loop: dict[str, Any] = attrs.Factory(dict)
 
     def summary(self, p99_limit_s: float, iterations: int) -> dict[str, Any]:
         """P50/P99 latency, P99 wake, failures, faults and leaks, and the server's counters."""
@@ -302,9 +305,10 @@ def _memory_sample(vmu: dict[str, Any], started: float) -> dict[str, float]:
 
 async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents: int,
                  on_iteration: Callable[[], None], trace: Trace | None = None,
-                 ) -> tuple[list[IterationSample], list[dict[str, Any]], list[dict[str, Any]], float]:
+                 ) -> tuple[list[IterationSample], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float]:
     """The point's agents in their own process (``run_agents``), the server's memory sampled
-    here meanwhile; samples, memory samples, dropped connections and the point's time zero."""
+    here meanwhile; samples, memory samples, dropped connections, the agents' process's loop
+    timeline and the point's time zero."""
     workload = experiment.workload
     memory: list[dict[str, float]] = []
     sampler: asyncio.Task[None] | None = None
@@ -323,15 +327,15 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
         sampler = asyncio.create_task(sample_memory())
 
     try:
-        samples, faults = await run_agents(server.url("tcp"), workload, server.model.runner.vocab_size,
-                                           arrival_delays(workload, agents), plan_faults(workload, agents),
-                                           on_start, on_iteration)
+        samples, faults, loop = await run_agents(server.url("tcp"), workload, server.model.runner.vocab_size,
+                                                 arrival_delays(workload, agents), plan_faults(workload, agents),
+                                                 on_start, on_iteration)
     finally:
         if sampler is not None:
             sampler.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
     memory.append(_memory_sample(await asyncio.to_thread(server.vmu), started))
-    return samples, memory, faults, started
+    return samples, memory, faults, loop, started
 
 
 async def _warm_up(url: str, workload: WorkloadSpec, vocab: int, token: str | None = None) -> None:
@@ -358,7 +362,8 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
     before = _counters(server.vmu())
     recorder = Trace(server) if trace else None
     try:
-        samples, memory, faults, started = asyncio.run(_drive(server, experiment, agents, on_iteration, recorder))
+        samples, memory, faults, loop, started = asyncio.run(
+            _drive(server, experiment, agents, on_iteration, recorder))
     finally:
         timeline = recorder.stop() if recorder is not None else None
     duration = time.perf_counter() - started
@@ -367,21 +372,18 @@ def run_point(server: BackgroundServer, experiment: ExperimentConfig, agents: in
     counters["engine_mean_batch"] = counters.pop("engine_rows") / max(1, counters["engine_steps"])
     return PointResult(server.config.plugins.scheduler, agents,
                        sorted(samples, key=lambda s: (s.agent, s.iteration)), memory, counters, duration,
-                       timeline, sorted(faults, key=lambda f: f["agent"]), idle_books(server))
+                       timeline, sorted(faults, key=lambda f: f["agent"]), idle_books(server), loop)
 
 
 class Trace:
     """A point's timeline, for finding where latency comes from: every engine step (``StepRecord``),
-    every KV move as its hook reports it, and every stall of the server's event loop longer than
-    ``LOOP_STALL_S`` (a probe sleeps ``LOOP_PROBE_S`` at a time and records how late it wakes).
-    Times are seconds from the start of the point."""
+    every KV move as its hook reports it, and every stall of the server's event loop and garbage
+    collection in its process (``LoopWatch``), with where the stalled loop was. Times are seconds
+    from the start of the point."""
 
-    LOOP_PROBE_S = 0.01
-    LOOP_STALL_S = 0.005
     STEP_COLUMNS = ("t_s", "prefill_s", "decode_s", "prefill_chunks", "prefill_tokens", "prefill_keys",
                     "decode_rows", "prefill_launch_s", "mixed")
     MOVE_COLUMNS = ("t_end_s", "kind", "nbytes", "seconds", "on_critical_path")
-    STALL_COLUMNS = ("t_s", "late_s")
 
     #: a stalled loop's stack is sampled this often while the stall lasts, innermost frames kept
     STACK_SAMPLE_S = 0.01
@@ -391,53 +393,34 @@ class Trace:
         self.server = server
         self.origin = time.perf_counter()
         self.moves: list[tuple[float, str, int, float, bool]] = []
-        self.stalls: list[tuple[float, float]] = []
+        self.watch = LoopWatch(self.origin)
         self.stall_stacks: collections.Counter[str] = collections.Counter()
         self._probe: Any = None
-        self._beat = time.perf_counter()
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
-        #: every garbage collection while recording: (t_s, generation, seconds); it holds every thread
-        self.collections: list[tuple[float, int, float]] = []
-        self._collecting_since = 0.0
 
     def start(self, origin: float) -> None:
         """Begin recording; ``origin`` is the point's time zero."""
         self.origin = origin
+        self.watch = LoopWatch(origin)
         self.server.call(lambda: setattr(self.server.model.engine, "step_log", []))
         self.server.plugins.pm.register(self, name="exp1-trace")
-        self._probe = self.server.spawn(self._watch_loop())
+        self._probe = self.server.spawn(self.watch.watch())
         self._sampling.set()
-        gc.callbacks.append(self._on_collection)
+        self.watch.time_collections()
         loop_thread = self.server.call(threading.get_ident)
         self._sampler = threading.Thread(target=self._sample_stalls, args=(loop_thread,),
                                          name="exp1-stall-sampler", daemon=True)
         self._sampler.start()
 
-    async def _watch_loop(self) -> None:
-        while True:
-            before = self._beat = time.perf_counter()
-            await asyncio.sleep(self.LOOP_PROBE_S)
-            now = self._beat = time.perf_counter()
-            if now - before - self.LOOP_PROBE_S > self.LOOP_STALL_S:
-                self.stalls.append((before - self.origin, now - before - self.LOOP_PROBE_S))
-
-    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
-        now = time.perf_counter()
-        if phase == "start":
-            self._collecting_since = now
-        else:
-            self.collections.append((self._collecting_since - self.origin, info["generation"],
-                                     now - self._collecting_since))
-
     def _sample_stalls(self, loop_thread: int) -> None:
         """While the loop is late, count where its thread is, one sample per ``STACK_SAMPLE_S``: a
         stack that runs Python holds the loop; one inside a C call holds it or waits for the
         interpreter lock there."""
-        late = self.LOOP_PROBE_S + self.LOOP_STALL_S
+        late = LoopWatch.PROBE_S + LoopWatch.STALL_S
         while self._sampling.is_set():
             time.sleep(self.STACK_SAMPLE_S)
-            if time.perf_counter() - self._beat < late:
+            if time.perf_counter() - self.watch.beat < late:
                 continue
             frame = sys._current_frames().get(loop_thread)
             if frame is not None:
@@ -468,7 +451,7 @@ class Trace:
         self._probe.cancel()
         self._sampling.clear()
         self._sampler.join()  # it counts stacks until here; read them once it is gone
-        gc.callbacks.remove(self._on_collection)
+        self.watch.time_collections(False)
         self.server.plugins.pm.unregister(self)
         engine = self.server.model.engine
 
@@ -482,8 +465,7 @@ class Trace:
             "steps": [[s.started - self.origin, s.prefill_s, s.decode_s, s.prefill_chunks, s.prefill_tokens,
                        s.prefill_keys, s.decode_rows, s.prefill_launch_s, s.mixed] for s in log],
             "move_columns": list(self.MOVE_COLUMNS), "moves": [list(m) for m in self.moves],
-            "loop_stall_columns": list(self.STALL_COLUMNS), "loop_stalls": [list(s) for s in self.stalls],
-            "collection_columns": ["t_s", "generation", "seconds"], "collections": [list(c) for c in self.collections],
+            **self.watch.timeline(),
             "stall_sample_s": self.STACK_SAMPLE_S,
             "stall_stacks": [[count, stack] for stack, count in self.stall_stacks.most_common(40)],
         }
@@ -558,7 +540,7 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
                 summary = result.summary(limit, iterations)
                 points.append({"summary": summary, "samples": [attrs.asdict(s) for s in result.samples],
                                "memory": result.memory, "counters": result.counters, "faults": result.faults,
-                               "books_after": result.books_after,
+                               "books_after": result.books_after, "load_generator_loop": result.load_generator_loop,
                                **({"trace": result.trace} if result.trace is not None else {})})
                 report["summary"]["points"].append(summary)
                 if summary["meets_limit"]:
