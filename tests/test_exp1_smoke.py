@@ -86,10 +86,14 @@ def test_exp1_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> None:
     smoke = load_experiment(SMOKE)
-    experiment = attrs.evolve(smoke, workload=attrs.evolve(smoke.workload, request_timeout_s=120.0))
+    # the agents in two processes of their own: agents 0 and 2 in the first, 1 in the second
+    experiment = attrs.evolve(smoke, workload=attrs.evolve(smoke.workload, request_timeout_s=120.0),
+                              sweep=attrs.evolve(smoke.sweep, agent_processes=2))
     out = tmp_path / "trace.json"
     run(experiment, out, schedulers=("semantic",), agent_counts=(3,), plots=False, progress=False, trace=True)
-    point = json.loads(out.read_text())["points"][0]
+    report = json.loads(out.read_text())
+    assert report["load_generator"] == "2 processes of their own"
+    point = report["points"][0]
     trace, counters = point["trace"], point["counters"]
     steps = [dict(zip(trace["step_columns"], row)) for row in trace["steps"]]
     assert len(steps) == counters["engine_steps"]
@@ -114,11 +118,14 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert all(0 <= s["admission_s"] <= s["queue_s"] for s in done)
     assert all(s["queue_s"] + s["restore_s"] + s["first_token_s"] + s["decode_s"] <= s["server_s"] + 1e-6
                and s["server_s"] <= s["latency_s"] for s in done)
-    # the agents' process watched its own loop: stalls and collections, as the server's trace has them
+    # each agents' process watched its own loop: stalls and collections, as the server's trace
+    # has them, each row naming its process
     loop = point["load_generator_loop"]
-    assert loop["loop_stall_columns"] == ["t_s", "late_s"]
-    assert loop["collection_columns"] == ["t_s", "generation", "seconds"]
-    assert all(late > 0 for _t, late in loop["loop_stalls"])
+    assert loop["processes"] == 2
+    assert loop["loop_stall_columns"] == ["t_s", "late_s", "process"]
+    assert loop["collection_columns"] == ["t_s", "generation", "seconds", "process"]
+    assert all(late > 0 and process in (0, 1) for _t, late, process in loop["loop_stalls"])
+    assert sorted({s["agent"] for s in point["samples"]}) == [0, 1, 2]
     starts = {(s["agent"], s["iteration"]): s["started_s"] for s in point["samples"]}
     assert all(starts[(a, 0)] < starts[(a, 1)] for a in range(3))
     # what the trace hooked into is gone after the point
@@ -140,7 +147,7 @@ def test_exp1_trace_records_steps_moves_and_iteration_starts(tmp_path: Path) -> 
     assert sum(wakes["parts"].values()) == pytest.approx(woke["wake_s"])
     assert set(wakes["parts"]) == {"queue_s", "restore_s", "first_token_s", "handler_s", "outside_s"}
     assert wakes["agents_loop"]["late_s"] >= 0 and wakes["agents_loop"]["collecting_s"] >= 0
-    assert explained["agents_loop"]["loop_stall_s"] == pytest.approx(sum(late for _t, late in loop["loop_stalls"]))
+    assert explained["agents_loop"]["loop_stall_s"] == pytest.approx(sum(late for _t, late, _process in loop["loop_stalls"]))
     assert explained["trace"]["prefill_tokens_per_s"] > 0 and explained["moves"]["write_backs"] == counters["write_backs"]
     assert explained["engine_first_uses"] == {"engine_graph_captures": 0, "engine_compiles": 0}
     assert set(explained["trace"]["steps_beside_moves"]) == {"decode_only", "with_prefill"}
@@ -205,6 +212,10 @@ def test_exp1_config_errors_name_the_key(tmp_path: Path) -> None:
     bad.write_text('[sweep]\nschedulers = ["fifo"]\n')
     with pytest.raises(ConfigError, match="schedulers"):
         load_experiment(bad)
+    for processes in ("0", "1.5"):
+        bad.write_text(f"[sweep]\nagent_processes = {processes}\n")
+        with pytest.raises(ConfigError, match="agent_processes"):
+            load_experiment(bad)
 
 
 def test_percentile_interpolates() -> None:
@@ -332,12 +343,19 @@ def test_the_agents_loop_counts_only_what_held_it_during_each_iteration() -> Non
     # 0.5-3 s holds the stall at 1 s and the collection at 2 s; 8.97-9.02 s catches the last
     # 0.02 s of the collection at 8.95 s and the first 0.02 s of the probe's sleep at 9 s (the
     # loop may have been held anywhere in it, so at most that much counts)
-    first, second = {"started_s": 0.5, "latency_s": 2.5}, {"started_s": 8.97, "latency_s": 0.05}
+    first, second = {"agent": 0, "started_s": 0.5, "latency_s": 2.5}, {"agent": 0, "started_s": 8.97, "latency_s": 0.05}
     assert _late_during([first], loop) == {"late_s": pytest.approx(0.2), "collecting_s": pytest.approx(0.05)}
     assert _late_during([second], loop) == {"late_s": pytest.approx(0.02), "collecting_s": pytest.approx(0.02)}
     assert _late_during([first, second], loop)["late_s"] == pytest.approx(0.11)
     # a stall that began just before an iteration counts from where the iteration began
-    assert _late_during([{"started_s": 5.0 + probe, "latency_s": 1.0}], loop)["late_s"] == pytest.approx(0.5)
+    assert _late_during([{"agent": 0, "started_s": 5.0 + probe, "latency_s": 1.0}], loop)["late_s"] == pytest.approx(0.5)
+    # with two processes, an agent's iteration counts only its own process's stalls (agent 3 ran
+    # in process 1, which stalled at 5 s; process 0 collected at 2 s)
+    two = {"processes": 2, "loop_stall_columns": ["t_s", "late_s", "process"], "loop_stalls": [[1.0, 0.2, 0], [5.0, 0.5, 1]],
+           "collection_columns": ["t_s", "generation", "seconds", "process"], "collections": [[2.0, 2, 0.05, 0]]}
+    span = {"started_s": 0.5, "latency_s": 6.0}
+    assert _late_during([{"agent": 3, **span}], two) == {"late_s": pytest.approx(0.5), "collecting_s": 0.0}
+    assert _late_during([{"agent": 2, **span}], two) == {"late_s": pytest.approx(0.2), "collecting_s": pytest.approx(0.05)}
 
 
 def test_a_watched_loop_records_its_stalls_and_collections() -> None:

@@ -1,14 +1,14 @@
-"""Experiment 1's agents: the load generator, in a process of its own.
+"""Experiment 1's agents: the load generator, in processes of its own.
 
-The agents run apart from the server they measure, as real clients do, so their event loop and
-their interpreter lock are not the server's: what an iteration waits for is the server and the
-wire, not the benchmark. ``run_agents`` starts ``python -m eval.exp1_density.agents`` and talks
-to it in JSON lines: the child says it is ready once imported, gets the job (the server's URL,
-the workload, each agent's arrival and planned fault, and the point's time zero), writes a line
-per finished iteration and a last line with every sample, dropped connection and stall of its
-own event loop (``LoopWatch``). Time zero is a ``time.perf_counter()`` reading of the parent's:
-on Linux both processes read one monotonic clock, so the samples' ``started_s`` line up with the
-server's trace.
+The agents run apart from the server they measure, as real clients do, so their event loops and
+their interpreter locks are not the server's: what an iteration waits for is the server and the
+wire, not the benchmark. ``run_agents`` starts ``python -m eval.exp1_density.agents`` once per
+process asked for (agent ``i`` runs in process ``i % processes``) and talks to each in JSON
+lines: the child says it is ready once imported, gets its job (the server's URL, the workload,
+its agents' arrivals and planned faults, and the point's time zero), writes a line per finished
+iteration and a last line with every sample, dropped connection and stall of its own event loop
+(``LoopWatch``). Time zero is a ``time.perf_counter()`` reading of the parent's: on Linux every
+process reads one monotonic clock, so the samples' ``started_s`` line up with the server's trace.
 """
 
 from __future__ import annotations
@@ -232,6 +232,20 @@ class LoopWatch:
                 "collections": [list(c) for c in self.collections]}
 
 
+def merge_timelines(timelines: list[dict[str, Any]]) -> dict[str, Any]:
+    """One timeline from the agents' processes' ``LoopWatch.timeline``s, in process order: each
+    row gains a ``process`` column, and ``processes`` says how many there were (agent ``i`` ran
+    in process ``i % processes``)."""
+    first = timelines[0]
+    merged: dict[str, Any] = {"processes": len(timelines),
+                              "loop_stall_columns": [*first["loop_stall_columns"], "process"],
+                              "collection_columns": [*first["collection_columns"], "process"]}
+    for rows in ("loop_stalls", "collections"):
+        merged[rows] = sorted(([*row, k] for k, timeline in enumerate(timelines) for row in timeline[rows]),
+                              key=lambda row: row[0])
+    return merged
+
+
 def arrival_delays(workload: WorkloadSpec, agents: int) -> list[float]:
     """When each agent arrives, in seconds from the start: a Poisson process at ``arrival_rate``,
     or N uniform draws within ``arrival_window_s`` when it is set."""
@@ -253,35 +267,50 @@ _REPORT_LIMIT = 1 << 28
 
 async def run_agents(url: str, workload: WorkloadSpec, vocab: int, delays: list[float],
                      planned: dict[int, Fault], on_start: Callable[[float], None],
-                     on_iteration: Callable[[], None], token: str | None = None,
+                     on_iteration: Callable[[], None], token: str | None = None, processes: int = 1,
                      ) -> tuple[list[IterationSample], list[dict[str, Any]], dict[str, Any]]:
-    """Run every agent in a child process against the server at ``url`` (presenting ``token``,
-    if it asks for one); its samples, dropped connections, and the child's own event-loop stalls
-    and garbage collections (``LoopWatch.timeline``: a late load generator delays what it
-    measures). ``on_start`` gets the point's time zero just before the agents start;
-    ``on_iteration`` is called once per finished iteration."""
+    """Run every agent in ``processes`` child processes against the server at ``url``
+    (presenting ``token``, if it asks for one); their samples, dropped connections, and the
+    children's own event-loop stalls and garbage collections (``merge_timelines``: a late load
+    generator delays what it measures). ``on_start`` gets the point's time zero once every child
+    is ready, just before the agents start; ``on_iteration`` is called once per finished
+    iteration."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, not {processes}")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
            "CUDA_VISIBLE_DEVICES": ""}  # a client needs no GPU
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "eval.exp1_density.agents", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, env=env, limit=_REPORT_LIMIT)
+    children: list[asyncio.subprocess.Process] = []
     try:
-        await _expect(child, "ready")
+        for _ in range(processes):
+            children.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "eval.exp1_density.agents", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, env=env, limit=_REPORT_LIMIT))
+        await asyncio.gather(*(_expect(child, "ready") for child in children))
         origin = time.perf_counter()
         on_start(origin)
-        job = {"url": url, "workload": attrs.asdict(workload), "vocab": vocab, "delays": delays,
-               "faults": {str(agent): attrs.asdict(fault) for agent, fault in planned.items()}, "origin": origin,
-               "token": token}
-        child.stdin.write(json.dumps(job).encode() + b"\n")
-        await child.stdin.drain()
-        while (message := await _expect(child, "iteration", "report"))["kind"] == "iteration":
-            on_iteration()
-        return [IterationSample(**s) for s in message["samples"]], message["faults"], message["loop"]
+
+        async def serve(k: int, child: asyncio.subprocess.Process) -> dict[str, Any]:
+            mine = range(k, len(delays), processes)
+            job = {"url": url, "workload": attrs.asdict(workload), "vocab": vocab,
+                   "agents": [[i, delays[i]] for i in mine],
+                   "faults": {str(i): attrs.asdict(planned[i]) for i in mine if i in planned}, "origin": origin,
+                   "token": token}
+            child.stdin.write(json.dumps(job).encode() + b"\n")
+            await child.stdin.drain()
+            while (message := await _expect(child, "iteration", "report"))["kind"] == "iteration":
+                on_iteration()
+            return message
+
+        reports = await asyncio.gather(*(serve(k, child) for k, child in enumerate(children)))
+        samples = [IterationSample(**s) for report in reports for s in report["samples"]]
+        faults = [f for report in reports for f in report["faults"]]
+        return samples, faults, merge_timelines([report["loop"] for report in reports])
     finally:
-        if child.returncode is None:
-            child.kill()
-        await child.wait()
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
 
 
 async def _expect(child: asyncio.subprocess.Process, *kinds: str) -> dict[str, Any]:
@@ -317,7 +346,7 @@ def _serve_job(out: Any) -> None:
             await asyncio.gather(*(
                 _agent(job["url"], i, delay, workload, job["vocab"], samples, lambda: send({"kind": "iteration"}),
                        job["origin"], _fault(job["faults"].get(str(i))), faults, job["token"])
-                for i, delay in enumerate(job["delays"])
+                for i, delay in job["agents"]
             ))
         finally:
             probe.cancel()

@@ -81,25 +81,29 @@ def _slowest_wakes(resumes: list[dict[str, Any]], loop: dict[str, Any] | None) -
 
 
 def _late_during(samples: list[dict[str, Any]], loop: dict[str, Any]) -> dict[str, float]:
-    """Mean seconds per iteration of ``samples`` (from its start to its reply) that the agents'
-    process's loop was late (``late_s``) or collecting garbage (``collecting_s``)."""
+    """Mean seconds per iteration of ``samples`` (from its start to its reply) that its agent's
+    process's loop was late (``late_s``) or collecting garbage (``collecting_s``); with several
+    processes (``merge_timelines``), agent ``i``'s is process ``i % processes``."""
+    processes = loop.get("processes", 1)
     stalls = [dict(zip(loop["loop_stall_columns"], row)) for row in loop["loop_stalls"]]
     collections = [dict(zip(loop["collection_columns"], row)) for row in loop["collections"]]
 
-    def held(begin: float, end: float, intervals: list[tuple[float, float, float]]) -> float:
-        return sum(min(seconds, max(0.0, min(end, stop) - max(begin, start))) for start, stop, seconds in intervals)
+    def held(sample: dict[str, Any], intervals: list[tuple[int, float, float, float]]) -> float:
+        begin, end = sample["started_s"], sample["started_s"] + sample["latency_s"]
+        process = sample["agent"] % processes
+        return sum(min(seconds, max(0.0, min(end, stop) - max(begin, start)))
+                   for k, start, stop, seconds in intervals if k == process)
 
     # a probe that woke late_s late was held for late_s somewhere between its sleep and its wake
-    late = [(s["t_s"], s["t_s"] + LoopWatch.PROBE_S + s["late_s"], s["late_s"]) for s in stalls]
-    collecting = [(c["t_s"], c["t_s"] + c["seconds"], c["seconds"]) for c in collections]
-    windows = [(s["started_s"], s["started_s"] + s["latency_s"]) for s in samples]
-    return {"late_s": statistics.fmean(held(b, e, late) for b, e in windows),
-            "collecting_s": statistics.fmean(held(b, e, collecting) for b, e in windows)}
+    late = [(s.get("process", 0), s["t_s"], s["t_s"] + LoopWatch.PROBE_S + s["late_s"], s["late_s"]) for s in stalls]
+    collecting = [(c.get("process", 0), c["t_s"], c["t_s"] + c["seconds"], c["seconds"]) for c in collections]
+    return {"late_s": statistics.fmean(held(s, late) for s in samples),
+            "collecting_s": statistics.fmean(held(s, collecting) for s in samples)}
 
 
 def _agents_loop(loop: dict[str, Any]) -> dict[str, Any]:
-    """The agents' process's loop over the whole point: its stalls in all, the longest, and its
-    garbage collections by generation."""
+    """The agents' processes' loops over the whole point: their stalls in all (summed over the
+    processes), the longest, and their garbage collections by generation."""
     stalls = sorted((dict(zip(loop["loop_stall_columns"], row)) for row in loop["loop_stalls"]),
                     key=lambda s: -s["late_s"])
     return {"loop_stall_s": sum(s["late_s"] for s in stalls), "longest_loop_stalls": stalls[:5], **_collections(loop)}
@@ -156,8 +160,9 @@ def _collections(trace: dict[str, Any]) -> dict[str, Any]:
     if "collections" not in trace:
         return {}
     by_generation: dict[int, list[float]] = {}
-    for _t, generation, seconds in trace["collections"]:
-        by_generation.setdefault(generation, []).append(seconds)
+    for row in trace["collections"]:
+        collection = dict(zip(trace.get("collection_columns", LoopWatch.COLLECTION_COLUMNS), row))
+        by_generation.setdefault(collection["generation"], []).append(collection["seconds"])
     return {"collections": {g: {"count": len(s), "total_s": sum(s), "max_s": max(s)}
                             for g, s in sorted(by_generation.items())}}
 

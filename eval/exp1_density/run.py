@@ -76,6 +76,11 @@ GiB = 1 << 30
 LOAD_GENERATOR = "own process"
 
 
+def load_generator(processes: int) -> str:
+    """A report's ``load_generator`` for agents spread over ``processes`` processes of their own."""
+    return LOAD_GENERATOR if processes == 1 else f"{processes} processes of their own"
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -129,6 +134,10 @@ class SweepSpec:
     agents: tuple[int, ...] = attrs.field(default=(8,), converter=tuple, validator=_agent_counts)
     p99_limit_s: float = attrs.field(default=2.0, validator=_positive)
     sample_every_s: float = attrs.field(default=0.5, validator=_positive)
+    #: how many processes the agents run in (agent ``i`` in process ``i % agent_processes``), so
+    #: that one client loop's lag does not count in the server's latency
+    agent_processes: int = attrs.field(
+        default=1, validator=[attrs.validators.instance_of(int), attrs.validators.ge(1)])
 
 
 _TABLES = {"model": ModelSpec, "memory": MemorySpec, "engine": EngineSpec, "workload": WorkloadSpec,
@@ -329,7 +338,8 @@ async def _drive(server: BackgroundServer, experiment: ExperimentConfig, agents:
     try:
         samples, faults, loop = await run_agents(server.url("tcp"), workload, server.model.runner.vocab_size,
                                                  arrival_delays(workload, agents), plan_faults(workload, agents),
-                                                 on_start, on_iteration)
+                                                 on_start, on_iteration,
+                                                 processes=experiment.sweep.agent_processes)
     finally:
         if sampler is not None:
             sampler.cancel()
@@ -524,7 +534,7 @@ def sweep(experiment: ExperimentConfig, schedulers: Sequence[str], agent_counts:
         "command": "python -m eval.exp1_density.run " + " ".join(sys.argv[1:]),
         "config": experiment.to_dict(),
         # where the agents' clients ran; reports without this key ran them in the server's process
-        "load_generator": LOAD_GENERATOR,
+        "load_generator": load_generator(experiment.sweep.agent_processes),
         "schedulers": list(schedulers),
         "agent_counts": sorted(agent_counts),
         "points": points,
@@ -718,6 +728,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
     parser.add_argument("--trace", action="store_true",
                         help="also record every engine step, KV move and server event-loop stall per point")
+    parser.add_argument("--agent-processes", type=int, metavar="P",
+                        help="run the agents in P processes of their own (default: the config's [sweep] agent_processes)")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
                         help="run nothing: merge these reports of one configuration into --out, with plots")
     args = parser.parse_args(argv)
@@ -732,6 +744,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.config is None:
         parser.error("--config is required (or --merge)")
     experiment = load_experiment(args.config)
+    if args.agent_processes is not None:
+        try:
+            experiment = attrs.evolve(experiment, sweep=attrs.evolve(experiment.sweep,
+                                                                     agent_processes=args.agent_processes))
+        except ValueError as exc:
+            parser.error(f"--agent-processes: {exc}")
     schedulers = [s.strip() for s in args.schedulers.split(",")] if args.schedulers else None
     for name in schedulers or ():
         if name not in SCHEDULERS:
