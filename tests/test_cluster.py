@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 import attrs
 import pytest
@@ -455,3 +457,23 @@ def test_scaling_takes_the_largest_passing_n_per_gpu_count():
         {"gpus": 2, "agents_run": [704, 832], "largest_agents": 704, "per_gpu_vs_one": 1.0},
         {"gpus": 4, "agents_run": [1664], "largest_agents": None, "per_gpu_vs_one": None},
     ]
+
+
+@needs_ray
+def test_a_stopped_cluster_returns_once_its_servers_processes_have_ended(cluster):
+    """``Cluster.stop`` waits for its servers' processes to end, so a next cluster on the same
+    GPU finds the memory they held free: each server's port refuses connections once it returns."""
+    from djinn.cluster import start_cluster
+
+    config = serving_config(MODEL, budget_gb=kv_budget_gb(MODEL, 1, 256), tier_gb=TIER_GB)
+    other = start_cluster(config, ["semantic", "tcp"], servers=2)  # on the module's Ray
+    addresses = [urlsplit(b.url) for b in other.router.router.backends.values()]
+    for address in addresses:
+        socket.create_connection((address.hostname, address.port), timeout=5).close()  # serving
+    other.stop()
+    for address in addresses:
+        with pytest.raises(OSError):
+            socket.create_connection((address.hostname, address.port), timeout=5)
+    import ray
+
+    assert ray.is_initialized()  # the module's Ray, which this cluster did not start, runs on

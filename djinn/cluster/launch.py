@@ -195,13 +195,17 @@ class Cluster:
         lost). ``ray.kill`` only asks: the actor may answer a call or two before it ends, and Ray
         may call it dead while its process still serves its clients for a moment, so this waits
         until its port refuses connections too."""
-        actor = self.actors[name]
         address = urlsplit(self.router.router.backends[name].url)
-        self.ray.kill(actor, no_restart=True)
-        deadline = time.monotonic() + timeout_s
+        self.ray.kill(self.actors[name], no_restart=True)
+        self._await_gone(name, address, time.monotonic() + timeout_s)
+
+    def _await_gone(self, name: str, address: Any, deadline: float) -> None:
+        """Wait until a killed server's actor is dead and its port at ``address`` refuses
+        connections: its process has ended, and with it what it held (GPU memory among it)."""
+        actor = self.actors[name]
         while time.monotonic() < deadline:
             try:
-                self.ray.get(actor.load.remote(), timeout=timeout_s)
+                self.ray.get(actor.load.remote(), timeout=max(0.0, deadline - time.monotonic()))
             except self.ray.exceptions.RayActorError:
                 break
             time.sleep(0.05)
@@ -211,10 +215,13 @@ class Cluster:
             except OSError:  # refused: the process and its listening socket are gone
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"server {name} was still answering {timeout_s:.0f} s after it was killed")
+        raise TimeoutError(f"server {name} was still answering after it was killed")
 
-    def stop(self) -> None:
-        """Stop the router, the servers and their placement group (and Ray, if this started it)."""
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop the router and the servers, returning once every server's process has ended (so
+        a next cluster finds its GPU memory free), then remove their placement group (and stop
+        Ray, if this started it)."""
+        addresses = {name: urlsplit(backend.url) for name, backend in self.router.router.backends.items()}
         try:
             self.router.stop()
         finally:
@@ -223,12 +230,18 @@ class Cluster:
                     self.ray.kill(actor, no_restart=True)
                 except Exception:  # noqa: BLE001 - an actor already gone
                     pass
-            if self.placement_group is not None:
-                from ray.util.placement_group import remove_placement_group
+            deadline = time.monotonic() + timeout_s
+            try:
+                for name, address in addresses.items():
+                    if name in self.actors:
+                        self._await_gone(name, address, deadline)
+            finally:
+                if self.placement_group is not None:
+                    from ray.util.placement_group import remove_placement_group
 
-                remove_placement_group(self.placement_group)
-            if self.owns_ray:
-                self.ray.shutdown()
+                    remove_placement_group(self.placement_group)
+                if self.owns_ray:
+                    self.ray.shutdown()
 
 
 def start_cluster(
